@@ -1,0 +1,145 @@
+"""The `kdcache` command line. Each command parses flags into a config and calls one plain function.
+
+Heavy imports (torch, zarr) happen inside the commands so `kdcache --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run the teacher once into a Zarr cache; distil students from it (KD, FitNets, RKD).")
+
+
+@contextmanager
+def user_errors():
+    """A KDCacheError becomes one line on stderr and exit code 2, never a traceback."""
+    from pipeline.errors import KDCacheError
+
+    try:
+        yield
+    except KDCacheError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        raise typer.Exit(130)
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            typer.echo(f"error: disk full while writing ({e.filename or 'cache'}); free space and re-run the same "
+                       "command: committed chunks are kept and the run resumes", err=True)
+            raise typer.Exit(2)
+        raise
+
+
+def log_err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.command("teacher")
+def teacher_cmd(
+    data: str = typer.Option("fashion-mnist:train", help="Training data spec."),
+    test_data: Optional[str] = typer.Option(None, help="Test data spec (default: the data's test split)."),
+    arch: str = typer.Option("default-teacher", help="Architecture to train."),
+    epochs: int = typer.Option(14, help="Training epochs."),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[str] = typer.Option(None, help="Weights file (default data/teachers/default.pt)."),
+):
+    """Train the default teacher (no weights can be downloaded, so kdcache trains its own)."""
+    with user_errors():
+        from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
+
+        run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
+                                             batch_size=batch_size, lr=lr, seed=seed, device=device, out=out))
+
+
+@app.command("teacher-cache")
+def teacher_cache_cmd(
+    data: str = typer.Option("fashion-mnist:train", help="fashion-mnist[:train|:test], imagefolder:DIR, "
+                                                           "synthetic:N:CxHxW[:CLASSES]."),
+    teacher: str = typer.Option("default-teacher", help="default-teacher, torchvision:NAME or module:function."),
+    weights: Optional[str] = typer.Option(None, help="Teacher weights file (state_dict)."),
+    layer: List[str] = typer.Option([], "--layer", help="Module path whose output to cache; repeatable."),
+    dtype: str = typer.Option("float16", help="float16 or float32."),
+    out: Optional[str] = typer.Option(None, help="Store path (default <cache-dir>/<key>.zarr)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
+    chunk_samples: int = typer.Option(1024, help="Samples per chunk (the unit of commit)."),
+    batch_size: int = typer.Option(256),
+    compression_level: int = typer.Option(3, help="zstd level."),
+    image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size."),
+    channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels."),
+    limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
+    device: str = typer.Option("auto"),
+    writers: int = typer.Option(2, help="Writer threads."),
+    force: bool = typer.Option(False, help="Rebuild even if a complete cache exists."),
+):
+    """Run the teacher once over the data; write logits and layer outputs to a Zarr v3 store; print its path."""
+    with user_errors():
+        from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+
+        cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype, out=out,
+                          cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
+                          compression_level=compression_level, image_size=image_size, channels=channels,
+                          limit=limit, device=device, writers=writers, force=force)
+        path = run_teacher_cache(cfg, log=log_err)
+        typer.echo(path)  # the last line of stdout is the store's path, for scripts
+
+
+@app.command("train-student")
+def train_student_cmd(
+    cache: str = typer.Option(..., help="Path of the store teacher-cache printed."),
+    student: str = typer.Option("default-student", help="default-student, mlp, torchvision:NAME, module:function."),
+    loss: str = typer.Option("kd=1", help="Weighted losses, e.g. kd=1,fitnets=1,rkd=1 (also ce)."),
+    temperature: float = typer.Option(4.0, "--temperature", "-T"),
+    alpha: float = typer.Option(0.1, help="Hard-label weight inside KD."),
+    no_labels: bool = typer.Option(False, help="Ignore labels even if cached (soft targets only)."),
+    fitnets_hint: str = typer.Option("layer3", help="Teacher hint layer (cached)."),
+    fitnets_guided: str = typer.Option("block2", help="Student guided layer."),
+    fitnets_schedule: str = typer.Option("two-stage", help="two-stage (paper) or single."),
+    fitnets_hint_epochs: int = typer.Option(2, help="Hint-stage epochs (two-stage)."),
+    rkd_layer: str = typer.Option("avgpool", help="Teacher embedding layer (cached)."),
+    rkd_student_layer: str = typer.Option("embed", help="Student embedding layer."),
+    rkd_distance_weight: float = typer.Option(25.0),
+    rkd_angle_weight: float = typer.Option(50.0),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(0.05),
+    weight_decay: float = typer.Option(5e-4),
+    seed: int = typer.Option(0),
+    test_data: Optional[str] = typer.Option(None, help="Labelled test data (default: the data's test split)."),
+    data: Optional[str] = typer.Option(None, help="Data spec (default: the one recorded in the cache)."),
+    workers: int = typer.Option(1, help="DataLoader worker processes."),
+    buffer_chunks: int = typer.Option(4, help="Chunks shuffled together."),
+    device: str = typer.Option("auto"),
+    out: Optional[str] = typer.Option(None, help="Run directory (default data/runs/...)."),
+):
+    """Train a student from a cache (the teacher is never built) and print its test accuracy."""
+    with user_errors():
+        from pipeline.train_student import StudentConfig, run_train_student
+
+        cfg = StudentConfig(cache=cache, student=student, loss=loss, temperature=temperature, alpha=alpha,
+                            no_labels=no_labels, fitnets_hint=fitnets_hint, fitnets_guided=fitnets_guided,
+                            fitnets_schedule=fitnets_schedule, fitnets_hint_epochs=fitnets_hint_epochs,
+                            rkd_layer=rkd_layer, rkd_student_layer=rkd_student_layer,
+                            rkd_distance_weight=rkd_distance_weight, rkd_angle_weight=rkd_angle_weight,
+                            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                            test_data=test_data, data=data, workers=workers, buffer_chunks=buffer_chunks,
+                            device=device, out=out)
+        summary = run_train_student(cfg, log=log_err)
+        typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))
+
+
+def main() -> None:
+    app(prog_name="kdcache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

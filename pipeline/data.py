@@ -1,0 +1,334 @@
+"""Datasets as one spec string, and the declarative transform the teacher and the student share.
+
+Specs:
+- `fashion-mnist[:train|:test]`  Debian's dataset-fashion-mnist when present, else data/datasets/ (torchvision's
+  download), else a clear error saying how to get it.
+- `imagefolder:DIR`  class sub-folders give labels; a flat folder of images is unlabelled.
+- `synthetic:N:CxHxW[:CLASSES]`  deterministic, learnable images for tests and benchmarks.
+
+Every sample has a stable integer index (its position in the source's fixed order); the store and the student join
+on it. Sources return uint8 images for a *batch* of indices so loading is vectorised (no per-sample Python for
+tensor-backed sources). The `Transform` is a plain dict in the manifest, so the student stage rebuilds exactly the
+input the teacher saw.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import KDCacheError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def data_root() -> Path:
+    """Root of everything the pipeline writes (datasets, teachers, caches, runs)."""
+    return Path(os.environ.get("KDCACHE_DATA", "data"))
+
+
+# --------------------------------------------------------------------------------------------- transform
+@dataclass
+class Transform:
+    """uint8 (n, C, H, W) -> float32 normalised. Resizing and channel conversion happen at load time."""
+
+    size: list[int]                      # [H, W] the model sees
+    channels: int                        # 1 or 3; grayscale is repeated to 3, RGB reduced to luminance for 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Transform":
+        return cls(size=list(d["size"]), channels=int(d["channels"]), mean=list(d["mean"]), std=list(d["std"]))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def default_transform(source: "Source", size: int | None = None, channels: int | None = None) -> Transform:
+    c, h, w = source.native_shape
+    channels = channels or c
+    hw = [size, size] if size else [h, w]
+    mean, std = source.default_stats
+    if len(mean) != channels:  # stats were for the native channel count
+        mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
+    return Transform(size=hw, channels=channels, mean=list(mean), std=list(std))
+
+
+def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
+    """Resize and convert channels of a uint8 (n, C, H, W) batch to what `tf` asks for."""
+    if images.shape[1] != tf.channels:
+        if tf.channels == 3 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        elif tf.channels == 1 and images.shape[1] == 3:
+            wts = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * wts).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        else:
+            raise KDCacheError(f"cannot convert {images.shape[1]}-channel images to {tf.channels} channels; "
+                               "use --channels 1 or 3")
+    if list(images.shape[-2:]) != list(tf.size):
+        images = torch.nn.functional.interpolate(images.float(), size=tuple(tf.size), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous()
+
+
+# --------------------------------------------------------------------------------------------- sources
+class Source:
+    """A dataset with a stable order. Subclasses fill the attributes and `_load`."""
+
+    spec: str
+    num_samples: int
+    native_shape: tuple[int, int, int]
+    classes: list[str] | None
+    default_stats: tuple[list[float], list[float]] = ([0.5], [0.5])
+
+    @property
+    def labelled(self) -> bool:
+        return self.classes is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes is not None else None
+
+    def labels(self, idx: np.ndarray) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def _load(self, idx: np.ndarray) -> torch.Tensor:
+        """uint8 (n, C, H, W) at native size."""
+        raise NotImplementedError
+
+    def load(self, idx: np.ndarray, tf: Transform) -> torch.Tensor:
+        """The model input for samples `idx` (any order): float32 (n, C, H, W)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise KDCacheError(f"sample index out of range for {self.spec} ({self.num_samples} samples); "
+                               "the store was made from other data: re-run teacher-cache on this data")
+        return tf(_fit(self._load(idx), tf))
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def test_spec(self) -> str | None:
+        """The matching test split's spec, when the dataset has one."""
+        return None
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "num_samples": self.num_samples, "labelled": self.labelled,
+                "classes": self.classes, "native_shape": list(self.native_shape),
+                "fingerprint": self.fingerprint()}
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[0:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def find_fashion_mnist() -> Path | None:
+    candidates = [os.environ.get("KDCACHE_FASHION_MNIST_DIR", ""), *FASHION_MNIST_DIRS,
+                  str(data_root() / "datasets" / "FashionMNIST" / "raw")]
+    for c in candidates:
+        if c and all((Path(c) / f).exists() for pair in FASHION_MNIST_FILES.values() for f in pair):
+            return Path(c)
+    return None
+
+
+class FashionMNIST(Source):
+    default_stats = ([0.2860], [0.3530])
+
+    def __init__(self, split: str):
+        if split not in FASHION_MNIST_FILES:
+            raise KDCacheError(f"unknown Fashion-MNIST split '{split}'; use fashion-mnist:train or fashion-mnist:test")
+        root = find_fashion_mnist() or self._download()
+        img_file, lbl_file = FASHION_MNIST_FILES[split]
+        self.spec = f"fashion-mnist:{split}"
+        self.split = split
+        self._files = [root / img_file, root / lbl_file]
+        self._images = torch.from_numpy(_read_idx_gz(self._files[0]).copy()).unsqueeze(1)  # (n,1,28,28)
+        self._labels = _read_idx_gz(self._files[1]).astype(np.int64)
+        self.num_samples = len(self._labels)
+        self.native_shape = (1, 28, 28)
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self._fp: str | None = None
+
+    @staticmethod
+    def _download() -> Path:
+        target = data_root() / "datasets"
+        try:
+            from torchvision.datasets import FashionMNIST as TVFashionMNIST
+
+            TVFashionMNIST(str(target), train=True, download=True)
+            TVFashionMNIST(str(target), train=False, download=True)
+        except Exception as e:  # no network, mirror down, ...
+            raise KDCacheError(
+                "Fashion-MNIST not found and could not be downloaded "
+                f"({type(e).__name__}); install it with `apt-get install dataset-fashion-mnist` "
+                "or set KDCACHE_FASHION_MNIST_DIR to a folder holding its four IDX .gz files") from None
+        found = find_fashion_mnist()
+        if found is None:
+            raise KDCacheError("Fashion-MNIST download left no IDX files; set KDCACHE_FASHION_MNIST_DIR")
+        return found
+
+    def labels(self, idx):
+        return self._labels[np.asarray(idx, dtype=np.int64)]
+
+    def _load(self, idx):
+        return self._images[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+
+    def fingerprint(self):
+        if self._fp is None:  # content hash: the same data from another path is the same data
+            h = hashlib.sha256(self.spec.encode())
+            h.update(self._images.numpy().tobytes())
+            h.update(self._labels.tobytes())
+            self._fp = h.hexdigest()[:16]
+        return self._fp
+
+    def test_spec(self):
+        return "fashion-mnist:test"
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Counter-based hash: the same index always gives the same bits, in any order, on any worker."""
+    x = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class Synthetic(Source):
+    """`synthetic:N:CxHxW[:CLASSES]`: each image is its class template plus per-sample noise (learnable, cheap)."""
+
+    def __init__(self, spec: str, n: int, shape: tuple[int, int, int], num_classes: int):
+        self.spec, self.num_samples, self.native_shape = spec, n, shape
+        self.classes = [str(i) for i in range(num_classes)]
+        d = int(np.prod(shape))
+        with np.errstate(over="ignore"):
+            key = (np.arange(num_classes, dtype=np.uint64)[:, None] << np.uint64(32)) + np.arange(d, dtype=np.uint64)
+            self._templates = (_splitmix64(key + np.uint64(1 << 62)) % np.uint64(256)).astype(np.float32)
+
+    def labels(self, idx):
+        with np.errstate(over="ignore"):
+            return (_splitmix64(np.asarray(idx, dtype=np.uint64)) % np.uint64(len(self.classes))).astype(np.int64)
+
+    def _load(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        d = int(np.prod(self.native_shape))
+        with np.errstate(over="ignore"):
+            key = (idx.astype(np.uint64)[:, None] * np.uint64(d)) + np.arange(d, dtype=np.uint64)
+            noise = (_splitmix64(key) % np.uint64(256)).astype(np.float32)
+        img = 0.6 * self._templates[self.labels(idx)] + 0.4 * noise
+        return torch.from_numpy(img.astype(np.uint8).reshape(len(idx), *self.native_shape))
+
+    def fingerprint(self):
+        return hashlib.sha256(self.spec.encode()).hexdigest()[:16]
+
+
+class ImageFolder(Source):
+    """`imagefolder:DIR`: DIR/<class>/<image> is labelled (classes sorted by name); DIR/<image> is unlabelled."""
+
+    def __init__(self, spec: str, root: Path):
+        if not root.is_dir():
+            raise KDCacheError(f"image folder not found: {root}; pass imagefolder:DIR with an existing folder")
+        self.spec, self.root = spec, root
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if subdirs:
+            self.classes = [p.name for p in subdirs]
+            files, labels = [], []
+            for ci, d in enumerate(subdirs):
+                fs = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                files += fs
+                labels += [ci] * len(fs)
+        else:
+            self.classes = None
+            files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            labels = []
+        if not files:
+            raise KDCacheError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+        self.files = files
+        self._labels = np.asarray(labels, dtype=np.int64) if labels else None
+        self.num_samples = len(files)
+        first = self._decode(files[0])
+        self.native_shape = (first.shape[0], first.shape[1], first.shape[2])
+        self._mode = "L" if first.shape[0] == 1 else "RGB"
+        self._fp: str | None = None
+
+    def _decode(self, path: Path, mode: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if mode is None:
+                    mode = "L" if im.mode in ("L", "1", "I", "I;16", "F", "LA") else "RGB"
+                im = im.convert(mode)
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise KDCacheError(f"cannot read image {path}: {e.__class__.__name__}; fix or remove the file") from None
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+    def labels(self, idx):
+        return None if self._labels is None else self._labels[np.asarray(idx, dtype=np.int64)]
+
+    def _load(self, idx):
+        # Images may differ in size: decode each to the native size of the first one; `_fit` then resizes.
+        size = self.native_shape[1:]
+        return torch.from_numpy(np.stack([self._decode(self.files[i], self._mode, size) for i in idx]))
+
+    def fingerprint(self):
+        if self._fp is None:  # paths, sizes and modification times: cheap, and any edit changes it
+            h = hashlib.sha256()
+            for f in self.files:
+                st = f.stat()
+                h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            self._fp = h.hexdigest()[:16]
+        return self._fp
+
+
+def open_source(spec: str) -> Source:
+    """Parse a data spec string into a Source; errors name the accepted forms."""
+    kind, _, rest = spec.partition(":")
+    if kind == "fashion-mnist":
+        return FashionMNIST(rest or "train")
+    if kind == "imagefolder":
+        if not rest:
+            raise KDCacheError("imagefolder needs a folder: imagefolder:DIR")
+        return ImageFolder(spec, Path(rest))
+    if kind == "synthetic":
+        parts = rest.split(":")
+        try:
+            n = int(parts[0])
+            c, h, w = (int(v) for v in parts[1].lower().split("x"))
+            classes = int(parts[2]) if len(parts) > 2 else 10
+            if n <= 0 or min(c, h, w) <= 0 or classes <= 1:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise KDCacheError(f"bad synthetic spec '{spec}'; use synthetic:N:CxHxW[:CLASSES], "
+                               "e.g. synthetic:512:1x28x28:10") from None
+        return Synthetic(spec, n, (c, h, w), classes)
+    raise KDCacheError(f"unknown data spec '{spec}'; use fashion-mnist[:train|:test], imagefolder:DIR "
+                       "or synthetic:N:CxHxW[:CLASSES]")

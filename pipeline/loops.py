@@ -1,0 +1,71 @@
+"""Small training helpers shared by the teacher trainer and the student stage (batches, evaluation, optimiser)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data import Source, Transform
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def source_batches(source: Source, tf: Transform, batch_size: int, shuffle: bool = False, seed: int = 0,
+                   epoch: int = 0):
+    """Yield (idx, x, y) over a whole source. Sources load a batch at once, so this stays vectorised."""
+    order = np.arange(source.num_samples)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(source.num_samples)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        y = source.labels(idx)
+        yield idx, source.load(idx, tf), (torch.from_numpy(y) if y is not None else None)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, source: Source, tf: Transform, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy on a labelled source."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for _idx, x, y in source_batches(source, tf, batch_size):
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    model.train(was_training)
+    return correct / source.num_samples
+
+
+def sgd(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+
+
+def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int = 0) -> None:
+    """Linear warm-up then cosine decay to zero, set per step."""
+    if step < warmup:
+        lr = base_lr * (step + 1) / warmup
+    else:
+        lr = 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Batch augmentation for teacher training: random translation by up to `pad` pixels and horizontal flip."""
+    n, _c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="constant", value=float(x.min()))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(-1, x.shape[1], -1, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(-1, x.shape[1], h, -1)
+    out = out.gather(3, cols)
+    if flip:
+        f = torch.rand(n, generator=gen) < 0.5
+        out[f] = out[f].flip(-1)
+    return out

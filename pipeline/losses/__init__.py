@@ -1,0 +1,33 @@
+"""Distillation losses, one per file, and the registry the student stage builds them from.
+
+`--loss kd=1,fitnets=1,rkd=1` names entries of LOSSES with their weights (see `parse_loss_spec`).
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import KDCacheError
+from pipeline.losses.base import Batch, DistillLoss
+from pipeline.losses.ce import CrossEntropy
+from pipeline.losses.fitnets import FitNets
+from pipeline.losses.kd import KD
+from pipeline.losses.rkd import RKD
+
+LOSSES: dict[str, type[DistillLoss]] = {"ce": CrossEntropy, "kd": KD, "fitnets": FitNets, "rkd": RKD}
+
+__all__ = ["LOSSES", "Batch", "DistillLoss", "parse_loss_spec"]
+
+
+def parse_loss_spec(spec: str) -> dict[str, float]:
+    """'kd=1,rkd=0.5' -> {'kd': 1.0, 'rkd': 0.5}; a bare name has weight 1."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition("=")
+        if name not in LOSSES:
+            raise KDCacheError(f"unknown loss '{name}' in --loss; choose from {', '.join(LOSSES)}")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise KDCacheError(f"bad weight '{w}' for loss '{name}'; write --loss {name}=1.0") from None
+    if not out:
+        raise KDCacheError("--loss is empty; e.g. --loss kd=1 or --loss kd=1,rkd=1")
+    return out

@@ -1,0 +1,214 @@
+"""Teachers and students by name, weight fingerprints, and capturing module outputs by dotted path.
+
+Model specs (teachers and students alike):
+- `default-teacher`   small ResNet-style CNN (`TeacherNet`), trained by `make teacher` into data/teachers/default.pt
+- `default-student`   small CNN (`StudentNet`): two conv blocks, an embedding, a classifier
+- `mlp`               one hidden layer MLP
+- `torchvision:NAME`  any torchvision classification architecture, built without weights (`--weights FILE` loads yours)
+- `module:function`   your own: `function(num_classes=..., in_channels=...)` (only the kwargs it accepts) -> nn.Module
+Nothing downloads weights at run time.
+
+Module outputs are named by their dotted module path (`layer2`, `features.3`): the same string is the hook key, the
+Zarr array name (`features/layer2`) and the loss input, so one name follows a tensor everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import inspect
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import KDCacheError
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class TeacherNet(nn.Module):
+    """ResNet-style CNN for small images; module names follow torchvision's ResNet (layer1..3, avgpool, fc)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.layer1 = BasicBlock(w, w)
+        self.layer2 = BasicBlock(w, 2 * w, stride=2)
+        self.layer3 = BasicBlock(2 * w, 4 * w, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+
+
+class StudentNet(nn.Module):
+    """Small CNN student: block1 (16ch, /2), block2 (32ch, /4), embed (64-d), fc."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 28):
+        super().__init__()
+        self.block1 = _conv_block(in_channels, width)
+        self.block2 = _conv_block(width, 2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(max(1, image_size // 4))  # fixes the embed input for any image size
+        side = max(1, image_size // 4)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, 64), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.embed(self.pool(self.block2(self.block1(x)))))
+
+
+class MLP(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 256):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden),
+                                    nn.ReLU(inplace=True))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.hidden(x))
+
+
+BUILTIN = {"default-teacher": TeacherNet, "default-student": StudentNet, "mlp": MLP}
+
+
+def _call_with_accepted(fn, **kwargs):
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def build_model(spec: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Construct an architecture by spec with random weights."""
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    if spec in BUILTIN:
+        return _call_with_accepted(BUILTIN[spec], **kwargs)
+    kind, _, name = spec.partition(":")
+    if kind == "torchvision" and name:
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        except ValueError:
+            raise KDCacheError(f"unknown torchvision model '{name}'; see torchvision.models.list_models()") from None
+    if kind and name:
+        try:
+            fn = getattr(importlib.import_module(kind), name)
+        except (ImportError, AttributeError) as e:
+            raise KDCacheError(f"cannot import model '{spec}' ({e}); use module:function with the module on "
+                               "PYTHONPATH") from None
+        model = _call_with_accepted(fn, **kwargs)
+        if not isinstance(model, nn.Module):
+            raise KDCacheError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise KDCacheError(f"unknown model '{spec}'; use {', '.join(BUILTIN)}, torchvision:NAME or module:function")
+
+
+def default_teacher_weights() -> Path:
+    from pipeline.data import data_root
+
+    return data_root() / "teachers" / "default.pt"
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A weights file: either our checkpoint dict ({'state_dict', 'arch', ...}) or a bare state_dict."""
+    if not Path(path).exists():
+        hint = " (run `make teacher` to train the default teacher)" if Path(path) == default_teacher_weights() else ""
+        raise KDCacheError(f"weights file not found: {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KDCacheError(f"cannot load weights from {path}: {type(e).__name__}; pass a torch state_dict file") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        return ckpt
+    if isinstance(ckpt, dict):
+        return {"state_dict": ckpt}
+    raise KDCacheError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
+
+
+def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels: int, image_size: int
+                 ) -> tuple[nn.Module, dict]:
+    """Build the teacher and load its weights. Only the teacher-cache stage (and `verify`) may call this."""
+    if weights is None:
+        if spec != "default-teacher":
+            raise KDCacheError(f"teacher '{spec}' needs --weights FILE (kdcache never downloads weights)")
+        weights = default_teacher_weights()
+    ckpt = load_checkpoint(Path(weights))
+    meta = ckpt.get("meta", {})
+    num_classes = int(meta.get("num_classes", num_classes))
+    in_channels = int(meta.get("in_channels", in_channels))
+    model = build_model(spec, num_classes, in_channels, image_size)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({first}); check --teacher and --weights") from None
+    return model.eval(), meta
+
+
+def fingerprint_module(model: nn.Module) -> str:
+    """sha256 over the state_dict (names, shapes, dtypes and bytes): identifies the weights, not the file."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Map dotted paths to modules; an unknown path is an error listing the nearest valid ones."""
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        if n not in modules:
+            near = difflib.get_close_matches(n, [k for k in modules if k], n=5, cutoff=0.3)
+            raise KDCacheError(f"no module '{n}' in {type(model).__name__}; nearest: {', '.join(near) or 'none'}")
+        out[n] = modules[n]
+    return out
+
+
+@contextmanager
+def capture(model: nn.Module, names: list[str]):
+    """Forward hooks that store each named module's output in the yielded dict (keyed by the dotted path)."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in resolve_modules(model, names).items():
+        def hook(_m, _inp, out, name=name):
+            outputs[name] = out[0] if isinstance(out, (tuple, list)) else out
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()

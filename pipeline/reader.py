@@ -1,0 +1,100 @@
+"""Streaming a store back for the student: chunk-level shuffling, one read per chunk, inputs rebuilt by index.
+
+`CacheStream` is an IterableDataset yielding whole batches (use `DataLoader(batch_size=None)`):
+- each epoch, the order of blocks (one block = one chunk of every array) is a permutation seeded by (seed, epoch);
+  DataLoader worker w takes blocks w, w + W, ... of that order, so every sample is visited exactly once per epoch for
+  any worker count (and, later, rank r of R takes its share the same way);
+- a worker reads `buffer_chunks` blocks at a time (one read per chunk per array), rebuilds their inputs from the data
+  source by stored index with the transform from the manifest, shuffles rows inside that buffer, and cuts batches;
+- small arrays (index, labels, logits) are read whole once per worker and kept in memory;
+- the store is opened lazily inside each worker (never shared across processes).
+
+Shuffle quality trades against read size: a sample can only move within its buffer, so larger buffers are closer to
+a uniform shuffle at the cost of memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.data import Source, Transform
+from pipeline.store import CacheStore, block_ranges
+
+SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
+
+
+class CacheStream(IterableDataset):
+    def __init__(self, store: CacheStore, source: Source, arrays: list[str], batch_size: int, *,
+                 use_labels: bool, shuffle: bool = True, buffer_chunks: int = 4, seed: int = 0,
+                 drop_last: bool = False):
+        self.store, self.source, self.arrays = store, source, list(arrays)
+        self.batch_size, self.use_labels, self.shuffle = batch_size, use_labels, shuffle
+        self.buffer_chunks, self.seed, self.drop_last = max(1, buffer_chunks), seed, drop_last
+        self.transform = Transform.from_dict(store.manifest["transform"])
+        self.blocks = block_ranges(store.num_samples, store.chunk_samples)
+        self.epoch = 0
+        self._group = None
+        self._memory: dict[str, np.ndarray] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:  # batches per epoch when read by a single worker
+        n = self.store.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _open(self):
+        if self._group is None:  # lazily, in the worker process that reads
+            self._group = self.store.open_group()
+            for name in {"index", "labels", *self.arrays} & set(self.store.arrays):
+                shape, itemsize = self.store.shape(name), np.dtype(self.store.arrays[name]["dtype"]).itemsize
+                if int(np.prod(shape)) * itemsize <= SMALL_ARRAY_BYTES:
+                    self._memory[name] = np.asarray(self._group[name][:])
+        return self._group
+
+    def _read(self, name: str, start: int, end: int) -> np.ndarray:
+        if name in self._memory:
+            return self._memory[name][start:end]
+        return np.asarray(self._group[name][start:end])
+
+    def block_order(self, worker: int = 0, num_workers: int = 1) -> list[int]:
+        order = np.arange(len(self.blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.blocks))
+        return [int(b) for b in order[worker::num_workers]]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        self._open()
+        mine = self.block_order(worker, num_workers)
+        carry: dict[str, torch.Tensor] | None = None
+        for g in range(0, len(mine), self.buffer_chunks):
+            group = mine[g:g + self.buffer_chunks]
+            buf = self._load_buffer(group)
+            if carry is not None:  # rows left over from the previous buffer start the next batch
+                buf = {k: torch.cat([carry[k], v]) for k, v in buf.items()}
+            n = len(buf["index"])
+            if self.shuffle:
+                perm = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, group[0]]).permutation(n))
+                buf = {k: v[perm] for k, v in buf.items()}
+            full = n - n % self.batch_size
+            for s in range(0, full, self.batch_size):
+                yield {k: v[s:s + self.batch_size] for k, v in buf.items()}
+            carry = {k: v[full:] for k, v in buf.items()} if full < n else None
+        if carry is not None and not self.drop_last:
+            yield carry
+
+    def _load_buffer(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ["index", *self.arrays]}
+        if self.use_labels:
+            cols["labels"] = []
+        for b in blocks:
+            start, end = self.blocks[b]
+            for name in cols:
+                cols[name].append(self._read(name, start, end))
+        out = {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()}
+        out["x"] = self.source.load(out["index"].numpy(), self.transform)
+        return out

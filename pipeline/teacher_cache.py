@@ -1,0 +1,199 @@
+"""Stage 1 (`make teacher-cache`): run the teacher once over a dataset and write its outputs to a Zarr v3 store.
+
+    run_teacher_cache(CacheConfig(...)) -> path of the complete store
+
+What it does, in order:
+1. resolve the data, the teacher (weights fingerprinted) and the transform the teacher was trained with;
+2. probe one batch to learn the output shapes and validate the layer names;
+3. derive the cache key from everything that determines the content; a complete store with that key is a cache hit
+   (nothing is computed), an incomplete one is resumed (committed blocks are skipped);
+4. run the teacher block by block (inference mode, autocast on GPU) and hand each finished block to a pool of
+   writer threads: zstd compression releases the GIL, so compression and disk writes overlap the next forward;
+5. set `complete` only after the last block is committed, then print the store's path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import store as st
+from pipeline.data import Transform, data_root, default_transform, open_source
+from pipeline.errors import KDCacheError
+from pipeline.loops import pick_device
+from pipeline.models import capture, fingerprint_module, load_teacher, resolve_modules
+
+
+@dataclass
+class CacheConfig:
+    data: str = "fashion-mnist:train"
+    teacher: str = "default-teacher"
+    weights: str | None = None            # default-teacher: data/teachers/default.pt
+    layers: list[str] = field(default_factory=list)
+    dtype: str = "float16"                # of logits and features; float32 keeps them exact
+    out: str | None = None                # explicit store path; default <cache_dir>/<key>.zarr
+    cache_dir: str | None = None          # default data/cache
+    chunk_samples: int = 1024             # rows per chunk = the unit of commit
+    batch_size: int = 256
+    compression_level: int = 3
+    image_size: int | None = None         # resize for the teacher (default: teacher's training size, else native)
+    channels: int | None = None
+    limit: int | None = None              # cache only the first N samples (quick runs)
+    device: str = "auto"
+    writers: int = 2                      # writer threads
+    force: bool = False                   # rebuild even when a complete cache with this key exists
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve_transform(cfg: CacheConfig, source, teacher_meta: dict) -> Transform:
+    if "transform" in teacher_meta and cfg.image_size is None and cfg.channels is None:
+        return Transform.from_dict(teacher_meta["transform"])  # the input the teacher was trained on
+    return default_transform(source, cfg.image_size, cfg.channels)
+
+
+def _progress(total: int, done: int):
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    prog = Progress(TextColumn("[bold]teacher-cache"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:>8} samples/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    task = prog.add_task("cache", total=total, completed=done, rate="-")
+    return prog, task
+
+
+def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
+    if cfg.dtype not in st.DTYPES:
+        raise KDCacheError(f"unknown --dtype '{cfg.dtype}'; use {' or '.join(st.DTYPES)}")
+    if cfg.chunk_samples <= 0 or cfg.batch_size <= 0:
+        raise KDCacheError("--chunk-samples and --batch-size must be positive")
+    device = pick_device(cfg.device)
+    source = open_source(cfg.data)
+    n = min(source.num_samples, cfg.limit) if cfg.limit else source.num_samples
+    probe_tf = default_transform(source, cfg.image_size, cfg.channels)
+    teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
+                                 source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
+    tf = _resolve_transform(cfg, source, meta)
+    resolve_modules(teacher, cfg.layers)  # unknown names fail here, before anything is written
+    teacher_fp = fingerprint_module(teacher)
+    teacher = teacher.to(device)
+
+    # Probe one tiny batch: output shapes decide the arrays' shapes.
+    with torch.inference_mode(), capture(teacher, cfg.layers) as feats:
+        logits = teacher(source.load(np.arange(min(2, n)), tf).to(device))
+        shapes = {"logits": tuple(logits.shape[1:])}
+        shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
+
+    codecs = st.codecs_config(cfg.compression_level)
+    data_desc = source.describe() | {"num_samples": n, "limit": cfg.limit}
+    identity = {"teacher": teacher_fp, "data": data_desc["fingerprint"], "samples": n, "transform": tf.to_dict(),
+                "layers": sorted(cfg.layers), "dtype": cfg.dtype, "codecs": codecs,
+                "chunk_samples": cfg.chunk_samples, "format": st.FORMAT_VERSION}
+    key = cache_key(identity)
+    path = Path(cfg.out) if cfg.out else Path(cfg.cache_dir or data_root() / "cache") / f"{key}.zarr"
+
+    arrays = {"index": ((n,), "int64"), "logits": ((n, *shapes["logits"]), cfg.dtype)}
+    if source.labelled:
+        arrays["labels"] = ((n,), "int64")
+    arrays.update({k: ((n, *s), cfg.dtype) for k, s in shapes.items() if k != "logits"})
+
+    group = _open_existing(path, key, cfg, log)
+    if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
+        log(f"cache hit: {path} (key {key}) is complete; nothing to compute (--force rebuilds)")
+        log(str(path))
+        return str(path)
+    if group is None:
+        manifest = {"key": key, "identity": identity, "created": st.now(),
+                    "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": teacher_fp,
+                                "arch": meta.get("arch", cfg.teacher)},
+                    "data": data_desc, "transform": tf.to_dict(), "layers": list(cfg.layers), "dtype": cfg.dtype,
+                    "codecs": codecs, "chunk_samples": cfg.chunk_samples, "versions": st.versions(),
+                    "device": str(device), "config": asdict(cfg)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group = st.create_store(path, manifest, arrays, cfg.chunk_samples)
+
+    blocks = st.block_ranges(n, cfg.chunk_samples)
+    done = st.committed_blocks(group)
+    todo = [b for b in range(len(blocks)) if not done[b]]
+    already = sum(blocks[b][1] - blocks[b][0] for b in range(len(blocks)) if done[b])
+    if already:
+        log(f"resuming {path}: {already}/{n} samples already cached, {n - already} to go")
+    t0 = time.time()
+    _fill_blocks(group, teacher, source, tf, cfg, device, blocks, todo, already, n)
+    seconds = time.time() - t0
+    st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": n - already,
+                                       "samples_per_s": round((n - already) / max(seconds, 1e-9), 1)}})
+    log(str(path))
+    return str(path)
+
+
+def _open_existing(path: Path, key: str, cfg: CacheConfig, log):
+    """The group at `path` if it is this very cache (same key); None if there is nothing to reuse."""
+    if not path.exists():
+        return None
+    try:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        manifest = group.attrs.get(st.MANIFEST_KEY) or {}
+    except Exception:
+        manifest, group = {}, None
+    if cfg.force:
+        log(f"--force: rebuilding {path}")
+        return None
+    if manifest.get("key") != key or manifest.get("format_version") != st.FORMAT_VERSION:
+        raise KDCacheError(f"{path} holds a different cache (key {manifest.get('key')}, wanted {key}); "
+                           "choose another --out or pass --force to overwrite it")
+    return group
+
+
+def _fill_blocks(group, teacher, source, tf, cfg, device, blocks, todo, already, n):
+    names = [st.feature_array(layer) for layer in cfg.layers]
+    np_dtype = st.DTYPES[cfg.dtype]
+    out_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    prog, task = _progress(n, already)
+    pending = set()
+    max_pending = max(2, 2 * cfg.writers)  # bounded: host memory stays flat however large the dataset
+    t0, computed = time.time(), 0
+    with prog, ThreadPoolExecutor(cfg.writers) as pool, torch.inference_mode(), \
+            capture(teacher, cfg.layers) as feats:
+        for b in todo:
+            start, end = blocks[b]
+            idx = np.arange(start, end)
+            out = {"index": idx.astype(np.int64)}
+            if source.labelled:
+                out["labels"] = source.labels(idx).astype(np.int64)
+            parts: dict[str, list[np.ndarray]] = {k: [] for k in ["logits", *names]}
+            for s in range(0, len(idx), cfg.batch_size):
+                x = source.load(idx[s:s + cfg.batch_size], tf).to(device, non_blocking=True)
+                with autocast:
+                    logits = teacher(x)
+                parts["logits"].append(logits.to(out_dtype).cpu().numpy())
+                for layer, name in zip(cfg.layers, names):
+                    parts[name].append(feats[layer].to(out_dtype).cpu().numpy())
+            out.update({k: np.concatenate(v).astype(np_dtype, copy=False) for k, v in parts.items()})
+            if np.isnan(out["logits"]).any() or np.isinf(out["logits"]).any():
+                raise KDCacheError(f"teacher produced non-finite logits in samples {start}-{end - 1}; "
+                                   "use --dtype float32 or check the teacher's weights")
+            pending.add(pool.submit(st.write_block, group, b, start, out))
+            if len(pending) >= max_pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()  # re-raise a writer's error here
+            computed += end - start
+            prog.update(task, advance=end - start, rate=f"{computed / max(time.time() - t0, 1e-9):,.0f}")
+        for f in pending:
+            f.result()

@@ -1,0 +1,73 @@
+"""Train the default teacher (`make teacher`): a small ResNet-style CNN on Fashion-MNIST.
+
+No weights can be downloaded, so the pipeline trains its own teacher once and saves it to
+data/teachers/default.pt with the transform it was trained with; teacher-cache reuses that transform.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.data import data_root, default_transform, open_source
+from pipeline.loops import cosine_lr, evaluate, pick_device, random_crop_flip, sgd, source_batches
+from pipeline.models import build_model, fingerprint_module
+
+
+@dataclass
+class TeacherTrainConfig:
+    data: str = "fashion-mnist:train"
+    test_data: str | None = None          # default: the data's own test split
+    arch: str = "default-teacher"
+    epochs: int = 14
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None                 # default: data/teachers/default.pt
+
+
+def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    src = open_source(cfg.data)
+    test = open_source(cfg.test_data or src.test_spec() or cfg.data)
+    tf = default_transform(src)
+    model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)
+    opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)
+    steps_per_epoch = -(-src.num_samples // cfg.batch_size)
+    total, step = cfg.epochs * steps_per_epoch, 0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    acc = 0.0
+    for epoch in range(cfg.epochs):
+        model.train()
+        for _idx, x, y in source_batches(src, tf, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
+            cosine_lr(opt, cfg.lr, step, total, warmup=steps_per_epoch // 2)
+            x = random_crop_flip(x, gen)
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        acc = evaluate(model, test, tf, device)
+        log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {loss.item():.4f}  test acc {acc:.4f}  "
+            f"({time.time() - t0:.0f}s)")
+    out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.cpu()
+    meta = {"arch": cfg.arch, "num_classes": src.num_classes, "in_channels": tf.channels,
+            "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc,
+            "train_seconds": time.time() - t0, "config": asdict(cfg), "fingerprint": fingerprint_module(model)}
+    tmp = out.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    tmp.replace(out)  # never leave a half-written weights file under the real name
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    log(f"teacher test accuracy {acc:.4f}; saved {out}")
+    return meta

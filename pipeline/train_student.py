@@ -1,0 +1,210 @@
+"""Stage 2 (`make train-student`): train a student from a cache, never building the teacher.
+
+    run_train_student(StudentConfig(cache=...)) -> summary dict
+
+1. open the store read-only (complete, known format) and rebuild the data source and transform it records;
+2. build the losses from `--loss`, collect the arrays they declare, and refuse a store lacking any of them;
+3. stream (inputs, targets) with `CacheStream` through DataLoader workers and train;
+4. evaluate on the test split each epoch; write config.json, metrics.jsonl, student.pt and summary.json into the run
+   directory and return the summary.
+
+This module never imports the teacher loader: the teacher's outputs come from the store only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data import Transform, data_root, open_source
+from pipeline.errors import KDCacheError
+from pipeline.losses import LOSSES, Batch, parse_loss_spec
+from pipeline.loops import cosine_lr, evaluate, pick_device, sgd
+from pipeline.models import build_model, capture, resolve_modules
+from pipeline.reader import CacheStream
+from pipeline.store import open_store, versions
+
+
+@dataclass
+class StudentConfig:
+    cache: str = ""
+    student: str = "default-student"
+    loss: str = "kd=1"
+    temperature: float = 4.0
+    alpha: float = 0.1                     # weight of the hard-label term inside KD
+    no_labels: bool = False                # ignore labels even when the store has them
+    fitnets_hint: str = "layer3"           # teacher layer (cached as features/<hint>)
+    fitnets_guided: str = "block2"         # student module
+    fitnets_schedule: str = "two-stage"    # or "single"
+    fitnets_hint_epochs: int = 2           # stage-1 epochs of the two-stage schedule
+    rkd_layer: str = "avgpool"             # teacher layer (cached as features/<layer>)
+    rkd_student_layer: str = "embed"
+    rkd_distance_weight: float = 25.0
+    rkd_angle_weight: float = 50.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    seed: int = 0
+    test_data: str | None = None           # default: the cached data's test split, when it has one
+    data: str | None = None                # default: the data spec in the manifest
+    workers: int = 1                       # DataLoader worker processes
+    buffer_chunks: int = 4                 # chunks shuffled together
+    device: str = "auto"
+    out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
+
+
+def build_losses(cfg: StudentConfig, weights: dict[str, float], student_shapes: dict, teacher_shapes: dict):
+    opts = {
+        "kd": dict(temperature=cfg.temperature, alpha=cfg.alpha),
+        "fitnets": dict(hint=cfg.fitnets_hint, guided=cfg.fitnets_guided),
+        "rkd": dict(layer=cfg.rkd_layer, student_layer=cfg.rkd_student_layer,
+                    distance_weight=cfg.rkd_distance_weight, angle_weight=cfg.rkd_angle_weight),
+    }
+    return {name: LOSSES[name](**opts.get(name, {}), student_shapes=student_shapes, teacher_shapes=teacher_shapes)
+            for name in weights}
+
+
+def _declared(weights: dict[str, float], cfg: StudentConfig) -> tuple[dict[str, str], list[str]]:
+    """Arrays each loss needs (array -> loss name) and the student layers to hook, from shape-free instances."""
+    needs, layers = {"logits": "kd"}, []  # logits are always streamed: small, and stage 2 of FitNets uses KD
+    for loss in build_losses(cfg, weights, {}, {}).values():
+        needs.update({a: loss.name for a in loss.teacher_arrays()})
+        layers += [x for x in loss.student_layers() if x not in layers]
+    return needs, layers
+
+
+def run_train_student(cfg: StudentConfig, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = pick_device(cfg.device)
+    store = open_store(cfg.cache)
+    man = store.manifest
+    weights = parse_loss_spec(cfg.loss)
+    if cfg.fitnets_schedule not in ("two-stage", "single"):
+        raise KDCacheError(f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single")
+
+    use_labels = store.labelled and not cfg.no_labels
+    needs, student_layers = _declared(weights, cfg)
+    if not use_labels and "labels" in needs:
+        why = "--no-labels hides them" if store.labelled else "the cached data has none"
+        raise KDCacheError(f"loss '{needs['labels']}' needs labels but {why}; "
+                           "drop it from --loss (kd alone uses only the soft targets)")
+    store.require(needs)
+
+    source = open_source(cfg.data or man["data"]["spec"])
+    if source.fingerprint() != man["data"]["fingerprint"]:
+        raise KDCacheError(f"data {source.spec} differs from what cache {store.path} was made from "
+                           f"(fingerprint {source.fingerprint()} vs {man['data']['fingerprint']}); "
+                           "re-run teacher-cache on this data")
+    tf = Transform.from_dict(man["transform"])
+    num_classes = store.shape("logits")[1]
+    student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
+    resolve_modules(student, student_layers)
+    with torch.no_grad(), capture(student, student_layers) as feats:
+        student.eval()(source.load(np.arange(2), tf))
+        student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+    teacher_shapes = {k: tuple(v["shape"][1:]) for k, v in store.arrays.items()}
+    try:
+        losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
+    except ValueError as e:
+        raise KDCacheError(str(e)) from None
+    student.to(device).train()
+    for m in losses.values():
+        m.to(device)
+    test_spec = cfg.test_data or source.test_spec()
+    test = open_source(test_spec) if test_spec else None
+    if test is not None and not test.labelled:
+        raise KDCacheError(f"test data {test_spec} has no labels; pass a labelled --test-data")
+
+    run_dir = Path(cfg.out) if cfg.out else data_root() / "runs" / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(device),
+                "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
+                          "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")}},
+                "test_data": test_spec, "student_shapes": student_shapes, "versions": versions()}
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+
+    stream = CacheStream(store, source, sorted(set(needs) - {"labels"}), cfg.batch_size, use_labels=use_labels,
+                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.workers > 0)
+
+    # The schedule: FitNets' two-stage mode first trains on the hint alone (stage 1), then the other losses.
+    stages = [(cfg.epochs, {k: w for k, w in weights.items()})]
+    if "fitnets" in weights and cfg.fitnets_schedule == "two-stage":
+        rest = {k: w for k, w in weights.items() if k != "fitnets"} or {"kd": 1.0}
+        if "kd" in rest and "kd" not in losses:
+            losses.update(build_losses(cfg, {"kd": 1.0}, student_shapes, teacher_shapes))
+        hint_epochs = min(cfg.fitnets_hint_epochs, max(cfg.epochs - 1, 0))
+        stages = [(hint_epochs, {"fitnets": weights["fitnets"]}), (cfg.epochs - hint_epochs, rest)]
+
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    t_start, epoch, test_acc, history = time.time(), 0, None, []
+    for stage, (n_epochs, active) in enumerate(stages):
+        if n_epochs <= 0:
+            continue
+        params = list(student.parameters()) + [p for k in active for p in losses[k].parameters()]
+        opt = sgd(params, cfg.lr, cfg.weight_decay)  # params the stage's losses do not reach get no grad: untouched
+        total = n_epochs * len(stream)
+        step = 0
+        for _ in range(n_epochs):
+            stream.set_epoch(epoch)
+            sums, seen, correct, t0 = {}, 0, 0, time.time()
+            for batch in loader:
+                cosine_lr(opt, cfg.lr, step, total)
+                x = batch["x"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True) if use_labels else None
+                teacher = {k: batch[k].to(device, non_blocking=True).float() for k in needs if k != "labels"}
+                with capture(student, student_layers) as sfeats:
+                    logits = student(x)
+                b = Batch(student_logits=logits, student_feats=sfeats, teacher=teacher, labels=labels)
+                parts = {}
+                for name, w in active.items():
+                    parts.update({k: w * v for k, v in losses[name](b).items()})
+                loss = sum(parts.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                n = len(x)
+                seen += n
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() * n
+                if labels is not None:
+                    correct += (logits.argmax(1) == labels).sum().item()
+            dt = time.time() - t0
+            test_acc = evaluate(student, test, tf, device) if test is not None else None
+            row = {"epoch": epoch + 1, "stage": stage + 1 if len(stages) > 1 else 1,
+                   "losses": {k: v / seen for k, v in sums.items()},
+                   "loss": sum(sums.values()) / seen,
+                   "train_acc": correct / seen if use_labels else None,
+                   "test_acc": test_acc, "samples_per_s": seen / dt, "seconds": dt}
+            history.append(row)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")
+            epoch += 1
+
+    torch.save({"state_dict": student.cpu().state_dict(), "meta": {
+        "arch": cfg.student, "num_classes": num_classes, "in_channels": tf.channels, "transform": tf.to_dict()}},
+        run_dir / "student.pt")
+    summary = {"run_dir": str(run_dir), "test_acc": test_acc, "epochs": epoch, "loss": cfg.loss,
+               "seconds": time.time() - t_start,
+               "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
+               "cache": store.path, "seed": cfg.seed}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if test_acc is not None:
+        log(f"student test accuracy {test_acc:.4f}  (run: {run_dir})")
+    else:
+        log(f"student trained (no labelled test split); run: {run_dir}")
+    return summary
