@@ -4,7 +4,7 @@ Specs:
 - `fashion-mnist[:train|:test]`  Debian's dataset-fashion-mnist when present, else data/datasets/ (torchvision's
   download), else a clear error saying how to get it.
 - `imagefolder:DIR`  class sub-folders give labels; a flat folder of images is unlabelled.
-- `synthetic:N:CxHxW[:CLASSES]`  deterministic, learnable images for tests and benchmarks.
+- `synthetic:N:CxHxW[:CLASSES[:SEED]]`  deterministic, learnable images for tests and benchmarks.
 
 Every sample has a stable integer index (its position in the source's fixed order); the store and the student join
 on it. Sources return uint8 images for a *batch* of indices so loading is vectorised (no per-sample Python for
@@ -219,31 +219,48 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 class Synthetic(Source):
-    """`synthetic:N:CxHxW[:CLASSES]`: each image is its class template plus per-sample noise (learnable, cheap)."""
+    """`synthetic:N:CxHxW[:CLASSES[:SEED]]`: class template plus per-sample noise (learnable, cheap).
 
-    def __init__(self, spec: str, n: int, shape: tuple[int, int, int], num_classes: int):
-        self.spec, self.num_samples, self.native_shape = spec, n, shape
+    Templates depend only on the class; labels and noise on (SEED, index), so another SEED is a disjoint sample of
+    the same distribution (the default test split uses SEED + 1000).
+    """
+
+    def __init__(self, spec: str, n: int, shape: tuple[int, int, int], num_classes: int, seed: int = 0):
+        self.spec, self.num_samples, self.native_shape, self.seed = spec, n, shape, seed
         self.classes = [str(i) for i in range(num_classes)]
-        d = int(np.prod(shape))
+        # Class templates are coarse (a 4x4-pixel grid of random levels, upsampled), so small translations keep
+        # them recognisable, as real images are.
+        c, h, w = shape
+        gh, gw = -(-h // 4), -(-w // 4)
         with np.errstate(over="ignore"):
-            key = (np.arange(num_classes, dtype=np.uint64)[:, None] << np.uint64(32)) + np.arange(d, dtype=np.uint64)
-            self._templates = (_splitmix64(key + np.uint64(1 << 62)) % np.uint64(256)).astype(np.float32)
+            key = (np.arange(num_classes, dtype=np.uint64)[:, None] << np.uint64(32)) + np.arange(
+                c * gh * gw, dtype=np.uint64)
+            coarse = (_splitmix64(key + np.uint64(1 << 62)) % np.uint64(256)).astype(np.float32)
+        coarse = coarse.reshape(num_classes, c, gh, gw).repeat(4, axis=2).repeat(4, axis=3)[:, :, :h, :w]
+        self._templates = coarse.reshape(num_classes, -1)
+
+    def _key(self, idx) -> np.ndarray:
+        return np.asarray(idx, dtype=np.uint64) + (np.uint64(self.seed) << np.uint64(40))
 
     def labels(self, idx):
         with np.errstate(over="ignore"):
-            return (_splitmix64(np.asarray(idx, dtype=np.uint64)) % np.uint64(len(self.classes))).astype(np.int64)
+            return (_splitmix64(self._key(idx)) % np.uint64(len(self.classes))).astype(np.int64)
 
     def _load(self, idx):
         idx = np.asarray(idx, dtype=np.int64)
         d = int(np.prod(self.native_shape))
         with np.errstate(over="ignore"):
-            key = (idx.astype(np.uint64)[:, None] * np.uint64(d)) + np.arange(d, dtype=np.uint64)
+            key = (self._key(idx)[:, None] * np.uint64(d)) + np.arange(d, dtype=np.uint64)
             noise = (_splitmix64(key) % np.uint64(256)).astype(np.float32)
         img = 0.6 * self._templates[self.labels(idx)] + 0.4 * noise
         return torch.from_numpy(img.astype(np.uint8).reshape(len(idx), *self.native_shape))
 
     def fingerprint(self):
         return hashlib.sha256(self.spec.encode()).hexdigest()[:16]
+
+    def test_spec(self):
+        c, h, w = self.native_shape
+        return f"synthetic:{max(self.num_samples // 4, 1)}:{c}x{h}x{w}:{len(self.classes)}:{self.seed + 1000}"
 
 
 class ImageFolder(Source):
@@ -324,11 +341,12 @@ def open_source(spec: str) -> Source:
             n = int(parts[0])
             c, h, w = (int(v) for v in parts[1].lower().split("x"))
             classes = int(parts[2]) if len(parts) > 2 else 10
-            if n <= 0 or min(c, h, w) <= 0 or classes <= 1:
+            seed = int(parts[3]) if len(parts) > 3 else 0
+            if n <= 0 or min(c, h, w) <= 0 or classes <= 1 or seed < 0 or len(parts) > 4:
                 raise ValueError
         except (ValueError, IndexError):
-            raise KDCacheError(f"bad synthetic spec '{spec}'; use synthetic:N:CxHxW[:CLASSES], "
+            raise KDCacheError(f"bad synthetic spec '{spec}'; use synthetic:N:CxHxW[:CLASSES[:SEED]], "
                                "e.g. synthetic:512:1x28x28:10") from None
-        return Synthetic(spec, n, (c, h, w), classes)
+        return Synthetic(spec, n, (c, h, w), classes, seed)
     raise KDCacheError(f"unknown data spec '{spec}'; use fashion-mnist[:train|:test], imagefolder:DIR "
                        "or synthetic:N:CxHxW[:CLASSES]")

@@ -143,7 +143,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
         rest = {k: w for k, w in weights.items() if k != "fitnets"} or {"kd": 1.0}
         if "kd" in rest and "kd" not in losses:
             losses.update(build_losses(cfg, {"kd": 1.0}, student_shapes, teacher_shapes))
-        hint_epochs = min(cfg.fitnets_hint_epochs, max(cfg.epochs - 1, 0))
+        hint_epochs = min(cfg.fitnets_hint_epochs, cfg.epochs)  # taken out of --epochs
         stages = [(hint_epochs, {"fitnets": weights["fitnets"]}), (cfg.epochs - hint_epochs, rest)]
 
     metrics_path = run_dir / "metrics.jsonl"

@@ -1,0 +1,216 @@
+"""End to end: teacher-cache -> store -> train-student, through the functions and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.data import Transform, open_source
+from pipeline.errors import KDCacheError
+from pipeline.models import capture, load_teacher
+from pipeline.store import open_store
+from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+from pipeline.train_student import StudentConfig, run_train_student
+from tests.conftest import SYN, SYN_TEST
+
+runner = CliRunner()
+
+
+def _cache(teacher_file, **kw):
+    kw.setdefault("layers", ["layer2", "layer3", "avgpool"])
+    return run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64, batch_size=32,
+                                         **kw), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("float32", 1e-6)])
+def test_store_round_trip_equals_teacher_outputs(root, teacher_file, dtype, tol):
+    path = _cache(teacher_file, dtype=dtype)
+    g = zarr.open_group(path, mode="r")
+    man = g.attrs["kdcache"]
+    # Independent recomputation: load the teacher ourselves and run it on the rebuilt inputs.
+    src = open_source(SYN)
+    teacher, _ = load_teacher("default-teacher", teacher_file, 4, 1, 16)
+    x = src.load(np.arange(src.num_samples), Transform.from_dict(man["transform"]))
+    with torch.no_grad(), capture(teacher, ["layer2", "layer3", "avgpool"]) as feats:
+        logits = teacher(x)
+    expect = {"logits": logits, **{f"features/{k}": v for k, v in feats.items()}}
+    for name, ref in expect.items():
+        got = torch.from_numpy(np.asarray(g[name][:]).astype(np.float32))
+        assert got.shape == ref.shape, name
+        assert g[name].dtype == np.dtype(dtype)
+        # fp16 rounding is relative: |err| <= tol * max(1, |x|)
+        assert ((got - ref).abs() <= tol * ref.abs().clamp_min(1)).all(), name
+    np.testing.assert_array_equal(g["index"][:], np.arange(192))
+    np.testing.assert_array_equal(g["labels"][:], src.labels(np.arange(192)))
+    # Manifest: what produced the store.
+    assert man["complete"] is True and man["format_version"] == 1
+    assert len(man["teacher"]["fingerprint"]) == 16 and man["teacher"]["spec"] == "default-teacher"
+    assert man["data"]["spec"] == SYN and man["data"]["num_samples"] == 192 and man["data"]["fingerprint"]
+    assert man["transform"]["size"] == [16, 16] and man["layers"] == ["layer2", "layer3", "avgpool"]
+    assert man["dtype"] == dtype and man["codecs"] == {"compressor": "zstd", "level": 3, "checksum": "crc32c"}
+    assert {"torch", "zarr", "numcodecs", "kdcache", "python"} <= set(man["versions"])
+    assert man["created"] and man["completed"] and man["stats"]["samples_computed"] == 192
+    # Chunked along samples, compressed and checksummed.
+    assert g["features/layer2"].chunks[0] == 64 and g["logits"].chunks == (64, 4)
+    codecs = [type(c).__name__ for c in g["logits"].metadata.codecs]
+    assert codecs == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
+
+
+def _forbid_teacher(monkeypatch):
+    """Any attempt to build or load the teacher in this process raises."""
+    import pipeline.models as models
+
+    def boom(*a, **k):
+        raise AssertionError("the student stage touched the teacher")
+
+    monkeypatch.setattr(models, "load_teacher", boom)
+    monkeypatch.setattr(models.TeacherNet, "__init__", boom)
+    real_load = torch.load
+
+    def guarded_load(f, *a, **k):
+        if "teacher" in str(f):
+            boom()
+        return real_load(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", guarded_load)
+
+
+def test_cli_end_to_end_student_never_builds_teacher(root, teacher_file, monkeypatch):
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer3",
+                              "--layer", "avgpool", "--chunk-samples", "64"])
+    assert res.exit_code == 0, res.output
+    store = res.stdout.strip().splitlines()[-1]            # the last line is the store's path
+    assert store.endswith(".zarr") and (root / store).exists() or store.startswith(str(root))
+    _forbid_teacher(monkeypatch)
+    res = runner.invoke(app, ["train-student", "--cache", store, "--loss", "kd=1,fitnets=1,rkd=1",
+                              "--fitnets-schedule", "single", "--epochs", "2", "--batch-size", "32",
+                              "--test-data", SYN_TEST, "--workers", "0", "--out", "run"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0.0 <= out["test_acc"] <= 1.0
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]["losses"]) == {"kd_soft", "kd_hard", "fitnets", "rkd_distance", "rkd_angle"}
+    assert all(np.isfinite(v) for r in rows for v in r["losses"].values())
+    assert rows[0]["samples_per_s"] > 0 and rows[0]["train_acc"] is not None
+    cfg = json.loads((root / "run" / "config.json").read_text())
+    assert cfg["config"]["loss"] == "kd=1,fitnets=1,rkd=1" and cfg["cache"]["key"]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["test_acc"] == out["test_acc"]
+    assert "state_dict" in torch.load(root / "run" / "student.pt", weights_only=True)
+
+
+def test_student_learns_from_cache_alone(root):
+    """A trained teacher's soft targets alone (labels hidden) teach the student well above chance."""
+    from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
+
+    run_teacher_train(TeacherTrainConfig(data=SYN, test_data=SYN_TEST, epochs=8, batch_size=32, lr=0.05,
+                                         out="t.pt"), log=lambda *_: None)
+    path = run_teacher_cache(CacheConfig(data=SYN, weights="t.pt", chunk_samples=64), log=lambda *_: None)
+    s = run_train_student(StudentConfig(cache=path, loss="kd=1", no_labels=True, epochs=6, batch_size=32, lr=0.05,
+                                        test_data=SYN_TEST, workers=0, out="run"), log=lambda *_: None)
+    assert s["test_acc"] > 0.6  # 4 classes: chance is 0.25
+    rows = [json.loads(x) for x in open("run/metrics.jsonl")]
+    assert set(rows[0]["losses"]) == {"kd_soft"} and rows[0]["train_acc"] is None
+
+
+def _write_images(folder, n, rgb=True, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        size = (20 + i % 3, 18)  # mixed sizes: all are resized to the first image's size
+        arr = rng.integers(0, 256, (size[1], size[0], 3) if rgb else (size[1], size[0]), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i:03d}.png")
+
+
+def test_unlabelled_flat_imagefolder(root):
+    from tests.conftest import save_teacher
+
+    imgs = root / "flat"
+    _write_images(imgs, 40)
+    w = save_teacher(root / "rgb_teacher.pt", in_channels=3, num_classes=5)
+    res = runner.invoke(app, ["teacher-cache", "--data", f"imagefolder:{imgs}", "--weights", str(w),
+                              "--layer", "avgpool", "--chunk-samples", "16"])
+    assert res.exit_code == 0, res.output
+    store = res.stdout.strip().splitlines()[-1]
+    g = zarr.open_group(store, mode="r")
+    assert "labels" not in g and g["logits"].shape == (40, 5)
+    assert g.attrs["kdcache"]["data"]["labelled"] is False
+    res = runner.invoke(app, ["train-student", "--cache", store, "--loss", "kd=1,rkd=1", "--epochs", "1",
+                              "--batch-size", "8", "--workers", "0", "--out", "run"])
+    assert res.exit_code == 0, res.output
+    row = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["losses"]) == {"kd_soft", "rkd_distance", "rkd_angle"} and row["test_acc"] is None
+    # A label-based loss on unlabelled data is refused with one line.
+    res = runner.invoke(app, ["train-student", "--cache", store, "--loss", "ce=1", "--workers", "0"])
+    assert res.exit_code == 2 and "needs labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_missing_array_refused_before_training(root, teacher_file):
+    path = _cache(teacher_file, layers=["avgpool"])
+    with pytest.raises(KDCacheError, match=r"lacks array 'features/layer3' needed by loss 'fitnets'; "
+                                           r"re-run teacher-cache with --layer layer3"):
+        run_train_student(StudentConfig(cache=path, loss="kd=1,fitnets=1", workers=0, out="run"))
+    assert not (root / "run").exists()  # refused before anything was written
+    res = runner.invoke(app, ["train-student", "--cache", path, "--loss", "rkd=1", "--rkd-layer", "layer2"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "features/layer2" in lines[0] and "--layer layer2" in lines[0]
+
+
+def test_two_stage_fitnets_runs_hint_then_kd(root, teacher_file):
+    path = _cache(teacher_file)
+    run_train_student(StudentConfig(cache=path, loss="fitnets=1", fitnets_hint_epochs=1, epochs=3, batch_size=32,
+                                    test_data=SYN_TEST, workers=0, out="run"), log=lambda *_: None)
+    rows = [json.loads(x) for x in open("run/metrics.jsonl")]
+    assert [r["stage"] for r in rows] == [1, 2, 2]
+    assert set(rows[0]["losses"]) == {"fitnets"}
+    assert set(rows[1]["losses"]) == {"kd_soft", "kd_hard"}
+
+
+def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file):
+    """Stage 1 of FitNets trains the student up to its guided layer (and the regressor), nothing after it."""
+    path = _cache(teacher_file)
+    run_train_student(StudentConfig(cache=path, loss="fitnets=1", fitnets_hint_epochs=1, epochs=1, batch_size=32,
+                                    workers=0, out="run", test_data=SYN_TEST), log=lambda *_: None)
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    init = build_model("default-student", 4, 1, 16).state_dict()
+    trained = torch.load("run/student.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(init["block2.0.weight"], trained["block2.0.weight"])  # guided layer moved
+    assert torch.equal(init["fc.weight"], trained["fc.weight"])                  # head untouched
+    assert torch.equal(init["embed.1.weight"], trained["embed.1.weight"])
+
+
+def test_bad_inputs_give_one_line_errors(root, teacher_file):
+    cases = [
+        (["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layr3"], "nearest: layer3"),
+        (["teacher-cache", "--data", "nonsense:1"], "unknown data spec"),
+        (["teacher-cache", "--data", "synthetic:abc"], "synthetic:N:CxHxW"),
+        (["teacher-cache", "--data", SYN, "--weights", "missing.pt"], "weights file not found"),
+        (["teacher-cache", "--data", SYN, "--teacher", "torchvision:resnet18"], "needs --weights"),
+        (["train-student", "--cache", "nowhere.zarr"], "no cache at"),
+        (["train-student", "--cache", str(root)], "not a kdcache"),
+    ]
+    for args, needle in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+
+
+def test_incomplete_store_refused(root, teacher_file):
+    path = _cache(teacher_file, layers=[])
+    g = zarr.open_group(path, mode="r+")
+    g.attrs["kdcache"] = dict(g.attrs["kdcache"], complete=False)
+    with pytest.raises(KDCacheError, match="incomplete"):
+        open_store(path)
