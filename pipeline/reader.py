@@ -25,6 +25,11 @@ from pipeline.store import CacheStore, block_ranges
 SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
 
 
+def worker_init(_worker_id: int) -> None:
+    """Loader workers decode and index; one intra-op thread each leaves the cores to the training process."""
+    torch.set_num_threads(1)
+
+
 class CacheStream(IterableDataset):
     def __init__(self, store: CacheStore, source: Source, arrays: list[str], batch_size: int, *,
                  use_labels: bool, shuffle: bool = True, buffer_chunks: int = 4, seed: int = 0,

@@ -27,7 +27,7 @@ from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import cosine_lr, evaluate, pick_device, sgd
 from pipeline.models import build_model, capture, resolve_modules
-from pipeline.reader import CacheStream
+from pipeline.reader import CacheStream, worker_init
 from pipeline.store import open_store, versions
 
 
@@ -135,7 +135,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     stream = CacheStream(store, source, sorted(set(needs) - {"labels"}), cfg.batch_size, use_labels=use_labels,
                          buffer_chunks=cfg.buffer_chunks, seed=cfg.seed)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.workers > 0)
+                        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init)
 
     # The schedule: FitNets' two-stage mode first trains on the hint alone (stage 1), then the other losses.
     stages = [(cfg.epochs, {k: w for k, w in weights.items()})]

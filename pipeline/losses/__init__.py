@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pipeline.errors import KDCacheError
 from pipeline.losses.base import Batch, DistillLoss
 from pipeline.losses.ce import CrossEntropy
@@ -21,13 +23,18 @@ def parse_loss_spec(spec: str) -> dict[str, float]:
     """'kd=1,rkd=0.5' -> {'kd': 1.0, 'rkd': 0.5}; a bare name has weight 1."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition("=")
+        name, _, w = (x.strip() for x in part.partition("="))
         if name not in LOSSES:
             raise KDCacheError(f"unknown loss '{name}' in --loss; choose from {', '.join(LOSSES)}")
+        if name in out:
+            raise KDCacheError(f"loss '{name}' appears twice in --loss; give each loss once")
         try:
-            out[name] = float(w) if w else 1.0
+            weight = float(w) if w else 1.0
         except ValueError:
-            raise KDCacheError(f"bad weight '{w}' for loss '{name}'; write --loss {name}=1.0") from None
+            weight = float("nan")
+        if not math.isfinite(weight) or weight < 0:
+            raise KDCacheError(f"bad weight '{w}' for loss '{name}'; use a finite number >= 0, e.g. {name}=1.0")
+        out[name] = weight
     if not out:
         raise KDCacheError("--loss is empty; e.g. --loss kd=1 or --loss kd=1,rkd=1")
     return out

@@ -4,9 +4,11 @@ Embeddings: teacher t (n, d_t) from a cached layer, student s (n, d_s) from a st
 dimensions may differ because only relations between samples are compared.
 
 Distance-wise: psi_D(i, j) = ||e_i - e_j||_2 / mu, mu = mean of ||e_i - e_j||_2 over pairs i != j in the batch
-    (teacher and student each normalised by their own mu);  L_D = mean over pairs of Huber(psi_D^s, psi_D^t).
+    (teacher and student each normalised by their own mu);  L_D = Huber(psi_D^s, psi_D^t) averaged over the full
+    n x n matrix (the zero diagonal included, as in the authors' reference code: (n-1)/n times the mean over pairs).
 Angle-wise: for triplets (i, j, k), psi_A = <(e_i - e_j)/||e_i - e_j||, (e_k - e_j)/||e_k - e_j||>, the cosine of
-    the angle at j;  L_A = mean over triplets of Huber(psi_A^s, psi_A^t).
+    the angle at j;  L_A = Huber(psi_A^s, psi_A^t) averaged over all n^3 entries (degenerate i = j or k = j entries
+    are 0 on both sides, again as in the reference code).
 Huber = smooth L1 with delta 1. Weights default to the paper's 25 (distance) and 50 (angle). The teacher side gets
 no gradient (it is a cached target anyway).
 """

@@ -1,0 +1,116 @@
+"""`make results`: the README's results table on Fashion-MNIST, produced end to end by this file.
+
+    python -m pipeline.results [--epochs 5] [--seeds 0,1,2] [--write-readme]
+
+Uses the default teacher (data/teachers/default.pt, trained by `make teacher`), caches it once with the layers the
+methods need, trains one student per (method, seed) from that single cache, and writes data/results/results.json,
+data/results/results.md and (with --write-readme) the table between the README's results markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from pipeline.data import data_root
+
+METHODS = [  # (row name, train-student overrides)
+    ("student, labels only (CE)", {"loss": "ce=1"}),
+    ("student + KD (T=4, alpha=0.1)", {"loss": "kd=1"}),
+    ("student + KD, labels hidden (soft targets only)", {"loss": "kd=1", "no_labels": True}),
+    ("student + FitNets (hint stage, then KD)", {"loss": "fitnets=1", "fitnets_schedule": "two-stage"}),
+    ("student + RKD (+ CE)", {"loss": "rkd=1,ce=1"}),
+    ("student + KD + RKD", {"loss": "kd=1,rkd=1"}),
+]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _fmt(accs: list[float]) -> str:
+    if len(accs) == 1:
+        return f"{100 * accs[0]:.2f}"
+    return f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}"
+
+
+def run(epochs: int, seeds: list[int], workers: int, log=print) -> dict:
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    out_dir = data_root() / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_meta = json.loads((data_root() / "teachers" / "default.json").read_text())
+    t0 = time.time()
+    cache = run_teacher_cache(CacheConfig(data="fashion-mnist:train", layers=["layer3", "avgpool"]), log=log)
+    from pipeline.store import open_store
+
+    cache_stats = open_store(cache).manifest.get("stats", {})
+    cache_seconds = cache_stats.get("seconds", time.time() - t0)
+    rows = []
+    for name, overrides in METHODS:
+        runs = []
+        for seed in seeds:
+            cfg = StudentConfig(cache=cache, epochs=epochs, seed=seed, workers=workers,
+                                out=str(out_dir / "runs" / f"{overrides['loss'].replace('=', '')}"
+                                                           f"{'-nolabels' if overrides.get('no_labels') else ''}-s{seed}"),
+                                **overrides)
+            s = run_train_student(cfg, log=lambda m: None)
+            log(f"{name}  seed {seed}: test acc {s['test_acc']:.4f}  ({s['seconds']:.0f}s)")
+            runs.append(s)
+        rows.append({"method": name, "config": overrides, "test_acc": [r["test_acc"] for r in runs],
+                     "seconds": statistics.mean(r["seconds"] for r in runs),
+                     "samples_per_s": statistics.mean(r["samples_per_s"] for r in runs)})
+    import torch
+
+    result = {"teacher": {"test_acc": teacher_meta["test_accuracy"], "train_seconds": teacher_meta["train_seconds"],
+                          "epochs": teacher_meta["config"]["epochs"]},
+              "cache": {"path": cache, "seconds": cache_seconds}, "epochs": epochs, "seeds": seeds, "rows": rows,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, "
+                         f"torch {torch.__version__}, {platform.python_version()}"}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.md").write_text(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    lines = [f"Fashion-MNIST test accuracy (%), mean ± std over seeds {', '.join(map(str, r['seeds']))}; "
+             f"students: `default-student`, {r['epochs']} epochs each, batch 128, SGD + cosine; "
+             f"machine: {r['machine']}.", "",
+             "| model | test acc (%) | time per run (s) | student samples/s |", "| --- | --- | --- | --- |",
+             f"| teacher (`default-teacher`, {r['teacher']['epochs']} epochs, trained once) | "
+             f"{100 * r['teacher']['test_acc']:.2f} | {r['teacher']['train_seconds']:.0f} | - |",
+             f"| teacher-cache (60k samples: logits + layer3 + avgpool, fp16), once | - | "
+             f"{r['cache']['seconds']:.0f} | - |"]
+    for row in r["rows"]:
+        lines.append(f"| {row['method']} | {_fmt(row['test_acc'])} | {row['seconds']:.0f} | "
+                     f"{row['samples_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(md: str, readme: Path = Path("README.md")) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{md}{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--write-readme", action="store_true")
+    a = ap.parse_args()
+    r = run(a.epochs, [int(s) for s in a.seeds.split(",")], a.workers)
+    md = table(r)
+    print(md)
+    if a.write_readme:
+        write_readme(md)
+
+
+if __name__ == "__main__":
+    main()
