@@ -61,36 +61,145 @@ def teacher_cmd(
                                              batch_size=batch_size, lr=lr, seed=seed, device=device, out=out))
 
 
-@app.command("teacher-cache")
-def teacher_cache_cmd(
-    data: str = typer.Option("fashion-mnist:train", help="fashion-mnist[:train|:test], imagefolder:DIR, "
-                                                           "synthetic:N:CxHxW[:CLASSES]."),
-    teacher: str = typer.Option("default-teacher", help="default-teacher, torchvision:NAME or module:function."),
-    weights: Optional[str] = typer.Option(None, help="Teacher weights file (state_dict)."),
-    layer: List[str] = typer.Option([], "--layer", help="Module path whose output to cache; repeatable."),
-    dtype: str = typer.Option("float16", help="float16 or float32."),
-    out: Optional[str] = typer.Option(None, help="Store path (default <cache-dir>/<key>.zarr)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
-    chunk_samples: int = typer.Option(1024, help="Samples per chunk (the unit of commit)."),
-    batch_size: int = typer.Option(256),
-    compression_level: int = typer.Option(3, help="zstd level."),
-    image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size."),
-    channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels."),
-    limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
-    device: str = typer.Option("auto"),
-    writers: int = typer.Option(2, help="Writer threads."),
-    force: bool = typer.Option(False, help="Rebuild even if a complete cache exists."),
-):
-    """Run the teacher once over the data; write logits and layer outputs to a Zarr v3 store; print its path."""
-    with user_errors():
-        from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+def _cache_command(mode: str):
+    """teacher-cache and plan take the same flags: one signature, two behaviours."""
 
-        cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype, out=out,
-                          cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
-                          compression_level=compression_level, image_size=image_size, channels=channels,
-                          limit=limit, device=device, writers=writers, force=force)
-        path = run_teacher_cache(cfg, log=log_err)
-        typer.echo(path)  # the last line of stdout is the store's path, for scripts
+    def command(
+        data: str = typer.Option("fashion-mnist:train", help="fashion-mnist[:train|:test], imagefolder:DIR, "
+                                                               "synthetic:N:CxHxW[:CLASSES[:SEED]]."),
+        teacher: str = typer.Option("default-teacher", help="default-teacher, torchvision:NAME or module:function."),
+        weights: Optional[str] = typer.Option(None, help="Teacher weights file (state_dict)."),
+        layer: List[str] = typer.Option([], "--layer", help="Module path whose output to cache; repeatable."),
+        dtype: str = typer.Option("float16", help="float16 or float32."),
+        out: Optional[str] = typer.Option(None, help="Store path (default <cache-dir>/<key>.zarr)."),
+        cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
+        chunk_samples: int = typer.Option(1024, help="Samples per chunk (the unit of commit)."),
+        batch_size: int = typer.Option(256),
+        compression_level: int = typer.Option(3, help="zstd level."),
+        image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size."),
+        channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels."),
+        limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
+        device: str = typer.Option("auto"),
+        writers: int = typer.Option(2, help="Writer threads."),
+        force: bool = typer.Option(False, help="Rebuild even if a complete cache exists."),
+        json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ):
+        with user_errors():
+            from pipeline.teacher_cache import CacheConfig
+
+            cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype, out=out,
+                              cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
+                              compression_level=compression_level, image_size=image_size, channels=channels,
+                              limit=limit, device=device, writers=writers, force=force)
+            if mode == "plan":
+                from pipeline.catalog import dumps, human, plan_cache
+
+                plan = plan_cache(cfg)
+                if json_out:
+                    typer.echo(dumps(plan))
+                    return
+                for name, a in plan["arrays"].items():
+                    typer.echo(f"{name:<28} {str(a['shape']):<22} {a['dtype']:<8} "
+                               f"{a['bytes_per_sample']:>10,.1f} B/sample  (raw {a['raw_bytes_per_sample']:,})")
+                typer.echo(f"{plan['samples']:,} samples x {plan['bytes_per_sample']:,.1f} B = "
+                           f"{human(plan['total_bytes'])} on disk (measured on {plan['probe_samples']} samples)")
+                typer.echo(plan["path"])
+                return
+            from pipeline.teacher_cache import run_teacher_cache
+
+            path = run_teacher_cache(cfg, log=log_err)
+            # The last line of stdout is the store's path, for scripts.
+            typer.echo(json.dumps({"path": path}) if json_out else path)
+
+    return command
+
+
+app.command("teacher-cache", help="Run the teacher once over the data; write logits and layer outputs to a Zarr v3 "
+            "store; print its path.")(_cache_command("cache"))
+app.command("plan", help="Predict a cache's size: run the teacher on one batch, compress it with the store's "
+            "codecs, extrapolate.")(_cache_command("plan"))
+
+
+@app.command("verify")
+def verify_cmd(
+    path: str = typer.Argument(..., help="Store to check."),
+    recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples and compare."),
+    seed: int = typer.Option(0, help="Seed choosing the recomputed samples."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Read every chunk; report bad or missing chunks with their sample ranges; exit 1 if anything is wrong."""
+    with user_errors():
+        from pipeline.catalog import dumps
+        from pipeline.verify import verify_store
+
+        report = verify_store(path, recompute=recompute, seed=seed)
+        if json_out:
+            typer.echo(dumps(report.to_dict()))
+        else:
+            for p in report.problems:
+                typer.echo(f"BAD  {p.line()}")
+            if not report.complete:
+                typer.echo("BAD  manifest: not marked complete")
+            if report.recompute:
+                for name, d in report.recompute["arrays"].items():
+                    typer.echo(f"{'ok ' if d['ok'] else 'BAD'}  recompute {name}: max |diff| {d['max_abs']:.3g}, "
+                               f"max rel {d['max_rel']:.3g} (tolerance {report.recompute['tolerance']:g}, "
+                               f"{report.recompute['samples']} samples)")
+            typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+@app.command("repair")
+def repair_cmd(path: str = typer.Argument(..., help="Store to repair.")):
+    """Recompute only the bad or missing chunks of a store (needs its teacher and data)."""
+    with user_errors():
+        from pipeline.verify import repair_store
+
+        report = repair_store(path, log=log_err)
+        typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+@app.command("ls")
+def ls_cmd(
+    cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """List the caches in a cache folder."""
+    with user_errors():
+        from pipeline.catalog import dumps, human, list_caches
+
+        caches = list_caches(cache_dir)
+        if json_out:
+            typer.echo(dumps(caches))
+            return
+        for c in caches:
+            if "error" in c:
+                typer.echo(f"{c['path']}: {c['error']}")
+                continue
+            typer.echo(f"{c['key']}  {'complete  ' if c['complete'] else 'INCOMPLETE'}  {c['teacher']}"
+                       f"@{c['teacher_fingerprint'][:8]}  {c['data']}  {c['samples']:,} samples  "
+                       f"{human(c['bytes'])}  [{', '.join(c['arrays'])}]")
+
+
+@app.command("inspect")
+def inspect_cmd(path: str = typer.Argument(...), json_out: bool = typer.Option(False, "--json")):
+    """Print a store's manifest and, per array, shape, dtype, chunks, codecs, compression ratio, bytes per sample."""
+    with user_errors():
+        from pipeline.catalog import dumps, human, inspect_cache
+
+        info = inspect_cache(path)
+        if json_out:
+            typer.echo(dumps(info))
+            return
+        typer.echo(dumps(info["manifest"]))
+        for name, a in info["arrays"].items():
+            typer.echo(f"{name:<28} {str(a['shape']):<20} {a['dtype']:<8} chunks {str(a['chunks']):<18} "
+                       f"{'+'.join(c.replace('Codec', '') for c in a['codecs']):<18} ratio {a['compression_ratio']}  "
+                       f"{a['bytes_per_sample']:,.1f} B/sample")
+        typer.echo(f"total {human(info['bytes'])}")
 
 
 @app.command("train-student")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import Source, Transform
+from pipeline.errors import KDCacheError
 from pipeline.store import CacheStore, block_ranges
 
 SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
@@ -60,9 +61,16 @@ class CacheStream(IterableDataset):
         return self._group
 
     def _read(self, name: str, start: int, end: int) -> np.ndarray:
-        if name in self._memory:
-            return self._memory[name][start:end]
-        return np.asarray(self._group[name][start:end])
+        try:
+            values = self._memory[name][start:end] if name in self._memory else np.asarray(self._group[name][start:end])
+        except Exception as e:  # crc32c mismatch or undecodable chunk
+            raise KDCacheError(f"cannot read {name} samples {start}-{end - 1} from {self.store.path} "
+                               f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
+        # A chunk that was never written (or was deleted) reads as the fill value: refuse it, never train on it.
+        if values.dtype.kind == "f" and np.isnan(values).any() or values.dtype.kind == "i" and (values < 0).any():
+            raise KDCacheError(f"{name} samples {start}-{end - 1} in {self.store.path} are missing; "
+                               "run `kdcache verify` then `kdcache repair`")
+        return values
 
     def block_order(self, worker: int = 0, num_workers: int = 1) -> list[int]:
         order = np.arange(len(self.blocks))

@@ -75,7 +75,11 @@ def create_store(path: Path | str, manifest: dict, array_specs: dict[str, tuple[
     """Create the group and every array at full size, with `complete: false`. Overwrites what is at `path`."""
     import zarr
 
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    manifest = dict(manifest, complete=False, format_version=FORMAT_VERSION,
+                    arrays={k: {"shape": list(s), "dtype": d, "chunks": [chunk_samples, *s[1:]]}
+                            for k, (s, d) in array_specs.items()})
+    # The manifest goes in first and `_commit` last: a creation cut short is recognisable and simply redone.
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={MANIFEST_KEY: manifest})
     compressors = _compressors(manifest["codecs"])
     for name, (shape, dtype) in array_specs.items():
         fill = np.nan if np.dtype(dtype).kind == "f" else -1
@@ -83,10 +87,6 @@ def create_store(path: Path | str, manifest: dict, array_specs: dict[str, tuple[
                            compressors=compressors, fill_value=fill)
     n_blocks = len(block_ranges(array_specs["index"][0][0], chunk_samples))
     group.create_array(COMMIT, shape=(n_blocks,), dtype="uint8", chunks=(1,), compressors=None, fill_value=0)
-    manifest = dict(manifest, complete=False, format_version=FORMAT_VERSION,
-                    arrays={k: {"shape": list(s), "dtype": d, "chunks": [chunk_samples, *s[1:]]}
-                            for k, (s, d) in array_specs.items()})
-    group.attrs[MANIFEST_KEY] = manifest
     return group
 
 

@@ -73,7 +73,36 @@ def _progress(total: int, done: int):
     return prog, task
 
 
-def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
+@dataclass
+class Prepared:
+    """Everything resolved before a single sample is cached (shared by teacher-cache, plan, verify and repair)."""
+
+    cfg: CacheConfig
+    source: object
+    teacher: torch.nn.Module
+    teacher_meta: dict
+    transform: Transform
+    device: torch.device
+    num_samples: int
+    shapes: dict[str, tuple[int, ...]]
+    identity: dict
+    key: str
+    path: Path
+    arrays: dict[str, tuple[tuple[int, ...], str]]
+
+    def manifest(self) -> dict:
+        cfg = self.cfg
+        return {"key": self.key, "identity": self.identity, "created": st.now(),
+                "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
+                            "arch": self.teacher_meta.get("arch", cfg.teacher)},
+                "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit},
+                "transform": self.transform.to_dict(), "layers": list(cfg.layers), "dtype": cfg.dtype,
+                "codecs": self.identity["codecs"], "chunk_samples": cfg.chunk_samples, "versions": st.versions(),
+                "device": str(self.device), "config": asdict(cfg)}
+
+
+def prepare(cfg: CacheConfig) -> Prepared:
+    """Resolve data, teacher, transform and layers, probe the output shapes, and derive the cache key."""
     if cfg.dtype not in st.DTYPES:
         raise KDCacheError(f"unknown --dtype '{cfg.dtype}'; use {' or '.join(st.DTYPES)}")
     if cfg.chunk_samples <= 0 or cfg.batch_size <= 0:
@@ -95,96 +124,100 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
         shapes = {"logits": tuple(logits.shape[1:])}
         shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
 
-    codecs = st.codecs_config(cfg.compression_level)
-    data_desc = source.describe() | {"num_samples": n, "limit": cfg.limit}
-    identity = {"teacher": teacher_fp, "data": data_desc["fingerprint"], "samples": n, "transform": tf.to_dict(),
-                "layers": sorted(cfg.layers), "dtype": cfg.dtype, "codecs": codecs,
+    identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
+                "layers": sorted(cfg.layers), "dtype": cfg.dtype, "codecs": st.codecs_config(cfg.compression_level),
                 "chunk_samples": cfg.chunk_samples, "format": st.FORMAT_VERSION}
     key = cache_key(identity)
     path = Path(cfg.out) if cfg.out else Path(cfg.cache_dir or data_root() / "cache") / f"{key}.zarr"
-
     arrays = {"index": ((n,), "int64"), "logits": ((n, *shapes["logits"]), cfg.dtype)}
     if source.labelled:
         arrays["labels"] = ((n,), "int64")
     arrays.update({k: ((n, *s), cfg.dtype) for k, s in shapes.items() if k != "logits"})
+    return Prepared(cfg, source, teacher, meta, tf, device, n, shapes, identity, key, path, arrays)
 
-    group = _open_existing(path, key, cfg, log)
+
+def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
+    p = prepare(cfg)
+    group = _open_existing(p.path, p.key, cfg, log)
     if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
-        log(f"cache hit: {path} (key {key}) is complete; nothing to compute (--force rebuilds)")
-        log(str(path))
-        return str(path)
+        log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
+        return str(p.path)
     if group is None:
-        manifest = {"key": key, "identity": identity, "created": st.now(),
-                    "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": teacher_fp,
-                                "arch": meta.get("arch", cfg.teacher)},
-                    "data": data_desc, "transform": tf.to_dict(), "layers": list(cfg.layers), "dtype": cfg.dtype,
-                    "codecs": codecs, "chunk_samples": cfg.chunk_samples, "versions": st.versions(),
-                    "device": str(device), "config": asdict(cfg)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group = st.create_store(path, manifest, arrays, cfg.chunk_samples)
+        p.path.parent.mkdir(parents=True, exist_ok=True)
+        group = st.create_store(p.path, p.manifest(), p.arrays, cfg.chunk_samples)
 
+    n = p.num_samples
     blocks = st.block_ranges(n, cfg.chunk_samples)
     done = st.committed_blocks(group)
     todo = [b for b in range(len(blocks)) if not done[b]]
     already = sum(blocks[b][1] - blocks[b][0] for b in range(len(blocks)) if done[b])
     if already:
-        log(f"resuming {path}: {already}/{n} samples already cached, {n - already} to go")
+        log(f"resuming {p.path}: {already}/{n} samples already cached, {n - already} to go")
     t0 = time.time()
-    _fill_blocks(group, teacher, source, tf, cfg, device, blocks, todo, already, n)
+    fill_blocks(group, p, blocks, todo, already)
     seconds = time.time() - t0
     st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": n - already,
                                        "samples_per_s": round((n - already) / max(seconds, 1e-9), 1)}})
-    log(str(path))
-    return str(path)
+    return str(p.path)
 
 
 def _open_existing(path: Path, key: str, cfg: CacheConfig, log):
-    """The group at `path` if it is this very cache (same key); None if there is nothing to reuse."""
+    """The group at `path` if it is this very cache (same key) and fully created; None if nothing to reuse."""
     if not path.exists():
         return None
     try:
         import zarr
 
         group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-        manifest = group.attrs.get(st.MANIFEST_KEY) or {}
+        manifest = dict(group.attrs.get(st.MANIFEST_KEY) or {})
     except Exception:
-        manifest, group = {}, None
+        group, manifest = None, {}
     if cfg.force:
         log(f"--force: rebuilding {path}")
         return None
-    if manifest.get("key") != key or manifest.get("format_version") != st.FORMAT_VERSION:
-        raise KDCacheError(f"{path} holds a different cache (key {manifest.get('key')}, wanted {key}); "
-                           "choose another --out or pass --force to overwrite it")
-    return group
+    if manifest.get("key") == key and manifest.get("format_version") == st.FORMAT_VERSION:
+        if st.COMMIT in group:  # created last: its presence means every array exists
+            return group
+        log(f"{path}: its creation was interrupted before any data; creating it again")
+        return None
+    if group is not None and not manifest and not list(group.keys()):
+        return None  # an empty group: our own creation, interrupted before the manifest
+    raise KDCacheError(f"{path} holds a different cache (key {manifest.get('key')}, wanted {key}); "
+                       "choose another --out or pass --force to overwrite it")
 
 
-def _fill_blocks(group, teacher, source, tf, cfg, device, blocks, todo, already, n):
-    names = [st.feature_array(layer) for layer in cfg.layers]
-    np_dtype = st.DTYPES[cfg.dtype]
+def teacher_outputs(p: Prepared, idx: np.ndarray, feats: dict) -> dict[str, np.ndarray]:
+    """Run the teacher on samples `idx` in batches; outputs cast to the store dtype. Hooks must be attached."""
+    cfg, names = p.cfg, [st.feature_array(layer) for layer in p.cfg.layers]
     out_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if p.device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ["logits", *names]}
+    for s in range(0, len(idx), cfg.batch_size):
+        x = p.source.load(idx[s:s + cfg.batch_size], p.transform).to(p.device, non_blocking=True)
+        with autocast:
+            logits = p.teacher(x)
+        parts["logits"].append(logits.to(out_dtype).cpu().numpy())
+        for layer, name in zip(cfg.layers, names):
+            parts[name].append(feats[layer].to(out_dtype).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def fill_blocks(group, p: Prepared, blocks, todo, already):
+    cfg, source, n = p.cfg, p.source, p.num_samples
     prog, task = _progress(n, already)
     pending = set()
     max_pending = max(2, 2 * cfg.writers)  # bounded: host memory stays flat however large the dataset
     t0, computed = time.time(), 0
     with prog, ThreadPoolExecutor(cfg.writers) as pool, torch.inference_mode(), \
-            capture(teacher, cfg.layers) as feats:
+            capture(p.teacher, cfg.layers) as feats:
         for b in todo:
             start, end = blocks[b]
             idx = np.arange(start, end)
             out = {"index": idx.astype(np.int64)}
             if source.labelled:
                 out["labels"] = source.labels(idx).astype(np.int64)
-            parts: dict[str, list[np.ndarray]] = {k: [] for k in ["logits", *names]}
-            for s in range(0, len(idx), cfg.batch_size):
-                x = source.load(idx[s:s + cfg.batch_size], tf).to(device, non_blocking=True)
-                with autocast:
-                    logits = teacher(x)
-                parts["logits"].append(logits.to(out_dtype).cpu().numpy())
-                for layer, name in zip(cfg.layers, names):
-                    parts[name].append(feats[layer].to(out_dtype).cpu().numpy())
-            out.update({k: np.concatenate(v).astype(np_dtype, copy=False) for k, v in parts.items()})
+            out.update(teacher_outputs(p, idx, feats))
             if np.isnan(out["logits"]).any() or np.isinf(out["logits"]).any():
                 raise KDCacheError(f"teacher produced non-finite logits in samples {start}-{end - 1}; "
                                    "use --dtype float32 or check the teacher's weights")

@@ -1,0 +1,103 @@
+"""`kdcache ls`, `kdcache inspect` and `kdcache plan`: what caches exist, what is inside one, what one would cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store as st
+from pipeline.data import data_root
+from pipeline.errors import KDCacheError
+
+
+def disk_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def list_caches(cache_dir: str | None = None) -> list[dict]:
+    root = Path(cache_dir) if cache_dir else data_root() / "cache"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.glob("*.zarr")):
+        try:
+            man = st.open_store(p, require_complete=False).manifest
+        except KDCacheError as e:
+            out.append({"path": str(p), "error": str(e)})
+            continue
+        out.append({"path": str(p), "key": man.get("key"), "teacher": man["teacher"]["spec"],
+                    "teacher_fingerprint": man["teacher"]["fingerprint"], "data": man["data"]["spec"],
+                    "samples": man["data"]["num_samples"], "arrays": sorted(man["arrays"]),
+                    "bytes": disk_bytes(p), "complete": bool(man.get("complete")), "created": man.get("created")})
+    return out
+
+
+def inspect_cache(path: str) -> dict:
+    cache = st.open_store(path, require_complete=False)
+    group = cache.open_group()
+    n = cache.num_samples
+    arrays = {}
+    for name, meta in cache.arrays.items():
+        arr = group[name]
+        raw = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
+        stored = disk_bytes(Path(path) / name)
+        arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "chunks": list(arr.chunks),
+                        "codecs": [type(c).__name__ for c in arr.metadata.codecs], "stored_bytes": stored,
+                        "raw_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None,
+                        "bytes_per_sample": round(stored / max(n, 1), 1)}
+    return {"path": str(path), "manifest": cache.manifest, "arrays": arrays, "bytes": disk_bytes(Path(path))}
+
+
+def plan_cache(cfg) -> dict:
+    """Run the teacher on one batch, compress it with the store's codecs in memory, extrapolate to the dataset."""
+    import torch
+    import zarr
+
+    from pipeline.models import capture
+    from pipeline.teacher_cache import prepare, teacher_outputs
+
+    p = prepare(cfg)
+    k = min(cfg.batch_size, p.num_samples)
+    with torch.inference_mode(), capture(p.teacher, cfg.layers) as feats:
+        out = teacher_outputs(p, np.arange(k), feats)
+    out["index"] = np.arange(k, dtype=np.int64)
+    if p.source.labelled:
+        out["labels"] = p.source.labels(np.arange(k))
+    compressors = st._compressors(p.identity["codecs"])
+    per_array = {}
+    with tempfile.TemporaryDirectory() as tmp:  # the real codecs on a real folder: what the disk will hold
+        probe = zarr.open_group(tmp, mode="w", zarr_format=3)
+        for name, values in out.items():
+            a = probe.create_array(name, shape=values.shape, dtype=values.dtype,
+                                   chunks=(min(cfg.chunk_samples, k), *values.shape[1:]), compressors=compressors)
+            a[:] = values
+            stored = disk_bytes(Path(tmp) / name / "c")
+            per_array[name] = {"shape": [p.num_samples, *values.shape[1:]], "dtype": str(values.dtype),
+                               "raw_bytes_per_sample": int(values[0].nbytes),
+                               "bytes_per_sample": round(stored / k, 1)}
+    per_sample = sum(a["bytes_per_sample"] for a in per_array.values())
+    return {"key": p.key, "path": str(p.path), "samples": p.num_samples, "probe_samples": k, "arrays": per_array,
+            "bytes_per_sample": round(per_sample, 1), "total_bytes": int(per_sample * p.num_samples)}
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
