@@ -57,15 +57,18 @@ class CacheStream(IterableDataset):
             for name in {"index", "labels", *self.arrays} & set(self.store.arrays):
                 shape, itemsize = self.store.shape(name), np.dtype(self.store.arrays[name]["dtype"]).itemsize
                 if int(np.prod(shape)) * itemsize <= SMALL_ARRAY_BYTES:
-                    self._memory[name] = np.asarray(self._group[name][:])
+                    self._memory[name] = self._fetch(name, 0, shape[0])
         return self._group
 
-    def _read(self, name: str, start: int, end: int) -> np.ndarray:
+    def _fetch(self, name: str, start: int, end: int) -> np.ndarray:
         try:
-            values = self._memory[name][start:end] if name in self._memory else np.asarray(self._group[name][start:end])
+            return np.asarray(self._group[name][start:end])
         except Exception as e:  # crc32c mismatch or undecodable chunk
             raise KDCacheError(f"cannot read {name} samples {start}-{end - 1} from {self.store.path} "
                                f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
+
+    def _read(self, name: str, start: int, end: int) -> np.ndarray:
+        values = self._memory[name][start:end] if name in self._memory else self._fetch(name, start, end)
         # A chunk that was never written (or was deleted) reads as the fill value: refuse it, never train on it.
         if values.dtype.kind == "f" and np.isnan(values).any() or values.dtype.kind == "i" and (values < 0).any():
             raise KDCacheError(f"{name} samples {start}-{end - 1} in {self.store.path} are missing; "

@@ -1,0 +1,242 @@
+"""The cache as a trustworthy artifact: identity, cache hits, resume after SIGKILL, verify/repair, refusals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+import pipeline.teacher_cache as tc
+from pipeline import store as st
+from pipeline.cli import app
+from pipeline.errors import KDCacheError
+from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+from pipeline.train_student import StudentConfig, run_train_student
+from tests.conftest import SYN, save_teacher
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg(teacher_file, **kw):
+    kw.setdefault("data", SYN)
+    kw.setdefault("layers", ["layer2"])
+    return CacheConfig(weights=str(teacher_file), chunk_samples=64, batch_size=32, **kw)
+
+
+def arrays_of(path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    names = [n for n in ("index", "labels", "logits") if n in g] + [f"features/{k}" for k in g["features"]]
+    return {n: np.asarray(g[n][:]) for n in names}
+
+
+def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, monkeypatch):
+    first = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    assert Path(first).parent == root / "data" / "cache"  # default location: data/cache/<key>.zarr
+    mtime = (Path(first) / "zarr.json").stat().st_mtime_ns
+
+    def no_forward(*a, **k):
+        raise AssertionError("a cache hit must not run the teacher")
+
+    with monkeypatch.context() as m:
+        m.setattr(tc, "fill_blocks", no_forward)
+        logs = []
+        assert run_teacher_cache(cfg(teacher_file), log=logs.append) == first
+    assert any("cache hit" in m for m in logs)
+    assert (Path(first) / "zarr.json").stat().st_mtime_ns == mtime
+    # Any change of content gives a new key: data, teacher weights, layers, dtype.
+    other_teacher = save_teacher(root / "t2.pt", seed=1)
+    keys = {Path(first).stem,
+            Path(run_teacher_cache(cfg(teacher_file, data="synthetic:192:1x16x16:4:7"), log=lambda *_: None)).stem,
+            Path(run_teacher_cache(cfg(other_teacher), log=lambda *_: None)).stem,
+            Path(run_teacher_cache(cfg(teacher_file, layers=["layer3"]), log=lambda *_: None)).stem,
+            Path(run_teacher_cache(cfg(teacher_file, dtype="float32"), log=lambda *_: None)).stem}
+    assert len(keys) == 5
+    # --force rebuilds the same key.
+    logs = []
+    run_teacher_cache(cfg(teacher_file, force=True), log=logs.append)
+    assert any("--force" in m for m in logs)
+
+
+def _labelled_folder(folder: Path, n_per_class=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / c / f"{i}.png")
+
+
+def test_changed_dataset_is_refused(root):
+    folder = root / "imgs"
+    _labelled_folder(folder)
+    w = save_teacher(root / "t.pt", num_classes=2)
+    path = run_teacher_cache(CacheConfig(data=f"imagefolder:{folder}", weights=str(w), chunk_samples=4),
+                             log=lambda *_: None)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(folder / "a" / "3.png")  # content and mtime change
+    with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
+        run_train_student(StudentConfig(cache=path, workers=0, out="run"))
+
+
+def _commits(path: Path) -> int:
+    d = path / st.COMMIT / "c"
+    return len(list(d.iterdir())) if d.exists() else 0
+
+
+def test_sigkill_mid_write_then_resume_equals_uninterrupted(root):
+    w = save_teacher(root / "t.pt", num_classes=10)
+    data, blocks = "synthetic:12288:1x28x28:10", 48
+    args = [sys.executable, "-m", "pipeline", "teacher-cache", "--data", data, "--weights", str(w),
+            "--layer", "layer2", "--chunk-samples", "256", "--batch-size", "128"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    killed = root / "killed.zarr"
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _commits(killed) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = _commits(killed)
+    assert 4 <= done_at_kill < blocks, "the kill must land mid-write"
+    with pytest.raises(KDCacheError, match="incomplete"):
+        st.open_store(killed)                       # nothing reads as complete
+    res = subprocess.run(args + ["--out", str(killed)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "already cached" in res.stderr and res.stdout.strip().splitlines()[-1] == str(killed)
+    m = st.open_store(killed).manifest
+    assert m["stats"]["samples_computed"] <= 12288 - done_at_kill * 256
+    clean = root / "clean.zarr"
+    res = subprocess.run(args + ["--out", str(clean)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    a, b = arrays_of(killed), arrays_of(clean)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bitwise (NaN-free) equality
+
+
+def _flip_byte(path: Path) -> Path:
+    f = sorted(p for p in path.rglob("*") if p.is_file() and "/c/" in str(p) and "features" in str(p))[1]
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+    return f
+
+
+def test_verify_names_flipped_chunk_and_repair_fixes_only_it(root, teacher_file):
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    before = arrays_of(path)
+    assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
+    f = _flip_byte(path)
+    block = int(f.relative_to(path / "features" / "layer2" / "c").parts[0])
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1
+    assert f"features/layer2 chunk {block} (samples {block * 64}-{block * 64 + 63}): crc32c checksum mismatch" \
+        in res.stdout
+    # The student stage refuses the corrupt chunk with one line instead of training on it.
+    with pytest.raises(KDCacheError, match="run `kdcache verify` then `kdcache repair`"):
+        run_train_student(StudentConfig(cache=str(path), loss="fitnets=1", fitnets_hint="layer2",
+                                        fitnets_guided="block1", epochs=1, workers=0, out="run", test_data=SYN))
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "recomputing 1 bad chunk(s)" in res.stderr and "128/192 samples already cached" in res.stderr
+    after = arrays_of(path)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_verify_recompute_passes_then_fails_on_tampered_values(root, teacher_file):
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    res = runner.invoke(app, ["verify", path, "--recompute", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["recompute"]["ok"] and rep["recompute"]["arrays"]["logits"]["max_rel"] <= 1e-2
+    g = zarr.open_group(path, mode="r+")
+    g["logits"][5] = g["logits"][5] + np.float16(0.5)   # valid chunk, wrong values
+    res = runner.invoke(app, ["verify", path, "--recompute", "192"])
+    assert res.exit_code == 1 and "BAD  recompute logits" in res.stdout
+
+
+def test_missing_chunk_reported_with_range(root, teacher_file):
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    (path / "logits" / "c" / "2" / "0").unlink()
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and "logits chunk 2 (samples 128-191): missing (never written)" in res.stdout
+
+
+def test_two_concurrent_readers(root, teacher_file):
+    path = run_teacher_cache(cfg(teacher_file, layers=["avgpool"]), log=lambda *_: None)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "train-student", "--cache", path, "--loss",
+                               "kd=1,rkd=1", "--epochs", "2", "--batch-size", "32", "--workers", "1",
+                               "--test-data", "synthetic:64:1x16x16:4:1", "--out", f"run{i}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    accs = [json.loads(o[0].strip().splitlines()[-1])["test_acc"] for o in outs]
+    assert accs[0] == accs[1]  # same seed, same store, read concurrently: same result
+    assert st.open_store(path).manifest["complete"]
+
+
+def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkeypatch):
+    real = st.write_block
+    calls = {"n": 0}
+
+    def filling_disk(group, block, start, arrays):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(group, block, start, arrays)
+
+    args = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
+            "--chunk-samples", "64", "--writers", "1", "--out", "full.zarr"]
+    with monkeypatch.context() as m:
+        m.setattr(st, "write_block", filling_disk)
+        res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert "disk full" in lines[-1] and "re-run the same command" in lines[-1]
+    with pytest.raises(KDCacheError, match="incomplete"):
+        st.open_store("full.zarr")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "already cached" in res.stderr
+    clean = run_teacher_cache(cfg(teacher_file, out="clean.zarr"), log=lambda *_: None)
+    for name, v in arrays_of(clean).items():
+        np.testing.assert_array_equal(v, arrays_of("full.zarr")[name])
+
+
+def test_bad_inputs(root, teacher_file):
+    # corrupt image: the error names the file
+    folder = root / "flat"
+    _labelled_folder(folder)
+    (folder / "b" / "2.png").write_bytes(b"not a png")
+    w = save_teacher(root / "t2.pt", num_classes=2)
+    res = runner.invoke(app, ["teacher-cache", "--data", f"imagefolder:{folder}", "--weights", str(w)])
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and errors == res.stderr.strip().splitlines()[-1:]
+    assert "cannot read image" in errors[0] and "2.png" in errors[0]
+    partial = next((root / "data" / "cache").glob("*.zarr"))   # the blocks before the bad file are kept ...
+    with pytest.raises(KDCacheError, match="incomplete"):     # ... and the store never reads as complete
+        st.open_store(partial)
+    # a store of another format version
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    g = zarr.open_group(path, mode="r+")
+    g.attrs["kdcache"] = dict(g.attrs["kdcache"], format_version=99)
+    res = runner.invoke(app, ["train-student", "--cache", path])
+    assert res.exit_code == 2 and "store format 99" in res.stderr
+    # an explicit --out holding another cache is never overwritten without --force
+    other = run_teacher_cache(cfg(teacher_file, layers=[], out="x.zarr"), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="holds a different cache"):
+        run_teacher_cache(cfg(teacher_file, out=other), log=lambda *_: None)
