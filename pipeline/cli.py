@@ -246,6 +246,29 @@ def train_student_cmd(
         typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))
 
 
+@app.command("bench")
+def bench_cmd(
+    preset: str = typer.Option("cpu", help="cpu (default pair, minutes on 2 cores), gpu (resnet50 -> resnet18, "
+                                            "224x224) or tiny."),
+    samples: Optional[int] = typer.Option(None, help="Synthetic samples (default per preset)."),
+    batch_size: Optional[int] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers for the student runs."),
+    device: str = typer.Option("auto"),
+    scaling: Optional[str] = typer.Option(None, help="Also measure cache and KD at these sizes, e.g. "
+                                                      "10000,100000,1000000 (tiny tensors)."),
+    out: Optional[str] = typer.Option(None, help="JSON output (default data/bench/bench-<preset>.json)."),
+):
+    """Throughput: teacher forward, cache writing, student alone, KD/FitNets from the cache, online KD."""
+    with user_errors():
+        from pipeline.bench import PRESETS, BenchConfig, run_bench
+        from pipeline.errors import KDCacheError
+
+        if preset not in PRESETS:
+            raise KDCacheError(f"unknown --preset '{preset}'; use {', '.join(PRESETS)}")
+        run_bench(BenchConfig(preset=preset, samples=samples, batch_size=batch_size, workers=workers,
+                              device=device, scaling=scaling, out=out), log=typer.echo)
+
+
 def main() -> None:
     app(prog_name="kdcache")
 

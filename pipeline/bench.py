@@ -1,0 +1,277 @@
+"""`kdcache bench` / `make bench`: where the time goes, measured in one run on synthetic inputs.
+
+    (a) teacher forward only (inputs already on the device: the compute ceiling)
+    (b) teacher-cache writing logits only            -> b/a
+    (c) teacher-cache writing logits + a hint layer  -> c/a, and write MB/s against the disk's own bandwidth
+    (d) student training alone (labels only)
+    (e) student with KD (and with FitNets) streaming targets from the on-disk cache  -> e/d, e/f
+    (f) online KD: the teacher in the loop
+
+Presets: `cpu` (default-teacher -> default-student, 28x28, minutes on 2 cores) and `gpu` (torchvision resnet50 ->
+resnet18 at 224x224, batch 256, layer3 hint). `--scaling 10000,100000,1000000` repeats (b) and (e) with tiny
+tensors to show the per-sample cost stays flat with dataset size. Weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRESETS = {
+    "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=8192,
+                batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
+    "gpu": dict(teacher="torchvision:resnet50", student="torchvision:resnet18", shape="3x224x224", classes=1000,
+                samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=256),
+    "tiny": dict(teacher="default-teacher", student="mlp", shape="1x8x8", classes=10, samples=10000,
+                 batch=1024, hint="layer2", guided="hidden", workers=1, chunk=4096),
+}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "cpu"
+    samples: int | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    scaling: str | None = None         # e.g. "10000,100000,1000000": (b) and (e) at each size, tiny tensors
+    out: str | None = None             # JSON path; default data/bench/bench-<preset>.json
+    work_dir: str | None = None        # where caches are written (default: a temp folder under data/bench)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def disk_write_bandwidth(folder: Path, mb: int = 512) -> float:
+    """MB/s of a large sequential write with fsync: what the disk sustains, for comparison with (c)."""
+    block = os.urandom(8 << 20)
+    path = folder / "disk-probe.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, mb // 8)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return (max(1, mb // 8) * 8) / dt
+
+
+def teacher_forward(teacher, x: torch.Tensor, n: int, device) -> float:
+    """img/s of forward passes on a resident batch (no input pipeline, no copies back)."""
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    steps = max(1, n // len(x))
+    with torch.inference_mode(), autocast:
+        teacher(x)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            teacher(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return steps * len(x) / (time.perf_counter() - t0)
+
+
+def online_kd(teacher, student, source, tf, batch: int, n: int, device, temperature=4.0, alpha=0.1) -> float:
+    """img/s of KD with the teacher in the loop (inputs built on the fly, as the student stage builds them)."""
+    from pipeline.losses.kd import kd_soft
+    from pipeline.loops import sgd
+
+    opt = sgd(student.parameters(), 0.05)
+    student.train()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    order = np.random.default_rng(0).permutation(source.num_samples)[:n]
+    seen, t0 = 0, None
+    for s in range(0, len(order), batch):
+        idx = np.sort(order[s:s + batch])
+        x = source.load(idx, tf).to(device, non_blocking=True)
+        y = torch.from_numpy(source.labels(idx)).to(device)
+        with torch.no_grad(), autocast:
+            t = teacher(x).float()
+        with autocast:
+            logits = student(x)
+        loss = (1 - alpha) * kd_soft(logits.float(), t, temperature) + alpha * torch.nn.functional.cross_entropy(
+            logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if t0 is None:  # the first step is warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            continue
+        seen += len(idx)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0) if t0 and seen else float("nan")
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    from pipeline.catalog import disk_bytes
+    from pipeline.data import data_root, default_transform, open_source
+    from pipeline.loops import pick_device
+    from pipeline.models import build_model
+    from pipeline.store import versions
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    p = dict(PRESETS[cfg.preset])
+    n = cfg.samples or p["samples"]
+    batch = cfg.batch_size or p["batch"]
+    workers = p["workers"] if cfg.workers is None else cfg.workers
+    device = pick_device(cfg.device)
+    c, h, w = (int(v) for v in p["shape"].split("x"))
+    data = f"synthetic:{n}:{p['shape']}:{p['classes']}"
+    test = f"synthetic:{max(batch, 256)}:{p['shape']}:{p['classes']}:1"
+    source = open_source(data)
+    tf = default_transform(source)
+    base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{cfg.preset}-", dir=base))
+    results: dict = {"preset": cfg.preset, "samples": n, "batch": batch, "workers": workers, "pair":
+                     f"{p['teacher']} -> {p['student']}", "input": p["shape"], "hint": p["hint"],
+                     "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
+                     f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+                     "versions": versions(), "platform": platform.platform()}
+    try:
+        torch.manual_seed(0)
+        teacher = build_model(p["teacher"], p["classes"], c, h).eval().to(device)
+        weights = work / "teacher.pt"
+        torch.save(teacher.state_dict(), weights)
+        x = source.load(np.arange(min(batch, n)), tf).to(device)
+        results["a_teacher_forward"] = {"img_s": teacher_forward(teacher, x, n, device)}
+        log(f"(a) teacher forward          {results['a_teacher_forward']['img_s']:10,.0f} img/s")
+        results["disk_write_MB_s"] = disk_write_bandwidth(work, 2048 if device.type == "cuda" else 256)
+        log(f"    disk sequential write    {results['disk_write_MB_s']:10,.0f} MB/s")
+
+        def cache(layers, tag):
+            ccfg = CacheConfig(data=data, teacher=p["teacher"], weights=str(weights), layers=layers,
+                               out=str(work / f"{tag}.zarr"), batch_size=batch, chunk_samples=p["chunk"],
+                               device=cfg.device, writers=max(2, (os.cpu_count() or 2) // 2))
+            path = run_teacher_cache(ccfg, log=lambda *_: None)
+            from pipeline.store import open_store
+
+            secs = open_store(path).manifest["stats"]["seconds"]
+            size = disk_bytes(Path(path))
+            return path, {"img_s": n / secs, "seconds": secs, "MB_s": size / secs / 1e6,
+                          "bytes_per_sample": size / n}
+
+        _, results["b_cache_logits"] = cache([], "logits")
+        log(f"(b) teacher-cache logits     {results['b_cache_logits']['img_s']:10,.0f} img/s "
+            f"{results['b_cache_logits']['MB_s']:8.1f} MB/s")
+        store, results["c_cache_logits_hint"] = cache([p["hint"]], "hint")
+        log(f"(c) + {p['hint']:<22} {results['c_cache_logits_hint']['img_s']:10,.0f} img/s "
+            f"{results['c_cache_logits_hint']['MB_s']:8.1f} MB/s")
+
+        def student(loss, tag, **kw):
+            s = run_train_student(StudentConfig(cache=store, student=p["student"], loss=loss, epochs=2,
+                                                batch_size=batch, workers=workers, device=cfg.device,
+                                                test_data=test, out=str(work / f"run-{tag}"), **kw),
+                                  log=lambda *_: None)
+            rows = [json.loads(x) for x in open(work / f"run-{tag}" / "metrics.jsonl")]
+            return {"img_s": rows[-1]["samples_per_s"]}  # epoch 2: workers and caches warm
+
+        results["d_student_alone"] = student("ce=1", "ce")
+        log(f"(d) student alone            {results['d_student_alone']['img_s']:10,.0f} img/s")
+        results["e_student_kd"] = student("kd=1", "kd")
+        log(f"(e) student KD from cache    {results['e_student_kd']['img_s']:10,.0f} img/s")
+        results["e_student_fitnets"] = student("kd=1,fitnets=1", "fitnets", fitnets_hint=p["hint"],
+                                               fitnets_guided=p["guided"], fitnets_schedule="single")
+        log(f"    student KD+FitNets       {results['e_student_fitnets']['img_s']:10,.0f} img/s")
+        torch.manual_seed(0)
+        stu = build_model(p["student"], p["classes"], c, h).to(device)
+        results["f_online_kd"] = {"img_s": online_kd(teacher, stu, source, tf, batch, n, device)}
+        log(f"(f) online KD                {results['f_online_kd']['img_s']:10,.0f} img/s")
+        a = results["a_teacher_forward"]["img_s"]
+        results["ratios"] = {
+            "b/a": results["b_cache_logits"]["img_s"] / a,
+            "c/a": results["c_cache_logits_hint"]["img_s"] / a,
+            "c_write_vs_disk": results["c_cache_logits_hint"]["MB_s"] / results["disk_write_MB_s"],
+            "e/d (KD)": results["e_student_kd"]["img_s"] / results["d_student_alone"]["img_s"],
+            "e/d (FitNets)": results["e_student_fitnets"]["img_s"] / results["d_student_alone"]["img_s"],
+            "e/f": results["e_student_kd"]["img_s"] / results["f_online_kd"]["img_s"],
+        }
+        if cfg.scaling:
+            results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(cfg.out) if cfg.out else base / f"bench-{cfg.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    log(table(results))
+    log(f"wrote {out}")
+    return results
+
+
+def scaling(cfg: BenchConfig, sizes: list[int], work: Path, log) -> list[dict]:
+    """(b) and (e) at growing dataset sizes with tiny tensors: per-sample cost should stay flat."""
+    from pipeline.models import build_model
+    from pipeline.store import open_store
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    p = PRESETS["tiny"]
+    c, h, _ = (int(v) for v in p["shape"].split("x"))
+    torch.manual_seed(0)
+    weights = work / "tiny-teacher.pt"
+    torch.save(build_model(p["teacher"], p["classes"], c, h).state_dict(), weights)
+    rows = []
+    for n in sizes:
+        data = f"synthetic:{n}:{p['shape']}:{p['classes']}"
+        path = run_teacher_cache(CacheConfig(data=data, weights=str(weights), layers=[p["hint"]],
+                                             out=str(work / f"scale-{n}.zarr"), batch_size=p["batch"],
+                                             chunk_samples=p["chunk"], device=cfg.device), log=lambda *_: None)
+        cache_s = open_store(path).manifest["stats"]["seconds"]
+        s = run_train_student(StudentConfig(cache=path, student=p["student"], loss="kd=1", epochs=1,
+                                            batch_size=p["batch"], workers=p["workers"], device=cfg.device,
+                                            test_data=f"synthetic:256:{p['shape']}:{p['classes']}:1",
+                                            out=str(work / f"scale-run-{n}")), log=lambda *_: None)
+        row = {"samples": n, "cache_img_s": n / cache_s, "cache_us_per_sample": 1e6 * cache_s / n,
+               "student_kd_img_s": s["samples_per_s"], "student_us_per_sample": 1e6 / s["samples_per_s"]}
+        rows.append(row)
+        log(f"scaling {n:>9,}: cache {row['cache_img_s']:10,.0f} img/s   student KD {row['student_kd_img_s']:10,.0f}"
+            " img/s")
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
+def table(r: dict) -> str:
+    lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
+             f"samples, batch {r['batch']}, device {r['device']}",
+             "| measurement | img/s | MB/s |", "| --- | --- | --- |"]
+    for key, label in [("a_teacher_forward", "(a) teacher forward only"),
+                       ("b_cache_logits", "(b) teacher-cache, logits"),
+                       ("c_cache_logits_hint", f"(c) teacher-cache, logits + {r['hint']}"),
+                       ("d_student_alone", "(d) student alone"),
+                       ("e_student_kd", "(e) student + KD from cache"),
+                       ("e_student_fitnets", "(e) student + KD + FitNets from cache"),
+                       ("f_online_kd", "(f) online KD (teacher in the loop)")]:
+        v = r[key]
+        mb = f"{v['MB_s']:.1f}" if "MB_s" in v else "-"
+        lines.append(f"| {label} | {v['img_s']:,.0f} | {mb} |")
+    lines.append(f"| disk sequential write (same run) | - | {r['disk_write_MB_s']:,.0f} |")
+    lines.append("")
+    lines.append("| ratio | value |")
+    lines.append("| --- | --- |")
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
+    if r.get("scaling"):
+        lines += ["", "| samples | cache img/s | cache µs/sample | student KD img/s | student µs/sample |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s['samples']:,} | {s['cache_img_s']:,.0f} | {s['cache_us_per_sample']:.1f} | "
+                  f"{s['student_kd_img_s']:,.0f} | {s['student_us_per_sample']:.1f} |" for s in r["scaling"]]
+    return "\n".join(lines)
