@@ -30,7 +30,7 @@ PRESETS = {
     "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=8192,
                 batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
     "gpu": dict(teacher="torchvision:resnet50", student="torchvision:resnet18", shape="3x224x224", classes=1000,
-                samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=256),
+                samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=512),
     "tiny": dict(teacher="default-teacher", student="mlp", shape="1x8x8", classes=10, samples=10000,
                  batch=1024, hint="layer2", guided="hidden", workers=1, chunk=4096),
 }
@@ -99,7 +99,7 @@ def online_kd(teacher, student, source, tf, batch: int, n: int, device, temperat
     seen, t0 = 0, None
     for s in range(0, len(order), batch):
         idx = np.sort(order[s:s + batch])
-        x = source.load(idx, tf).to(device, non_blocking=True)
+        x = tf(source.load_raw(idx, tf).to(device, non_blocking=True))
         y = torch.from_numpy(source.labels(idx)).to(device)
         with torch.no_grad(), autocast:
             t = teacher(x).float()

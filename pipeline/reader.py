@@ -112,5 +112,5 @@ class CacheStream(IterableDataset):
             for name in cols:
                 cols[name].append(self._read(name, start, end))
         out = {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()}
-        out["x"] = self.source.load(out["index"].numpy(), self.transform)
+        out["x"] = self.source.load_raw(out["index"].numpy(), self.transform)  # uint8: normalised on the device
         return out

@@ -186,21 +186,65 @@ def _open_existing(path: Path, key: str, cfg: CacheConfig, log):
                        "choose another --out or pass --force to overwrite it")
 
 
-def teacher_outputs(p: Prepared, idx: np.ndarray, feats: dict) -> dict[str, np.ndarray]:
-    """Run the teacher on samples `idx` in batches; outputs cast to the store dtype. Hooks must be attached."""
+def _load_input(p: Prepared, idx: np.ndarray) -> torch.Tensor:
+    raw = p.source.load_raw(idx, p.transform)
+    return raw.pin_memory() if p.device.type == "cuda" else raw
+
+
+def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: ThreadPoolExecutor | None = None):
+    """Queue the teacher on samples `idx`; return host tensors and a CUDA event that fires when they are filled.
+
+    On a GPU nothing here waits for the device: forwards are queued, outputs stay on the device until one
+    non-blocking copy per array into pinned host memory, and the writer thread waits on the event. So loading the
+    next block's inputs on the CPU overlaps with this block's compute and copies. Hooks must be attached.
+    """
     cfg, names = p.cfg, [st.feature_array(layer) for layer in p.cfg.layers]
     out_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if p.device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ["logits", *names]}
-    for s in range(0, len(idx), cfg.batch_size):
-        x = p.source.load(idx[s:s + cfg.batch_size], p.transform).to(p.device, non_blocking=True)
+    cuda = p.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ["logits", *names]}
+    batches = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
+    # Input loading (decode, resize, pin) runs in loader threads ahead of the forwards; torch releases the GIL.
+    inputs = ([loader.submit(_load_input, p, b) for b in batches] if loader is not None else None)
+    for i, b in enumerate(batches):
+        raw = inputs[i].result() if inputs is not None else _load_input(p, b)
+        # uint8 crosses to the device (4x fewer bytes than float32); normalisation happens there.
+        x = p.transform(raw.to(p.device, non_blocking=True))
         with autocast:
             logits = p.teacher(x)
-        parts["logits"].append(logits.to(out_dtype).cpu().numpy())
+        parts["logits"].append(logits.to(out_dtype))
         for layer, name in zip(cfg.layers, names):
-            parts[name].append(feats[layer].to(out_dtype).cpu().numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
+            parts[name].append(feats[layer].to(out_dtype))
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    if not cuda:
+        return out, None
+    host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in out.items()}
+    for k, v in out.items():
+        host[k].copy_(v, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def teacher_outputs(p: Prepared, idx: np.ndarray, feats: dict) -> dict[str, np.ndarray]:
+    """Synchronous `teacher_outputs_async`: numpy arrays in the store dtype."""
+    host, event = teacher_outputs_async(p, idx, feats)
+    if event is not None:
+        event.synchronize()
+    return {k: v.numpy() for k, v in host.items()}
+
+
+def _write_when_ready(group, block: int, start: int, out: dict, host: dict, event) -> None:
+    """Writer-thread side: wait for the block's copies, check it, write it whole, commit it."""
+    if event is not None:
+        event.synchronize()
+    out.update({k: v.numpy() for k, v in host.items()})
+    logits = out["logits"]
+    if not np.isfinite(logits).all():
+        end = start + len(logits)
+        raise KDCacheError(f"teacher produced non-finite logits in samples {start}-{end - 1}; "
+                           "use --dtype float32 or check the teacher's weights")
+    st.write_block(group, block, start, out)
 
 
 def fill_blocks(group, p: Prepared, blocks, todo, already):
@@ -209,7 +253,7 @@ def fill_blocks(group, p: Prepared, blocks, todo, already):
     pending = set()
     max_pending = max(2, 2 * cfg.writers)  # bounded: host memory stays flat however large the dataset
     t0, computed = time.time(), 0
-    with prog, ThreadPoolExecutor(cfg.writers) as pool, torch.inference_mode(), \
+    with prog, ThreadPoolExecutor(cfg.writers) as pool, ThreadPoolExecutor(2) as loader, torch.inference_mode(), \
             capture(p.teacher, cfg.layers) as feats:
         for b in todo:
             start, end = blocks[b]
@@ -217,11 +261,8 @@ def fill_blocks(group, p: Prepared, blocks, todo, already):
             out = {"index": idx.astype(np.int64)}
             if source.labelled:
                 out["labels"] = source.labels(idx).astype(np.int64)
-            out.update(teacher_outputs(p, idx, feats))
-            if np.isnan(out["logits"]).any() or np.isinf(out["logits"]).any():
-                raise KDCacheError(f"teacher produced non-finite logits in samples {start}-{end - 1}; "
-                                   "use --dtype float32 or check the teacher's weights")
-            pending.add(pool.submit(st.write_block, group, b, start, out))
+            host, event = teacher_outputs_async(p, idx, feats, loader)
+            pending.add(pool.submit(_write_when_ready, group, b, start, out, host, event))
             if len(pending) >= max_pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:

@@ -161,7 +161,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
             sums, seen, correct, t0 = {}, 0, 0, time.time()
             for batch in loader:
                 cosine_lr(opt, cfg.lr, step, total)
-                x = batch["x"].to(device, non_blocking=True)
+                x = tf(batch["x"].to(device, non_blocking=True))
                 labels = batch["labels"].to(device, non_blocking=True) if use_labels else None
                 teacher = {k: batch[k].to(device, non_blocking=True).float() for k in needs if k != "labels"}
                 with capture(student, student_layers) as sfeats:
