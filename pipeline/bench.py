@@ -162,7 +162,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         def cache(layers, tag):
             ccfg = CacheConfig(data=data, teacher=p["teacher"], weights=str(weights), layers=layers,
                                out=str(work / f"{tag}.zarr"), batch_size=batch, chunk_samples=p["chunk"],
-                               device=cfg.device, writers=max(2, (os.cpu_count() or 2) // 2))
+                               device=cfg.device)
             path = run_teacher_cache(ccfg, log=lambda *_: None)
             from pipeline.store import open_store
 

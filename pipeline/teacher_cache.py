@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -42,12 +43,12 @@ class CacheConfig:
     cache_dir: str | None = None          # default data/cache
     chunk_samples: int = 1024             # rows per chunk = the unit of commit
     batch_size: int = 256
-    compression_level: int = 3
+    compression_level: int = 1            # zstd 1: on float16 features ~5x faster than 3 at the same ratio
     image_size: int | None = None         # resize for the teacher (default: teacher's training size, else native)
     channels: int | None = None
     limit: int | None = None              # cache only the first N samples (quick runs)
     device: str = "auto"
-    writers: int = 2                      # writer threads
+    writers: int = 0                      # writer threads; 0 = min(8, CPU cores)
     force: bool = False                   # rebuild even when a complete cache with this key exists
 
 
@@ -251,9 +252,10 @@ def fill_blocks(group, p: Prepared, blocks, todo, already):
     cfg, source, n = p.cfg, p.source, p.num_samples
     prog, task = _progress(n, already)
     pending = set()
-    max_pending = max(2, 2 * cfg.writers)  # bounded: host memory stays flat however large the dataset
+    writers = cfg.writers or min(8, os.cpu_count() or 2)
+    max_pending = max(2, 2 * writers)  # bounded: host memory stays flat however large the dataset
     t0, computed = time.time(), 0
-    with prog, ThreadPoolExecutor(cfg.writers) as pool, ThreadPoolExecutor(2) as loader, torch.inference_mode(), \
+    with prog, ThreadPoolExecutor(writers) as pool, ThreadPoolExecutor(2) as loader, torch.inference_mode(), \
             capture(p.teacher, cfg.layers) as feats:
         for b in todo:
             start, end = blocks[b]

@@ -115,7 +115,10 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
         losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
     except ValueError as e:
         raise KDCacheError(str(e)) from None
-    student.to(device).train()
+    cuda = device.type == "cuda"
+    # On a GPU: bf16 autocast and channels_last, as any fast training loop; on the CPU: plain float32.
+    student.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     for m in losses.values():
         m.to(device)
     test_spec = cfg.test_data or source.test_spec()
@@ -162,11 +165,15 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
             for batch in loader:
                 cosine_lr(opt, cfg.lr, step, total)
                 x = tf(batch["x"].to(device, non_blocking=True))
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 labels = batch["labels"].to(device, non_blocking=True) if use_labels else None
                 teacher = {k: batch[k].to(device, non_blocking=True).float() for k in needs if k != "labels"}
-                with capture(student, student_layers) as sfeats:
+                with capture(student, student_layers) as sfeats, autocast:
                     logits = student(x)
-                b = Batch(student_logits=logits, student_feats=sfeats, teacher=teacher, labels=labels)
+                # Losses in float32 (soft targets at high T and RKD's normalisations are precision-sensitive).
+                b = Batch(student_logits=logits.float(), student_feats={k: v.float() for k, v in sfeats.items()},
+                          teacher=teacher, labels=labels)
                 parts = {}
                 for name, w in active.items():
                     parts.update({k: w * v for k, v in losses[name](b).items()})

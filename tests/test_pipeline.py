@@ -24,6 +24,7 @@ runner = CliRunner()
 
 def _cache(teacher_file, **kw):
     kw.setdefault("layers", ["layer2", "layer3", "avgpool"])
+    kw.setdefault("device", "cpu")  # exact float32 comparison: no autocast even where a GPU exists
     return run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64, batch_size=32,
                                          **kw), log=lambda *_: None)
 
@@ -53,7 +54,7 @@ def test_store_round_trip_equals_teacher_outputs(root, teacher_file, dtype, tol)
     assert len(man["teacher"]["fingerprint"]) == 16 and man["teacher"]["spec"] == "default-teacher"
     assert man["data"]["spec"] == SYN and man["data"]["num_samples"] == 192 and man["data"]["fingerprint"]
     assert man["transform"]["size"] == [16, 16] and man["layers"] == ["layer2", "layer3", "avgpool"]
-    assert man["dtype"] == dtype and man["codecs"] == {"compressor": "zstd", "level": 3, "checksum": "crc32c"}
+    assert man["dtype"] == dtype and man["codecs"] == {"compressor": "zstd", "level": 1, "checksum": "crc32c"}
     assert {"torch", "zarr", "numcodecs", "kdcache", "python"} <= set(man["versions"])
     assert man["created"] and man["completed"] and man["stats"]["samples_computed"] == 192
     # Chunked along samples, compressed and checksummed.
