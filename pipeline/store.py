@@ -23,7 +23,9 @@ Why this shape:
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +92,49 @@ def create_store(path: Path | str, manifest: dict, array_specs: dict[str, tuple[
     return group
 
 
+def encode_chunk(values: np.ndarray, chunk_rows: int, codecs: dict) -> bytes:
+    """One chunk exactly as zarr's [bytes(little), zstd, crc32c] pipeline stores it (edge chunks padded).
+
+    Why not `array[a:b] = values`: zarr's write path serialises on its event loop (measured on a 16-core host:
+    ~170 MB/s for 200 MB chunks with or without compression, 1 or 8 threads), while encoding here runs in our
+    writer threads in parallel (numcodecs zstd releases the GIL: ~1.1 GB/s with 8 threads on the same host).
+    The result is read back by zarr like any other chunk; tests compare both paths byte for byte.
+    """
+    import google_crc32c
+    import numcodecs
+
+    if len(values) < chunk_rows:  # zarr stores edge chunks at full chunk shape, padded with the fill value
+        fill = np.nan if values.dtype.kind == "f" else -1
+        pad = np.full((chunk_rows - len(values), *values.shape[1:]), fill, dtype=values.dtype)
+        values = np.concatenate([values, pad])
+    raw = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+    comp = numcodecs.Zstd(level=int(codecs["level"])).encode(raw)
+    return bytes(comp) + np.uint32(google_crc32c.value(bytes(comp))).astype("<u4").tobytes()
+
+
+def _chunk_file(root: Path, name: str, block: int, ndim: int) -> Path:
+    return root.joinpath(*name.split("/"), "c", str(block), *["0"] * (ndim - 1))
+
+
 def write_block(group, block: int, start: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write one block's rows in every array (whole chunks), then commit it. The caller owns `block`."""
-    for name, values in arrays.items():
-        group[name][start:start + len(values)] = values
+    """Write one block's rows in every array (whole chunks), then commit it. The caller owns `block`.
+
+    On a local store each chunk file is written to a temporary name and renamed into place, so a killed writer
+    never leaves a half-written chunk under a real name; the commit marker is written last.
+    """
+    root = getattr(group.store, "root", None)
+    manifest = group.attrs[MANIFEST_KEY]
+    if root is None:  # remote stores (fsspec): zarr's own write path
+        for name, values in arrays.items():
+            group[name][start:start + len(values)] = values
+    else:
+        chunk_rows = int(manifest["chunk_samples"])
+        for name, values in arrays.items():
+            path = _chunk_file(Path(root), name, block, values.ndim)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(encode_chunk(values, chunk_rows, manifest["codecs"]))
+            os.replace(tmp, path)
     group[COMMIT][block] = 1
 
 
