@@ -9,4 +9,4 @@ Shared pieces: `data` (dataset specs, transforms), `models` (teacher/student bui
 """
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1  # bump when the store layout changes incompatibly
+FORMAT_VERSION = 2  # bump when the store layout changes incompatibly

@@ -38,7 +38,9 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
             continue
         out.append({"path": str(p), "key": man.get("key"), "teacher": man["teacher"]["spec"],
                     "teacher_fingerprint": man["teacher"]["fingerprint"], "data": man["data"]["spec"],
-                    "samples": man["data"]["num_samples"], "arrays": sorted(man["arrays"]),
+                    "samples": man["data"]["num_samples"], "views": (man.get("views") or {}).get("count", 0),
+                    "targets": {t: v["codec"]["name"] for t, v in man.get("targets", {}).items()},
+                    "arrays": sorted(man["arrays"]),
                     "bytes": disk_bytes(p), "complete": bool(man.get("complete")), "created": man.get("created")})
     return out
 
@@ -53,6 +55,7 @@ def inspect_cache(path: str) -> dict:
         raw = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
         stored = disk_bytes(Path(path) / name)
         arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "chunks": list(arr.chunks),
+                        "fill": arr.metadata.fill_value if np.dtype(meta["dtype"]).kind != "f" else "NaN",
                         "codecs": [type(c).__name__ for c in arr.metadata.codecs], "stored_bytes": stored,
                         "raw_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None,
                         "bytes_per_sample": round(stored / max(n, 1), 1)}
@@ -60,35 +63,51 @@ def inspect_cache(path: str) -> dict:
 
 
 def plan_cache(cfg) -> dict:
-    """Run the teacher on one batch, compress it with the store's codecs in memory, extrapolate to the dataset."""
+    """Run the teacher on one batch (one view), encode and compress it with the store's codecs in memory,
+    extrapolate to the dataset and its views."""
     import torch
     import zarr
 
+    from pipeline.augment import sample_params
     from pipeline.models import capture
     from pipeline.teacher_cache import prepare, teacher_outputs
 
     p = prepare(cfg)
     k = min(cfg.batch_size, p.num_samples)
+    idx = np.arange(k)
+    box = flip = None
+    if p.views:
+        box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [min(1, p.views - 1)],
+                                                     tuple(p.source.native_shape[1:])))
     with torch.inference_mode(), capture(p.teacher, cfg.layers) as feats:
-        out = teacher_outputs(p, np.arange(k), feats)
-    out["index"] = np.arange(k, dtype=np.int64)
+        fresh = teacher_outputs(p, idx, feats, box, flip)
+    out = {"index": idx.astype(np.int64)}
     if p.source.labelled:
-        out["labels"] = p.source.labels(np.arange(k))
+        out["labels"] = p.source.labels(idx)
+    if p.views:
+        out.update({"aug/box": box, "aug/flip": flip})
+    for t, codec in p.codecs.items():
+        for part, v in codec.encode(t, fresh[t]).items():
+            a = v.numpy()
+            want = np.dtype(p.arrays[part]["dtype"])
+            out[part] = a.view(want) if a.dtype != want else a
     compressors = st._compressors(p.identity["codecs"])
     per_array = {}
     with tempfile.TemporaryDirectory() as tmp:  # the real codecs on a real folder: what the disk will hold
         probe = zarr.open_group(tmp, mode="w", zarr_format=3)
         for name, values in out.items():
-            a = probe.create_array(name, shape=values.shape, dtype=values.dtype,
+            a = probe.create_array(name.replace("/", "_"), shape=values.shape, dtype=values.dtype,
                                    chunks=(min(cfg.chunk_samples, k), *values.shape[1:]), compressors=compressors)
             a[:] = values
-            stored = disk_bytes(Path(tmp) / name / "c")
-            per_array[name] = {"shape": [p.num_samples, *values.shape[1:]], "dtype": str(values.dtype),
-                               "raw_bytes_per_sample": int(values[0].nbytes),
-                               "bytes_per_sample": round(stored / k, 1)}
+            stored = disk_bytes(Path(tmp) / name.replace("/", "_") / "c")
+            per_view = max(1, p.views) if p.arrays[name]["view_axis"] else 1
+            per_array[name] = {"shape": p.arrays[name]["shape"], "dtype": str(values.dtype),
+                               "raw_bytes_per_sample": int(values[0].nbytes) * per_view,
+                               "bytes_per_sample": round(stored / k * per_view, 1)}
     per_sample = sum(a["bytes_per_sample"] for a in per_array.values())
-    return {"key": p.key, "path": str(p.path), "samples": p.num_samples, "probe_samples": k, "arrays": per_array,
-            "bytes_per_sample": round(per_sample, 1), "total_bytes": int(per_sample * p.num_samples)}
+    return {"key": p.key, "path": str(p.path), "samples": p.num_samples, "views": p.views, "probe_samples": k,
+            "arrays": per_array, "bytes_per_sample": round(per_sample, 1),
+            "total_bytes": int(per_sample * p.num_samples)}
 
 
 def human(n: float) -> str:

@@ -70,7 +70,13 @@ def _cache_command(mode: str):
         teacher: str = typer.Option("default-teacher", help="default-teacher, torchvision:NAME or module:function."),
         weights: Optional[str] = typer.Option(None, help="Teacher weights file (state_dict)."),
         layer: List[str] = typer.Option([], "--layer", help="Module path whose output to cache; repeatable."),
-        dtype: str = typer.Option("float16", help="float16 or float32."),
+        dtype: str = typer.Option("float16", help="float16, float32 (exact) or bfloat16 (stored as its uint16 bits)."),
+        feature_codec: str = typer.Option("float", help="Features: float (= --dtype) or int8 (per-channel scale)."),
+        logits_topk: int = typer.Option(0, help="Store only the top-k logits + tail mass (0: all logits)."),
+        views: int = typer.Option(1, help="Augmented views per sample (needs --augment)."),
+        augment: Optional[str] = typer.Option(None, help="Augmentation policy, e.g. crop=0.5-1,translate=2,flip,"
+                                                          "plain0 (see README)."),
+        aug_seed: int = typer.Option(0, help="Base seed of the views' parameters."),
         out: Optional[str] = typer.Option(None, help="Store path (default <cache-dir>/<key>.zarr)."),
         cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
         chunk_samples: int = typer.Option(1024, help="Samples per chunk (the unit of commit)."),
@@ -87,7 +93,9 @@ def _cache_command(mode: str):
         with user_errors():
             from pipeline.teacher_cache import CacheConfig
 
-            cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype, out=out,
+            cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype,
+                              feature_codec=feature_codec, logits_topk=logits_topk, views=views, augment=augment,
+                              aug_seed=aug_seed, out=out,
                               cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
                               compression_level=compression_level, image_size=image_size, channels=channels,
                               limit=limit, device=device, writers=writers, force=force)
@@ -101,7 +109,8 @@ def _cache_command(mode: str):
                 for name, a in plan["arrays"].items():
                     typer.echo(f"{name:<28} {str(a['shape']):<22} {a['dtype']:<8} "
                                f"{a['bytes_per_sample']:>10,.1f} B/sample  (raw {a['raw_bytes_per_sample']:,})")
-                typer.echo(f"{plan['samples']:,} samples x {plan['bytes_per_sample']:,.1f} B = "
+                views_txt = f" ({plan['views']} views each)" if plan["views"] else ""
+                typer.echo(f"{plan['samples']:,} samples{views_txt} x {plan['bytes_per_sample']:,.1f} B = "
                            f"{human(plan['total_bytes'])} on disk (measured on {plan['probe_samples']} samples)")
                 typer.echo(plan["path"])
                 return
@@ -143,7 +152,7 @@ def verify_cmd(
             if report.recompute:
                 for name, d in report.recompute["arrays"].items():
                     typer.echo(f"{'ok ' if d['ok'] else 'BAD'}  recompute {name}: max |diff| {d['max_abs']:.3g}, "
-                               f"max rel {d['max_rel']:.3g} (tolerance {report.recompute['tolerance']:g}, "
+                               f"max rel {d['max_rel']:.3g} (tolerance {d['tolerance']:g}, "
                                f"{report.recompute['samples']} samples)")
             typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
         if not report.ok:
@@ -179,8 +188,9 @@ def ls_cmd(
             if "error" in c:
                 typer.echo(f"{c['path']}: {c['error']}")
                 continue
+            views = f" x {c['views']} views" if c["views"] else ""
             typer.echo(f"{c['key']}  {'complete  ' if c['complete'] else 'INCOMPLETE'}  {c['teacher']}"
-                       f"@{c['teacher_fingerprint'][:8]}  {c['data']}  {c['samples']:,} samples  "
+                       f"@{c['teacher_fingerprint'][:8]}  {c['data']}  {c['samples']:,} samples{views}  "
                        f"{human(c['bytes'])}  [{', '.join(c['arrays'])}]")
 
 
@@ -218,6 +228,9 @@ def train_student_cmd(
     rkd_student_layer: str = typer.Option("embed", help="Student embedding layer."),
     rkd_distance_weight: float = typer.Option(25.0),
     rkd_angle_weight: float = typer.Option(50.0),
+    augment: Optional[str] = typer.Option(None, help="The views' policy this run expects (refused if the store "
+                                                      "holds another); default: whatever the store holds."),
+    view_policy: str = typer.Option("cycle", help="Which stored view a sample gets each epoch: cycle or random."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(128),
     lr: float = typer.Option(0.05),
@@ -239,7 +252,7 @@ def train_student_cmd(
                             fitnets_schedule=fitnets_schedule, fitnets_hint_epochs=fitnets_hint_epochs,
                             rkd_layer=rkd_layer, rkd_student_layer=rkd_student_layer,
                             rkd_distance_weight=rkd_distance_weight, rkd_angle_weight=rkd_angle_weight,
-                            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                            augment=augment, view_policy=view_policy, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                             test_data=test_data, data=data, workers=workers, buffer_chunks=buffer_chunks,
                             device=device, out=out)
         summary = run_train_student(cfg, log=log_err)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.augment import splitmix64
 from pipeline.errors import KDCacheError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -75,8 +76,7 @@ def default_transform(source: "Source", size: int | None = None, channels: int |
     return Transform(size=hw, channels=channels, mean=list(mean), std=list(std))
 
 
-def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
-    """Resize and convert channels of a uint8 (n, C, H, W) batch to what `tf` asks for."""
+def _convert_channels(images: torch.Tensor, tf: Transform) -> torch.Tensor:
     if images.shape[1] != tf.channels:
         if tf.channels == 3 and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
@@ -86,6 +86,12 @@ def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
         else:
             raise KDCacheError(f"cannot convert {images.shape[1]}-channel images to {tf.channels} channels; "
                                "use --channels 1 or 3")
+    return images
+
+
+def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
+    """Resize and convert channels of a uint8 (n, C, H, W) batch to what `tf` asks for."""
+    images = _convert_channels(images, tf)
     if list(images.shape[-2:]) != list(tf.size):
         images = torch.nn.functional.interpolate(images.float(), size=tuple(tf.size), mode="bilinear",
                                                  antialias=True, align_corners=False)
@@ -121,10 +127,21 @@ class Source:
     def load_raw(self, idx: np.ndarray, tf: Transform) -> torch.Tensor:
         """uint8 (n, C, H, W) at the transform's size and channels, not yet normalised (`tf(...)` finishes it)."""
         idx = np.asarray(idx, dtype=np.int64)
+        self._check(idx)
+        return _fit(self._load(idx), tf)
+
+    def load_view(self, idx: np.ndarray, tf: Transform, box: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+        """uint8 (n, C, h, w): the augmented views with parameters `box` (n, 4) and `flip` (n,) (see augment.py)."""
+        from pipeline.augment import apply_views
+
+        idx = np.asarray(idx, dtype=np.int64)
+        self._check(idx)
+        return apply_views(_convert_channels(self._load(idx), tf), box, flip, tf.size).contiguous()
+
+    def _check(self, idx: np.ndarray) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
             raise KDCacheError(f"sample index out of range for {self.spec} ({self.num_samples} samples); "
                                "the store was made from other data: re-run teacher-cache on this data")
-        return _fit(self._load(idx), tf)
 
     def load(self, idx: np.ndarray, tf: Transform) -> torch.Tensor:
         """The model input for samples `idx` (any order): float32 (n, C, H, W)."""
@@ -215,14 +232,6 @@ class FashionMNIST(Source):
         return "fashion-mnist:test"
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Counter-based hash: the same index always gives the same bits, in any order, on any worker."""
-    x = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 class Synthetic(Source):
     """`synthetic:N:CxHxW[:CLASSES[:SEED]]`: class template plus per-sample noise (learnable, cheap).
 
@@ -242,7 +251,7 @@ class Synthetic(Source):
         with np.errstate(over="ignore"):
             key = (np.arange(num_classes, dtype=np.uint64)[:, None] << np.uint64(32)) + np.arange(
                 c * gh * gw, dtype=np.uint64)
-            coarse = (_splitmix64(key + np.uint64(1 << 62)) % np.uint64(256)).astype(np.float32)
+            coarse = (splitmix64(key + np.uint64(1 << 62)) % np.uint64(256)).astype(np.float32)
         coarse = coarse.reshape(num_classes, c, gh, gw).repeat(4, axis=2).repeat(4, axis=3)[:, :, :h, :w]
         self._templates = torch.from_numpy((0.6 * coarse.reshape(num_classes, -1)).astype(np.uint8))
         # Per-sample noise comes from a pool of NOISE_POOL patterns chosen by hash(seed, index): loading is two
@@ -251,19 +260,19 @@ class Synthetic(Source):
         with np.errstate(over="ignore"):
             key = (np.arange(self.NOISE_POOL, dtype=np.uint64)[:, None] * np.uint64(d)) + np.arange(
                 d, dtype=np.uint64) + (np.uint64(seed + 1) << np.uint64(48))
-            self._noise = torch.from_numpy((0.4 * (_splitmix64(key) % np.uint64(256))).astype(np.uint8))
+            self._noise = torch.from_numpy((0.4 * (splitmix64(key) % np.uint64(256))).astype(np.uint8))
 
     def _key(self, idx) -> np.ndarray:
         return np.asarray(idx, dtype=np.uint64) + (np.uint64(self.seed) << np.uint64(40))
 
     def labels(self, idx):
         with np.errstate(over="ignore"):
-            return (_splitmix64(self._key(idx)) % np.uint64(len(self.classes))).astype(np.int64)
+            return (splitmix64(self._key(idx)) % np.uint64(len(self.classes))).astype(np.int64)
 
     def _load(self, idx):
         idx = np.asarray(idx, dtype=np.int64)
         with np.errstate(over="ignore"):
-            pick = (_splitmix64(self._key(idx) ^ np.uint64(0x5DEECE66D)) % np.uint64(self.NOISE_POOL)).astype(np.int64)
+            pick = (splitmix64(self._key(idx) ^ np.uint64(0x5DEECE66D)) % np.uint64(self.NOISE_POOL)).astype(np.int64)
         img = self._templates[torch.from_numpy(self.labels(idx))] + self._noise[torch.from_numpy(pick)]
         return img.view(len(idx), *self.native_shape)
 

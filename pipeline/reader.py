@@ -4,13 +4,17 @@
 - each epoch, the order of blocks (one block = one chunk of every array) is a permutation seeded by (seed, epoch);
   DataLoader worker w takes blocks w, w + W, ... of that order, so every sample is visited exactly once per epoch for
   any worker count (and, later, rank r of R takes its share the same way);
+- with augmented views, each block reads the view `augment.select_view` picks for (seed, epoch, block): one chunk
+  per array, the stored parameters of that view, and the input rebuilt from them exactly as the teacher saw it;
 - a worker reads `buffer_chunks` blocks at a time (one read per chunk per array), rebuilds their inputs from the data
   source by stored index with the transform from the manifest, shuffles rows inside that buffer, and cuts batches;
-- small arrays (index, labels, logits) are read whole once per worker and kept in memory;
+- small arrays (index, labels, logits, view parameters) are read whole once per worker and kept in memory;
 - the store is opened lazily inside each worker (never shared across processes).
+Batches carry the stored parts of each target (`logits`, or `features/x` and `features/x.scale`, ...): the training
+loop decodes them on its device with the target's codec.
 
 Shuffle quality trades against read size: a sample can only move within its buffer, so larger buffers are closer to
-a uniform shuffle at the cost of memory.
+a uniform shuffle at the cost of memory (`shuffle_quality` measures it; see the README's performance section).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.augment import select_view
+from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
 from pipeline.errors import KDCacheError
 from pipeline.store import CacheStore, block_ranges
@@ -32,12 +38,16 @@ def worker_init(_worker_id: int) -> None:
 
 
 class CacheStream(IterableDataset):
-    def __init__(self, store: CacheStore, source: Source, arrays: list[str], batch_size: int, *,
+    def __init__(self, store: CacheStore, source: Source, targets: list[str], batch_size: int, *,
                  use_labels: bool, shuffle: bool = True, buffer_chunks: int = 4, seed: int = 0,
-                 drop_last: bool = False):
-        self.store, self.source, self.arrays = store, source, list(arrays)
+                 drop_last: bool = False, view_policy: str = "cycle"):
+        self.store, self.source = store, source
+        self.arrays = [part for t in targets for part in store.targets[t]["parts"]]  # stored arrays to stream
         self.batch_size, self.use_labels, self.shuffle = batch_size, use_labels, shuffle
         self.buffer_chunks, self.seed, self.drop_last = max(1, buffer_chunks), seed, drop_last
+        self.view_policy, self.views = view_policy, store.views
+        if self.views:
+            select_view(view_policy, seed, 0, 0, self.views)  # an unknown policy fails here, not in a worker
         self.transform = Transform.from_dict(store.manifest["transform"])
         self.blocks = block_ranges(store.num_samples, store.chunk_samples)
         self.epoch = 0
@@ -54,26 +64,35 @@ class CacheStream(IterableDataset):
     def _open(self):
         if self._group is None:  # lazily, in the worker process that reads
             self._group = self.store.open_group()
-            for name in {"index", "labels", *self.arrays} & set(self.store.arrays):
+            for name in {"index", "labels", "aug/box", "aug/flip", *self.arrays} & set(self.store.arrays):
                 shape, itemsize = self.store.shape(name), np.dtype(self.store.arrays[name]["dtype"]).itemsize
                 if int(np.prod(shape)) * itemsize <= SMALL_ARRAY_BYTES:
                     self._memory[name] = self._fetch(name, 0, shape[0])
         return self._group
 
-    def _fetch(self, name: str, start: int, end: int) -> np.ndarray:
+    def _fetch(self, name: str, start: int, end: int, view: int | None = None) -> np.ndarray:
         try:
-            return np.asarray(self._group[name][start:end])
+            return np.asarray(self._group[name][start:end] if view is None else self._group[name][start:end, view])
         except Exception as e:  # crc32c mismatch or undecodable chunk
             raise KDCacheError(f"cannot read {name} samples {start}-{end - 1} from {self.store.path} "
                                f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
 
-    def _read(self, name: str, start: int, end: int) -> np.ndarray:
-        values = self._memory[name][start:end] if name in self._memory else self._fetch(name, start, end)
+    def _read(self, name: str, start: int, end: int, view: int) -> np.ndarray:
+        """Rows start:end of a stored array (of `view` when the array has a view axis): one chunk."""
+        v = view if self.store.arrays[name]["view_axis"] else None
+        if name in self._memory:
+            values = self._memory[name][start:end] if v is None else self._memory[name][start:end, v]
+        else:
+            values = self._fetch(name, start, end, v)
         # A chunk that was never written (or was deleted) reads as the fill value: refuse it, never train on it.
-        if values.dtype.kind == "f" and np.isnan(values).any() or values.dtype.kind == "i" and (values < 0).any():
-            raise KDCacheError(f"{name} samples {start}-{end - 1} in {self.store.path} are missing; "
+        if is_missing(values, fill_value(values.dtype)):
+            where = f" (view {v})" if v is not None else ""
+            raise KDCacheError(f"{name} samples {start}-{end - 1}{where} in {self.store.path} are missing; "
                                "run `kdcache verify` then `kdcache repair`")
         return values
+
+    def view_of(self, block: int) -> int:
+        return select_view(self.view_policy, self.seed, self.epoch, block, self.views) if self.views else 0
 
     def block_order(self, worker: int = 0, num_workers: int = 1) -> list[int]:
         order = np.arange(len(self.blocks))
@@ -107,10 +126,22 @@ class CacheStream(IterableDataset):
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ["index", *self.arrays]}
         if self.use_labels:
             cols["labels"] = []
+        if self.views:
+            cols.update({"aug/box": [], "aug/flip": []})
+        picked = []
         for b in blocks:
             start, end = self.blocks[b]
+            view = self.view_of(b)
+            picked.append(np.full(end - start, view, dtype=np.int64))
             for name in cols:
-                cols[name].append(self._read(name, start, end))
-        out = {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()}
-        out["x"] = self.source.load_raw(out["index"].numpy(), self.transform)  # uint8: normalised on the device
+                cols[name].append(self._read(name, start, end, view))
+        arrays = {k: np.concatenate(v) for k, v in cols.items()}
+        index = arrays["index"]
+        if self.views:  # the exact view the teacher saw, from its stored parameters
+            x = self.source.load_view(index, self.transform, arrays.pop("aug/box"), arrays.pop("aug/flip"))
+        else:
+            x = self.source.load_raw(index, self.transform)
+        out = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        out["view"] = torch.from_numpy(np.concatenate(picked))  # which view each row is (0 without views)
+        out["x"] = x  # uint8: normalised on the device
         return out

@@ -1,22 +1,28 @@
-"""The cache store: one Zarr v3 group per (teacher, data, transform, layers, dtype, codecs).
+"""The cache store: one Zarr v3 group per (teacher, data, transform, views, layers, codecs).
 
 Layout (every array has the sample axis first and is chunked along it in blocks of `chunk_samples` rows):
 
     <key>.zarr/
       zarr.json                 group attributes: {"kdcache": manifest}
-      index                     (N,)   int64    the sample's stable index in its data source (the join key)
-      labels                    (N,)   int64    only when the data is labelled
-      logits                    (N, C) float16  raw teacher logits (the temperature is a student-stage choice)
-      features/<module.path>    (N, ...)        output of the teacher module at that dotted path
-      _commit                   (B,)   uint8    one element (= one file) per block, set after the block's chunks
+      index                     (N,)      int64    the sample's stable index in its data source (the join key)
+      labels                    (N,)      int64    only when the data is labelled
+      logits                    (N, C)    float16  raw teacher logits (the temperature is a student-stage choice)
+      features/<module.path>    (N, ...)           output of the teacher module at that dotted path
+      _commit                   (B, V)    uint8    one element (= one file) per unit, set after the unit's chunks
+      _stats                    (B, V, S) float64  per-unit sums of the codecs' measured distortion
+
+With `--views K` every teacher output (and `aug/box` (N, K, 4), `aug/flip` (N, K): each view's parameters) has a
+view axis after the sample axis, chunked one view per chunk: a student reading one view reads one chunk. A lossy
+codec may store a target as several arrays (see codecs.py); the manifest's `targets` maps each target to them.
 
 Why this shape:
-- The unit of commit is a block of rows that is exactly one chunk in every array, written whole by one owner, then
-  marked in `_commit` (chunks of one element, so each block's marker is its own file). No writer ever rewrites a
-  shared counter, and arrays are created at full size up front (no append/resize), so several processes can fill
-  disjoint blocks of one store at once (torchrun later) and a killed run resumes by skipping committed blocks.
-- `complete` in the manifest is set only after every block is committed; readers refuse a store without it.
-- Float arrays use NaN as fill value: a chunk that was never written reads as NaN, never as plausible zeros.
+- The unit of commit is one block of rows in one view: exactly one chunk in every array it touches, written whole
+  by one owner, then marked in `_commit` (chunks of one element, so each unit's marker is its own file). No writer
+  rewrites a shared counter, and arrays are created at full size up front (no append/resize), so several processes
+  can fill disjoint units of one store at once (torchrun later) and a killed run resumes by skipping committed units.
+- `complete` in the manifest is set only after every unit is committed; readers refuse a store without it.
+- Every array's fill value is one its writer never produces (NaN for floats, -1 or the dtype's minimum for
+  integers), so a chunk that was never written can never pass for data.
 - Codecs: zstd then crc32c over the compressed bytes, so a flipped byte on disk is detected on read.
 """
 
@@ -32,11 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import FORMAT_VERSION, __version__
+from pipeline.codecs import fill_value
 from pipeline.errors import KDCacheError
 
 MANIFEST_KEY = "kdcache"
 COMMIT = "_commit"
-DTYPES = {"float16": np.float16, "float32": np.float32}
+STATS = "_stats"
 
 
 def feature_array(layer: str) -> str:
@@ -72,79 +79,110 @@ def block_ranges(num_samples: int, chunk_samples: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_samples, num_samples)) for s in range(0, num_samples, chunk_samples)]
 
 
-def create_store(path: Path | str, manifest: dict, array_specs: dict[str, tuple[tuple[int, ...], str]],
-                 chunk_samples: int):
+def array_spec(shape: tuple[int, ...], dtype: str, chunk_samples: int, view_axis: bool) -> dict:
+    """One stored array: full shape, dtype, chunk shape (one view per chunk); its fill is `fill_value(dtype)`."""
+    chunks = [chunk_samples, 1, *shape[2:]] if view_axis else [chunk_samples, *shape[1:]]
+    return {"shape": list(shape), "dtype": dtype, "chunks": chunks, "view_axis": view_axis}
+
+
+def create_store(path: Path | str, manifest: dict, arrays: dict[str, dict], num_units: tuple[int, int],
+                 stat_columns: list[str]):
     """Create the group and every array at full size, with `complete: false`. Overwrites what is at `path`."""
     import zarr
 
-    manifest = dict(manifest, complete=False, format_version=FORMAT_VERSION,
-                    arrays={k: {"shape": list(s), "dtype": d, "chunks": [chunk_samples, *s[1:]]}
-                            for k, (s, d) in array_specs.items()})
+    manifest = dict(manifest, complete=False, format_version=FORMAT_VERSION, arrays=arrays,
+                    stat_columns=stat_columns)
     # The manifest goes in first and `_commit` last: a creation cut short is recognisable and simply redone.
     group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={MANIFEST_KEY: manifest})
     compressors = _compressors(manifest["codecs"])
-    for name, (shape, dtype) in array_specs.items():
-        fill = np.nan if np.dtype(dtype).kind == "f" else -1
-        group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_samples, *shape[1:]),
-                           compressors=compressors, fill_value=fill)
-    n_blocks = len(block_ranges(array_specs["index"][0][0], chunk_samples))
-    group.create_array(COMMIT, shape=(n_blocks,), dtype="uint8", chunks=(1,), compressors=None, fill_value=0)
+    for name, a in arrays.items():
+        group.create_array(name, shape=a["shape"], dtype=a["dtype"], chunks=a["chunks"], compressors=compressors,
+                           fill_value=fill_value(a["dtype"]))
+    if stat_columns:
+        group.create_array(STATS, shape=(*num_units, len(stat_columns)), dtype="float64",
+                           chunks=(1, 1, len(stat_columns)), compressors=None, fill_value=np.nan)
+    group.create_array(COMMIT, shape=num_units, dtype="uint8", chunks=(1, 1), compressors=None, fill_value=0)
     return group
 
 
-def encode_chunk(values: np.ndarray, chunk_rows: int, codecs: dict) -> bytes:
+def encode_chunk(values: np.ndarray, chunk_shape: list[int], codecs: dict) -> bytes:
     """One chunk exactly as zarr's [bytes(little), zstd, crc32c] pipeline stores it (edge chunks padded).
 
     Why not `array[a:b] = values`: zarr's write path serialises on its event loop (measured on a 16-core host:
-    ~170 MB/s for 200 MB chunks with or without compression, 1 or 8 threads), while encoding here runs in our
-    writer threads in parallel (numcodecs zstd releases the GIL: ~1.1 GB/s with 8 threads on the same host).
+    ~170 MB/s for 200 MB chunks with or without compression, 1 or 8 threads; on 2 cores 209 vs 508 MB/s with
+    2 threads), while encoding here runs in our writer threads in parallel (numcodecs zstd releases the GIL).
     The result is read back by zarr like any other chunk; tests compare both paths byte for byte.
     """
     import google_crc32c
     import numcodecs
 
-    if len(values) < chunk_rows:  # zarr stores edge chunks at full chunk shape, padded with the fill value
-        fill = np.nan if values.dtype.kind == "f" else -1
-        pad = np.full((chunk_rows - len(values), *values.shape[1:]), fill, dtype=values.dtype)
+    values = values.reshape(len(values), *chunk_shape[1:])
+    if len(values) < chunk_shape[0]:  # zarr stores edge chunks at full chunk shape, padded with the fill value
+        pad = np.full((chunk_shape[0] - len(values), *values.shape[1:]), fill_value(values.dtype), dtype=values.dtype)
         values = np.concatenate([values, pad])
     raw = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
     comp = numcodecs.Zstd(level=int(codecs["level"])).encode(raw)
     return bytes(comp) + np.uint32(google_crc32c.value(bytes(comp))).astype("<u4").tobytes()
 
 
-def _chunk_file(root: Path, name: str, block: int, ndim: int) -> Path:
-    return root.joinpath(*name.split("/"), "c", str(block), *["0"] * (ndim - 1))
+def chunk_file(root: Path, name: str, spec: dict, block: int, view: int) -> Path:
+    ndim = len(spec["shape"])
+    grid = [block, view, *[0] * (ndim - 2)] if spec["view_axis"] else [block, *[0] * (ndim - 1)]
+    return root.joinpath(*name.split("/"), "c", *map(str, grid))
 
 
-def write_block(group, block: int, start: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write one block's rows in every array (whole chunks), then commit it. The caller owns `block`.
+def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.ndarray],
+               stats: np.ndarray | None = None) -> None:
+    """Write one unit (a block of rows, one view) in every array it owns, whole chunks only, then commit it.
 
-    On a local store each chunk file is written to a temporary name and renamed into place, so a killed writer
-    never leaves a half-written chunk under a real name; the commit marker is written last.
+    `arrays` holds per-view values without the view axis (rows, *shape) for view arrays and the sample-level
+    arrays (index, labels) for the unit that owns them (view 0). The caller owns (block, view). On a local store
+    each chunk file is written to a temporary name and renamed into place, so a killed writer never leaves a
+    half-written chunk under a real name; the commit marker is written last.
     """
     root = getattr(group.store, "root", None)
     manifest = group.attrs[MANIFEST_KEY]
+    specs = manifest["arrays"]
     if root is None:  # remote stores (fsspec): zarr's own write path
         for name, values in arrays.items():
-            group[name][start:start + len(values)] = values
+            sel = (slice(start, start + len(values)), view) if specs[name]["view_axis"] else slice(
+                start, start + len(values))
+            group[name][sel] = values
     else:
-        chunk_rows = int(manifest["chunk_samples"])
         for name, values in arrays.items():
-            path = _chunk_file(Path(root), name, block, values.ndim)
+            spec = specs[name]
+            path = chunk_file(Path(root), name, spec, block, view)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(encode_chunk(values, chunk_rows, manifest["codecs"]))
+            tmp.write_bytes(encode_chunk(np.asarray(values, dtype=spec["dtype"]), spec["chunks"], manifest["codecs"]))
             os.replace(tmp, path)
-    group[COMMIT][block] = 1
+    if stats is not None:
+        group[STATS][block, view] = stats
+    group[COMMIT][block, view] = 1
 
 
-def committed_blocks(group) -> np.ndarray:
+def committed_units(group) -> np.ndarray:
+    """(B, V) bool: which (block, view) units are written whole."""
     return np.asarray(group[COMMIT][:]).astype(bool)
+
+
+def distortion_summary(group, manifest: dict) -> dict:
+    """Means of the per-unit distortion sums, per target: {"logits": {"kl_t1": ...}, "features/x": {...}}."""
+    cols = manifest.get("stat_columns") or []
+    if not cols:
+        return {}
+    sums = np.asarray(group[STATS][:], dtype=np.float64).reshape(-1, len(cols)).sum(0)
+    n = manifest["data"]["num_samples"] * max(1, (manifest.get("views") or {}).get("count", 1))
+    out: dict = {}
+    for c, v in zip(cols, sums):
+        target, _, metric = c.rpartition(":")
+        out.setdefault(target, {})[metric] = float(v / n)
+    return out
 
 
 def mark_complete(group, extra: dict) -> None:
     manifest = dict(group.attrs[MANIFEST_KEY])
-    manifest.update(extra, complete=True, completed=now())
+    manifest.update(extra, complete=True, completed=now(), distortion=distortion_summary(group, manifest))
     group.attrs[MANIFEST_KEY] = manifest
 
 
@@ -166,7 +204,18 @@ class CacheStore:
 
     @property
     def arrays(self) -> dict:
+        """Stored arrays: name -> {shape, dtype, chunks, view_axis}."""
         return self.manifest["arrays"]
+
+    @property
+    def targets(self) -> dict:
+        """Teacher outputs: name -> {shape (per sample and view), codec, parts}."""
+        return self.manifest["targets"]
+
+    @property
+    def views(self) -> int:
+        """K when the store holds augmented views (a view axis), else 0."""
+        return int((self.manifest.get("views") or {}).get("count", 0))
 
     @property
     def labelled(self) -> bool:
@@ -175,15 +224,21 @@ class CacheStore:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.arrays[name]["shape"])
 
+    def codec(self, target: str):
+        from pipeline.codecs import make_codec
+
+        t = self.targets[target]
+        return make_codec(t["codec"], tuple(t["shape"]))
+
     def open_group(self):
         import zarr
 
         return zarr.open_group(self.path, mode="r", zarr_format=3)
 
     def require(self, names: dict[str, str]) -> None:
-        """Refuse a store lacking an array a loss needs. `names` maps array name -> the loss that needs it."""
+        """Refuse a store lacking what a loss needs. `names` maps target (or `labels`) -> the loss that needs it."""
         for name, who in names.items():
-            if name in self.arrays:
+            if name in self.targets or name in self.arrays:
                 continue
             if name.startswith("features/"):
                 fix = f"re-run teacher-cache with --layer {name[len('features/'):]}"
@@ -192,7 +247,7 @@ class CacheStore:
             else:
                 fix = "re-run teacher-cache"
             raise KDCacheError(f"store {self.path} lacks array '{name}' needed by loss '{who}'; {fix} "
-                               f"(it has: {', '.join(sorted(self.arrays))})")
+                               f"(it has: {', '.join(sorted(self.targets))})")
 
 
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:

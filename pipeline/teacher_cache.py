@@ -3,13 +3,15 @@
     run_teacher_cache(CacheConfig(...)) -> path of the complete store
 
 What it does, in order:
-1. resolve the data, the teacher (weights fingerprinted) and the transform the teacher was trained with;
+1. resolve the data, the teacher (weights fingerprinted), the transform the teacher was trained with, the
+   augmentation policy and the codec of every target;
 2. probe one batch to learn the output shapes and validate the layer names;
 3. derive the cache key from everything that determines the content; a complete store with that key is a cache hit
-   (nothing is computed), an incomplete one is resumed (committed blocks are skipped);
-4. run the teacher block by block (inference mode, autocast on GPU) and hand each finished block to a pool of
+   (nothing is computed), an incomplete one is resumed (committed units are skipped);
+4. run the teacher unit by unit (one block of rows in one view; inference mode, autocast on GPU), encode each
+   target with its codec on the device and measure what the codec costs, and hand the finished unit to a pool of
    writer threads: zstd compression releases the GIL, so compression and disk writes overlap the next forward;
-5. set `complete` only after the last block is committed, then print the store's path.
+5. set `complete` only after the last unit is committed, then print the store's path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import codecs as cd
 from pipeline import store as st
+from pipeline.augment import AugmentPolicy, sample_params
 from pipeline.data import Transform, data_root, default_transform, open_source
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
@@ -38,10 +42,15 @@ class CacheConfig:
     teacher: str = "default-teacher"
     weights: str | None = None            # default-teacher: data/teachers/default.pt
     layers: list[str] = field(default_factory=list)
-    dtype: str = "float16"                # of logits and features; float32 keeps them exact
+    dtype: str = "float16"                # of logits and features: float16, float32 (exact) or bfloat16
+    feature_codec: str = "float"          # "float" (= dtype) or "int8" (per-channel scale)
+    logits_topk: int = 0                  # 0: full logits; k: top-k logits + tail mass (large label spaces)
+    views: int = 1                        # augmented views per sample (with `augment`)
+    augment: str | None = None            # augmentation policy (augment.py); None: the plain input, no view axis
+    aug_seed: int = 0                     # base seed of the views' parameters
     out: str | None = None                # explicit store path; default <cache_dir>/<key>.zarr
     cache_dir: str | None = None          # default data/cache
-    chunk_samples: int = 1024             # rows per chunk = the unit of commit
+    chunk_samples: int = 1024             # rows per chunk = the unit of commit (per view)
     batch_size: int = 256
     compression_level: int = 1            # zstd 1: on float16 features ~5x faster than 3 at the same ratio
     image_size: int | None = None         # resize for the teacher (default: teacher's training size, else native)
@@ -62,13 +71,13 @@ def _resolve_transform(cfg: CacheConfig, source, teacher_meta: dict) -> Transfor
     return default_transform(source, cfg.image_size, cfg.channels)
 
 
-def _progress(total: int, done: int):
+def _progress(total: int, done: int, unit: str):
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     prog = Progress(TextColumn("[bold]teacher-cache"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]:>8} samples/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TextColumn(f"{{task.fields[rate]:>8}} {unit}/s"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=False)
     task = prog.add_task("cache", total=total, completed=done, rate="-")
     return prog, task
@@ -83,31 +92,56 @@ class Prepared:
     teacher: torch.nn.Module
     teacher_meta: dict
     transform: Transform
+    policy: AugmentPolicy
+    views: int                               # K with a view axis, 0 for a plain (fixed) cache
     device: torch.device
     num_samples: int
-    shapes: dict[str, tuple[int, ...]]
+    targets: dict[str, dict]                 # target -> {shape, codec, parts}
+    codecs: dict[str, cd.Codec]
     identity: dict
     key: str
     path: Path
-    arrays: dict[str, tuple[tuple[int, ...], str]]
+    arrays: dict[str, dict]                  # stored array -> spec (store.array_spec)
+    stat_columns: list[str]
+
+    @property
+    def units_per_block(self) -> int:
+        return max(1, self.views)
 
     def manifest(self) -> dict:
         cfg = self.cfg
+        views = ({"count": self.views, "augment": self.policy.to_dict(), "seed": cfg.aug_seed}
+                 if self.views else None)
         return {"key": self.key, "identity": self.identity, "created": st.now(),
                 "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
                             "arch": self.teacher_meta.get("arch", cfg.teacher)},
                 "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit},
-                "transform": self.transform.to_dict(), "layers": list(cfg.layers), "dtype": cfg.dtype,
-                "codecs": self.identity["codecs"], "chunk_samples": cfg.chunk_samples, "versions": st.versions(),
-                "device": str(self.device), "config": asdict(cfg)}
+                "transform": self.transform.to_dict(), "views": views, "layers": list(cfg.layers),
+                "dtype": cfg.dtype, "targets": self.targets, "codecs": self.identity["codecs"],
+                "chunk_samples": cfg.chunk_samples, "versions": st.versions(), "device": str(self.device),
+                "config": asdict(cfg)}
+
+    def input(self, idx: np.ndarray, box: np.ndarray | None = None, flip: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 teacher input for samples `idx` (one view's `box`/`flip` per sample when the cache has views)."""
+        if box is None:
+            return self.source.load_raw(idx, self.transform)
+        return self.source.load_view(idx, self.transform, box, flip)
 
 
 def prepare(cfg: CacheConfig) -> Prepared:
-    """Resolve data, teacher, transform and layers, probe the output shapes, and derive the cache key."""
-    if cfg.dtype not in st.DTYPES:
-        raise KDCacheError(f"unknown --dtype '{cfg.dtype}'; use {' or '.join(st.DTYPES)}")
+    """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
+    codec_cfgs = {"logits": cd.choose("logits", cfg.dtype, cfg.feature_codec, cfg.logits_topk)}
+    codec_cfgs.update({st.feature_array(layer): cd.choose("features", cfg.dtype, cfg.feature_codec, 0)
+                       for layer in cfg.layers})
     if cfg.chunk_samples <= 0 or cfg.batch_size <= 0:
         raise KDCacheError("--chunk-samples and --batch-size must be positive")
+    policy = AugmentPolicy.parse(cfg.augment)
+    if cfg.views < 1:
+        raise KDCacheError(f"--views must be at least 1 (got {cfg.views})")
+    if cfg.views > 1 and policy.identity:
+        raise KDCacheError(f"--views {cfg.views} needs --augment POLICY (e.g. --augment crop=0.5-1,flip): "
+                           "un-augmented views would all be the same input")
+    views = 0 if policy.identity else cfg.views
     device = pick_device(cfg.device)
     source = open_source(cfg.data)
     n = min(source.num_samples, cfg.limit) if cfg.limit else source.num_samples
@@ -125,16 +159,34 @@ def prepare(cfg: CacheConfig) -> Prepared:
         shapes = {"logits": tuple(logits.shape[1:])}
         shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
 
+    codecs = {t: cd.make_codec(c, shapes[t]) for t, c in codec_cfgs.items()}
+    targets = {t: {"shape": list(shapes[t]), "codec": codecs[t].config(),
+                   "parts": sorted(codecs[t].parts(t, shapes[t]))} for t in codec_cfgs}
     identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
-                "layers": sorted(cfg.layers), "dtype": cfg.dtype, "codecs": st.codecs_config(cfg.compression_level),
-                "chunk_samples": cfg.chunk_samples, "format": st.FORMAT_VERSION}
+                "views": {"count": views, "augment": policy.spec(), "seed": cfg.aug_seed} if views else None,
+                "layers": sorted(cfg.layers), "targets": {t: c for t, c in sorted(codec_cfgs.items())},
+                "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,
+                "format": st.FORMAT_VERSION}
     key = cache_key(identity)
     path = Path(cfg.out) if cfg.out else Path(cfg.cache_dir or data_root() / "cache") / f"{key}.zarr"
-    arrays = {"index": ((n,), "int64"), "logits": ((n, *shapes["logits"]), cfg.dtype)}
+
+    rows, view_dims = cfg.chunk_samples, (views,) if views else ()
+    arrays = {"index": st.array_spec((n,), "int64", rows, False)}
     if source.labelled:
-        arrays["labels"] = ((n,), "int64")
-    arrays.update({k: ((n, *s), cfg.dtype) for k, s in shapes.items() if k != "logits"})
-    return Prepared(cfg, source, teacher, meta, tf, device, n, shapes, identity, key, path, arrays)
+        arrays["labels"] = st.array_spec((n,), "int64", rows, False)
+    if views:
+        arrays["aug/box"] = st.array_spec((n, views, 4), "int32", rows, True)
+        arrays["aug/flip"] = st.array_spec((n, views), "uint8", rows, True)
+    for t, codec in codecs.items():
+        for part, (shape, dtype) in codec.parts(t, shapes[t]).items():
+            arrays[part] = st.array_spec((n, *view_dims, *shape), dtype, rows, bool(views))
+    stat_columns = [f"{t}:{m}" for t in codecs for m in (*_metrics(t), "nonfinite")]
+    return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, targets, codecs, identity, key, path,
+                    arrays, stat_columns)
+
+
+def _metrics(target: str) -> tuple[str, ...]:
+    return ("kl_t1", "kl_t4", "top1_agreement") if target == "logits" else ("rel_err", "cosine")
 
 
 def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
@@ -143,22 +195,23 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
     if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
         log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
         return str(p.path)
+    blocks = st.block_ranges(p.num_samples, cfg.chunk_samples)
     if group is None:
         p.path.parent.mkdir(parents=True, exist_ok=True)
-        group = st.create_store(p.path, p.manifest(), p.arrays, cfg.chunk_samples)
+        group = st.create_store(p.path, p.manifest(), p.arrays, (len(blocks), p.units_per_block), p.stat_columns)
 
-    n = p.num_samples
-    blocks = st.block_ranges(n, cfg.chunk_samples)
-    done = st.committed_blocks(group)
-    todo = [b for b in range(len(blocks)) if not done[b]]
-    already = sum(blocks[b][1] - blocks[b][0] for b in range(len(blocks)) if done[b])
+    done = st.committed_units(group)
+    todo = [(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]]
+    total = p.num_samples * p.units_per_block
+    already = sum(blocks[b][1] - blocks[b][0] for b, v in np.argwhere(done))
+    what = "sample-views" if p.views else "samples"
     if already:
-        log(f"resuming {p.path}: {already}/{n} samples already cached, {n - already} to go")
+        log(f"resuming {p.path}: {already}/{total} {what} already cached, {total - already} to go")
     t0 = time.time()
-    fill_blocks(group, p, blocks, todo, already)
+    fill_units(group, p, blocks, todo, already)
     seconds = time.time() - t0
-    st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": n - already,
-                                       "samples_per_s": round((n - already) / max(seconds, 1e-9), 1)}})
+    st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": total - already,
+                                       "samples_per_s": round((total - already) / max(seconds, 1e-9), 1)}})
     return str(p.path)
 
 
@@ -187,84 +240,125 @@ def _open_existing(path: Path, key: str, cfg: CacheConfig, log):
                        "choose another --out or pass --force to overwrite it")
 
 
-def _load_input(p: Prepared, idx: np.ndarray) -> torch.Tensor:
-    raw = p.source.load_raw(idx, p.transform)
+def _load_input(p: Prepared, idx: np.ndarray, box, flip) -> torch.Tensor:
+    raw = p.input(idx, box, flip)
     return raw.pin_memory() if p.device.type == "cuda" else raw
 
 
-def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: ThreadPoolExecutor | None = None):
-    """Queue the teacher on samples `idx`; return host tensors and a CUDA event that fires when they are filled.
+def teacher_forward(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=None, loader=None):
+    """Yield (batch slice, {target: raw output on the device}) over samples `idx` (one view's box/flip each).
 
-    On a GPU nothing here waits for the device: forwards are queued, outputs stay on the device until one
-    non-blocking copy per array into pinned host memory, and the writer thread waits on the event. So loading the
-    next block's inputs on the CPU overlaps with this block's compute and copies. Hooks must be attached.
+    Input loading (decode, crop, resize, pin) runs in loader threads ahead of the forwards; torch releases the GIL.
+    uint8 crosses to the device (4x fewer bytes than float32); normalisation happens there.
     """
-    cfg, names = p.cfg, [st.feature_array(layer) for layer in p.cfg.layers]
-    out_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    cfg = p.cfg
     cuda = p.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ["logits", *names]}
-    batches = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
-    # Input loading (decode, resize, pin) runs in loader threads ahead of the forwards; torch releases the GIL.
-    inputs = ([loader.submit(_load_input, p, b) for b in batches] if loader is not None else None)
-    for i, b in enumerate(batches):
-        raw = inputs[i].result() if inputs is not None else _load_input(p, b)
-        # uint8 crosses to the device (4x fewer bytes than float32); normalisation happens there.
+    slices = [slice(s, s + cfg.batch_size) for s in range(0, len(idx), cfg.batch_size)]
+    args = [(idx[s], None if box is None else box[s], None if flip is None else flip[s]) for s in slices]
+    inputs = [loader.submit(_load_input, p, *a) for a in args] if loader is not None else None
+    for i, s in enumerate(slices):
+        raw = inputs[i].result() if inputs is not None else _load_input(p, *args[i])
         x = p.transform(raw.to(p.device, non_blocking=True))
         with autocast:
             logits = p.teacher(x)
-        parts["logits"].append(logits.to(out_dtype))
-        for layer, name in zip(cfg.layers, names):
-            parts[name].append(feats[layer].to(out_dtype))
-    out = {k: torch.cat(v) for k, v in parts.items()}
-    if not cuda:
-        return out, None
-    host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in out.items()}
-    for k, v in out.items():
+        yield s, {"logits": logits, **{st.feature_array(layer): feats[layer] for layer in cfg.layers}}
+
+
+def _encode(p: Prepared, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Encode each target with its codec (on the device) and measure the cost: (parts, per-unit stat sums)."""
+    parts, stats = {}, []
+    for t, codec in p.codecs.items():
+        ref = outputs[t].float()
+        enc = codec.encode(t, ref)
+        parts.update(enc)
+        dist = cd.distortion(t, ref, codec.decode(t, enc))
+        stats += [dist[m].double().sum() for m in _metrics(t)]
+        stats.append((~torch.isfinite(ref)).flatten(1).any(1).double().sum())
+    return parts, torch.stack(stats)
+
+
+def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: ThreadPoolExecutor | None = None,
+                          box=None, flip=None):
+    """Queue the teacher on samples `idx`; return host parts, host stats and a CUDA event that fires when filled.
+
+    On a GPU nothing here waits for the device: forwards and encodings are queued, outputs stay on the device
+    until one non-blocking copy per array into pinned host memory, and the writer thread waits on the event. So
+    loading the next unit's inputs on the CPU overlaps with this unit's compute and copies. Hooks must be attached.
+    """
+    chunks: dict[str, list[torch.Tensor]] = {}
+    stats = None
+    for _s, out in teacher_forward(p, idx, feats, box, flip, loader):
+        parts, st_sum = _encode(p, out)
+        for k, v in parts.items():
+            chunks.setdefault(k, []).append(v)
+        stats = st_sum if stats is None else stats + st_sum
+    dev = {k: torch.cat(v) for k, v in chunks.items()}
+    dev[st.STATS] = stats
+    if p.device.type != "cuda":
+        return dev, None
+    host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in dev.items()}
+    for k, v in dev.items():
         host[k].copy_(v, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
     return host, event
 
 
-def teacher_outputs(p: Prepared, idx: np.ndarray, feats: dict) -> dict[str, np.ndarray]:
-    """Synchronous `teacher_outputs_async`: numpy arrays in the store dtype."""
-    host, event = teacher_outputs_async(p, idx, feats)
+def teacher_outputs(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=None) -> dict[str, torch.Tensor]:
+    """Synchronous, for verify and plan: each target's raw output as float32 on the CPU. Hooks must be attached."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for _s, out in teacher_forward(p, idx, feats, box, flip):
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    a = t.numpy()
+    want = np.dtype(dtype)
+    return a.view(want) if a.dtype != want and a.dtype.itemsize == want.itemsize else a.astype(want, copy=False)
+
+
+def _write_when_ready(group, p: Prepared, block: int, view: int, start: int, end: int, out: dict, host: dict,
+                      event) -> None:
+    """Writer-thread side: wait for the unit's copies, check it, write it whole, commit it."""
     if event is not None:
         event.synchronize()
-    return {k: v.numpy() for k, v in host.items()}
+    stats = host.pop(st.STATS).numpy()
+    for col, v in zip(p.stat_columns, stats):
+        if col.endswith(":nonfinite") and v > 0:
+            where = f" (view {view})" if p.views else ""
+            raise KDCacheError(f"teacher produced non-finite {col.split(':')[0]} in samples {start}-{end - 1}"
+                               f"{where}; use --dtype float32 or check the teacher's weights")
+    out.update({k: _to_numpy(v, p.arrays[k]["dtype"]) for k, v in host.items()})
+    st.write_unit(group, block, view, start, out, stats)
 
 
-def _write_when_ready(group, block: int, start: int, out: dict, host: dict, event) -> None:
-    """Writer-thread side: wait for the block's copies, check it, write it whole, commit it."""
-    if event is not None:
-        event.synchronize()
-    out.update({k: v.numpy() for k, v in host.items()})
-    logits = out["logits"]
-    if not np.isfinite(logits).all():
-        end = start + len(logits)
-        raise KDCacheError(f"teacher produced non-finite logits in samples {start}-{end - 1}; "
-                           "use --dtype float32 or check the teacher's weights")
-    st.write_block(group, block, start, out)
-
-
-def fill_blocks(group, p: Prepared, blocks, todo, already):
-    cfg, source, n = p.cfg, p.source, p.num_samples
-    prog, task = _progress(n, already)
+def fill_units(group, p: Prepared, blocks, todo, already):
+    cfg, source = p.cfg, p.source
+    total = p.num_samples * p.units_per_block
+    prog, task = _progress(total, already, "views" if p.views else "samples")
     pending = set()
     writers = cfg.writers or min(8, os.cpu_count() or 2)
     max_pending = max(2, 2 * writers)  # bounded: host memory stays flat however large the dataset
+    native_hw = tuple(source.native_shape[1:])
     t0, computed = time.time(), 0
     with prog, ThreadPoolExecutor(writers) as pool, ThreadPoolExecutor(2) as loader, torch.inference_mode(), \
             capture(p.teacher, cfg.layers) as feats:
-        for b in todo:
+        for b, v in todo:
             start, end = blocks[b]
             idx = np.arange(start, end)
-            out = {"index": idx.astype(np.int64)}
-            if source.labelled:
-                out["labels"] = source.labels(idx).astype(np.int64)
-            host, event = teacher_outputs_async(p, idx, feats, loader)
-            pending.add(pool.submit(_write_when_ready, group, b, start, out, host, event))
+            out, box, flip = {}, None, None
+            if v == 0:  # the sample-level arrays belong to the block's first unit
+                out["index"] = idx.astype(np.int64)
+                if source.labelled:
+                    out["labels"] = source.labels(idx).astype(np.int64)
+            if p.views:
+                box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [v], native_hw))
+                out["aug/box"], out["aug/flip"] = box, flip
+            host, event = teacher_outputs_async(p, idx, feats, loader, box, flip)
+            pending.add(pool.submit(_write_when_ready, group, p, b, v, start, end, out, host, event))
             if len(pending) >= max_pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:

@@ -3,12 +3,14 @@
     run_train_student(StudentConfig(cache=...)) -> summary dict
 
 1. open the store read-only (complete, known format) and rebuild the data source and transform it records;
-2. build the losses from `--loss`, collect the arrays they declare, and refuse a store lacking any of them;
-3. stream (inputs, targets) with `CacheStream` through DataLoader workers and train;
-4. evaluate on the test split each epoch; write config.json, metrics.jsonl, student.pt and summary.json into the run
-   directory and return the summary.
+2. build the losses from `--loss`, collect the targets they declare, and refuse a store lacking any of them;
+3. stream (inputs, stored targets) with `CacheStream` through DataLoader workers; with augmented views, each sample
+   comes as the view the store holds targets for, rebuilt from its stored parameters;
+4. `fit`: decode the targets on the device with their codecs and train; evaluate on the test split each epoch;
+   write config.json, metrics.jsonl, student.pt and summary.json into the run directory; return the summary.
 
-This module never imports the teacher loader: the teacher's outputs come from the store only.
+This module never imports the teacher loader: the teacher's outputs come from the store only. (`fit` is also
+used by online.py, the teacher-in-the-loop reference, with targets computed on the fly.)
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import Transform, data_root, open_source
+from pipeline.augment import AugmentPolicy
+from pipeline.data import Source, Transform, data_root, open_source
 from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import cosine_lr, evaluate, pick_device, sgd
@@ -47,6 +51,8 @@ class StudentConfig:
     rkd_student_layer: str = "embed"
     rkd_distance_weight: float = 25.0
     rkd_angle_weight: float = 50.0
+    augment: str | None = None             # the views' policy this run expects; None: whatever the store holds
+    view_policy: str = "cycle"             # which stored view a sample gets each epoch: cycle or random
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
@@ -71,8 +77,8 @@ def build_losses(cfg: StudentConfig, weights: dict[str, float], student_shapes: 
             for name in weights}
 
 
-def _declared(weights: dict[str, float], cfg: StudentConfig) -> tuple[dict[str, str], list[str]]:
-    """Arrays each loss needs (array -> loss name) and the student layers to hook, from shape-free instances."""
+def declared(weights: dict[str, float], cfg: StudentConfig) -> tuple[dict[str, str], list[str]]:
+    """Targets each loss needs (name -> loss name) and the student layers to hook, from shape-free instances."""
     needs, layers = {"logits": "kd"}, []  # logits are always streamed: small, and stage 2 of FitNets uses KD
     for loss in build_losses(cfg, weights, {}, {}).values():
         needs.update({a: loss.name for a in loss.teacher_arrays()})
@@ -80,18 +86,89 @@ def _declared(weights: dict[str, float], cfg: StudentConfig) -> tuple[dict[str, 
     return needs, layers
 
 
+def check_views(cfg: StudentConfig, store) -> None:
+    """A run that expects augmented views must get exactly the policy the store was made with."""
+    views = store.manifest.get("views")
+    if cfg.augment is None:
+        return
+    wanted = AugmentPolicy.parse(cfg.augment).spec()
+    have = views["augment"]["spec"] if views else "none"
+    if wanted != have:
+        fix = (f"re-run teacher-cache with --views K --augment {wanted}" if wanted != "none"
+               else "drop --augment to read the store's views")
+        raise KDCacheError(f"store {store.path} holds views augmented with '{have}' but this run asks for "
+                           f"'{wanted}'; {fix}")
+
+
+@dataclass
+class Setup:
+    """What the training loop needs, whoever supplies the teacher's targets (a store, or online.py)."""
+
+    student: torch.nn.Module
+    losses: dict
+    student_layers: list[str]
+    stages: list[tuple[int, dict[str, float]]]
+    tf: Transform
+    device: torch.device
+    test: Source | None
+    test_spec: str | None
+    use_labels: bool
+    num_classes: int
+    student_shapes: dict
+
+
+def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
+          teacher_shapes: dict, use_labels: bool) -> Setup:
+    """Build the student, its losses (sized from student and teacher shapes), the schedule and the test split."""
+    if cfg.fitnets_schedule not in ("two-stage", "single"):
+        raise KDCacheError(f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single")
+    device = pick_device(cfg.device)
+    _, student_layers = declared(weights, cfg)
+    student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
+    resolve_modules(student, student_layers)
+    with torch.no_grad(), capture(student, student_layers) as feats:
+        student.eval()(source.load(np.arange(min(2, source.num_samples)), tf))
+        student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+    try:
+        losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
+    except ValueError as e:
+        raise KDCacheError(str(e)) from None
+    # The schedule: FitNets' two-stage mode first trains on the hint alone (stage 1), then the other losses.
+    stages = [(cfg.epochs, dict(weights))]
+    if "fitnets" in weights and cfg.fitnets_schedule == "two-stage":
+        rest = {k: w for k, w in weights.items() if k != "fitnets"} or {"kd": 1.0}
+        if "kd" in rest and "kd" not in losses:
+            losses.update(build_losses(cfg, {"kd": 1.0}, student_shapes, teacher_shapes))
+        hint_epochs = min(cfg.fitnets_hint_epochs, cfg.epochs)  # taken out of --epochs
+        stages = [(hint_epochs, {"fitnets": weights["fitnets"]}), (cfg.epochs - hint_epochs, rest)]
+    cuda = device.type == "cuda"
+    # On a GPU: channels_last (and bf16 autocast in `fit`), as any fast training loop; on the CPU: plain float32.
+    student.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
+    for m in losses.values():
+        m.to(device)
+    test_spec = cfg.test_data or source.test_spec()
+    test = open_source(test_spec) if test_spec else None
+    if test is not None and not test.labelled:
+        raise KDCacheError(f"test data {test_spec} has no labels; pass a labelled --test-data")
+    return Setup(student, losses, student_layers, stages, tf, device, test, test_spec, use_labels, num_classes,
+                 student_shapes)
+
+
+def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
+    return Path(cfg.out) if cfg.out else data_root() / "runs" / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{tag}{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
+
+
 def run_train_student(cfg: StudentConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = pick_device(cfg.device)
     store = open_store(cfg.cache)
     man = store.manifest
     weights = parse_loss_spec(cfg.loss)
-    if cfg.fitnets_schedule not in ("two-stage", "single"):
-        raise KDCacheError(f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single")
+    check_views(cfg, store)
 
     use_labels = store.labelled and not cfg.no_labels
-    needs, student_layers = _declared(weights, cfg)
+    needs, _ = declared(weights, cfg)
     if not use_labels and "labels" in needs:
         why = "--no-labels hides them" if store.labelled else "the cached data has none"
         raise KDCacheError(f"loss '{needs['labels']}' needs labels but {why}; "
@@ -104,72 +181,60 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
                            f"(fingerprint {source.fingerprint()} vs {man['data']['fingerprint']}); "
                            "re-run teacher-cache on this data")
     tf = Transform.from_dict(man["transform"])
-    num_classes = store.shape("logits")[1]
-    student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
-    resolve_modules(student, student_layers)
-    with torch.no_grad(), capture(student, student_layers) as feats:
-        student.eval()(source.load(np.arange(2), tf))
-        student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
-    teacher_shapes = {k: tuple(v["shape"][1:]) for k, v in store.arrays.items()}
-    try:
-        losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
-    except ValueError as e:
-        raise KDCacheError(str(e)) from None
-    cuda = device.type == "cuda"
-    # On a GPU: bf16 autocast and channels_last, as any fast training loop; on the CPU: plain float32.
-    student.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    for m in losses.values():
-        m.to(device)
-    test_spec = cfg.test_data or source.test_spec()
-    test = open_source(test_spec) if test_spec else None
-    if test is not None and not test.labelled:
-        raise KDCacheError(f"test data {test_spec} has no labels; pass a labelled --test-data")
+    teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
+    s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels)
 
-    run_dir = Path(cfg.out) if cfg.out else data_root() / "runs" / (
-        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
+    run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(device),
+    resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
                 "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
-                          "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")}},
-                "test_data": test_spec, "student_shapes": student_shapes, "versions": versions()}
+                          "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},
+                          "views": man.get("views"), "targets": store.targets},
+                "test_data": s.test_spec, "student_shapes": s.student_shapes, "versions": versions()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
-    stream = CacheStream(store, source, sorted(set(needs) - {"labels"}), cfg.batch_size, use_labels=use_labels,
-                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+    targets = sorted(t for t in needs if t != "labels")
+    stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
+                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=s.device.type == "cuda",
                         persistent_workers=cfg.workers > 0, worker_init_fn=worker_init)
+    codecs = {t: store.codec(t) for t in targets}
 
-    # The schedule: FitNets' two-stage mode first trains on the hint alone (stage 1), then the other losses.
-    stages = [(cfg.epochs, {k: w for k, w in weights.items()})]
-    if "fitnets" in weights and cfg.fitnets_schedule == "two-stage":
-        rest = {k: w for k, w in weights.items() if k != "fitnets"} or {"kd": 1.0}
-        if "kd" in rest and "kd" not in losses:
-            losses.update(build_losses(cfg, {"kd": 1.0}, student_shapes, teacher_shapes))
-        hint_epochs = min(cfg.fitnets_hint_epochs, cfg.epochs)  # taken out of --epochs
-        stages = [(hint_epochs, {"fitnets": weights["fitnets"]}), (cfg.epochs - hint_epochs, rest)]
+    def decode(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
+                for t, c in codecs.items()}
 
+    return fit(cfg, s, loader, stream.set_epoch, len(stream), decode, run_dir, log,
+               extra={"cache": store.path})
+
+
+def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None], steps_per_epoch: int,
+        targets: Callable[[dict, torch.device], dict[str, torch.Tensor]], run_dir: Path, log, extra: dict) -> dict:
+    """The training loop: batches of uint8 inputs (+ labels), teacher targets from `targets(batch, device)`."""
+    student, losses, tf, device = s.student, s.losses, s.tf, s.device
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
     t_start, epoch, test_acc, history = time.time(), 0, None, []
-    for stage, (n_epochs, active) in enumerate(stages):
+    for stage, (n_epochs, active) in enumerate(s.stages):
         if n_epochs <= 0:
             continue
         params = list(student.parameters()) + [p for k in active for p in losses[k].parameters()]
         opt = sgd(params, cfg.lr, cfg.weight_decay)  # params the stage's losses do not reach get no grad: untouched
-        total = n_epochs * len(stream)
+        total = n_epochs * steps_per_epoch
         step = 0
         for _ in range(n_epochs):
-            stream.set_epoch(epoch)
+            set_epoch(epoch)
             sums, seen, correct, t0 = {}, 0, 0, time.time()
             for batch in loader:
                 cosine_lr(opt, cfg.lr, step, total)
                 x = tf(batch["x"].to(device, non_blocking=True))
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                labels = batch["labels"].to(device, non_blocking=True) if use_labels else None
-                teacher = {k: batch[k].to(device, non_blocking=True).float() for k in needs if k != "labels"}
-                with capture(student, student_layers) as sfeats, autocast:
+                labels = batch["labels"].to(device, non_blocking=True) if s.use_labels else None
+                teacher = targets(batch, device)
+                with capture(student, s.student_layers) as sfeats, autocast:
                     logits = student(x)
                 # Losses in float32 (soft targets at high T and RKD's normalisations are precision-sensitive).
                 b = Batch(student_logits=logits.float(), student_feats={k: v.float() for k, v in sfeats.items()},
@@ -189,11 +254,11 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
                 if labels is not None:
                     correct += (logits.argmax(1) == labels).sum().item()
             dt = time.time() - t0
-            test_acc = evaluate(student, test, tf, device) if test is not None else None
-            row = {"epoch": epoch + 1, "stage": stage + 1 if len(stages) > 1 else 1,
+            test_acc = evaluate(student, s.test, tf, device) if s.test is not None else None
+            row = {"epoch": epoch + 1, "stage": stage + 1 if len(s.stages) > 1 else 1,
                    "losses": {k: v / seen for k, v in sums.items()},
                    "loss": sum(sums.values()) / seen,
-                   "train_acc": correct / seen if use_labels else None,
+                   "train_acc": correct / seen if s.use_labels else None,
                    "test_acc": test_acc, "samples_per_s": seen / dt, "seconds": dt}
             history.append(row)
             with metrics_path.open("a") as f:
@@ -203,12 +268,12 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
             epoch += 1
 
     torch.save({"state_dict": student.cpu().state_dict(), "meta": {
-        "arch": cfg.student, "num_classes": num_classes, "in_channels": tf.channels, "transform": tf.to_dict()}},
+        "arch": cfg.student, "num_classes": s.num_classes, "in_channels": tf.channels, "transform": tf.to_dict()}},
         run_dir / "student.pt")
     summary = {"run_dir": str(run_dir), "test_acc": test_acc, "epochs": epoch, "loss": cfg.loss,
                "seconds": time.time() - t_start,
                "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
-               "cache": store.path, "seed": cfg.seed}
+               "seed": cfg.seed, **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if test_acc is not None:
         log(f"student test accuracy {test_acc:.4f}  (run: {run_dir})")

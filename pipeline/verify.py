@@ -1,12 +1,14 @@
 """`kdcache verify` and `kdcache repair`: is a store whole and right, and fix only what is not.
 
-verify reads every chunk of every array (one chunk = one block of rows), so crc32c mismatches, undecodable chunks,
-missing chunks (floats read as the NaN fill value, integers as -1) and uncommitted blocks are each reported with the
-sample range they cover. `--recompute N` re-runs the teacher on N random samples rebuilt exactly as train-student
-rebuilds them and reports the largest difference from what is stored.
+verify reads every chunk of every array (one chunk = one block of rows, in one view for arrays with a view axis),
+so crc32c mismatches, undecodable chunks, missing chunks (each array's fill value: NaN for floats, -1 or the
+dtype's minimum for integers) and uncommitted units are each reported with the sample range they cover.
+`--recompute N` re-runs the teacher on N random (sample, view) pairs, each input rebuilt exactly as train-student
+rebuilds it (from the stored view parameters), and reports the largest difference from what is stored, per target,
+against the target codec's tolerance.
 
-repair clears the commit marker of every bad block and runs teacher-cache on the same key, which recomputes only
-the blocks that are not committed.
+repair clears the commit marker of every bad unit and runs teacher-cache on the same key, which recomputes only
+the units that are not committed.
 """
 
 from __future__ import annotations
@@ -16,11 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import store as st
+from pipeline.codecs import TOLERANCE, fill_value
 from pipeline.errors import KDCacheError
-
-# Largest |stored - recomputed| allowed, relative to max(1, |value|): fp16 rounding is 2^-11 relative; the margin
-# covers a cache made on GPU (autocast) checked on CPU.
-TOLERANCE = {"float16": 1e-2, "float32": 1e-4}
 
 
 @dataclass
@@ -30,9 +29,14 @@ class Problem:
     start: int
     end: int
     what: str
+    view: int | None = None
 
     def line(self) -> str:
-        return f"{self.array} chunk {self.block} (samples {self.start}-{self.end - 1}): {self.what}"
+        where = f"chunk {self.block}" if self.view is None else f"chunk {self.block} view {self.view}"
+        return f"{self.array} {where} (samples {self.start}-{self.end - 1}): {self.what}"
+
+    def unit(self) -> tuple[int, int | None]:
+        return self.block, self.view
 
 
 @dataclass
@@ -47,8 +51,9 @@ class Report:
         rec_ok = self.recompute is None or self.recompute["ok"]
         return not self.problems and self.complete and rec_ok
 
-    def bad_blocks(self) -> list[int]:
-        return sorted({p.block for p in self.problems})
+    def bad_units(self) -> list[tuple[int, int | None]]:
+        """(block, view) pairs to recompute; view None = every view of the block (a sample-level array is bad)."""
+        return sorted({p.unit() for p in self.problems}, key=lambda u: (u[0], -1 if u[1] is None else u[1]))
 
     def to_dict(self) -> dict:
         return {"path": self.path, "ok": self.ok, "complete": self.complete,
@@ -56,6 +61,7 @@ class Report:
 
 
 def _check_chunk(values: np.ndarray) -> str | None:
+    fill = fill_value(values.dtype)
     if values.dtype.kind == "f":
         nan = np.isnan(values)
         if nan.all():
@@ -64,8 +70,10 @@ def _check_chunk(values: np.ndarray) -> str | None:
             return f"{int(nan.sum())} NaN values"
         if np.isinf(values).any():
             return "infinite values"
-    elif values.dtype.kind == "i" and (values == -1).any():
-        return "missing (never written)" if (values == -1).all() else "missing rows"
+    else:
+        hit = values == fill
+        if hit.any():
+            return "missing (never written)" if hit.all() else "missing rows"
     return None
 
 
@@ -74,29 +82,33 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
     group = cache.open_group()
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
     blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
-    committed = st.committed_blocks(group)
-    for b, (start, end) in enumerate(blocks):
-        if not committed[b]:
-            report.problems.append(Problem(st.COMMIT, b, start, end, "not committed (writer stopped before it)"))
-    for name in cache.arrays:
+    committed = st.committed_units(group)
+    for b, v in np.argwhere(~committed):
+        start, end = blocks[b]
+        report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
+                                       int(v) if cache.views else None))
+    for name, spec in cache.arrays.items():
         arr = group[name]
         for b, (start, end) in enumerate(blocks):
-            try:
-                what = _check_chunk(np.asarray(arr[start:end]))
-            except Exception as e:  # crc32c mismatch, truncated or undecodable chunk
-                what = ("crc32c checksum mismatch" if "checksum" in str(e).lower()
-                        else f"unreadable ({type(e).__name__})")
-            if what is None and name == "index" and not np.array_equal(arr[start:end], np.arange(start, end)):
-                what = "index does not match its rows"
-            if what:
-                report.problems.append(Problem(name, b, start, end, what))
+            for v in range(cache.views) if spec["view_axis"] else [None]:
+                sel = (slice(start, end), v) if v is not None else slice(start, end)
+                try:
+                    values = np.asarray(arr[sel])
+                    what = _check_chunk(values)
+                except Exception as e:  # crc32c mismatch, truncated or undecodable chunk
+                    values, what = None, ("crc32c checksum mismatch" if "checksum" in str(e).lower()
+                                          else f"unreadable ({type(e).__name__})")
+                if what is None and name == "index" and not np.array_equal(values, np.arange(start, end)):
+                    what = "index does not match its rows"
+                if what:
+                    report.problems.append(Problem(name, b, start, end, what, v))
     if recompute:
         report.recompute = recompute_check(cache, recompute, seed)
     return report
 
 
 def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
-    """Re-run the teacher on n random stored samples; compare with what the store holds."""
+    """Re-run the teacher on n random stored (sample, view) pairs; compare with what the store holds."""
     import torch
 
     from pipeline.models import capture
@@ -111,20 +123,37 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
     if p.identity["data"] != man["data"]["fingerprint"]:
         raise KDCacheError(f"data {cfg.data} changed since {cache.path} was made; re-run teacher-cache")
     group = cache.open_group()
-    rows = np.sort(np.random.default_rng(seed).choice(cache.num_samples, min(n, cache.num_samples), replace=False))
-    index = np.asarray(group["index"].oindex[rows])
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(cache.num_samples, min(n, cache.num_samples), replace=False))
+    views = rng.integers(0, cache.views, len(rows)) if cache.views else None
+
+    def stored(name: str) -> np.ndarray:
+        if views is None:
+            return np.asarray(group[name].oindex[rows])
+        values = np.asarray(group[name].oindex[rows])   # every view of the chosen rows, then one view per row
+        return values[np.arange(len(rows)), views]
+
+    index = stored("index") if views is None else np.asarray(group["index"].oindex[rows])
+    box, flip = (stored("aug/box"), stored("aug/flip")) if views is not None else (None, None)
     with torch.inference_mode(), capture(p.teacher, cfg.layers) as feats:
-        fresh = teacher_outputs(p, index, feats)
-    tol = TOLERANCE[man["dtype"]]
+        fresh = teacher_outputs(p, index, feats, box, flip)
+    # A GPU-made cache (autocast) checked here on the CPU differs by more than fp32 rounding.
+    gpu_made = str(man.get("device", "cpu")).startswith("cuda")
     diffs = {}
-    for name, ref in fresh.items():
-        stored = np.asarray(group[name].oindex[rows]).astype(np.float32)
-        ref = ref.astype(np.float32)
-        err = np.abs(stored - ref) / np.maximum(1.0, np.abs(ref))
-        diffs[name] = {"max_abs": float(np.nanmax(np.abs(stored - ref))) if stored.size else 0.0,
-                       "max_rel": float(np.nanmax(err)) if err.size else 0.0,
-                       "ok": bool(np.isfinite(stored).all() and (err <= tol).all())}
-    return {"samples": len(rows), "tolerance": tol, "arrays": diffs, "ok": all(d["ok"] for d in diffs.values())}
+    for target, t in cache.targets.items():
+        codec = cache.codec(target)
+        tol = max(TOLERANCE[t["codec"]["name"]], 1e-2 if gpu_made else 0.0)
+        parts = {part: torch.from_numpy(stored(part)) for part in t["parts"]}
+        decoded = codec.decode(target, parts).float()
+        ref = fresh[target].float()
+        err = codec.error(decoded, ref)
+        finite = bool(torch.isfinite(decoded).all())
+        diffs[target] = {"max_abs": float((decoded - ref).abs().max()) if ref.numel() else 0.0,
+                         "max_rel": float(err.max()) if err.numel() else 0.0, "tolerance": tol,
+                         "ok": finite and bool((err <= tol).all())}
+    return {"samples": len(rows), "views": sorted(set(views.tolist())) if views is not None else None,
+            "tolerance": max(d["tolerance"] for d in diffs.values()), "arrays": diffs,
+            "ok": all(d["ok"] for d in diffs.values())}
 
 
 def repair_store(path: str, log=print) -> Report:
@@ -134,16 +163,21 @@ def repair_store(path: str, log=print) -> Report:
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
     report = verify_store(path)
-    bad = report.bad_blocks()
+    bad = report.bad_units()
     if not bad and report.complete:
         log(f"{path}: nothing to repair")
         return report
     cache = st.open_store(path, require_complete=False)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    for b in bad:
-        group[st.COMMIT][b] = 0  # un-commit: teacher-cache recomputes exactly these blocks
+    for b, v in bad:
+        # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)
+        if v is None:
+            group[st.COMMIT][b, :] = 0
+        else:
+            group[st.COMMIT][b, v] = 0
     manifest = dict(group.attrs[st.MANIFEST_KEY])
     group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)
-    log(f"{path}: recomputing {len(bad)} bad chunk(s): {', '.join(map(str, bad)) or 'none (completing)'}")
+    names = [str(b) if v is None or not cache.views else f"{b}/view {v}" for b, v in bad]
+    log(f"{path}: recomputing {len(bad)} bad chunk(s): {', '.join(names) or 'none (completing)'}")
     run_teacher_cache(CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False})), log=log)
     return verify_store(path)

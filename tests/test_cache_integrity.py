@@ -49,7 +49,7 @@ def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, m
         raise AssertionError("a cache hit must not run the teacher")
 
     with monkeypatch.context() as m:
-        m.setattr(tc, "fill_blocks", no_forward)
+        m.setattr(tc, "fill_units", no_forward)
         logs = []
         assert run_teacher_cache(cfg(teacher_file), log=logs.append) == first
     assert any("cache hit" in m for m in logs)
@@ -191,19 +191,19 @@ def test_two_concurrent_readers(root, teacher_file):
 
 
 def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkeypatch):
-    real = st.write_block
+    real = st.write_unit
     calls = {"n": 0}
 
-    def filling_disk(group, block, start, arrays):
+    def filling_disk(group, block, view, start, arrays, stats=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(group, block, start, arrays)
+        return real(group, block, view, start, arrays, stats)
 
     args = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
             "--chunk-samples", "64", "--writers", "1", "--out", "full.zarr"]
     with monkeypatch.context() as m:
-        m.setattr(st, "write_block", filling_disk)
+        m.setattr(st, "write_unit", filling_disk)
         res = runner.invoke(app, args)
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()

@@ -50,11 +50,14 @@ def test_store_round_trip_equals_teacher_outputs(root, teacher_file, dtype, tol)
     np.testing.assert_array_equal(g["index"][:], np.arange(192))
     np.testing.assert_array_equal(g["labels"][:], src.labels(np.arange(192)))
     # Manifest: what produced the store.
-    assert man["complete"] is True and man["format_version"] == 1
+    assert man["complete"] is True and man["format_version"] == 2
     assert len(man["teacher"]["fingerprint"]) == 16 and man["teacher"]["spec"] == "default-teacher"
     assert man["data"]["spec"] == SYN and man["data"]["num_samples"] == 192 and man["data"]["fingerprint"]
     assert man["transform"]["size"] == [16, 16] and man["layers"] == ["layer2", "layer3", "avgpool"]
     assert man["dtype"] == dtype and man["codecs"] == {"compressor": "zstd", "level": 1, "checksum": "crc32c"}
+    assert man["targets"]["logits"] == {"shape": [4], "codec": {"name": dtype}, "parts": ["logits"]}
+    assert man["views"] is None and set(man["distortion"]) == {"logits", *[f"features/{k}" for k in
+                                                                            ("layer2", "layer3", "avgpool")]}
     assert {"torch", "zarr", "numcodecs", "kdcache", "python"} <= set(man["versions"])
     assert man["created"] and man["completed"] and man["stats"]["samples_computed"] == 192
     # Chunked along samples, compressed and checksummed.

@@ -10,18 +10,35 @@ import zarr
 
 from pipeline import store as st
 
-N, ROWS = 200, 64  # 4 blocks, the last one partial (an edge chunk)
+N, ROWS, K = 200, 64, 3  # 4 blocks, the last one partial (an edge chunk); 3 views
 
 
 def _make(path: Path):
     rng = np.random.default_rng(0)
-    specs = {"index": ((N,), "int64"), "logits": ((N, 7), "float16"), "features/x": ((N, 3, 5, 5), "float16")}
+    specs = {"index": st.array_spec((N,), "int64", ROWS, False),
+             "logits": st.array_spec((N, 7), "float16", ROWS, False),
+             "features/x": st.array_spec((N, 3, 5, 5), "int8", ROWS, False),
+             "features/v": st.array_spec((N, K, 2, 3), "float32", ROWS, True)}   # a view axis
     values = {"index": np.arange(N, dtype=np.int64),
               "logits": rng.standard_normal((N, 7)).astype(np.float16),
-              "features/x": rng.standard_normal((N, 3, 5, 5)).astype(np.float16)}
+              "features/x": rng.integers(-127, 128, (N, 3, 5, 5)).astype(np.int8),
+              "features/v": rng.standard_normal((N, K, 2, 3)).astype(np.float32)}
     manifest = {"chunk_samples": ROWS, "codecs": st.codecs_config(1), "data": {"num_samples": N}}
-    group = st.create_store(path, manifest, specs, ROWS)
+    group = st.create_store(path, manifest, specs, (len(st.block_ranges(N, ROWS)), K), [])
     return group, values
+
+
+def _unit(values, b, v):
+    """Unit (b, v): one view of the view arrays; view 0 also owns the sample-level arrays."""
+    s, e = st.block_ranges(N, ROWS)[b]
+    out = {"features/v": values["features/v"][s:e, v]}
+    if v == 0:
+        out.update({k: values[k][s:e] for k in ("index", "logits", "features/x")})
+    return s, out
+
+
+def _units():
+    return [(b, v) for b in range(len(st.block_ranges(N, ROWS))) for v in range(K)]
 
 
 def _chunk_files(path: Path) -> dict[str, bytes]:
@@ -32,12 +49,13 @@ def _chunk_files(path: Path) -> dict[str, bytes]:
 def test_direct_chunks_equal_zarr_written_chunks(tmp_path):
     ours, values = _make(tmp_path / "ours.zarr")
     theirs, _ = _make(tmp_path / "theirs.zarr")
-    for b, (s, e) in enumerate(st.block_ranges(N, ROWS)):
-        st.write_block(ours, b, s, {k: v[s:e] for k, v in values.items()})
-        for k, v in values.items():   # zarr's own write path
-            theirs[k][s:e] = v[s:e]
+    for b, v in _units():
+        s, arrays = _unit(values, b, v)
+        st.write_unit(ours, b, v, s, arrays)
+        for k, a in arrays.items():   # zarr's own write path
+            theirs[k][(slice(s, s + len(a)), v) if k == "features/v" else slice(s, s + len(a))] = a
     a, b = _chunk_files(tmp_path / "ours.zarr"), _chunk_files(tmp_path / "theirs.zarr")
-    assert a.keys() == b.keys() and len(a) == 12
+    assert a.keys() == b.keys() and len(a) == 4 * 3 + 4 * K
     for name in a:
         assert a[name] == b[name], name  # byte for byte, edge chunk padding included
     g = zarr.open_group(str(tmp_path / "ours.zarr"), mode="r")
@@ -48,13 +66,13 @@ def test_direct_chunks_equal_zarr_written_chunks(tmp_path):
 def test_parallel_write_equals_serial_write(tmp_path):
     serial, values = _make(tmp_path / "serial.zarr")
     parallel, _ = _make(tmp_path / "parallel.zarr")
-    blocks = st.block_ranges(N, ROWS)
-    for b, (s, e) in enumerate(blocks):
-        st.write_block(serial, b, s, {k: v[s:e] for k, v in values.items()})
+    for b, v in _units():
+        st.write_unit(serial, b, v, *_unit(values, b, v))
     with ThreadPoolExecutor(4) as pool:  # reversed order, four threads at once
-        list(pool.map(lambda b: st.write_block(parallel, b, blocks[b][0],
-                                               {k: v[blocks[b][0]:blocks[b][1]] for k, v in values.items()}),
-                      reversed(range(len(blocks)))))
+        list(pool.map(lambda u: st.write_unit(parallel, u[0], u[1], *_unit(values, *u)), reversed(_units())))
     assert _chunk_files(tmp_path / "serial.zarr") == _chunk_files(tmp_path / "parallel.zarr")
-    assert st.committed_blocks(parallel).all()
+    assert st.committed_units(parallel).all()
+    g = zarr.open_group(str(tmp_path / "parallel.zarr"), mode="r")
+    for k, v in values.items():
+        np.testing.assert_array_equal(g[k][:], v)
     assert not list((tmp_path / "parallel.zarr").rglob("*.tmp"))  # no temporary file left behind

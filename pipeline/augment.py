@@ -1,0 +1,229 @@
+"""Augmented views for consistent teaching: a declarative policy, parameters per (seed, sample, view), exact replay.
+
+Beyer et al. (2022): the teacher and the student must see the same view. teacher-cache draws K views per sample,
+stores each view's parameters explicitly (`aug/box`, `aug/flip`) next to the teacher's outputs for that view, and
+train-student rebuilds exactly that input from the stored parameters.
+
+Policy spec (comma-separated; canonical form recorded in the manifest and part of the cache key):
+
+    crop=LO-HI     random-resized crop: box area a fraction in [LO, HI] of the image (torchvision's sampler:
+                   10 tries, then a centre crop), aspect ratio in `ratio`
+    ratio=LO-HI    aspect-ratio range of the crop (default 0.75-1.3333)
+    translate=P    shift the box by up to P native pixels each way (outside the image reads as 0)
+    flip           horizontal flip with probability 1/2
+    plain0         view 0 is the un-augmented input
+    none           no augmentation (a fixed cache)
+
+Parameters: `box` = (top, left, height, width) in native pixels (int32) and `flip` in {0, 1}. They come from
+splitmix64 of (seed, sample index, view, draw): no RNG state, so they depend on nothing else: not on rank, worker
+count, batch size, chunk order or start epoch. Replay is `apply_views`: a pure shift (box size = output size) is an
+exact integer gather; any other box is cropped and resized by torchvision's roi_align (bilinear, several samples
+per output pixel when shrinking). Each output pixel depends only on its own image and box, so a view is bitwise
+the same on the CPU whatever batch, worker or run it is rebuilt in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import KDCacheError
+
+_M = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Counter-based hash: the same input always gives the same 64 bits, in any order, on any worker or rank."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def hash_uniform(*keys) -> np.ndarray:
+    """Uniform floats in [0, 1) from a tuple of broadcastable integer keys (chained splitmix64)."""
+    h = np.zeros((), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in keys:
+            h = splitmix64(h ^ (np.asarray(k).astype(np.int64).astype(np.uint64) & _M))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    crop: tuple[float, float] | None = None
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+    translate: int = 0
+    flip: bool = False
+    plain0: bool = False
+
+    @property
+    def identity(self) -> bool:
+        return self.crop is None and self.translate == 0 and not self.flip
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "AugmentPolicy":
+        if spec is None or spec.strip() in ("", "none"):
+            return cls()
+        kw: dict = {}
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            key, _, val = part.partition("=")
+            try:
+                if key in ("crop", "ratio"):
+                    lo, hi = (float(v) for v in val.split("-"))
+                    if not (0 < lo <= hi) or (key == "crop" and hi > 1):
+                        raise ValueError
+                    kw[key] = (lo, hi)
+                elif key == "translate":
+                    kw[key] = int(val)
+                    if kw[key] < 0:
+                        raise ValueError
+                elif key in ("flip", "plain0") and not val:
+                    kw[key] = True
+                else:
+                    raise KeyError(key)
+            except (ValueError, KeyError):
+                raise KDCacheError(f"bad augmentation '{part}' in '{spec}'; use comma-separated crop=LO-HI, "
+                                   "ratio=LO-HI, translate=PIXELS, flip, plain0 (e.g. crop=0.5-1,flip) or none"
+                                   ) from None
+        return cls(**kw)
+
+    def spec(self) -> str:
+        """Canonical spec string: equal policies give equal strings (part of the cache key)."""
+        if self.identity:
+            return "none"
+        parts = []
+        if self.crop:
+            parts += [f"crop={self.crop[0]:g}-{self.crop[1]:g}", f"ratio={self.ratio[0]:g}-{self.ratio[1]:g}"]
+        if self.translate:
+            parts.append(f"translate={self.translate}")
+        if self.flip:
+            parts.append("flip")
+        if self.plain0:
+            parts.append("plain0")
+        return ",".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"spec": self.spec()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentPolicy":
+        return cls(crop=tuple(d["crop"]) if d.get("crop") else None, ratio=tuple(d["ratio"]),
+                   translate=int(d["translate"]), flip=bool(d["flip"]), plain0=bool(d["plain0"]))
+
+
+CROP_TRIES = 10
+
+
+def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np.ndarray | int,
+                  native_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (n, V, 4) int32 and flips (n, V) uint8 for samples `index` and view numbers `views` (or range(V)).
+
+    Vectorised, and a pure function of (policy, seed, index, view): the same pair gives the same view anywhere.
+    """
+    H, W = native_hw
+    idx = np.asarray(index, dtype=np.int64)[:, None]
+    v = np.arange(views) if np.isscalar(views) else np.asarray(views, dtype=np.int64)
+    v = v[None, :] if v.ndim == 1 else v
+    n, nv = idx.shape[0], v.shape[1]
+    top = np.zeros((n, nv), np.int64)
+    left = np.zeros((n, nv), np.int64)
+    h = np.full((n, nv), H, np.int64)
+    w = np.full((n, nv), W, np.int64)
+    if policy.crop:
+        t = np.arange(CROP_TRIES)[None, None, :]
+        u = [hash_uniform(seed, idx[..., None], v[..., None], t, d) for d in range(4)]
+        area = H * W * (policy.crop[0] + u[0] * (policy.crop[1] - policy.crop[0]))
+        logr = np.log(policy.ratio[0]) + u[1] * (np.log(policy.ratio[1]) - np.log(policy.ratio[0]))
+        aspect = np.exp(logr)
+        cw = np.round(np.sqrt(area * aspect)).astype(np.int64)
+        ch = np.round(np.sqrt(area / aspect)).astype(np.int64)
+        ok = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
+        first = np.argmax(ok, axis=-1)[..., None]
+        found = ok.any(-1)
+        ch_, cw_ = np.take_along_axis(ch, first, -1)[..., 0], np.take_along_axis(cw, first, -1)[..., 0]
+        ut, ul = np.take_along_axis(u[2], first, -1)[..., 0], np.take_along_axis(u[3], first, -1)[..., 0]
+        ct = np.floor(ut * (H - ch_ + 1)).astype(np.int64)
+        cl = np.floor(ul * (W - cw_ + 1)).astype(np.int64)
+        # torchvision's fallback: a centre crop with the aspect ratio clamped to the range.
+        in_ratio = W / H
+        if in_ratio < policy.ratio[0]:
+            fw, fh = W, int(round(W / policy.ratio[0]))
+        elif in_ratio > policy.ratio[1]:
+            fh, fw = H, int(round(H * policy.ratio[1]))
+        else:
+            fw, fh = W, H
+        h, w = np.where(found, ch_, fh), np.where(found, cw_, fw)
+        top, left = np.where(found, ct, (H - fh) // 2), np.where(found, cl, (W - fw) // 2)
+    if policy.translate:
+        P = policy.translate
+        top = top + np.floor(hash_uniform(seed, idx, v, 101) * (2 * P + 1)).astype(np.int64) - P
+        left = left + np.floor(hash_uniform(seed, idx, v, 102) * (2 * P + 1)).astype(np.int64) - P
+    flip = (hash_uniform(seed, idx, v, 103) < 0.5) if policy.flip else np.zeros((n, nv), bool)
+    if policy.plain0:
+        plain = np.broadcast_to(v == 0, (n, nv))
+        top, left = np.where(plain, 0, top), np.where(plain, 0, left)
+        h, w = np.where(plain, H, h), np.where(plain, W, w)
+        flip = np.where(plain, False, flip)
+    box = np.stack([top, left, h, w], axis=-1).astype(np.int32)
+    return box, flip.astype(np.uint8)
+
+
+def apply_views(images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_hw: list[int] | tuple[int, int]
+                ) -> torch.Tensor:
+    """Rebuild views: uint8 (n, C, H, W) native images, boxes (n, 4), flips (n,) -> uint8 (n, C, h, w).
+
+    Each output depends only on its own image and parameters, so it is the same in any batch, worker or run.
+    """
+    n, c, H, W = images.shape
+    oh, ow = int(out_hw[0]), int(out_hw[1])
+    box = torch.from_numpy(np.asarray(box, dtype=np.int64).reshape(n, 4))
+    flip_t = torch.from_numpy(np.asarray(flip).reshape(n).astype(bool))
+    shift = (box[:, 2] == oh) & (box[:, 3] == ow)
+    out = torch.empty((n, c, oh, ow), dtype=torch.uint8)
+    if shift.any():  # exact: an integer gather, zeros outside the image
+        s = shift.nonzero()[:, 0]
+        rows = box[s, 0, None] + torch.arange(oh)
+        cols = box[s, 1, None] + torch.arange(ow)
+        rv, cv = (rows >= 0) & (rows < H), (cols >= 0) & (cols < W)
+        g = images[s[:, None, None, None], torch.arange(c)[None, :, None, None],
+                   rows.clamp(0, H - 1)[:, None, :, None], cols.clamp(0, W - 1)[:, None, None, :]]
+        out[s] = g * (rv[:, None, :, None] & cv[:, None, None, :]).to(torch.uint8)
+    rest = (~shift).nonzero()[:, 0]
+    if len(rest):  # crop + resize: torchvision's roi_align (aligned=True, adaptive sampling: several samples per
+        # output pixel when shrinking, so area-like averaging, no aliasing). The image gets a one-pixel ring of
+        # zeros: roi_align reads 0 beyond it and clamps onto it just outside, so a box reaching outside the image
+        # reads zeros, as the shift path does. The ring is fixed, not sized to the batch: each box's coordinates,
+        # hence its float arithmetic, are the same in any batch.
+        from torchvision.ops import roi_align
+
+        b, m = box[rest], 1
+        padded = F.pad(images[rest].float(), (m, m, m, m))
+        rois = torch.stack([torch.arange(len(rest)), b[:, 1] + m, b[:, 0] + m, b[:, 1] + b[:, 3] + m,
+                            b[:, 0] + b[:, 2] + m], 1).float()
+        r = roi_align(padded, rois, (oh, ow), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out[rest] = r.round_().clamp_(0, 255).to(torch.uint8)
+    if flip_t.any():
+        out[flip_t] = out[flip_t].flip(-1)
+    return out
+
+
+def select_view(policy: str, seed: int, epoch: int, block: int, views: int) -> int:
+    """The view a student reads for the samples of `block` in `epoch`.
+
+    `cycle`: every sample sees each of its K views once per K epochs, starting at a per-block offset;
+    `random`: a fresh uniform pick each epoch. The pick's number is shared by the samples of one chunk (their
+    parameters are independent draws, so this is a per-sample pick in distribution) so that a block reads exactly
+    one chunk per array instead of all K.
+    """
+    if policy == "cycle":
+        offset = int(math.floor(float(hash_uniform(seed, block, 7)) * views))
+        return (epoch + offset) % views
+    if policy == "random":
+        return int(math.floor(float(hash_uniform(seed, epoch, block, 11)) * views))
+    raise KDCacheError(f"unknown --view-policy '{policy}'; use cycle or random")
