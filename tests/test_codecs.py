@@ -1,0 +1,159 @@
+"""Codecs: each checked against an independent numpy computation, then end to end through a store."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.codecs import BFloat16Codec, Int8Codec, TopKCodec, choose, distortion
+from pipeline.errors import KDCacheError
+from pipeline.losses.kd import kd_soft
+from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+from pipeline.train_student import StudentConfig, run_train_student
+from tests.conftest import SYN, SYN_TEST
+
+runner = CliRunner()
+
+
+def test_int8_matches_hand_quantisation_and_never_wraps():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 4, 4)).astype(np.float32) * np.array([1, 100, 1e-3], np.float32)[None, :, None,
+                                                                                                   None]
+    x[0, 1, 0, 0] = 1e4       # an outlier sets its channel's scale; it maps to +127 exactly
+    x[2, 2] = 0.0             # an all-zero channel
+    parts = Int8Codec().encode("f", torch.from_numpy(x))
+    q, scale = parts["f"].numpy(), parts["f.scale"].numpy()
+    assert q.dtype == np.int8 and scale.shape == (5, 3)
+    for i in range(5):
+        for c in range(3):
+            amax = np.abs(x[i, c]).max()
+            s = amax / 127 if amax > 0 else 1.0
+            assert math.isclose(scale[i, c], s, rel_tol=1e-6)
+            np.testing.assert_array_equal(q[i, c], np.clip(np.round(x[i, c] / np.float32(s)), -127, 127))
+    assert q[0, 1, 0, 0] == 127 and q.min() >= -127   # -128 is never produced: it marks unwritten chunks
+    dec = Int8Codec().decode("f", {k: torch.from_numpy(v) for k, v in {"f": q, "f.scale": scale}.items()}).numpy()
+    assert (np.abs(dec - x) <= scale[:, :, None, None] / 2 + 1e-6 * np.abs(x)).all()
+    # A vector has one scale per sample.
+    v = Int8Codec().encode("v", torch.tensor([[1.0, -2.0, 0.5]]))
+    assert v["v.scale"].shape == (1, 1) and v["v"].tolist() == [[64, -127, 32]]
+
+
+def test_topk_keeps_top_logits_and_restores_tail_mass_exactly():
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((6, 20)) * 3
+    codec = TopKCodec(4, "float32", classes=20)
+    parts = codec.encode("logits", torch.from_numpy(z))
+    rec = codec.decode("logits", parts).double().numpy()
+    for i in range(6):
+        top = np.argsort(-z[i])[:4]
+        p = np.exp(z[i] - z[i].max())
+        p /= p.sum()
+        tail = 1 - p[top].sum()
+        assert math.isclose(float(parts["logits.tail"][i]), tail, rel_tol=1e-4)
+        np.testing.assert_allclose(rec[i, top], z[i, top], rtol=1e-6)
+        rest = np.setdiff1d(np.arange(20), top)
+        assert np.ptp(rec[i, rest]) < 1e-9                # one equal logit for the other classes ...
+        q = np.exp(rec[i] - rec[i].max())
+        q /= q.sum()
+        assert math.isclose(q[rest].sum(), tail, rel_tol=1e-4)  # ... restoring the teacher's tail mass at T=1
+        np.testing.assert_allclose(q[top], p[top], rtol=1e-4)   # so the top-k probabilities are the teacher's
+    # KD from top-k logits = KD against the tail-mass reconstruction, computed by hand.
+    s = rng.standard_normal((6, 20))
+    got = kd_soft(torch.from_numpy(s), codec.decode("logits", parts).double(), 4.0)
+    hand = 0.0
+    for i in range(6):
+        pt = np.exp(rec[i] / 4 - (rec[i] / 4).max()); pt /= pt.sum()
+        ps = np.exp(s[i] / 4 - (s[i] / 4).max()); ps /= ps.sum()
+        hand += (pt * (np.log(pt) - np.log(ps))).sum()
+    assert math.isclose(float(got), 16 * hand / 6, rel_tol=1e-5)
+    with pytest.raises(KDCacheError, match="between 1 and the class count"):
+        TopKCodec(20).parts("logits", (20,))
+
+
+def test_bfloat16_is_stored_as_its_bits():
+    x = torch.tensor([[1.0, -3.14159, 1e-3, 65504.0, 1.00390625, 3e38]], dtype=torch.float32)
+    bits = BFloat16Codec().encode("f", x)["f"].numpy().view(np.uint16)
+    # Independent: round-to-nearest-even on the upper 16 bits of the float32 pattern.
+    u = x.numpy().view(np.uint32).astype(np.uint64)
+    want = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(bits, want)
+    back = BFloat16Codec().decode("f", {"f": torch.from_numpy(bits)})
+    assert torch.equal(back, x.to(torch.bfloat16).float())
+
+
+def test_distortion_metrics_against_hand_computation():
+    rng = np.random.default_rng(2)
+    ref, rec = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    d = distortion("logits", torch.from_numpy(ref), torch.from_numpy(rec))
+    for i in range(3):
+        for T in (1, 4):
+            p = np.exp(ref[i] / T) / np.exp(ref[i] / T).sum()
+            q = np.exp(rec[i] / T) / np.exp(rec[i] / T).sum()
+            assert math.isclose(float(d[f"kl_t{T}"][i]), (p * np.log(p / q)).sum(), rel_tol=1e-4, abs_tol=1e-7)
+        assert float(d["top1_agreement"][i]) == float(ref[i].argmax() == rec[i].argmax())
+    f = distortion("features/x", torch.from_numpy(ref), torch.from_numpy(rec))
+    for i in range(3):
+        assert math.isclose(float(f["rel_err"][i]), np.linalg.norm(ref[i] - rec[i]) / np.linalg.norm(ref[i]),
+                            rel_tol=1e-5)
+        cos = ref[i] @ rec[i] / np.linalg.norm(ref[i]) / np.linalg.norm(rec[i])
+        assert math.isclose(float(f["cosine"][i]), cos, rel_tol=1e-5)
+
+
+def test_codec_flags_are_checked():
+    assert choose("logits", "float16", "int8", 0) == {"name": "float16"}
+    assert choose("features", "float16", "int8", 5) == {"name": "int8"}
+    assert choose("logits", "bfloat16", "float", 5) == {"name": "topk", "k": 5, "dtype": "float16"}
+    for args, msg in ((("logits", "float8", "float", 0), "--dtype"), (("features", "float16", "int4", 0),
+                                                                      "--feature-codec")):
+        with pytest.raises(KDCacheError, match=msg):
+            choose(*args)
+
+
+def test_lossy_store_end_to_end_with_measured_distortion(root, teacher_file):
+    common = dict(data=SYN, weights=str(teacher_file), layers=["layer3", "avgpool"], chunk_samples=64,
+                  device="cpu")
+    exact = run_teacher_cache(CacheConfig(dtype="float32", **common), log=lambda *_: None)
+    lossy = run_teacher_cache(CacheConfig(dtype="bfloat16", feature_codec="int8", logits_topk=2, **common),
+                              log=lambda *_: None)
+    ge, gl = zarr.open_group(exact, mode="r"), zarr.open_group(lossy, mode="r")
+    man = gl.attrs["kdcache"]
+    assert man["targets"]["logits"]["codec"] == {"name": "topk", "k": 2, "dtype": "float16"}
+    assert man["targets"]["features/layer3"]["parts"] == ["features/layer3", "features/layer3.scale"]
+    assert gl["features/layer3"].dtype == np.int8 and "logits" not in gl and gl["logits.topk_indices"].shape == (
+        192, 2)
+    assert man["identity"] != ge.attrs["kdcache"]["identity"]  # the codec is part of the cache's identity
+    # The manifest's distortion equals what we measure ourselves between the exact and the lossy store.
+    z = torch.from_numpy(ge["logits"][:].astype(np.float64))
+    rec = TopKCodec(2, "float16", 4).decode("logits", {p: torch.from_numpy(gl[p][:]) for p in
+                                                        man["targets"]["logits"]["parts"]}).double()
+    for T in (1, 4):
+        p, q = torch.softmax(z / T, 1), torch.softmax(rec / T, 1)
+        kl = float((p * (p.log() - q.log())).sum(1).mean())
+        assert math.isclose(man["distortion"]["logits"][f"kl_t{T}"], kl, rel_tol=2e-2, abs_tol=1e-6)
+    assert man["distortion"]["logits"]["top1_agreement"] == float((z.argmax(1) == rec.argmax(1)).double().mean())
+    f = ge["features/layer3"][:].reshape(192, -1).astype(np.float64)
+    fq = (gl["features/layer3"][:].reshape(192, 64, -1) * gl["features/layer3.scale"][:][..., None]).reshape(192, -1)
+    rel = np.linalg.norm(f - fq, axis=1) / np.linalg.norm(f, axis=1)
+    assert math.isclose(man["distortion"]["features/layer3"]["rel_err"], rel.mean(), rel_tol=1e-3)
+    assert 0 < rel.mean() < 0.01 and man["distortion"]["features/layer3"]["cosine"] > 0.999
+    assert ge.attrs["kdcache"]["distortion"]["features/layer3"]["rel_err"] == 0.0
+    # Students train from it (decoding on the fly), and verify --recompute accepts it within the codecs' tolerance.
+    s = run_train_student(StudentConfig(cache=lossy, loss="kd=1,fitnets=1,rkd=1", fitnets_schedule="single",
+                                        epochs=1, batch_size=32, workers=0, test_data=SYN_TEST, out="run"),
+                          log=lambda *_: None)
+    rows = [json.loads(x) for x in open("run/metrics.jsonl")]
+    assert s["test_acc"] is not None and all(np.isfinite(v) for v in rows[0]["losses"].values())
+    res = runner.invoke(app, ["verify", lossy, "--recompute", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.stdout)["recompute"]["arrays"]) == {"logits", "features/layer3", "features/avgpool"}
+    g = zarr.open_group(lossy, mode="r+")
+    g["features/layer3"][3] = -g["features/layer3"][3]   # valid chunk, wrong values
+    res = runner.invoke(app, ["verify", lossy, "--recompute", "192"])
+    assert res.exit_code == 1 and "BAD  recompute features/layer3" in res.stdout
