@@ -54,6 +54,19 @@ def hash_uniform(*keys) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def row_order(num_samples: int, order: str, seed: int = 0) -> np.ndarray:
+    """The source index stored at each row of a store: `source` keeps the data's order; `shuffled` (the default)
+    is a fixed permutation, so every chunk is a random sample of the data even when the source is sorted (an image
+    folder is sorted by class) and chunk-level shuffling in the student stage still gives mixed batches. Sorting
+    splitmix64 keys makes it a pure function of (seed, N), the same on every rank, resume and numpy version."""
+    if order == "source":
+        return np.arange(num_samples, dtype=np.int64)
+    if order != "shuffled":
+        raise KDCacheError(f"unknown --row-order '{order}'; use shuffled or source")
+    keys = splitmix64(np.arange(num_samples, dtype=np.uint64) ^ (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)))
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
 @dataclass(frozen=True)
 class AugmentPolicy:
     crop: tuple[float, float] | None = None

@@ -74,7 +74,7 @@ def plan_cache(cfg) -> dict:
 
     p = prepare(cfg)
     k = min(cfg.batch_size, p.num_samples)
-    idx = np.arange(k)
+    idx = p.rows[:k]
     box = flip = None
     if p.views:
         box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [min(1, p.views - 1)],

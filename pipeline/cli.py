@@ -77,6 +77,8 @@ def _cache_command(mode: str):
         augment: Optional[str] = typer.Option(None, help="Augmentation policy, e.g. crop=0.5-1,translate=2,flip,"
                                                           "plain0 (see README)."),
         aug_seed: int = typer.Option(0, help="Base seed of the views' parameters."),
+        row_order: str = typer.Option("shuffled", help="shuffled (a fixed permutation: every chunk a random sample) "
+                                                        "or source (the data's order)."),
         out: Optional[str] = typer.Option(None, help="Store path (default <cache-dir>/<key>.zarr)."),
         cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
         chunk_samples: int = typer.Option(1024, help="Samples per chunk (the unit of commit)."),
@@ -95,7 +97,7 @@ def _cache_command(mode: str):
 
             cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype,
                               feature_codec=feature_codec, logits_topk=logits_topk, views=views, augment=augment,
-                              aug_seed=aug_seed, out=out,
+                              aug_seed=aug_seed, row_order=row_order, out=out,
                               cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
                               compression_level=compression_level, image_size=image_size, channels=channels,
                               limit=limit, device=device, writers=writers, force=force)

@@ -19,6 +19,8 @@ a uniform shuffle at the cost of memory (`shuffle_quality` measures it; see the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -104,14 +106,34 @@ class CacheStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self._open()
+        yield from self._batches(worker, num_workers, self._load_buffer)
+
+    def epoch_rows(self, num_workers: int = 1) -> np.ndarray:
+        """The store rows of one epoch in the order a DataLoader with `num_workers` workers delivers them
+        (batches taken from the workers in turn), computed by the same code as `__iter__` without reading data."""
+        def rows_only(blocks):
+            return {"row": torch.cat([torch.arange(*self.blocks[b]) for b in blocks])}
+
+        workers = max(1, num_workers)
+        per_worker = [[b["row"].numpy() for b in self._batches(w, workers, rows_only, key="row")]
+                      for w in range(workers)]
+        out, k = [], 0
+        while any(per_worker):  # the DataLoader's round robin over its workers
+            q = per_worker[k % len(per_worker)]
+            if q:
+                out.append(q.pop(0))
+            k += 1
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def _batches(self, worker: int, num_workers: int, load, key: str = "index"):
         mine = self.block_order(worker, num_workers)
         carry: dict[str, torch.Tensor] | None = None
         for g in range(0, len(mine), self.buffer_chunks):
             group = mine[g:g + self.buffer_chunks]
-            buf = self._load_buffer(group)
+            buf = load(group)
             if carry is not None:  # rows left over from the previous buffer start the next batch
                 buf = {k: torch.cat([carry[k], v]) for k, v in buf.items()}
-            n = len(buf["index"])
+            n = len(buf[key])
             if self.shuffle:
                 perm = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, group[0]]).permutation(n))
                 buf = {k: v[perm] for k, v in buf.items()}
@@ -121,6 +143,7 @@ class CacheStream(IterableDataset):
             carry = {k: v[full:] for k, v in buf.items()} if full < n else None
         if carry is not None and not self.drop_last:
             yield carry
+
 
     def _load_buffer(self, blocks: list[int]) -> dict[str, torch.Tensor]:
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ["index", *self.arrays]}
@@ -145,3 +168,36 @@ class CacheStream(IterableDataset):
         out["view"] = torch.from_numpy(np.concatenate(picked))  # which view each row is (0 without views)
         out["x"] = x  # uint8: normalised on the device
         return out
+
+
+def _expected_distinct_chunks(num_samples: int, chunk_samples: int, batch: int) -> float:
+    """E[distinct chunks in a batch of `batch` rows drawn uniformly without replacement] (hypergeometric)."""
+    def log_comb(n, k):
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) if 0 <= k <= n else -math.inf
+
+    total = 0.0
+    for start in range(0, num_samples, chunk_samples):
+        c = min(chunk_samples, num_samples - start)
+        p_none = math.exp(log_comb(num_samples - c, batch) - log_comb(num_samples, batch))
+        total += 1.0 - p_none
+    return total
+
+
+def shuffle_quality(rows: np.ndarray, chunk_samples: int, batch_size: int) -> dict:
+    """How far an epoch's order of store rows is from a uniform shuffle; 1.0 = as good as uniform, 0 = sequential.
+
+    - `neighbour_spread`: mean |epoch position of row r - that of row r+1| over rows stored next to each other,
+      divided by its value under a uniform shuffle, (N + 1) / 3. Chunk shuffling keeps neighbours within one buffer.
+    - `batch_chunks`: mean number of distinct chunks a batch draws from, divided by its expectation under a uniform
+      shuffle. Low values mean batches made of few chunks, i.e. correlated samples.
+    """
+    n = len(rows)
+    pos = np.empty(n, dtype=np.int64)
+    pos[rows] = np.arange(n)
+    spread = float(np.abs(np.diff(pos)).mean() / ((n + 1) / 3)) if n > 1 else 1.0
+    chunks = rows // chunk_samples
+    distinct = [len(np.unique(chunks[s:s + batch_size])) for s in range(0, n - batch_size + 1, batch_size)]
+    expect = _expected_distinct_chunks(n, chunk_samples, batch_size)
+    return {"neighbour_spread": spread, "batch_chunks": float(np.mean(distinct) / expect) if distinct else 1.0,
+            "distinct_chunks_per_batch": float(np.mean(distinct)) if distinct else 0.0,
+            "uniform_distinct_chunks_per_batch": expect}

@@ -29,6 +29,16 @@ METHODS = [  # (row name, train-student overrides)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def machine() -> str:
+    import os
+
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores, no GPU"
+    return (f"{platform.machine()}, {dev}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
 def _fmt(accs: list[float]) -> str:
     if len(accs) == 1:
         return f"{100 * accs[0]:.2f}"
@@ -62,13 +72,10 @@ def run(epochs: int, seeds: list[int], workers: int, log=print) -> dict:
         rows.append({"method": name, "config": overrides, "test_acc": [r["test_acc"] for r in runs],
                      "seconds": statistics.mean(r["seconds"] for r in runs),
                      "samples_per_s": statistics.mean(r["samples_per_s"] for r in runs)})
-    import torch
-
     result = {"teacher": {"test_acc": teacher_meta["test_accuracy"], "train_seconds": teacher_meta["train_seconds"],
                           "epochs": teacher_meta["config"]["epochs"]},
               "cache": {"path": cache, "seconds": cache_seconds}, "epochs": epochs, "seeds": seeds, "rows": rows,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, "
-                         f"torch {torch.__version__}, {platform.python_version()}"}
+              "machine": machine()}
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
     (out_dir / "results.md").write_text(table(result))
     return result
@@ -89,13 +96,14 @@ def table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(md: str, readme: Path = Path("README.md")) -> None:
+def write_readme(md: str, start: str = START, end: str = END, readme: Path = Path("README.md")) -> None:
+    """Replace what stands between the two markers in the README with `md`."""
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{md}{END}{tail}")
+    if start not in text or end not in text:
+        raise SystemExit(f"README has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{md}{end}{tail}")
 
 
 def main() -> None:

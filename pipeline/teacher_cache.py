@@ -29,7 +29,7 @@ import torch
 
 from pipeline import codecs as cd
 from pipeline import store as st
-from pipeline.augment import AugmentPolicy, sample_params
+from pipeline.augment import AugmentPolicy, row_order, sample_params
 from pipeline.data import Transform, data_root, default_transform, open_source
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
@@ -48,6 +48,7 @@ class CacheConfig:
     views: int = 1                        # augmented views per sample (with `augment`)
     augment: str | None = None            # augmentation policy (augment.py); None: the plain input, no view axis
     aug_seed: int = 0                     # base seed of the views' parameters
+    row_order: str = "shuffled"           # rows hold the samples in a fixed permutation ("source": data order)
     out: str | None = None                # explicit store path; default <cache_dir>/<key>.zarr
     cache_dir: str | None = None          # default data/cache
     chunk_samples: int = 1024             # rows per chunk = the unit of commit (per view)
@@ -103,6 +104,7 @@ class Prepared:
     path: Path
     arrays: dict[str, dict]                  # stored array -> spec (store.array_spec)
     stat_columns: list[str]
+    rows: np.ndarray                         # source index stored at each row
 
     @property
     def units_per_block(self) -> int:
@@ -116,7 +118,8 @@ class Prepared:
                 "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
                             "arch": self.teacher_meta.get("arch", cfg.teacher)},
                 "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit},
-                "transform": self.transform.to_dict(), "views": views, "layers": list(cfg.layers),
+                "transform": self.transform.to_dict(), "views": views, "row_order": cfg.row_order,
+                "layers": list(cfg.layers),
                 "dtype": cfg.dtype, "targets": self.targets, "codecs": self.identity["codecs"],
                 "chunk_samples": cfg.chunk_samples, "versions": st.versions(), "device": str(self.device),
                 "config": asdict(cfg)}
@@ -164,7 +167,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
                    "parts": sorted(codecs[t].parts(t, shapes[t]))} for t in codec_cfgs}
     identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
                 "views": {"count": views, "augment": policy.spec(), "seed": cfg.aug_seed} if views else None,
-                "layers": sorted(cfg.layers), "targets": {t: c for t, c in sorted(codec_cfgs.items())},
+                "row_order": cfg.row_order, "layers": sorted(cfg.layers),
+                "targets": {t: c for t, c in sorted(codec_cfgs.items())},
                 "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
@@ -182,7 +186,7 @@ def prepare(cfg: CacheConfig) -> Prepared:
             arrays[part] = st.array_spec((n, *view_dims, *shape), dtype, rows, bool(views))
     stat_columns = [f"{t}:{m}" for t in codecs for m in (*_metrics(t), "nonfinite")]
     return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, targets, codecs, identity, key, path,
-                    arrays, stat_columns)
+                    arrays, stat_columns, row_order(n, cfg.row_order))
 
 
 def _metrics(target: str) -> tuple[str, ...]:
@@ -348,7 +352,7 @@ def fill_units(group, p: Prepared, blocks, todo, already):
             capture(p.teacher, cfg.layers) as feats:
         for b, v in todo:
             start, end = blocks[b]
-            idx = np.arange(start, end)
+            idx = p.rows[start:end]  # the source samples this block holds
             out, box, flip = {}, None, None
             if v == 0:  # the sample-level arrays belong to the block's first unit
                 out["index"] = idx.astype(np.int64)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import store as st
+from pipeline.augment import row_order
 from pipeline.codecs import TOLERANCE, fill_value
 from pipeline.errors import KDCacheError
 
@@ -83,6 +84,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
     blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
     committed = st.committed_units(group)
+    rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))
     for b, v in np.argwhere(~committed):
         start, end = blocks[b]
         report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
@@ -98,7 +100,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
                 except Exception as e:  # crc32c mismatch, truncated or undecodable chunk
                     values, what = None, ("crc32c checksum mismatch" if "checksum" in str(e).lower()
                                           else f"unreadable ({type(e).__name__})")
-                if what is None and name == "index" and not np.array_equal(values, np.arange(start, end)):
+                if what is None and name == "index" and not np.array_equal(values, rows[start:end]):
                     what = "index does not match its rows"
                 if what:
                     report.problems.append(Problem(name, b, start, end, what, v))

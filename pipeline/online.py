@@ -1,0 +1,111 @@
+"""Online KD, the reference kdcache is measured against: the teacher in the loop, a fresh augmented view every step.
+
+    run_online_kd(OnlineConfig(...)) -> summary dict
+
+Same student, losses, schedule, optimiser and evaluation as `train_student.fit`; only the targets differ: each
+batch's view is drawn fresh (parameters from (seed, sample, 1_000_000 + epoch), so no two epochs repeat a view and
+none is a cached one) and the teacher runs on it right there. This is what a cache of K views approximates, and
+what every experiment would pay for without one. Used by the views experiment (`results_views.py`) and the
+benchmark; it is not a kdcache stage (it builds the teacher).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import store as st
+from pipeline.augment import AugmentPolicy, sample_params
+from pipeline.data import Source, Transform, default_transform, open_source
+from pipeline.losses import parse_loss_spec
+from pipeline.models import capture, load_teacher
+from pipeline.reader import worker_init
+from pipeline.train_student import StudentConfig, declared, fit, run_dir_for, setup
+
+FRESH_VIEW_BASE = 1_000_000
+
+
+@dataclass
+class OnlineConfig(StudentConfig):
+    teacher: str = "default-teacher"
+    weights: str | None = None
+    aug_seed: int = 0
+
+
+class OnlineStream(IterableDataset):
+    """Uniformly shuffled batches of fresh views (uint8) and labels; workers split the batches of an epoch."""
+
+    def __init__(self, source: Source, tf: Transform, policy: AugmentPolicy, batch_size: int, seed: int,
+                 aug_seed: int, use_labels: bool):
+        self.source, self.tf, self.policy, self.batch_size = source, tf, policy, batch_size
+        self.seed, self.aug_seed, self.use_labels, self.epoch = seed, aug_seed, use_labels, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.source.num_samples // self.batch_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.source.num_samples)
+        hw = tuple(self.source.native_shape[1:])
+        for i, s in enumerate(range(0, len(order), self.batch_size)):
+            if i % workers != worker:
+                continue
+            idx = order[s:s + self.batch_size]
+            if self.policy.identity:
+                x = self.source.load_raw(idx, self.tf)
+            else:
+                box, flip = sample_params(self.policy, self.aug_seed, idx, [FRESH_VIEW_BASE + self.epoch], hw)
+                x = self.source.load_view(idx, self.tf, box[:, 0], flip[:, 0])
+            out = {"index": torch.from_numpy(idx), "x": x}
+            if self.use_labels:
+                out["labels"] = torch.from_numpy(self.source.labels(idx))
+            yield out
+
+
+def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    weights = parse_loss_spec(cfg.loss)
+    source = open_source(cfg.data or "fashion-mnist:train")
+    probe_tf = default_transform(source)
+    teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
+                                 source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
+    tf = Transform.from_dict(meta["transform"]) if "transform" in meta else probe_tf
+    policy = AugmentPolicy.parse(cfg.augment)
+    use_labels = source.labelled and not cfg.no_labels
+    needs, _ = declared(weights, cfg)
+    layers = [t[len("features/"):] for t in needs if t.startswith("features/")]
+    with torch.no_grad(), capture(teacher, layers) as feats:
+        logits = teacher(source.load(np.arange(2), tf))
+        teacher_shapes = {"logits": tuple(logits.shape[1:])} | {st.feature_array(k): tuple(v.shape[1:])
+                                                                 for k, v in feats.items()}
+    s = setup(cfg, weights, source, tf, teacher_shapes["logits"][0], teacher_shapes, use_labels)
+    teacher.to(s.device).eval()
+    run_dir = run_dir_for(cfg, tag="online-")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "online": True, "augment": policy.spec(),
+                                                     "device": str(s.device)}, indent=2, default=str))
+    stream = OnlineStream(source, tf, policy, cfg.batch_size, cfg.seed, cfg.aug_seed, use_labels)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                        worker_init_fn=worker_init)
+    cuda = s.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        # no_grad, not inference_mode: the losses keep these tensors for their backward pass.
+        with torch.no_grad(), capture(teacher, layers) as tf_feats, autocast:
+            out = {"logits": teacher(tf(batch["x"].to(device, non_blocking=True)))}
+            out.update({st.feature_array(k): v for k, v in tf_feats.items()})
+        return {k: v.float() for k, v in out.items()}
+
+    return fit(cfg, s, loader, stream.set_epoch, len(stream), targets, run_dir, log,
+               extra={"online": True, "augment": policy.spec()})

@@ -1,0 +1,110 @@
+"""`make results-views`: does caching K augmented views recover what online KD gets? (Beyer et al. 2022)
+
+    python -m pipeline.results_views [--epochs 15] [--seeds 0,1,2] [--views 4,16] [--write-readme]
+
+On Fashion-MNIST with the default teacher (data/teachers/default.pt) and the default student, the same KD loss,
+schedule and seeds in every arm:
+  (a) a fixed cache: one view per sample, no augmentation;
+  (b) caches of K augmented views (policy --augment), the student reading one view per sample per epoch (cycle);
+  (c) online KD: the teacher in the loop on a fresh view of the same policy every step (the reference).
+Writes data/results/views.json, data/results/views.md and, with --write-readme, the README's table between the
+views markers: test accuracy (mean ± std), total time (cache + training), the cache's bytes per sample, and how much
+of the gap between (a) and (c) each cache closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from pipeline.data import data_root
+from pipeline.results import _fmt, machine, write_readme
+
+START, END = "<!-- views:start -->", "<!-- views:end -->"
+POLICY = "translate=2,flip,crop=0.6-1"
+
+
+def run(epochs: int, seeds: list[int], views: list[int], policy: str, loss: str, workers: int, log=print) -> dict:
+    from pipeline.catalog import disk_bytes
+    from pipeline.online import OnlineConfig, run_online_kd
+    from pipeline.store import open_store
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    out_dir = data_root() / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arms = [("(a) fixed cache: 1 view, no augmentation", {"views": 1, "augment": None})]
+    arms += [(f"(b) cache of K = {k} augmented views", {"views": k, "augment": policy}) for k in views]
+    rows = []
+    for name, cache_kw in arms:
+        t0 = time.time()
+        path = run_teacher_cache(CacheConfig(data="fashion-mnist:train", **cache_kw), log=log)
+        man = open_store(path).manifest
+        cache_s = man.get("stats", {}).get("seconds", time.time() - t0)
+        runs = []
+        for seed in seeds:
+            tag = f"views{cache_kw['views']}-{'aug' if cache_kw['augment'] else 'plain'}-s{seed}"
+            s = run_train_student(StudentConfig(cache=path, loss=loss, epochs=epochs, seed=seed, workers=workers,
+                                                out=str(out_dir / "views-runs" / tag)), log=lambda m: None)
+            log(f"{name}  seed {seed}: test acc {s['test_acc']:.4f}  ({s['seconds']:.0f}s)")
+            runs.append(s)
+        rows.append({"arm": name, "views": cache_kw["views"], "augment": cache_kw["augment"],
+                     "test_acc": [r["test_acc"] for r in runs], "cache_seconds": cache_s,
+                     "train_seconds": statistics.mean(r["seconds"] for r in runs),
+                     "bytes_per_sample": disk_bytes(Path(path)) / man["data"]["num_samples"]})
+    runs = []
+    for seed in seeds:
+        s = run_online_kd(OnlineConfig(data="fashion-mnist:train", loss=loss, epochs=epochs, seed=seed,
+                                       workers=workers, augment=policy,
+                                       out=str(out_dir / "views-runs" / f"online-s{seed}")), log=lambda m: None)
+        log(f"(c) online KD  seed {seed}: test acc {s['test_acc']:.4f}  ({s['seconds']:.0f}s)")
+        runs.append(s)
+    rows.append({"arm": "(c) online KD: teacher in the loop, a fresh view every step", "views": None,
+                 "augment": policy, "test_acc": [r["test_acc"] for r in runs], "cache_seconds": 0.0,
+                 "train_seconds": statistics.mean(r["seconds"] for r in runs), "bytes_per_sample": 0.0})
+    base, ref = statistics.mean(rows[0]["test_acc"]), statistics.mean(rows[-1]["test_acc"])
+    for r in rows:
+        r["gap_closed"] = (statistics.mean(r["test_acc"]) - base) / (ref - base) if ref != base else None
+    result = {"epochs": epochs, "seeds": seeds, "policy": policy, "loss": loss, "rows": rows, "machine": machine()}
+    (out_dir / "views.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "views.md").write_text(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    lines = [f"Fashion-MNIST test accuracy (%), mean ± std over seeds {', '.join(map(str, r['seeds']))}; "
+             f"`default-student`, `--loss {r['loss']}` (T=4), {r['epochs']} epochs, batch 128, SGD + cosine; "
+             f"augmentation `{r['policy']}`; machine: {r['machine']}. Total time = teacher-cache (once per cache, "
+             "its share of one run) + one student run.", "",
+             "| arm | test acc (%) | share of the (a)→(c) gap closed | cache (s) | student run (s) | cache B/sample |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in r["rows"]:
+        gap = "-" if row["gap_closed"] is None else f"{100 * row['gap_closed']:.0f}%"
+        lines.append(f"| {row['arm']} | {_fmt(row['test_acc'])} | {gap} | {row['cache_seconds']:.0f} | "
+                     f"{row['train_seconds']:.0f} | {row['bytes_per_sample']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--views", default="4,16")
+    ap.add_argument("--augment", default=POLICY)
+    ap.add_argument("--loss", default="kd=1")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--write-readme", action="store_true")
+    a = ap.parse_args()
+    r = run(a.epochs, [int(s) for s in a.seeds.split(",")], [int(v) for v in a.views.split(",")], a.augment,
+            a.loss, a.workers)
+    md = table(r)
+    print(md)
+    if a.write_readme:
+        write_readme(md, START, END)
+
+
+if __name__ == "__main__":
+    main()
