@@ -15,7 +15,7 @@ FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 
 export KDCACHE_DATA := $(DATA)
 
-.PHONY: install fashion-mnist teacher teacher-cache train-student test results bench clean help
+.PHONY: install fashion-mnist teacher teacher-cache train-student test results results-views bench clean help
 
 help:
 	@echo "make train-student   set up everything, cache the default teacher, train and evaluate a student"
@@ -23,6 +23,7 @@ help:
 	@echo "make teacher         train the default teacher into $(TEACHER)"
 	@echo "make test            run the test suite"
 	@echo "make results         reproduce the README's results table (long: see README)"
+	@echo "make results-views   reproduce the README's augmented-views experiment (long: see README)"
 	@echo "make bench           throughput benchmark"
 
 $(BIN)/.installed: pyproject.toml
@@ -63,7 +64,10 @@ test: $(BIN)/.installed $(DATA)/.fashion-mnist
 	$(BIN)/python -m pytest -q
 
 results: $(TEACHER)
-	$(BIN)/python -m pipeline.results
+	$(BIN)/python -m pipeline.results --write-readme
+
+results-views: $(TEACHER)
+	$(BIN)/python -m pipeline.results_views --write-readme
 
 bench: $(BIN)/.installed
 	$(KDCACHE) bench
