@@ -15,7 +15,7 @@ FMNIST_DIR  := /usr/share/datasets/fashion-mnist
 
 export KDCACHE_DATA := $(DATA)
 
-.PHONY: install fashion-mnist teacher teacher-cache train-student test results results-views bench clean help
+.PHONY: install fashion-mnist teacher teacher-cache train-student test results results-views results-codecs bench clean help
 
 help:
 	@echo "make train-student   set up everything, cache the default teacher, train and evaluate a student"
@@ -24,6 +24,7 @@ help:
 	@echo "make test            run the test suite"
 	@echo "make results         reproduce the README's results table (long: see README)"
 	@echo "make results-views   reproduce the README's augmented-views experiment (long: see README)"
+	@echo "make results-codecs  reproduce the README's codec distortion table"
 	@echo "make bench           throughput benchmark"
 
 $(BIN)/.installed: pyproject.toml
@@ -68,6 +69,9 @@ results: $(TEACHER)
 
 results-views: $(TEACHER)
 	$(BIN)/python -m pipeline.results_views --write-readme
+
+results-codecs: $(TEACHER)
+	$(BIN)/python -m pipeline.results_codecs --write-readme
 
 bench: $(BIN)/.installed
 	$(KDCACHE) bench
