@@ -46,6 +46,24 @@ COMMIT = "_commit"
 STATS = "_stats"
 
 
+def is_url(path) -> bool:
+    """An fsspec URL (s3://, gs://, file://, memory:// ...) rather than a local path."""
+    return "://" in str(path)
+
+
+def join(folder, name: str) -> str:
+    """`folder/name` for a local folder or a URL."""
+    return f"{str(folder).rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
+
+
+def open_group(path, mode: str, **kw):
+    """Open a Zarr v3 group at a local path or an fsspec URL (file:// URLs create folders as they go)."""
+    import zarr
+
+    opts = {"auto_mkdir": True} if str(path).startswith("file://") else None
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, storage_options=opts, **kw)
+
+
 def feature_array(layer: str) -> str:
     """The one name a cached module output has everywhere: hook key `layer2` -> array `features/layer2`."""
     return f"features/{layer}"
@@ -88,12 +106,10 @@ def array_spec(shape: tuple[int, ...], dtype: str, chunk_samples: int, view_axis
 def create_store(path: Path | str, manifest: dict, arrays: dict[str, dict], num_units: tuple[int, int],
                  stat_columns: list[str]):
     """Create the group and every array at full size, with `complete: false`. Overwrites what is at `path`."""
-    import zarr
-
     manifest = dict(manifest, complete=False, format_version=FORMAT_VERSION, arrays=arrays,
                     stat_columns=stat_columns)
     # The manifest goes in first and `_commit` last: a creation cut short is recognisable and simply redone.
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={MANIFEST_KEY: manifest})
+    group = open_group(path, "w", attributes={MANIFEST_KEY: manifest})
     compressors = _compressors(manifest["codecs"])
     for name, a in arrays.items():
         group.create_array(name, shape=a["shape"], dtype=a["dtype"], chunks=a["chunks"], compressors=compressors,
@@ -231,9 +247,7 @@ class CacheStore:
         return make_codec(t["codec"], tuple(t["shape"]))
 
     def open_group(self):
-        import zarr
-
-        return zarr.open_group(self.path, mode="r", zarr_format=3)
+        return open_group(self.path, "r")
 
     def require(self, names: dict[str, str]) -> None:
         """Refuse a store lacking what a loss needs. `names` maps target (or `labels`) -> the loss that needs it."""
@@ -252,13 +266,11 @@ class CacheStore:
 
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     """Open a store read-only and check it is a kdcache store of a format this version reads."""
-    import zarr
-
     path = str(path)
-    if not Path(path).exists() and "://" not in path:
+    if not is_url(path) and not Path(path).exists():
         raise KDCacheError(f"no cache at {path}; run `kdcache teacher-cache` first (or `kdcache ls` to list caches)")
     try:
-        group = zarr.open_group(path, mode="r", zarr_format=3)
+        group = open_group(path, "r")
         manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
     except Exception as e:  # FileNotFoundError, a v2 store, bad JSON ...
         raise KDCacheError(f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "

@@ -101,7 +101,7 @@ class Prepared:
     codecs: dict[str, cd.Codec]
     identity: dict
     key: str
-    path: Path
+    path: str                                # a local path or an fsspec URL
     arrays: dict[str, dict]                  # stored array -> spec (store.array_spec)
     stat_columns: list[str]
     rows: np.ndarray                         # source index stored at each row
@@ -172,7 +172,7 @@ def prepare(cfg: CacheConfig) -> Prepared:
                 "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
-    path = Path(cfg.out) if cfg.out else Path(cfg.cache_dir or data_root() / "cache") / f"{key}.zarr"
+    path = cfg.out or st.join(cfg.cache_dir or data_root() / "cache", f"{key}.zarr")
 
     rows, view_dims = cfg.chunk_samples, (views,) if views else ()
     arrays = {"index": st.array_spec((n,), "int64", rows, False)}
@@ -201,7 +201,8 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
         return str(p.path)
     blocks = st.block_ranges(p.num_samples, cfg.chunk_samples)
     if group is None:
-        p.path.parent.mkdir(parents=True, exist_ok=True)
+        if not st.is_url(p.path):
+            Path(p.path).parent.mkdir(parents=True, exist_ok=True)
         group = st.create_store(p.path, p.manifest(), p.arrays, (len(blocks), p.units_per_block), p.stat_columns)
 
     done = st.committed_units(group)
@@ -219,15 +220,15 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
     return str(p.path)
 
 
-def _open_existing(path: Path, key: str, cfg: CacheConfig, log):
+def _open_existing(path: str, key: str, cfg: CacheConfig, log):
     """The group at `path` if it is this very cache (same key) and fully created; None if nothing to reuse."""
-    if not path.exists():
+    if not st.is_url(path) and not Path(path).exists():
         return None
     try:
-        import zarr
-
-        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        group = st.open_group(path, "r+")
         manifest = dict(group.attrs.get(st.MANIFEST_KEY) or {})
+    except FileNotFoundError:
+        return None
     except Exception:
         group, manifest = None, {}
     if cfg.force:

@@ -160,8 +160,6 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
 
 def repair_store(path: str, log=print) -> Report:
     """Recompute only the bad blocks of a store, then verify it again."""
-    import zarr
-
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
     report = verify_store(path)
@@ -170,7 +168,7 @@ def repair_store(path: str, log=print) -> Report:
         log(f"{path}: nothing to repair")
         return report
     cache = st.open_store(path, require_complete=False)
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    group = st.open_group(path, "r+")
     for b, v in bad:
         # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)
         if v is None:

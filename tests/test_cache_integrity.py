@@ -240,3 +240,21 @@ def test_bad_inputs(root, teacher_file):
     other = run_teacher_cache(cfg(teacher_file, layers=[], out="x.zarr"), log=lambda *_: None)
     with pytest.raises(KDCacheError, match="holds a different cache"):
         run_teacher_cache(cfg(teacher_file, out=other), log=lambda *_: None)
+
+
+def test_cache_dir_as_fsspec_url(root, teacher_file):
+    """A URL cache dir goes through fsspec and zarr's own write path; its arrays equal a local cache's."""
+    url_dir = f"file://{root / 'remote'}"
+    path = run_teacher_cache(cfg(teacher_file, cache_dir=url_dir), log=lambda *_: None)
+    assert path.startswith(url_dir) and path.endswith(".zarr")
+    logs = []
+    assert run_teacher_cache(cfg(teacher_file, cache_dir=url_dir), log=logs.append) == path
+    assert any("cache hit" in m for m in logs)
+    local = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    assert Path(local).stem == Path(path).stem  # the key does not depend on where the cache lives
+    remote = arrays_of(root / "remote" / Path(local).name)
+    for name, v in arrays_of(local).items():
+        np.testing.assert_array_equal(remote[name], v, err_msg=name)
+    assert runner.invoke(app, ["verify", path]).exit_code == 0
+    s = run_train_student(StudentConfig(cache=path, epochs=1, workers=1, out="run", test_data=SYN))
+    assert s["test_acc"] is not None
