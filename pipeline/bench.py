@@ -3,9 +3,12 @@
     (a) teacher forward only (inputs already on the device: the compute ceiling)
     (b) teacher-cache writing logits only            -> b/a
     (c) teacher-cache writing logits + a hint layer  -> c/a, and write MB/s against the disk's own bandwidth
-    (d) student training alone (labels only)
+    (d) student training alone (labels only, no teacher, no cache)
     (e) student with KD (and with FitNets) streaming targets from the on-disk cache  -> e/d, e/f
     (f) online KD: the teacher in the loop
+(d), (e) and (f) run the same training loop (`train_student.fit`) with the same DataLoader workers, batch and
+student; only where the targets come from differs. Each is timed on its second epoch (workers and caches warm).
+The shuffle table measures the reader's order against a uniform shuffle for several buffer sizes (no data read).
 
 Presets: `cpu` (default-teacher -> default-student, 28x28, minutes on 2 cores) and `gpu` (torchvision resnet50 ->
 resnet18 at 224x224, batch 256, layer3 hint). `--scaling 10000,100000,1000000` repeats (b) and (e) with tiny
@@ -31,8 +34,8 @@ PRESETS = {
                 batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
     "gpu": dict(teacher="torchvision:resnet50", student="torchvision:resnet18", shape="3x224x224", classes=1000,
                 samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=512),
-    "tiny": dict(teacher="default-teacher", student="mlp", shape="1x8x8", classes=10, samples=10000,
-                 batch=1024, hint="layer2", guided="hidden", workers=1, chunk=4096),
+    "tiny": dict(teacher="default-teacher", student="default-student", shape="1x8x8", classes=10, samples=10000,
+                 batch=1024, hint="layer2", guided="block1", workers=1, chunk=4096),
 }
 
 
@@ -86,47 +89,13 @@ def teacher_forward(teacher, x: torch.Tensor, n: int, device) -> float:
     return steps * len(x) / (time.perf_counter() - t0)
 
 
-def online_kd(teacher, student, source, tf, batch: int, n: int, device, temperature=4.0, alpha=0.1) -> float:
-    """img/s of KD with the teacher in the loop (inputs built on the fly, as the student stage builds them)."""
-    from pipeline.losses.kd import kd_soft
-    from pipeline.loops import sgd
-
-    opt = sgd(student.parameters(), 0.05)
-    student.train()
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-    order = np.random.default_rng(0).permutation(source.num_samples)[:n]
-    seen, t0 = 0, None
-    for s in range(0, len(order), batch):
-        idx = np.sort(order[s:s + batch])
-        x = tf(source.load_raw(idx, tf).to(device, non_blocking=True))
-        y = torch.from_numpy(source.labels(idx)).to(device)
-        with torch.no_grad(), autocast:
-            t = teacher(x).float()
-        with autocast:
-            logits = student(x)
-        loss = (1 - alpha) * kd_soft(logits.float(), t, temperature) + alpha * torch.nn.functional.cross_entropy(
-            logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if t0 is None:  # the first step is warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            continue
-        seen += len(idx)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - t0) if t0 and seen else float("nan")
-
-
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import data_root, default_transform, open_source
     from pipeline.loops import pick_device
     from pipeline.models import build_model
     from pipeline.store import versions
+    from pipeline.online import OnlineConfig, run_online_kd
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
     from pipeline.train_student import StudentConfig, run_train_student
 
@@ -178,24 +147,25 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         log(f"(c) + {p['hint']:<22} {results['c_cache_logits_hint']['img_s']:10,.0f} img/s "
             f"{results['c_cache_logits_hint']['MB_s']:8.1f} MB/s")
 
-        def student(loss, tag, **kw):
-            s = run_train_student(StudentConfig(cache=store, student=p["student"], loss=loss, epochs=2,
-                                                batch_size=batch, workers=workers, device=cfg.device,
-                                                test_data=test, out=str(work / f"run-{tag}"), **kw),
-                                  log=lambda *_: None)
+        def student(loss, tag, online=False, **kw):
+            common = dict(student=p["student"], loss=loss, epochs=2, batch_size=batch, workers=workers,
+                          device=cfg.device, test_data=test, out=str(work / f"run-{tag}"), **kw)
+            if online:
+                run_online_kd(OnlineConfig(data=data, teacher=p["teacher"], weights=str(weights), **common),
+                              log=lambda *_: None)
+            else:
+                run_train_student(StudentConfig(cache=store, **common), log=lambda *_: None)
             rows = [json.loads(x) for x in open(work / f"run-{tag}" / "metrics.jsonl")]
             return {"img_s": rows[-1]["samples_per_s"]}  # epoch 2: workers and caches warm
 
-        results["d_student_alone"] = student("ce=1", "ce")
+        results["d_student_alone"] = student("ce=1", "alone", online=True)
         log(f"(d) student alone            {results['d_student_alone']['img_s']:10,.0f} img/s")
         results["e_student_kd"] = student("kd=1", "kd")
         log(f"(e) student KD from cache    {results['e_student_kd']['img_s']:10,.0f} img/s")
         results["e_student_fitnets"] = student("kd=1,fitnets=1", "fitnets", fitnets_hint=p["hint"],
                                                fitnets_guided=p["guided"], fitnets_schedule="single")
         log(f"    student KD+FitNets       {results['e_student_fitnets']['img_s']:10,.0f} img/s")
-        torch.manual_seed(0)
-        stu = build_model(p["student"], p["classes"], c, h).to(device)
-        results["f_online_kd"] = {"img_s": online_kd(teacher, stu, source, tf, batch, n, device)}
+        results["f_online_kd"] = student("kd=1", "online", online=True)
         log(f"(f) online KD                {results['f_online_kd']['img_s']:10,.0f} img/s")
         a = results["a_teacher_forward"]["img_s"]
         results["ratios"] = {
@@ -206,6 +176,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "e/d (FitNets)": results["e_student_fitnets"]["img_s"] / results["d_student_alone"]["img_s"],
             "e/f": results["e_student_kd"]["img_s"] / results["f_online_kd"]["img_s"],
         }
+        results["shuffle"] = shuffle_table(batch)
         if cfg.scaling:
             results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
     finally:
@@ -250,6 +221,26 @@ def scaling(cfg: BenchConfig, sizes: list[int], work: Path, log) -> list[dict]:
     return rows
 
 
+def shuffle_table(batch: int, num_samples: int = 60000, chunk: int = 1024, bytes_per_sample: int = 3636,
+                  buffers=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+    """The reader's order against a uniform shuffle, per buffer size (Fashion-MNIST-sized store by default), and
+    the memory a buffer holds per worker (bytes per sample of the default cache: logits + layer3 + avgpool fp16)."""
+    from pipeline.reader import CacheStream, shuffle_quality
+    from pipeline.store import CacheStore
+
+    store = CacheStore(path="-", manifest={"data": {"num_samples": num_samples}, "chunk_samples": chunk,
+                                           "targets": {}, "transform": {"size": [1, 1], "channels": 1,
+                                                                         "mean": [0.0], "std": [1.0]}})
+    rows = []
+    for k in buffers:
+        order = CacheStream(store, None, [], batch, use_labels=False, buffer_chunks=k, seed=0).epoch_rows()
+        q = shuffle_quality(order, chunk, batch)
+        rows.append({"buffer_chunks": k, "buffer_MB": k * chunk * bytes_per_sample / 1e6, **q})
+    uniform = shuffle_quality(np.random.default_rng(0).permutation(num_samples), chunk, batch)
+    rows.append({"buffer_chunks": "uniform", "buffer_MB": None, **uniform})
+    return rows
+
+
 def table(r: dict) -> str:
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
              f"samples, batch {r['batch']}, device {r['device']}",
@@ -269,6 +260,13 @@ def table(r: dict) -> str:
     lines.append("| ratio | value |")
     lines.append("| --- | --- |")
     lines += [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
+    if r.get("shuffle"):
+        lines += ["", "| buffer (chunks of 1024) | memory per worker | neighbour spread | distinct chunks per batch "
+                      "(vs uniform) |", "| --- | --- | --- | --- |"]
+        for q in r["shuffle"]:
+            mem = f"{q['buffer_MB']:.0f} MB" if q["buffer_MB"] is not None else "all"
+            lines.append(f"| {q['buffer_chunks']} | {mem} | {q['neighbour_spread']:.3f} | "
+                         f"{q['distinct_chunks_per_batch']:.1f} ({q['batch_chunks']:.2f}) |")
     if r.get("scaling"):
         lines += ["", "| samples | cache img/s | cache µs/sample | student KD img/s | student µs/sample |",
                   "| --- | --- | --- | --- | --- |"]

@@ -12,7 +12,7 @@ stored arrays ("parts") behind that name:
 
 bfloat16 is not a Zarr dtype, so its bits are stored faithfully as uint16 (lossless round trip; the manifest's
 codec says so, and a plain Zarr reader sees uint16). int8 uses one scale per sample and channel (the first axis of
-a (C, H, W) map; a vector has one scale), `scale = absmax / 127`, values rounded and clamped to [-127, 127]: never
+a (C, H, W) map; a vector or a 1x1 map has one scale per sample), `scale = absmax / 127`, values rounded and clamped to [-127, 127]: never
 wrapping, and -128 stays free as the "never written" fill. Top-k keeps the k largest raw logits and the softmax
 mass (T = 1) of the rest; decoding gives the other C - k classes one equal logit that restores exactly that tail
 mass, so KD at any temperature sees the teacher's top-k and a flat tail.
@@ -92,7 +92,8 @@ class BFloat16Codec(Codec):
 
 
 def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (shape[0],) if len(shape) >= 2 else (1,)
+    """One scale per channel of a map; one per sample for a vector or a 1x1 map (a scale per value saves nothing)."""
+    return (shape[0],) if len(shape) >= 2 and math.prod(shape[1:]) > 1 else (1,)
 
 
 class Int8Codec(Codec):
@@ -195,7 +196,7 @@ def choose(target: str, dtype: str, feature_codec: str, logits_topk: int) -> dic
             if logits_topk else {"name": dtype}
     if feature_codec not in ("float", "int8"):
         raise KDCacheError(f"unknown --feature-codec '{feature_codec}'; use float (the --dtype) or int8")
-    return {"name": "int8"} if feature_codec == "int8" else {"name": dtype}
+    return {"name": "int8", "scale": "channel"} if feature_codec == "int8" else {"name": dtype}
 
 
 def distortion(target: str, ref: torch.Tensor, decoded: torch.Tensor) -> dict[str, torch.Tensor]:

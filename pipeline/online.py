@@ -5,7 +5,8 @@
 Same student, losses, schedule, optimiser and evaluation as `train_student.fit`; only the targets differ: each
 batch's view is drawn fresh (parameters from (seed, sample, 1_000_000 + epoch), so no two epochs repeat a view and
 none is a cached one) and the teacher runs on it right there. This is what a cache of K views approximates, and
-what every experiment would pay for without one. Used by the views experiment (`results_views.py`) and the
+what every experiment would pay for without one. With `--loss ce=1` alone it is the student alone (labels only,
+the teacher never runs): the benchmark's ceiling. Used by the views experiment (`results_views.py`) and the
 benchmark; it is not a kdcache stage (it builds the teacher).
 """
 
@@ -99,6 +100,12 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
                         worker_init_fn=worker_init)
     cuda = s.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
+
+    if set(weights) <= {"ce"}:  # labels only: the student alone, the teacher never runs
+        def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+            return {}
+        return fit(cfg, s, loader, stream.set_epoch, len(stream), targets, run_dir, log,
+                   extra={"online": False, "augment": policy.spec()})
 
     def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         # no_grad, not inference_mode: the losses keep these tensors for their backward pass.

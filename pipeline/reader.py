@@ -13,8 +13,10 @@
 Batches carry the stored parts of each target (`logits`, or `features/x` and `features/x.scale`, ...): the training
 loop decodes them on its device with the target's codec.
 
-Shuffle quality trades against read size: a sample can only move within its buffer, so larger buffers are closer to
-a uniform shuffle at the cost of memory (`shuffle_quality` measures it; see the README's performance section).
+Shuffle quality trades against memory: a sample can only move within its buffer, so larger buffers are closer to a
+uniform shuffle (`shuffle_quality` measures it; see the README's performance section). The default buffer holds as
+many chunks as fit in 256 MB per worker (2 to 64); rows are stored in a fixed random order (`augment.row_order`), so
+even a small buffer draws batches from random samples of the data.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pipeline.errors import KDCacheError
 from pipeline.store import CacheStore, block_ranges
 
 SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
+BUFFER_BYTES = 256 << 20      # the default shuffle buffer per worker (--buffer-chunks 0)
 
 
 def worker_init(_worker_id: int) -> None:
@@ -41,12 +44,13 @@ def worker_init(_worker_id: int) -> None:
 
 class CacheStream(IterableDataset):
     def __init__(self, store: CacheStore, source: Source, targets: list[str], batch_size: int, *,
-                 use_labels: bool, shuffle: bool = True, buffer_chunks: int = 4, seed: int = 0,
+                 use_labels: bool, shuffle: bool = True, buffer_chunks: int = 0, seed: int = 0,
                  drop_last: bool = False, view_policy: str = "cycle"):
         self.store, self.source = store, source
         self.arrays = [part for t in targets for part in store.targets[t]["parts"]]  # stored arrays to stream
         self.batch_size, self.use_labels, self.shuffle = batch_size, use_labels, shuffle
-        self.buffer_chunks, self.seed, self.drop_last = max(1, buffer_chunks), seed, drop_last
+        self.seed, self.drop_last = seed, drop_last
+        self.buffer_chunks = buffer_chunks if buffer_chunks > 0 else self.auto_buffer_chunks()
         self.view_policy, self.views = view_policy, store.views
         if self.views:
             select_view(view_policy, seed, 0, 0, self.views)  # an unknown policy fails here, not in a worker
@@ -58,6 +62,24 @@ class CacheStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def row_bytes(self) -> int:
+        """Bytes one row occupies in a buffer: its rebuilt input plus the arrays not held in memory."""
+        tf = self.store.manifest["transform"]
+        total = int(tf["channels"]) * int(np.prod(tf["size"]))
+        for name in self.arrays:
+            a = self.store.arrays[name]
+            itemsize = np.dtype(a["dtype"]).itemsize
+            if int(np.prod(a["shape"])) * itemsize > SMALL_ARRAY_BYTES:
+                per_row = int(np.prod(a["shape"][1:])) * itemsize
+                total += per_row // max(1, self.store.views) if a["view_axis"] else per_row
+        return total
+
+    def auto_buffer_chunks(self) -> int:
+        """As many chunks as fit in BUFFER_BYTES per worker, between 2 and 64: mixing close to uniform for small
+        rows, bounded memory for large feature maps."""
+        chunk_bytes = max(1, self.row_bytes() * self.store.chunk_samples)
+        return int(min(64, max(2, BUFFER_BYTES // chunk_bytes)))
 
     def __len__(self) -> int:  # batches per epoch when read by a single worker
         n = self.store.num_samples

@@ -61,7 +61,7 @@ class StudentConfig:
     test_data: str | None = None           # default: the cached data's test split, when it has one
     data: str | None = None                # default: the data spec in the manifest
     workers: int = 1                       # DataLoader worker processes
-    buffer_chunks: int = 4                 # chunks shuffled together
+    buffer_chunks: int = 0                 # chunks shuffled together; 0: as many as fit in 256 MB per worker
     device: str = "auto"
     out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
 
@@ -184,18 +184,18 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
     s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels)
 
+    targets = sorted(t for t in needs if t != "labels")
+    stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
+                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
                 "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
                           "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},
                           "views": man.get("views"), "targets": store.targets},
+                "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays},
                 "test_data": s.test_spec, "student_shapes": s.student_shapes, "versions": versions()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-
-    targets = sorted(t for t in needs if t != "labels")
-    stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
-                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=s.device.type == "cuda",
                         persistent_workers=cfg.workers > 0, worker_init_fn=worker_init)
     codecs = {t: store.codec(t) for t in targets}

@@ -43,6 +43,8 @@ def test_int8_matches_hand_quantisation_and_never_wraps():
     # A vector has one scale per sample.
     v = Int8Codec().encode("v", torch.tensor([[1.0, -2.0, 0.5]]))
     assert v["v.scale"].shape == (1, 1) and v["v"].tolist() == [[64, -127, 32]]
+    m = Int8Codec().encode("m", torch.tensor([[[[1.0]], [[-2.0]], [[0.5]]]]))   # a (3, 1, 1) map: the same
+    assert m["m.scale"].shape == (1, 1) and m["m"].flatten().tolist() == [64, -127, 32]
 
 
 def test_topk_keeps_top_logits_and_restores_tail_mass_exactly():
@@ -108,7 +110,7 @@ def test_distortion_metrics_against_hand_computation():
 
 def test_codec_flags_are_checked():
     assert choose("logits", "float16", "int8", 0) == {"name": "float16"}
-    assert choose("features", "float16", "int8", 5) == {"name": "int8"}
+    assert choose("features", "float16", "int8", 5) == {"name": "int8", "scale": "channel"}
     assert choose("logits", "bfloat16", "float", 5) == {"name": "topk", "k": 5, "dtype": "float16"}
     for args, msg in ((("logits", "float8", "float", 0), "--dtype"), (("features", "float16", "int4", 0),
                                                                       "--feature-codec")):
