@@ -108,7 +108,7 @@ def write_readme(md: str, start: str = START, end: str = END, readme: Path = Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--write-readme", action="store_true")
