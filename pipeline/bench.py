@@ -241,6 +241,51 @@ def shuffle_table(batch: int, num_samples: int = 60000, chunk: int = 1024, bytes
     return rows
 
 
+TARGETS = {  # the issue's targets, per preset: ratio -> minimum
+    "cpu": {"b/a": 0.9, "e/d (KD)": 0.9},
+    "gpu": {"b/a": 0.95, "c/a": 0.8, "e/d (KD)": 0.95, "e/f": 1.9},
+}
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def target_lines(r: dict) -> list[str]:
+    """Each target of the preset, measured value, met or not (c/a may be met by the disk-bandwidth clause)."""
+    out = []
+    for ratio, want in TARGETS.get(r["preset"], {}).items():
+        got = r["ratios"][ratio]
+        met = got >= want
+        extra = ""
+        if ratio == "c/a" and not met and r["ratios"]["c_write_vs_disk"] >= 0.8:
+            met, extra = True, f" (write bandwidth {100 * r['ratios']['c_write_vs_disk']:.0f}% of the disk's)"
+        out.append(f"- {ratio} = {got:.2f}, target ≥ {want}: {'met' if met else 'missed'}{extra}")
+    return out
+
+
+def readme_section(results: list[dict]) -> str:
+    parts = []
+    for r in results:
+        parts += [f"`kdcache bench --preset {r['preset']}`" + (" --scaling ..." if r.get("scaling") else "") +
+                  f" ({r['platform']}):", "", table(r), "", *target_lines(r), ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    """`python -m pipeline.bench data/bench/bench-cpu.json [...] --write-readme`: the README's performance tables
+    from benchmark JSON files (so the README shows exactly what a `kdcache bench` run measured)."""
+    import argparse
+
+    from pipeline.results import write_readme
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--write-readme", action="store_true")
+    a = ap.parse_args()
+    md = readme_section([json.loads(Path(f).read_text()) for f in a.json])
+    print(md)
+    if a.write_readme:
+        write_readme(md, START, END)
+
+
 def table(r: dict) -> str:
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
              f"samples, batch {r['batch']}, device {r['device']}",
@@ -273,3 +318,7 @@ def table(r: dict) -> str:
         lines += [f"| {s['samples']:,} | {s['cache_img_s']:,.0f} | {s['cache_us_per_sample']:.1f} | "
                   f"{s['student_kd_img_s']:,.0f} | {s['student_us_per_sample']:.1f} |" for s in r["scaling"]]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

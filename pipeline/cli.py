@@ -272,6 +272,7 @@ def bench_cmd(
     scaling: Optional[str] = typer.Option(None, help="Also measure cache and KD at these sizes, e.g. "
                                                       "10000,100000,1000000 (tiny tensors)."),
     out: Optional[str] = typer.Option(None, help="JSON output (default data/bench/bench-<preset>.json)."),
+    write_readme: bool = typer.Option(False, help="Also write the table into the README's performance section."),
 ):
     """Throughput: teacher forward, cache writing, student alone, KD/FitNets from the cache, online KD."""
     with user_errors():
@@ -280,8 +281,13 @@ def bench_cmd(
 
         if preset not in PRESETS:
             raise KDCacheError(f"unknown --preset '{preset}'; use {', '.join(PRESETS)}")
-        run_bench(BenchConfig(preset=preset, samples=samples, batch_size=batch_size, workers=workers,
-                              device=device, scaling=scaling, out=out), log=typer.echo)
+        result = run_bench(BenchConfig(preset=preset, samples=samples, batch_size=batch_size, workers=workers,
+                                       device=device, scaling=scaling, out=out), log=typer.echo)
+        if write_readme:
+            from pipeline.bench import END, START, readme_section
+            from pipeline.results import write_readme as write
+
+            write(readme_section([result]), START, END)
 
 
 def main() -> None:
