@@ -284,12 +284,13 @@ def _encode(p: Prepared, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, to
 
 
 def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: ThreadPoolExecutor | None = None,
-                          box=None, flip=None):
+                          box=None, flip=None, copy_stream=None):
     """Queue the teacher on samples `idx`; return host parts, host stats and a CUDA event that fires when filled.
 
-    On a GPU nothing here waits for the device: forwards and encodings are queued, outputs stay on the device
-    until one non-blocking copy per array into pinned host memory, and the writer thread waits on the event. So
-    loading the next unit's inputs on the CPU overlaps with this unit's compute and copies. Hooks must be attached.
+    On a GPU nothing here waits for the device: forwards and encodings are queued on the compute stream; the copies
+    into pinned host memory are queued on `copy_stream` behind an event, so they overlap the next unit's forwards
+    (the allocator is told the outputs are in use there until the copies finish); the writer thread waits on the
+    copies' event. Loading the next unit's inputs on the CPU overlaps both. Hooks must be attached.
     """
     chunks: dict[str, list[torch.Tensor]] = {}
     stats = None
@@ -303,10 +304,14 @@ def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: Thr
     if p.device.type != "cuda":
         return dev, None
     host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in dev.items()}
-    for k, v in dev.items():
-        host[k].copy_(v, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
+    stream = copy_stream or torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())   # the copies start once this unit's compute is done
+    with torch.cuda.stream(stream):
+        for k, v in dev.items():
+            host[k].copy_(v, non_blocking=True)
+            v.record_stream(stream)                    # not reused by the next forward before it is copied
+        event = torch.cuda.Event()
+        event.record(stream)
     return host, event
 
 
@@ -348,6 +353,7 @@ def fill_units(group, p: Prepared, blocks, todo, already):
     writers = cfg.writers or min(8, os.cpu_count() or 2)
     max_pending = max(2, 2 * writers)  # bounded: host memory stays flat however large the dataset
     native_hw = tuple(source.native_shape[1:])
+    copy_stream = torch.cuda.Stream(device=p.device) if p.device.type == "cuda" else None
     t0, computed = time.time(), 0
     with prog, ThreadPoolExecutor(writers) as pool, ThreadPoolExecutor(2) as loader, torch.inference_mode(), \
             capture(p.teacher, cfg.layers) as feats:
@@ -362,7 +368,7 @@ def fill_units(group, p: Prepared, blocks, todo, already):
             if p.views:
                 box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [v], native_hw))
                 out["aug/box"], out["aug/flip"] = box, flip
-            host, event = teacher_outputs_async(p, idx, feats, loader, box, flip)
+            host, event = teacher_outputs_async(p, idx, feats, loader, box, flip, copy_stream)
             pending.add(pool.submit(_write_when_ready, group, p, b, v, start, end, out, host, event))
             if len(pending) >= max_pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
