@@ -112,8 +112,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/results.json.")
     a = ap.parse_args()
-    r = run(a.epochs, [int(s) for s in a.seeds.split(",")], a.workers)
+    if a.table_only:
+        r = json.loads((data_root() / "results" / "results.json").read_text())
+    else:
+        r = run(a.epochs, [int(s) for s in a.seeds.split(",")], a.workers)
     md = table(r)
     print(md)
     if a.write_readme:
