@@ -99,6 +99,9 @@ def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 class Int8Codec(Codec):
     name = "int8"
 
+    def config(self):
+        return {"name": self.name, "scale": "channel"}
+
     def parts(self, target, shape):
         return {target: (tuple(shape), "int8"), f"{target}.scale": (_scale_shape(tuple(shape)), "float32")}
 
