@@ -53,7 +53,7 @@ def inspect_cache(path: str) -> dict:
     for name, meta in cache.arrays.items():
         arr = group[name]
         raw = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
-        stored = disk_bytes(Path(path) / name)
+        stored = disk_bytes(Path(path) / name / "c")  # chunk data only, not the array metadata
         arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "chunks": list(arr.chunks),
                         "fill": arr.metadata.fill_value if np.dtype(meta["dtype"]).kind != "f" else "NaN",
                         "codecs": [type(c).__name__ for c in arr.metadata.codecs], "stored_bytes": stored,

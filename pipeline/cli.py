@@ -57,8 +57,10 @@ def teacher_cmd(
     with user_errors():
         from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
 
-        run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
-                                             batch_size=batch_size, lr=lr, seed=seed, device=device, out=out))
+        meta = run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
+                                                    batch_size=batch_size, lr=lr, seed=seed, device=device, out=out),
+                                 log=log_err)
+        typer.echo(meta["path"])  # the last line of stdout is the weights file, for scripts
 
 
 def _cache_command(mode: str):

@@ -70,4 +70,4 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     tmp.replace(out)  # never leave a half-written weights file under the real name
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     log(f"teacher test accuracy {acc:.4f}; saved {out}")
-    return meta
+    return meta | {"path": str(out)}

@@ -1,0 +1,99 @@
+"""One CliRunner test per command not covered elsewhere: teacher, plan, ls, inspect, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from pipeline.catalog import disk_bytes
+from pipeline.cli import app
+from tests.conftest import SYN, SYN_TEST
+
+runner = CliRunner()
+
+
+def test_teacher_command_trains_and_saves_weights_with_transform(root):
+    res = runner.invoke(app, ["teacher", "--data", SYN, "--test-data", SYN_TEST, "--epochs", "2", "--batch-size",
+                              "32", "--out", "t.pt"])
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load("t.pt", weights_only=True)
+    meta = json.loads(Path("t.json").read_text())
+    assert set(ckpt) == {"state_dict", "meta"} and ckpt["meta"]["transform"]["size"] == [16, 16]
+    assert meta["num_classes"] == 4 and 0.0 <= meta["test_accuracy"] <= 1.0 and "test acc" in res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "t.pt"
+    # The recorded accuracy is the saved model's, measured independently here.
+    from pipeline.data import Transform, open_source
+    from pipeline.models import build_model
+
+    model = build_model("default-teacher", 4, 1, 16)
+    model.load_state_dict(ckpt["state_dict"])
+    src = open_source(SYN_TEST)
+    with torch.no_grad():
+        pred = model.eval()(src.load(np.arange(64), Transform.from_dict(meta["transform"]))).argmax(1).numpy()
+    assert meta["test_accuracy"] == (pred == src.labels(np.arange(64))).mean()
+
+
+def test_plan_predicts_the_size_on_disk(root, teacher_file):
+    args = ["--data", "synthetic:1024:1x16x16:4", "--weights", str(teacher_file), "--layer", "layer2",
+            "--chunk-samples", "256", "--batch-size", "256"]
+    res = runner.invoke(app, ["plan", *args, "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["samples"] == 1024 and plan["probe_samples"] == 256
+    assert plan["total_bytes"] == int(plan["bytes_per_sample"] * 1024)
+    assert not Path(plan["path"]).exists()   # planning writes nothing
+    res = runner.invoke(app, ["teacher-cache", *args])
+    assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1] == plan["path"]
+    actual = sum(disk_bytes(Path(plan["path"]) / name / "c") for name in plan["arrays"])
+    assert abs(plan["total_bytes"] - actual) / actual < 0.15, (plan["total_bytes"], actual)
+    text = runner.invoke(app, ["plan", *args]).stdout
+    assert "on disk" in text and text.strip().splitlines()[-1] == plan["path"]
+
+
+def test_ls_and_inspect(root, teacher_file):
+    base = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--chunk-samples", "64"]
+    done = runner.invoke(app, [*base, "--layer", "avgpool"]).stdout.strip().splitlines()[-1]
+    other = runner.invoke(app, [*base, "--views", "2", "--augment", "flip"]).stdout.strip().splitlines()[-1]
+    g = zarr.open_group(other, mode="r+")
+    g.attrs["kdcache"] = dict(g.attrs["kdcache"], complete=False)   # as a killed run leaves it
+    res = runner.invoke(app, ["ls", "--json"])
+    assert res.exit_code == 0
+    caches = {c["path"]: c for c in json.loads(res.stdout)}
+    assert set(caches) == {done, other}
+    assert caches[done]["complete"] and not caches[other]["complete"] and caches[other]["views"] == 2
+    assert caches[done]["samples"] == 192 and caches[done]["bytes"] == disk_bytes(Path(done))
+    text = runner.invoke(app, ["ls"]).stdout
+    assert "INCOMPLETE" in text and "x 2 views" in text and "complete  " in text
+    res = runner.invoke(app, ["inspect", done, "--json"])
+    info = json.loads(res.stdout)
+    assert info["manifest"]["key"] == Path(done).stem
+    f = info["arrays"]["features/avgpool"]
+    stored = sum(p.stat().st_size for p in (Path(done) / "features" / "avgpool" / "c").rglob("*") if p.is_file())
+    assert f["stored_bytes"] == stored and f["raw_bytes"] == 192 * 64 * 2
+    assert f["compression_ratio"] == round(f["raw_bytes"] / stored, 3)
+    assert f["codecs"] == ["BytesCodec", "ZstdCodec", "Crc32cCodec"] and f["chunks"] == [64, 64, 1, 1]
+    text = runner.invoke(app, ["inspect", done]).stdout
+    assert "B/sample" in text and "ratio" in text
+    assert runner.invoke(app, ["inspect", "nowhere.zarr"]).exit_code == 2
+
+
+def test_bench_command_writes_table_and_json(root):
+    res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "2048", "--workers", "0",
+                              "--out", "bench.json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(Path("bench.json").read_text())
+    keys = ["a_teacher_forward", "b_cache_logits", "c_cache_logits_hint", "d_student_alone", "e_student_kd",
+            "e_student_fitnets", "f_online_kd"]
+    assert all(r[k]["img_s"] > 0 for k in keys)
+    a = r["a_teacher_forward"]["img_s"]
+    assert r["ratios"]["b/a"] == r["b_cache_logits"]["img_s"] / a
+    assert r["ratios"]["e/f"] == r["e_student_kd"]["img_s"] / r["f_online_kd"]["img_s"]
+    assert r["device"].startswith("cpu") and r["versions"]["zarr"]
+    assert [q["buffer_chunks"] for q in r["shuffle"]][-1] == "uniform"
+    assert "| (f) online KD (teacher in the loop) |" in res.stdout
+    assert not list(Path("data/bench").glob("bench-tiny-*"))   # its scratch caches are removed
