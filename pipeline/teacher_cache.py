@@ -202,6 +202,7 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
     blocks = st.block_ranges(p.num_samples, cfg.chunk_samples)
     if group is None:
         if not st.is_url(p.path):
+            _refuse_foreign_folder(Path(p.path))
             Path(p.path).parent.mkdir(parents=True, exist_ok=True)
         group = st.create_store(p.path, p.manifest(), p.arrays, (len(blocks), p.units_per_block), p.stat_columns)
 
@@ -218,6 +219,20 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
     st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": total - already,
                                        "samples_per_s": round((total - already) / max(seconds, 1e-9), 1)}})
     return str(p.path)
+
+
+def _refuse_foreign_folder(path: Path) -> None:
+    """Creating a store empties its folder: never do that to a folder that holds anything but a kdcache store."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise KDCacheError(f"{path} exists and is a file, not a cache folder; choose another --out")
+    meta = path / "zarr.json"
+    ours = meta.exists() and st.MANIFEST_KEY in json.loads(meta.read_text() or "{}").get("attributes", {})
+    empty_group = meta.exists() and not any(p for p in path.iterdir() if p.name != "zarr.json")
+    if any(path.iterdir()) and not (ours or empty_group):
+        raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out (kdcache never "
+                           "overwrites a folder it did not create, even with --force)")
 
 
 def _open_existing(path: str, key: str, cfg: CacheConfig, log):

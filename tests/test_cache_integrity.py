@@ -240,6 +240,14 @@ def test_bad_inputs(root, teacher_file):
     other = run_teacher_cache(cfg(teacher_file, layers=[], out="x.zarr"), log=lambda *_: None)
     with pytest.raises(KDCacheError, match="holds a different cache"):
         run_teacher_cache(cfg(teacher_file, out=other), log=lambda *_: None)
+    # ... and a folder that is no store is never emptied, not even with --force
+    mine = root / "my-results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for force in (False, True):
+        with pytest.raises(KDCacheError, match="is not a kdcache store"):
+            run_teacher_cache(cfg(teacher_file, out=str(mine), force=force), log=lambda *_: None)
+    assert (mine / "notes.txt").read_text() == "precious"
 
 
 def test_cache_dir_as_fsspec_url(root, teacher_file):
