@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import store as st
 from pipeline.augment import AugmentPolicy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
-from pipeline.reader import worker_init
+from pipeline.reader import SharedEpoch, make_loader
 from pipeline.train_student import StudentConfig, declared, fit, run_dir_for, setup
 
 FRESH_VIEW_BASE = 1_000_000
@@ -44,10 +44,15 @@ class OnlineStream(IterableDataset):
     def __init__(self, source: Source, tf: Transform, policy: AugmentPolicy, batch_size: int, seed: int,
                  aug_seed: int, use_labels: bool):
         self.source, self.tf, self.policy, self.batch_size = source, tf, policy, batch_size
-        self.seed, self.aug_seed, self.use_labels, self.epoch = seed, aug_seed, use_labels, 0
+        self.seed, self.aug_seed, self.use_labels = seed, aug_seed, use_labels
+        self._epoch = SharedEpoch()  # persistent workers must see set_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return -(-self.source.num_samples // self.batch_size)
@@ -96,8 +101,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     (run_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "online": True, "augment": policy.spec(),
                                                      "device": str(s.device)}, indent=2, default=str))
     stream = OnlineStream(source, tf, policy, cfg.batch_size, cfg.seed, cfg.aug_seed, use_labels)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                        worker_init_fn=worker_init)
+    loader = make_loader(stream, cfg.workers)
     cuda = s.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
 

@@ -1,6 +1,6 @@
 """Streaming a store back for the student: chunk-level shuffling, one read per chunk, inputs rebuilt by index.
 
-`CacheStream` is an IterableDataset yielding whole batches (use `DataLoader(batch_size=None)`):
+`CacheStream` is an IterableDataset yielding whole batches (`make_loader` wraps it in the DataLoader we train with):
 - each epoch, the order of blocks (one block = one chunk of every array) is a permutation seeded by (seed, epoch);
   DataLoader worker w takes blocks w, w + W, ... of that order, so every sample is visited exactly once per epoch for
   any worker count (and, later, rank r of R takes its share the same way);
@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.augment import select_view
 from pipeline.codecs import fill_value, is_missing
@@ -37,9 +37,39 @@ SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
 BUFFER_BYTES = 256 << 20      # the default shuffle buffer per worker (--buffer-chunks 0)
 
 
+class SharedEpoch:
+    """The epoch number in shared memory.
+
+    Persistent DataLoader workers keep the copy of the dataset they were started with, so a plain `self.epoch = e`
+    in the main process never reaches them and every epoch would replay epoch 0's order (and its views). The
+    datasets here keep their epoch in this shared value instead: `set_epoch` writes it in the main process and each
+    worker reads it when it starts the next epoch's iteration.
+    """
+
+    def __init__(self, epoch: int = 0):
+        import multiprocessing as mp
+
+        self._value = mp.RawValue("q", epoch)
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._value.value = int(epoch)
+
+
 def worker_init(_worker_id: int) -> None:
     """Loader workers decode and index; one intra-op thread each leaves the cores to the training process."""
     torch.set_num_threads(1)
+
+
+def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader both training paths use: whole batches from the stream, persistent workers (stores and
+    in-memory arrays opened once per worker), one intra-op thread per worker."""
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, worker_init_fn=worker_init)
 
 
 class CacheStream(IterableDataset):
@@ -56,12 +86,16 @@ class CacheStream(IterableDataset):
             select_view(view_policy, seed, 0, 0, self.views)  # an unknown policy fails here, not in a worker
         self.transform = Transform.from_dict(store.manifest["transform"])
         self.blocks = block_ranges(store.num_samples, store.chunk_samples)
-        self.epoch = 0
+        self._epoch = SharedEpoch()  # see SharedEpoch: persistent workers must see set_epoch
         self._group = None
         self._memory: dict[str, np.ndarray] = {}
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def row_bytes(self) -> int:
         """Bytes one row occupies in a buffer: its rebuilt input plus the arrays not held in memory."""

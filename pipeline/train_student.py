@@ -23,7 +23,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.augment import AugmentPolicy
 from pipeline.data import Source, Transform, data_root, open_source
@@ -31,7 +30,7 @@ from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import cosine_lr, evaluate, pick_device, sgd
 from pipeline.models import build_model, capture, resolve_modules
-from pipeline.reader import CacheStream, worker_init
+from pipeline.reader import CacheStream, make_loader
 from pipeline.store import open_store, versions
 
 
@@ -196,8 +195,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
                 "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays},
                 "test_data": s.test_spec, "student_shapes": s.student_shapes, "versions": versions()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=s.device.type == "cuda",
-                        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init)
+    loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
     codecs = {t: store.codec(t) for t in targets}
 
     def decode(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.augment import row_order
 from pipeline.data import open_source
-from pipeline.reader import CacheStream, _expected_distinct_chunks, shuffle_quality, worker_init
+from pipeline.reader import CacheStream, _expected_distinct_chunks, make_loader, shuffle_quality, worker_init
 from pipeline.store import CacheStore, open_store
 from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
@@ -87,3 +87,21 @@ def test_shuffle_quality_numbers():
                                       seed=0).epoch_rows(), c, b) for k in (1, 4, 16)]
     assert qs[0]["neighbour_spread"] < qs[1]["neighbour_spread"] < qs[2]["neighbour_spread"] <= 1.05
     assert qs[0]["distinct_chunks_per_batch"] == 1.0 and qs[2]["batch_chunks"] > 0.9
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_persistent_workers_follow_set_epoch(root, teacher_file, workers):
+    """The loader training uses keeps its workers across epochs; each epoch must still get its own order."""
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu"),
+                             log=lambda *_: None)
+    store = open_store(path)
+    index = np.asarray(store.open_group()["index"][:])
+    stream = CacheStream(store, open_source(DATA), ["logits"], 32, use_labels=True, buffer_chunks=2, seed=0)
+    loader = make_loader(stream, workers)
+    orders = []
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        got = torch.cat([b["index"] for b in loader]).numpy()
+        np.testing.assert_array_equal(got, index[stream.epoch_rows(workers)])  # this epoch's planned order
+        orders.append(tuple(got))
+    assert len(set(orders)) == 3

@@ -17,7 +17,7 @@ from pipeline.cli import app
 from pipeline.data import Transform, open_source
 from pipeline.errors import KDCacheError
 from pipeline.models import load_teacher
-from pipeline.reader import CacheStream, worker_init
+from pipeline.reader import CacheStream, make_loader, worker_init
 from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 from pipeline.train_student import StudentConfig, run_train_student
 from tests.conftest import SYN, SYN_TEST
@@ -207,10 +207,15 @@ def test_rebuilt_inputs_bitwise_identical_across_workers_batch_sizes_and_resume(
         want = apply_views(src._load(np.array([idx])), g["aug/box"][r:r + 1, v], g["aug/flip"][r:r + 1, v],
                            tf.size)[0]
         assert torch.equal(x, want), (idx, v)
-    seen = {i: {a[i][0]} for i in a}
-    for e in (1, 2, 3):
-        for i, row in _epoch(path, 0, 64, epoch=e).items():
-            seen[i].add(row[0])
+    # ... through the persistent-worker loader training uses, with set_epoch between epochs
+    stream = CacheStream(st.open_store(path), open_source(SYN), ["logits"], 64, use_labels=True, seed=0)
+    loader = make_loader(stream, 1)
+    seen = {i: set() for i in a}
+    for e in range(4):
+        stream.set_epoch(e)
+        for b in loader:
+            for i, v in zip(b["index"].tolist(), b["view"].tolist()):
+                seen[i].add(v)
     assert all(s == {0, 1, 2, 3} for s in seen.values())
     # A run interrupted after 3 units and resumed: same parameters, same targets, same rebuilt inputs.
     real, calls = st.write_unit, {"n": 0}
@@ -251,6 +256,24 @@ def test_student_trains_on_views_and_refuses_another_policy(root, teacher_file):
         run_train_student(StudentConfig(cache=fixed, augment="flip", workers=0, out="run2"))
     with pytest.raises(KDCacheError, match="needs --augment"):
         _cache(teacher_file, views=4, augment=None)
+
+
+def test_online_views_are_fresh_every_epoch_with_persistent_workers():
+    from pipeline.data import default_transform
+    from pipeline.online import OnlineStream
+
+    src = open_source(SYN)
+    stream = OnlineStream(src, default_transform(src), AugmentPolicy.parse(POLICY), 64, 0, 0, True)
+    loader = make_loader(stream, 1)
+    epochs = []
+    for e in range(2):
+        stream.set_epoch(e)
+        batches = list(loader)
+        order = torch.cat([b["index"] for b in batches])
+        x = torch.cat([b["x"] for b in batches])[order.argsort()]
+        assert sorted(order.tolist()) == list(range(192))
+        epochs.append(x)
+    assert (epochs[0] != epochs[1]).flatten(1).any(1).float().mean() > 0.9  # new views, not epoch 0's again
 
 
 def test_views_on_unlabelled_data(root):
