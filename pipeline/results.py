@@ -39,6 +39,20 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def reuse_or_run(cfg, fn, log=print) -> dict:
+    """Run `fn(cfg)` unless `cfg.out` already holds a finished run of exactly this config (then reuse its summary):
+    a results command that was interrupted, or extended with new rows, resumes instead of starting over."""
+    from dataclasses import asdict
+
+    out = Path(cfg.out)
+    if (out / "summary.json").exists() and (out / "config.json").exists():
+        recorded = json.loads((out / "config.json").read_text()).get("config")
+        if recorded == json.loads(json.dumps(asdict(cfg), default=str)):
+            log(f"reusing the finished run in {out}")
+            return json.loads((out / "summary.json").read_text())
+    return fn(cfg, log=lambda m: None)
+
+
 def _fmt(accs: list[float]) -> str:
     if len(accs) == 1:
         return f"{100 * accs[0]:.2f}"
@@ -66,7 +80,7 @@ def run(epochs: int, seeds: list[int], workers: int, log=print) -> dict:
                                 out=str(out_dir / "runs" / f"{overrides['loss'].replace('=', '')}"
                                                            f"{'-nolabels' if overrides.get('no_labels') else ''}-s{seed}"),
                                 **overrides)
-            s = run_train_student(cfg, log=lambda m: None)
+            s = reuse_or_run(cfg, run_train_student, log)
             log(f"{name}  seed {seed}: test acc {s['test_acc']:.4f}  ({s['seconds']:.0f}s)")
             runs.append(s)
         rows.append({"method": name, "config": overrides, "test_acc": [r["test_acc"] for r in runs],

@@ -1,12 +1,13 @@
 """`make results-views`: does caching K augmented views recover what online KD gets? (Beyer et al. 2022)
 
-    python -m pipeline.results_views [--epochs 15] [--seeds 0,1,2] [--views 4,16] [--write-readme]
+    python -m pipeline.results_views [--epochs 15] [--seeds 0,1,2] [--views 4,16] [--augment P ...] [--write-readme]
 
 On Fashion-MNIST with the default teacher (data/teachers/default.pt) and the default student, the same KD loss,
 schedule and seeds in every arm:
   (a) a fixed cache: one view per sample, no augmentation;
-  (b) caches of K augmented views (policy --augment), the student reading one view per sample per epoch (cycle);
+  (b) caches of K augmented views (per policy --augment), the student reading one view per sample per epoch (cycle);
   (c) online KD: the teacher in the loop on a fresh view of the same policy every step (the reference).
+Finished runs are reused (`reuse_or_run`), so the command resumes where it stopped and extends with new policies.
 Writes data/results/views.json, data/results/views.md and, with --write-readme, the README's table between the
 views markers: test accuracy (mean ± std), total time (cache + training), the cache's bytes per sample, and how much
 of the gap between (a) and (c) each cache closes.
@@ -21,13 +22,20 @@ import time
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import _fmt, machine, write_readme
+from pipeline.results import _fmt, machine, reuse_or_run, write_readme
 
 START, END = "<!-- views:start -->", "<!-- views:end -->"
-POLICY = "translate=2,flip,crop=0.6-1"
+POLICIES = ["translate=2,flip", "crop=0.6-1,translate=2,flip"]  # the teacher's own training augmentation; + crops
 
 
-def run(epochs: int, seeds: list[int], views: list[int], policy: str, loss: str, workers: int, log=print) -> dict:
+def slug(policy: str) -> str:
+    from pipeline.augment import AugmentPolicy
+
+    return "".join(c if c.isalnum() else "_" for c in AugmentPolicy.parse(policy).spec())
+
+
+def run(epochs: int, seeds: list[int], views: list[int], policies: list[str], loss: str, workers: int,
+        log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.online import OnlineConfig, run_online_kd
     from pipeline.store import open_store
@@ -35,40 +43,46 @@ def run(epochs: int, seeds: list[int], views: list[int], policy: str, loss: str,
     from pipeline.train_student import StudentConfig, run_train_student
 
     out_dir = data_root() / "results"
+    runs_dir = out_dir / "views-runs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    arms = [("(a) fixed cache: 1 view, no augmentation", {"views": 1, "augment": None})]
-    arms += [(f"(b) cache of K = {k} augmented views", {"views": k, "augment": policy}) for k in views]
-    rows = []
-    for name, cache_kw in arms:
+
+    def cached_arm(name: str, k: int, policy: str | None) -> dict:
         t0 = time.time()
-        path = run_teacher_cache(CacheConfig(data="fashion-mnist:train", **cache_kw), log=log)
+        path = run_teacher_cache(CacheConfig(data="fashion-mnist:train", views=k, augment=policy), log=log)
         man = open_store(path).manifest
-        cache_s = man.get("stats", {}).get("seconds", time.time() - t0)
         runs = []
         for seed in seeds:
-            tag = f"views{cache_kw['views']}-{'aug' if cache_kw['augment'] else 'plain'}-s{seed}"
-            s = run_train_student(StudentConfig(cache=path, loss=loss, epochs=epochs, seed=seed, workers=workers,
-                                                out=str(out_dir / "views-runs" / tag)), log=lambda m: None)
-            log(f"{name}  seed {seed}: test acc {s['test_acc']:.4f}  ({s['seconds']:.0f}s)")
-            runs.append(s)
-        rows.append({"arm": name, "views": cache_kw["views"], "augment": cache_kw["augment"],
-                     "test_acc": [r["test_acc"] for r in runs], "cache_seconds": cache_s,
-                     "train_seconds": statistics.mean(r["seconds"] for r in runs),
-                     "bytes_per_sample": disk_bytes(Path(path)) / man["data"]["num_samples"]})
-    runs = []
-    for seed in seeds:
-        s = run_online_kd(OnlineConfig(data="fashion-mnist:train", loss=loss, epochs=epochs, seed=seed,
-                                       workers=workers, augment=policy,
-                                       out=str(out_dir / "views-runs" / f"online-s{seed}")), log=lambda m: None)
-        log(f"(c) online KD  seed {seed}: test acc {s['test_acc']:.4f}  ({s['seconds']:.0f}s)")
-        runs.append(s)
-    rows.append({"arm": "(c) online KD: teacher in the loop, a fresh view every step", "views": None,
-                 "augment": policy, "test_acc": [r["test_acc"] for r in runs], "cache_seconds": 0.0,
-                 "train_seconds": statistics.mean(r["seconds"] for r in runs), "bytes_per_sample": 0.0})
-    base, ref = statistics.mean(rows[0]["test_acc"]), statistics.mean(rows[-1]["test_acc"])
-    for r in rows:
-        r["gap_closed"] = (statistics.mean(r["test_acc"]) - base) / (ref - base) if ref != base else None
-    result = {"epochs": epochs, "seeds": seeds, "policy": policy, "loss": loss, "rows": rows, "machine": machine()}
+            tag = f"views{k}-{slug(policy) if policy else 'plain'}-s{seed}"
+            cfg = StudentConfig(cache=path, loss=loss, epochs=epochs, seed=seed, workers=workers,
+                                out=str(runs_dir / tag))
+            runs.append(reuse_or_run(cfg, run_train_student, log))
+            log(f"{name}  seed {seed}: test acc {runs[-1]['test_acc']:.4f}  ({runs[-1]['seconds']:.0f}s)")
+        return {"arm": name, "views": k, "augment": policy, "test_acc": [r["test_acc"] for r in runs],
+                "cache_seconds": man.get("stats", {}).get("seconds", time.time() - t0),
+                "train_seconds": statistics.mean(r["seconds"] for r in runs),
+                "bytes_per_sample": disk_bytes(Path(path)) / man["data"]["num_samples"]}
+
+    rows = [cached_arm("(a) fixed cache: 1 view, no augmentation", 1, None)]
+    for policy in policies:
+        group = [cached_arm(f"(b) cache of K = {k} views of `{policy}`", k, policy) for k in views]
+        runs = []
+        for seed in seeds:
+            cfg = OnlineConfig(data="fashion-mnist:train", loss=loss, epochs=epochs, seed=seed, workers=workers,
+                               augment=policy, out=str(runs_dir / f"online-{slug(policy)}-s{seed}"))
+            runs.append(reuse_or_run(cfg, run_online_kd, log))
+            log(f"(c) online KD, {policy}  seed {seed}: test acc {runs[-1]['test_acc']:.4f}  "
+                f"({runs[-1]['seconds']:.0f}s)")
+        group.append({"arm": f"(c) online KD on `{policy}`: teacher in the loop, a fresh view every step",
+                      "views": None, "augment": policy, "test_acc": [r["test_acc"] for r in runs],
+                      "cache_seconds": 0.0, "train_seconds": statistics.mean(r["seconds"] for r in runs),
+                      "bytes_per_sample": 0.0})
+        base, ref = statistics.mean(rows[0]["test_acc"]), statistics.mean(group[-1]["test_acc"])
+        for r in group:  # the share of this policy's (a) -> (c) gap each arm closes
+            r["gap_closed"] = (statistics.mean(r["test_acc"]) - base) / (ref - base) if ref != base else None
+        rows += group
+    rows[0]["gap_closed"] = 0.0
+    result = {"epochs": epochs, "seeds": seeds, "policies": policies, "loss": loss, "rows": rows,
+              "machine": machine()}
     (out_dir / "views.json").write_text(json.dumps(result, indent=2))
     (out_dir / "views.md").write_text(table(result))
     return result
@@ -77,8 +91,9 @@ def run(epochs: int, seeds: list[int], views: list[int], policy: str, loss: str,
 def table(r: dict) -> str:
     lines = [f"Fashion-MNIST test accuracy (%), mean ± std over seeds {', '.join(map(str, r['seeds']))}; "
              f"`default-student`, `--loss {r['loss']}` (T=4), {r['epochs']} epochs, batch 128, SGD + cosine; "
-             f"augmentation `{r['policy']}`; machine: {r['machine']}. Total time = the cache's teacher-cache run + "
-             "one student run (one cache serves every seed and every later experiment).", "",
+             f"machine: {r['machine']}. Total time = the cache's teacher-cache run + one student run (one cache "
+             "serves every seed and every later experiment). Gap closed: (arm − (a)) / ((c) − (a)) with the (c) of "
+             "the same augmentation.", "",
              "| arm | test acc (%) | share of the (a)→(c) gap closed | total (s) | cache (s) | student run (s) | "
              "cache B/sample |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["rows"]:
@@ -94,7 +109,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--views", default="4,16")
-    ap.add_argument("--augment", default=POLICY)
+    ap.add_argument("--augment", action="append", help=f"Augmentation policy; repeatable (default: {POLICIES}).")
     ap.add_argument("--loss", default="kd=1")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--write-readme", action="store_true")
@@ -103,8 +118,8 @@ def main() -> None:
     if a.table_only:
         r = json.loads((data_root() / "results" / "views.json").read_text())
     else:
-        r = run(a.epochs, [int(s) for s in a.seeds.split(",")], [int(v) for v in a.views.split(",")], a.augment,
-                a.loss, a.workers)
+        r = run(a.epochs, [int(s) for s in a.seeds.split(",")], [int(v) for v in a.views.split(",")],
+                a.augment or POLICIES, a.loss, a.workers)
     md = table(r)
     print(md)
     if a.write_readme:

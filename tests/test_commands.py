@@ -97,3 +97,19 @@ def test_bench_command_writes_table_and_json(root):
     assert [q["buffer_chunks"] for q in r["shuffle"]][-1] == "uniform"
     assert "| (f) online KD (teacher in the loop) |" in res.stdout
     assert not list(Path("data/bench").glob("bench-tiny-*"))   # its scratch caches are removed
+
+
+def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
+    from pipeline.results import reuse_or_run
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    cache = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64),
+                              log=lambda *_: None)
+    cfg = StudentConfig(cache=cache, epochs=1, batch_size=32, workers=0, test_data=SYN_TEST, out="run")
+    first = reuse_or_run(cfg, run_train_student)
+    calls = []
+    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and not calls   # reused, not rerun
+    changed = StudentConfig(**{**cfg.__dict__, "seed": 1})
+    reuse_or_run(changed, lambda c, log: calls.append(c) or {})
+    assert calls == [changed]                                                         # another config: rerun
