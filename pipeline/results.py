@@ -46,8 +46,8 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
 
     out = Path(cfg.out)
     if (out / "summary.json").exists() and (out / "config.json").exists():
-        recorded = json.loads((out / "config.json").read_text()).get("config")
-        if recorded == json.loads(json.dumps(asdict(cfg), default=str)):
+        recorded = dict(json.loads((out / "config.json").read_text()).get("config") or {}, out=None)
+        if recorded == json.loads(json.dumps(asdict(cfg) | {"out": None}, default=str)):  # where it lies is no part
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())
     return fn(cfg, log=lambda m: None)

@@ -25,7 +25,7 @@ from pipeline.data import data_root
 from pipeline.results import _fmt, machine, reuse_or_run, write_readme
 
 START, END = "<!-- views:start -->", "<!-- views:end -->"
-POLICIES = ["translate=2,flip", "crop=0.6-1,translate=2,flip"]  # the teacher's own training augmentation; + crops
+POLICIES = ["translate=2,flip", "translate=2,flip,crop=0.6-1"]  # the teacher's own training augmentation; + crops
 
 
 def slug(policy: str) -> str:
