@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -44,10 +45,17 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
     a results command that was interrupted, or extended with new rows, resumes instead of starting over."""
     from dataclasses import asdict
 
+    from pipeline import store as st
+
+    def same_place(c: dict) -> dict:
+        # Where the run lies is no part of its config, and one store named relatively or absolutely is one store.
+        cache = c.get("cache")
+        return c | {"out": None, "cache": cache if not cache or st.is_url(cache) else os.path.realpath(cache)}
+
     out = Path(cfg.out)
     if (out / "summary.json").exists() and (out / "config.json").exists():
-        recorded = dict(json.loads((out / "config.json").read_text()).get("config") or {}, out=None)
-        if recorded == json.loads(json.dumps(asdict(cfg) | {"out": None}, default=str)):  # where it lies is no part
+        recorded = same_place(json.loads((out / "config.json").read_text()).get("config") or {})
+        if recorded == same_place(json.loads(json.dumps(asdict(cfg), default=str))):
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())
     return fn(cfg, log=lambda m: None)

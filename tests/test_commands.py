@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,6 @@ def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     changed = StudentConfig(**{**cfg.__dict__, "seed": 1})
     reuse_or_run(changed, lambda c, log: calls.append(c) or {})
     assert calls == [changed]                                                         # another config: rerun
+    other_name = StudentConfig(**{**cfg.__dict__, "cache": os.path.relpath(cache), "out": str(root / "moved")})
+    shutil.copytree("run", other_name.out)
+    assert reuse_or_run(other_name, lambda c, log: calls.append(c)) == first and calls == [changed]  # same store
