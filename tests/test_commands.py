@@ -86,7 +86,7 @@ def test_ls_and_inspect(root, teacher_file):
 
 def test_bench_command_writes_table_and_json(root):
     res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "2048", "--workers", "0",
-                              "--out", "bench.json"])
+                              "--scaling", "1024,2048", "--out", "bench.json"])
     assert res.exit_code == 0, res.output
     r = json.loads(Path("bench.json").read_text())
     keys = ["a_teacher_forward", "b_cache_logits", "c_cache_logits_hint", "d_student_alone", "e_student_kd",
@@ -98,6 +98,10 @@ def test_bench_command_writes_table_and_json(root):
     assert r["device"].startswith("cpu") and r["versions"]["zarr"]
     assert [q["buffer_chunks"] for q in r["shuffle"]][-1] == "uniform"
     assert "| (f) online KD (teacher in the loop) |" in res.stdout
+    assert [x["samples"] for x in r["scaling"]] == [1024, 2048]
+    assert all(abs(x["student_us_per_sample"] * x["student_kd_img_s"] - 1e6) < 1e-3 for x in r["scaling"])
+    from pipeline.bench import readme_section
+    assert "`kdcache bench --preset tiny --scaling 1024,2048` on cpu" in readme_section([r])
     assert not list(Path("data/bench").glob("bench-tiny-*"))   # its scratch caches are removed
 
 
