@@ -298,3 +298,20 @@ def test_views_on_unlabelled_data(root):
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in open("run/metrics.jsonl")]
     assert set(rows[0]["losses"]) == {"kd_soft", "rkd_distance", "rkd_angle"}
+
+
+def test_views_table_reports_differences_and_the_gap_only_where_there_is_one():
+    from pipeline.results_views import table
+
+    def row(arm, views, augment, accs, cache=0.0):
+        return {"arm": arm, "views": views, "augment": augment, "test_acc": accs, "cache_seconds": cache,
+                "train_seconds": 10.0, "bytes_per_sample": 20.0}
+
+    r = {"seeds": [0, 1], "loss": "kd=1", "epochs": 1, "machine": "m", "rows": [
+        row("a", 1, None, [0.80, 0.80], cache=5.0),
+        row("b-mild", 4, "flip", [0.83, 0.83]), row("c-mild", None, "flip", [0.84, 0.84]),
+        row("b-hard", 4, "crop=0.5-1", [0.70, 0.72]), row("c-hard", None, "crop=0.5-1", [0.75, 0.75])]}
+    lines = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in table(r).splitlines() if ln.startswith("| ")}
+    assert lines["b-mild"][2:5] == ["+3.00", "-1.00", "75%"]         # (83 - 80) / (84 - 80)
+    assert lines["b-hard"][2:5] == ["-9.00", "-4.00", "no gap: (c) ≤ (a)"]
+    assert lines["a"][5] == "15" and lines["c-mild"][2:5] == ["+4.00", "-", "-"]
