@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 PRESETS = {
-    "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=8192,
+    "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=32768,
                 batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
     "gpu": dict(teacher="torchvision:resnet50", student="torchvision:resnet18", shape="3x224x224", classes=1000,
                 samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=512),
