@@ -72,6 +72,12 @@ def disk_write_bandwidth(folder: Path, mb: int = 512) -> float:
     return (max(1, mb // 8) * 8) / dt
 
 
+def last_epoch_img_s(run_dir: Path) -> float:
+    """Student img/s of a run's last (second) epoch. Epoch 1 also pays the workers' start and the first steps'
+    warm-up: a fixed cost that would make short runs and small datasets look slower for reasons unrelated to size."""
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["samples_per_s"]
+
+
 def teacher_forward(teacher, x: torch.Tensor, n: int, device) -> float:
     """img/s of forward passes on a resident batch (no input pipeline, no copies back)."""
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast(
@@ -155,8 +161,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                               log=lambda *_: None)
             else:
                 run_train_student(StudentConfig(cache=store, **common), log=lambda *_: None)
-            rows = [json.loads(x) for x in open(work / f"run-{tag}" / "metrics.jsonl")]
-            return {"img_s": rows[-1]["samples_per_s"]}  # epoch 2: workers and caches warm
+            return {"img_s": last_epoch_img_s(work / f"run-{tag}")}
 
         results["d_student_alone"] = student("ce=1", "alone", online=True)
         log(f"(d) student alone            {results['d_student_alone']['img_s']:10,.0f} img/s")
@@ -213,9 +218,7 @@ def scaling(cfg: BenchConfig, sizes: list[int], work: Path, log) -> list[dict]:
                                         batch_size=p["batch"], workers=p["workers"], device=cfg.device,
                                         test_data=f"synthetic:256:{p['shape']}:{p['classes']}:1", out=str(run)),
                           log=lambda *_: None)
-        # Epoch 2, as in (d)-(f): epoch 1 also pays the workers' start and the first steps' warm-up, a fixed cost
-        # that would make small datasets look slower per sample for reasons that have nothing to do with size.
-        img_s = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["samples_per_s"]
+        img_s = last_epoch_img_s(run)
         row = {"samples": n, "cache_img_s": n / cache_s, "cache_us_per_sample": 1e6 * cache_s / n,
                "student_kd_img_s": img_s, "student_us_per_sample": 1e6 / img_s}
         rows.append(row)

@@ -106,9 +106,9 @@ def table(r: dict) -> str:
              "| arm | test acc (%) | Δ vs (a) | Δ vs (c) | gap closed | total (s) | cache (s) | student run (s) | "
              "cache B/sample |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, row in enumerate(r["rows"]):
-        ref = online.get(row["augment"])
-        vs_c = "-" if ref is None or row["views"] is None else f"{mean[i] - ref:+.2f}"
-        gap = "-" if ref is None or row["views"] is None else gap_closed(mean[i], fixed, ref)
+        ref = online.get(row["augment"]) if row["views"] is not None else None  # cached arms with an online twin
+        vs_c = "-" if ref is None else f"{mean[i] - ref:+.2f}"
+        gap = "-" if ref is None else gap_closed(mean[i], fixed, ref)
         total = row["cache_seconds"] + row["train_seconds"]
         lines.append(f"| {row['arm']} | {_fmt(row['test_acc'])} | {'-' if i == 0 else f'{mean[i] - fixed:+.2f}'} | "
                      f"{vs_c} | {gap} | {total:.0f} | {row['cache_seconds']:.0f} | {row['train_seconds']:.0f} | "
