@@ -8,6 +8,10 @@
     (f) online KD: the teacher in the loop
 (d), (e) and (f) run the same training loop (`train_student.fit`) with the same DataLoader workers, batch and
 student; only where the targets come from differs. Each is timed on its second epoch (workers and caches warm).
+
+Every measurement is repeated in `--repeat` interleaved rounds (a, b, c, a, b, c, ... then d, e, f, d, e, f, ...):
+a shared machine's speed drifts by 10-20% over tens of seconds, so each number is the median of its rounds and
+each ratio the median of the rounds' ratios, each taken from measurements seconds apart.
 The shuffle table measures the reader's order against a uniform shuffle for several buffer sizes (no data read).
 
 Presets: `cpu` (default-teacher -> default-student, 28x28, minutes on 2 cores) and `gpu` (torchvision resnet50 ->
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 PRESETS = {
-    "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=32768,
+    "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=16384,
                 batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
     "gpu": dict(teacher="torchvision:resnet50", student="torchvision:resnet18", shape="3x224x224", classes=1000,
                 samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=512),
@@ -46,6 +50,7 @@ class BenchConfig:
     batch_size: int | None = None
     workers: int | None = None
     device: str = "auto"
+    repeat: int = 3                    # interleaved rounds; numbers are medians over them
     scaling: str | None = None         # e.g. "10000,100000,1000000": (b) and (e) at each size, tiny tensors
     out: str | None = None             # JSON path; default data/bench/bench-<preset>.json
     work_dir: str | None = None        # where caches are written (default: a temp folder under data/bench)
@@ -98,6 +103,7 @@ def teacher_forward(teacher, x: torch.Tensor, n: int, device) -> float:
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import data_root, default_transform, open_source
+    from pipeline.errors import KDCacheError
     from pipeline.loops import pick_device
     from pipeline.models import build_model
     from pipeline.store import versions
@@ -118,7 +124,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{cfg.preset}-", dir=base))
-    results: dict = {"preset": cfg.preset, "samples": n, "batch": batch, "workers": workers, "pair":
+    if cfg.repeat < 1:
+        raise KDCacheError(f"--repeat must be at least 1 (got {cfg.repeat})")
+    results: dict = {"preset": cfg.preset, "samples": n, "batch": batch, "workers": workers, "repeat": cfg.repeat,
+                     "pair":
                      f"{p['teacher']} -> {p['student']}", "input": p["shape"], "hint": p["hint"],
                      "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
                      f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
@@ -129,12 +138,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         weights = work / "teacher.pt"
         torch.save(teacher.state_dict(), weights)
         x = source.load(np.arange(min(batch, n)), tf).to(device)
-        results["a_teacher_forward"] = {"img_s": teacher_forward(teacher, x, n, device)}
-        log(f"(a) teacher forward          {results['a_teacher_forward']['img_s']:10,.0f} img/s")
         results["disk_write_MB_s"] = disk_write_bandwidth(work, 2048 if device.type == "cuda" else 256)
         log(f"    disk sequential write    {results['disk_write_MB_s']:10,.0f} MB/s")
 
         def cache(layers, tag):
+            shutil.rmtree(work / f"{tag}.zarr", ignore_errors=True)  # the previous round's store: disk stays flat
             ccfg = CacheConfig(data=data, teacher=p["teacher"], weights=str(weights), layers=layers,
                                out=str(work / f"{tag}.zarr"), batch_size=batch, chunk_samples=p["chunk"],
                                device=cfg.device)
@@ -146,13 +154,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             return path, {"img_s": n / secs, "seconds": secs, "MB_s": size / secs / 1e6,
                           "bytes_per_sample": size / n}
 
-        _, results["b_cache_logits"] = cache([], "logits")
-        log(f"(b) teacher-cache logits     {results['b_cache_logits']['img_s']:10,.0f} img/s "
-            f"{results['b_cache_logits']['MB_s']:8.1f} MB/s")
-        store, results["c_cache_logits_hint"] = cache([p["hint"]], "hint")
-        log(f"(c) + {p['hint']:<22} {results['c_cache_logits_hint']['img_s']:10,.0f} img/s "
-            f"{results['c_cache_logits_hint']['MB_s']:8.1f} MB/s")
-
         def student(loss, tag, online=False, **kw):
             common = dict(student=p["student"], loss=loss, epochs=2, batch_size=batch, workers=workers,
                           device=cfg.device, test_data=test, out=str(work / f"run-{tag}"), **kw)
@@ -163,24 +164,41 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 run_train_student(StudentConfig(cache=store, **common), log=lambda *_: None)
             return {"img_s": last_epoch_img_s(work / f"run-{tag}")}
 
-        results["d_student_alone"] = student("ce=1", "alone", online=True)
-        log(f"(d) student alone            {results['d_student_alone']['img_s']:10,.0f} img/s")
-        results["e_student_kd"] = student("kd=1", "kd")
-        log(f"(e) student KD from cache    {results['e_student_kd']['img_s']:10,.0f} img/s")
-        results["e_student_fitnets"] = student("kd=1,fitnets=1", "fitnets", fitnets_hint=p["hint"],
-                                               fitnets_guided=p["guided"], fitnets_schedule="single")
-        log(f"    student KD+FitNets       {results['e_student_fitnets']['img_s']:10,.0f} img/s")
-        results["f_online_kd"] = student("kd=1", "online", online=True)
-        log(f"(f) online KD                {results['f_online_kd']['img_s']:10,.0f} img/s")
-        a = results["a_teacher_forward"]["img_s"]
-        results["ratios"] = {
-            "b/a": results["b_cache_logits"]["img_s"] / a,
-            "c/a": results["c_cache_logits_hint"]["img_s"] / a,
-            "c_write_vs_disk": results["c_cache_logits_hint"]["MB_s"] / results["disk_write_MB_s"],
-            "e/d (KD)": results["e_student_kd"]["img_s"] / results["d_student_alone"]["img_s"],
-            "e/d (FitNets)": results["e_student_fitnets"]["img_s"] / results["d_student_alone"]["img_s"],
-            "e/f": results["e_student_kd"]["img_s"] / results["f_online_kd"]["img_s"],
-        }
+        rounds: dict[str, list[dict]] = {}
+        for r in range(cfg.repeat):
+            rounds.setdefault("a_teacher_forward", []).append({"img_s": teacher_forward(teacher, x, n, device)})
+            rounds.setdefault("b_cache_logits", []).append(cache([], "logits")[1])
+            store, c = cache([p["hint"]], "hint")
+            rounds.setdefault("c_cache_logits_hint", []).append(c)
+            log(f"round {r + 1}/{cfg.repeat}: (a) {rounds['a_teacher_forward'][-1]['img_s']:,.0f} "
+                f"(b) {rounds['b_cache_logits'][-1]['img_s']:,.0f} (c) {c['img_s']:,.0f} img/s")
+        for r in range(cfg.repeat):
+            for key, args, kw in [("d_student_alone", ("ce=1", "alone"), {"online": True}),
+                                  ("e_student_kd", ("kd=1", "kd"), {}),
+                                  ("e_student_fitnets", ("kd=1,fitnets=1", "fitnets"),
+                                   dict(fitnets_hint=p["hint"], fitnets_guided=p["guided"],
+                                        fitnets_schedule="single")),
+                                  ("f_online_kd", ("kd=1", "online"), {"online": True})]:
+                rounds.setdefault(key, []).append(student(*args, **kw))
+            log(f"round {r + 1}/{cfg.repeat}: " + " ".join(
+                f"({k[0]}{'+FitNets' if 'fitnets' in k else ''}) {rounds[k][-1]['img_s']:,.0f}"
+                for k in ["d_student_alone", "e_student_kd", "e_student_fitnets", "f_online_kd"]) + " img/s")
+        for key, rows in rounds.items():
+            results[key] = {m: float(np.median([row[m] for row in rows])) for m in rows[0]} | {"rounds": rows}
+        per_round = {  # ratio -> (numerator, denominator), both from the same round
+            "b/a": ("b_cache_logits", "a_teacher_forward"), "c/a": ("c_cache_logits_hint", "a_teacher_forward"),
+            "e/d (KD)": ("e_student_kd", "d_student_alone"), "e/d (FitNets)": ("e_student_fitnets", "d_student_alone"),
+            "e/f": ("e_student_kd", "f_online_kd")}
+        results["ratio_rounds"] = {k: [u["img_s"] / v["img_s"] for u, v in zip(rounds[num], rounds[den])]
+                                   for k, (num, den) in per_round.items()}
+        results["ratio_rounds"]["c_write_vs_disk"] = [c["MB_s"] / results["disk_write_MB_s"]
+                                                      for c in rounds["c_cache_logits_hint"]]
+        results["ratios"] = {k: float(np.median(v)) for k, v in results["ratio_rounds"].items()}
+        for key, label in [("a_teacher_forward", "(a) teacher forward"), ("b_cache_logits", "(b) teacher-cache logits"),
+                           ("c_cache_logits_hint", f"(c) + {p['hint']}"), ("d_student_alone", "(d) student alone"),
+                           ("e_student_kd", "(e) student KD from cache"),
+                           ("e_student_fitnets", "    student KD+FitNets"), ("f_online_kd", "(f) online KD")]:
+            log(f"{label:<28} {results[key]['img_s']:10,.0f} img/s (median of {cfg.repeat})")
         results["shuffle"] = shuffle_table(batch)
         if cfg.scaling:
             results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
@@ -261,10 +279,12 @@ def target_lines(r: dict) -> list[str]:
     for ratio, want in TARGETS.get(r["preset"], {}).items():
         got = r["ratios"][ratio]
         met = got >= want
+        rounds = r.get("ratio_rounds", {}).get(ratio, [])
         extra = ""
         if ratio == "c/a" and not met and r["ratios"]["c_write_vs_disk"] >= 0.8:
             met, extra = True, f" (write bandwidth {100 * r['ratios']['c_write_vs_disk']:.0f}% of the disk's)"
-        out.append(f"- {ratio} = {got:.2f}, target ≥ {want}: {'met' if met else 'missed'}{extra}")
+        spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+        out.append(f"- {ratio} = {got:.2f}{spread}, target ≥ {want}: {'met' if met else 'missed'}{extra}")
     return out
 
 
@@ -272,7 +292,8 @@ def readme_section(results: list[dict]) -> str:
     parts = []
     for r in results:
         sizes = ",".join(str(x["samples"]) for x in r.get("scaling") or [])
-        parts += [f"`kdcache bench --preset {r['preset']}" + (f" --scaling {sizes}" if sizes else "") +
+        repeat = f" --repeat {r.get('repeat', 1)}" if r.get("repeat", 1) != BenchConfig.repeat else ""
+        parts += [f"`kdcache bench --preset {r['preset']}{repeat}" + (f" --scaling {sizes}" if sizes else "") +
                   f"` on {r['device']}, {r['platform']}:", "", table(r), "", *target_lines(r), ""]
     return "\n".join(parts)
 
@@ -295,8 +316,9 @@ def main() -> None:
 
 
 def table(r: dict) -> str:
+    repeat = r.get("repeat", 1)
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
-             f"samples, batch {r['batch']}, device {r['device']}",
+             f"samples, batch {r['batch']}, device {r['device']}, median of {repeat} interleaved rounds",
              "| measurement | img/s | MB/s |", "| --- | --- | --- |"]
     for key, label in [("a_teacher_forward", "(a) teacher forward only"),
                        ("b_cache_logits", "(b) teacher-cache, logits"),
@@ -310,9 +332,10 @@ def table(r: dict) -> str:
         lines.append(f"| {label} | {v['img_s']:,.0f} | {mb} |")
     lines.append(f"| disk sequential write (same run) | - | {r['disk_write_MB_s']:,.0f} |")
     lines.append("")
-    lines.append("| ratio | value |")
-    lines.append("| --- | --- |")
-    lines += [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
+    lines.append("| ratio | median | rounds |")
+    lines.append("| --- | --- | --- |")
+    lines += [f"| {k} | {v:.2f} | {' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', {}).get(k, [v]))} |"
+              for k, v in r["ratios"].items()]
     if r.get("shuffle"):
         lines += ["", "| buffer (chunks of 1024) | memory per worker | neighbour spread | distinct chunks per batch "
                       "(vs uniform) |", "| --- | --- | --- | --- |"]

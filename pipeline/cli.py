@@ -85,7 +85,8 @@ def _cache_command(mode: str):
         cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
         chunk_samples: int = typer.Option(1024, help="Samples per chunk (the unit of commit)."),
         batch_size: int = typer.Option(256),
-        compression_level: int = typer.Option(1, help="zstd level (1: ~5x faster than 3 on float features, same ratio)."),
+        compression_level: int = typer.Option(1, help="zstd level (1: ~2x faster than 3 on float16 features, about "
+                                                        "the same ratio; negative: zstd's fast modes, larger files)."),
         image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size."),
         channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels."),
         limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
@@ -271,6 +272,7 @@ def bench_cmd(
     batch_size: Optional[int] = typer.Option(None),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers for the student runs."),
     device: str = typer.Option("auto"),
+    repeat: int = typer.Option(3, help="Interleaved rounds; each number is the median over them."),
     scaling: Optional[str] = typer.Option(None, help="Also measure cache and KD at these sizes, e.g. "
                                                       "10000,100000,1000000 (tiny tensors)."),
     out: Optional[str] = typer.Option(None, help="JSON output (default data/bench/bench-<preset>.json)."),
@@ -284,7 +286,7 @@ def bench_cmd(
         if preset not in PRESETS:
             raise KDCacheError(f"unknown --preset '{preset}'; use {', '.join(PRESETS)}")
         result = run_bench(BenchConfig(preset=preset, samples=samples, batch_size=batch_size, workers=workers,
-                                       device=device, scaling=scaling, out=out), log=typer.echo)
+                                       device=device, repeat=repeat, scaling=scaling, out=out), log=typer.echo)
         if write_readme:
             from pipeline.bench import END, START, readme_section
             from pipeline.results import write_readme as write

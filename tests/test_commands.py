@@ -85,23 +85,28 @@ def test_ls_and_inspect(root, teacher_file):
 
 
 def test_bench_command_writes_table_and_json(root):
-    res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "2048", "--workers", "0",
+    res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "2048", "--workers", "0", "--repeat", "2",
                               "--scaling", "1024,2048", "--out", "bench.json"])
     assert res.exit_code == 0, res.output
     r = json.loads(Path("bench.json").read_text())
     keys = ["a_teacher_forward", "b_cache_logits", "c_cache_logits_hint", "d_student_alone", "e_student_kd",
             "e_student_fitnets", "f_online_kd"]
-    assert all(r[k]["img_s"] > 0 for k in keys)
-    a = r["a_teacher_forward"]["img_s"]
-    assert r["ratios"]["b/a"] == r["b_cache_logits"]["img_s"] / a
-    assert r["ratios"]["e/f"] == r["e_student_kd"]["img_s"] / r["f_online_kd"]["img_s"]
+    assert all(len(r[k]["rounds"]) == 2 and r[k]["img_s"] > 0 for k in keys)
+    # each number is the median of its rounds; each ratio the median of per-round ratios (same round's pair)
+    assert all(r[k]["img_s"] == np.mean([x["img_s"] for x in r[k]["rounds"]]) for k in keys)
+    a, b = ([x["img_s"] for x in r[k]["rounds"]] for k in ("a_teacher_forward", "b_cache_logits"))
+    assert r["ratio_rounds"]["b/a"] == [b[0] / a[0], b[1] / a[1]]
+    assert abs(r["ratios"]["b/a"] - (b[0] / a[0] + b[1] / a[1]) / 2) < 1e-12
+    e, f = ([x["img_s"] for x in r[k]["rounds"]] for k in ("e_student_kd", "f_online_kd"))
+    assert abs(r["ratios"]["e/f"] - (e[0] / f[0] + e[1] / f[1]) / 2) < 1e-12
     assert r["device"].startswith("cpu") and r["versions"]["zarr"]
     assert [q["buffer_chunks"] for q in r["shuffle"]][-1] == "uniform"
     assert "| (f) online KD (teacher in the loop) |" in res.stdout
     assert [x["samples"] for x in r["scaling"]] == [1024, 2048]
     assert all(abs(x["student_us_per_sample"] * x["student_kd_img_s"] - 1e6) < 1e-3 for x in r["scaling"])
     from pipeline.bench import readme_section
-    assert "`kdcache bench --preset tiny --scaling 1024,2048` on cpu" in readme_section([r])
+    assert "`kdcache bench --preset tiny --repeat 2 --scaling 1024,2048` on cpu" in readme_section([r])
+    assert "| b/a | " in res.stdout and "median of 2 interleaved rounds" in res.stdout
     assert not list(Path("data/bench").glob("bench-tiny-*"))   # its scratch caches are removed
 
 
