@@ -77,6 +77,20 @@ def disk_write_bandwidth(folder: Path, mb: int = 512) -> float:
     return (max(1, mb // 8) * 8) / dt
 
 
+def busy(fn):
+    """fn's result and how many CPU cores this process kept busy meanwhile (CPU seconds of all its threads / wall
+    seconds): ~all cores means compute-bound; fewer means something waited."""
+    import resource
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    c0, t0 = cpu(), time.perf_counter()
+    out = fn()
+    return out, (cpu() - c0) / (time.perf_counter() - t0)
+
+
 def last_epoch_img_s(run_dir: Path) -> float:
     """Student img/s of a run's last (second) epoch. Epoch 1 also pays the workers' start and the first steps'
     warm-up: a fixed cost that would make short runs and small datasets look slower for reasons unrelated to size."""
@@ -146,13 +160,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             ccfg = CacheConfig(data=data, teacher=p["teacher"], weights=str(weights), layers=layers,
                                out=str(work / f"{tag}.zarr"), batch_size=batch, chunk_samples=p["chunk"],
                                device=cfg.device)
-            path = run_teacher_cache(ccfg, log=lambda *_: None)
+            path, cores = busy(lambda: run_teacher_cache(ccfg, log=lambda *_: None))
             from pipeline.store import open_store
 
-            secs = open_store(path).manifest["stats"]["seconds"]
+            stats = open_store(path).manifest["stats"]
+            secs = stats["seconds"]
             size = disk_bytes(Path(path))
             return path, {"img_s": n / secs, "seconds": secs, "MB_s": size / secs / 1e6,
-                          "bytes_per_sample": size / n}
+                          "bytes_per_sample": size / n, "cores_busy": cores,
+                          "writer_cores": stats["writer_seconds"] / secs}
 
         def student(loss, tag, online=False, **kw):
             common = dict(student=p["student"], loss=loss, epochs=2, batch_size=batch, workers=workers,
@@ -166,7 +182,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
         rounds: dict[str, list[dict]] = {}
         for r in range(cfg.repeat):
-            rounds.setdefault("a_teacher_forward", []).append({"img_s": teacher_forward(teacher, x, n, device)})
+            img_s, cores = busy(lambda: teacher_forward(teacher, x, n, device))
+            rounds.setdefault("a_teacher_forward", []).append({"img_s": img_s, "cores_busy": cores})
             rounds.setdefault("b_cache_logits", []).append(cache([], "logits")[1])
             store, c = cache([p["hint"]], "hint")
             rounds.setdefault("c_cache_logits_hint", []).append(c)
@@ -319,7 +336,7 @@ def table(r: dict) -> str:
     repeat = r.get("repeat", 1)
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
              f"samples, batch {r['batch']}, device {r['device']}, median of {repeat} interleaved rounds",
-             "| measurement | img/s | MB/s |", "| --- | --- | --- |"]
+             "| measurement | img/s | MB/s | CPU cores busy (writers) |", "| --- | --- | --- | --- |"]
     for key, label in [("a_teacher_forward", "(a) teacher forward only"),
                        ("b_cache_logits", "(b) teacher-cache, logits"),
                        ("c_cache_logits_hint", f"(c) teacher-cache, logits + {r['hint']}"),
@@ -329,8 +346,10 @@ def table(r: dict) -> str:
                        ("f_online_kd", "(f) online KD (teacher in the loop)")]:
         v = r[key]
         mb = f"{v['MB_s']:.1f}" if "MB_s" in v else "-"
-        lines.append(f"| {label} | {v['img_s']:,.0f} | {mb} |")
-    lines.append(f"| disk sequential write (same run) | - | {r['disk_write_MB_s']:,.0f} |")
+        cores = f"{v['cores_busy']:.2f}" if "cores_busy" in v else "-"
+        cores += f" ({v['writer_cores']:.2f})" if "writer_cores" in v else ""
+        lines.append(f"| {label} | {v['img_s']:,.0f} | {mb} | {cores} |")
+    lines.append(f"| disk sequential write (same run) | - | {r['disk_write_MB_s']:,.0f} | - |")
     lines.append("")
     lines.append("| ratio | median | rounds |")
     lines.append("| --- | --- | --- |")

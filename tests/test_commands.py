@@ -97,6 +97,8 @@ def test_bench_command_writes_table_and_json(root):
     a, b = ([x["img_s"] for x in r[k]["rounds"]] for k in ("a_teacher_forward", "b_cache_logits"))
     assert r["ratio_rounds"]["b/a"] == [b[0] / a[0], b[1] / a[1]]
     assert abs(r["ratios"]["b/a"] - (b[0] / a[0] + b[1] / a[1]) / 2) < 1e-12
+    for k in ("b_cache_logits", "c_cache_logits_hint"):   # CPU use of the stage and of its writer threads
+        assert 0 < r[k]["writer_cores"] < r[k]["cores_busy"] <= os.cpu_count() + 0.5
     e, f = ([x["img_s"] for x in r[k]["rounds"]] for k in ("e_student_kd", "f_online_kd"))
     assert abs(r["ratios"]["e/f"] - (e[0] / f[0] + e[1] / f[1]) / 2) < 1e-12
     assert r["device"].startswith("cpu") and r["versions"]["zarr"]

@@ -61,6 +61,9 @@ def test_store_round_trip_equals_teacher_outputs(root, teacher_file, dtype, tol)
                                                                             ("layer2", "layer3", "avgpool")]}
     assert {"torch", "zarr", "numcodecs", "kdcache", "python"} <= set(man["versions"])
     assert man["created"] and man["completed"] and man["stats"]["samples_computed"] == 192
+    # where the time went: the writer threads' busy time is part of the stage's, summed over the threads
+    stats = man["stats"]
+    assert 0 < stats["writer_seconds"] <= stats["seconds"] * stats["writers"] and stats["writers"] >= 1
     # Chunked along samples, compressed and checksummed.
     assert g["features/layer2"].chunks[0] == 64 and g["logits"].chunks == (64, 4)
     codecs = [type(c).__name__ for c in g["logits"].metadata.codecs]
