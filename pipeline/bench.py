@@ -125,6 +125,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
     from pipeline.train_student import StudentConfig, run_train_student
 
+    if cfg.repeat < 1:
+        raise KDCacheError(f"--repeat must be at least 1 (got {cfg.repeat})")
     p = dict(PRESETS[cfg.preset])
     n = cfg.samples or p["samples"]
     batch = cfg.batch_size or p["batch"]
@@ -138,11 +140,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{cfg.preset}-", dir=base))
-    if cfg.repeat < 1:
-        raise KDCacheError(f"--repeat must be at least 1 (got {cfg.repeat})")
     results: dict = {"preset": cfg.preset, "samples": n, "batch": batch, "workers": workers, "repeat": cfg.repeat,
-                     "pair":
-                     f"{p['teacher']} -> {p['student']}", "input": p["shape"], "hint": p["hint"],
+                     "pair": f"{p['teacher']} -> {p['student']}", "input": p["shape"], "hint": p["hint"],
                      "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
                      f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
                      "versions": versions(), "platform": platform.platform()}
@@ -185,10 +184,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             img_s, cores = busy(lambda: teacher_forward(teacher, x, n, device))
             rounds.setdefault("a_teacher_forward", []).append({"img_s": img_s, "cores_busy": cores})
             rounds.setdefault("b_cache_logits", []).append(cache([], "logits")[1])
-            store, c = cache([p["hint"]], "hint")
-            rounds.setdefault("c_cache_logits_hint", []).append(c)
+            store, with_hint = cache([p["hint"]], "hint")
+            rounds.setdefault("c_cache_logits_hint", []).append(with_hint)
             log(f"round {r + 1}/{cfg.repeat}: (a) {rounds['a_teacher_forward'][-1]['img_s']:,.0f} "
-                f"(b) {rounds['b_cache_logits'][-1]['img_s']:,.0f} (c) {c['img_s']:,.0f} img/s")
+                f"(b) {rounds['b_cache_logits'][-1]['img_s']:,.0f} (c) {with_hint['img_s']:,.0f} img/s")
         for r in range(cfg.repeat):
             for key, args, kw in [("d_student_alone", ("ce=1", "alone"), {"online": True}),
                                   ("e_student_kd", ("kd=1", "kd"), {}),
@@ -208,8 +207,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "e/f": ("e_student_kd", "f_online_kd")}
         results["ratio_rounds"] = {k: [u["img_s"] / v["img_s"] for u, v in zip(rounds[num], rounds[den])]
                                    for k, (num, den) in per_round.items()}
-        results["ratio_rounds"]["c_write_vs_disk"] = [c["MB_s"] / results["disk_write_MB_s"]
-                                                      for c in rounds["c_cache_logits_hint"]]
+        results["ratio_rounds"]["c_write_vs_disk"] = [row["MB_s"] / results["disk_write_MB_s"]
+                                                      for row in rounds["c_cache_logits_hint"]]
         results["ratios"] = {k: float(np.median(v)) for k, v in results["ratio_rounds"].items()}
         for key, label in [("a_teacher_forward", "(a) teacher forward"), ("b_cache_logits", "(b) teacher-cache logits"),
                            ("c_cache_logits_hint", f"(c) + {p['hint']}"), ("d_student_alone", "(d) student alone"),

@@ -110,6 +110,8 @@ def test_bench_command_writes_table_and_json(root):
     assert "`kdcache bench --preset tiny --repeat 2 --scaling 1024,2048` on cpu" in readme_section([r])
     assert "| b/a | " in res.stdout and "median of 2 interleaved rounds" in res.stdout
     assert not list(Path("data/bench").glob("bench-tiny-*"))   # its scratch caches are removed
+    bad = runner.invoke(app, ["bench", "--preset", "tiny", "--repeat", "0"])
+    assert bad.exit_code == 2 and "--repeat must be at least 1" in bad.output
 
 
 def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
