@@ -10,7 +10,7 @@
 student; only where the targets come from differs. Each is timed on its second epoch (workers and caches warm).
 
 Every measurement is repeated in `--repeat` interleaved rounds (a, b, c, a, b, c, ... then d, e, f, d, e, f, ...):
-a shared machine's speed drifts by 10-20% over tens of seconds, so each number is the median of its rounds and
+a shared machine's speed drifts by 10-25% over tens of seconds, so each number is the median of its rounds and
 each ratio the median of the rounds' ratios, each taken from measurements seconds apart.
 The shuffle table measures the reader's order against a uniform shuffle for several buffer sizes (no data read).
 
@@ -54,12 +54,6 @@ class BenchConfig:
     scaling: str | None = None         # e.g. "10000,100000,1000000": (b) and (e) at each size, tiny tensors
     out: str | None = None             # JSON path; default data/bench/bench-<preset>.json
     work_dir: str | None = None        # where caches are written (default: a temp folder under data/bench)
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def disk_write_bandwidth(folder: Path, mb: int = 512) -> float:
@@ -210,11 +204,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         results["ratio_rounds"]["c_write_vs_disk"] = [row["MB_s"] / results["disk_write_MB_s"]
                                                       for row in rounds["c_cache_logits_hint"]]
         results["ratios"] = {k: float(np.median(v)) for k, v in results["ratio_rounds"].items()}
-        for key, label in [("a_teacher_forward", "(a) teacher forward"), ("b_cache_logits", "(b) teacher-cache logits"),
-                           ("c_cache_logits_hint", f"(c) + {p['hint']}"), ("d_student_alone", "(d) student alone"),
-                           ("e_student_kd", "(e) student KD from cache"),
-                           ("e_student_fitnets", "    student KD+FitNets"), ("f_online_kd", "(f) online KD")]:
-            log(f"{label:<28} {results[key]['img_s']:10,.0f} img/s (median of {cfg.repeat})")
         results["shuffle"] = shuffle_table(batch)
         if cfg.scaling:
             results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
