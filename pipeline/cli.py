@@ -137,7 +137,7 @@ app.command("plan", help="Predict a cache's size: run the teacher on one batch, 
 @app.command("verify")
 def verify_cmd(
     path: str = typer.Argument(..., help="Store to check."),
-    recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples and compare."),
+    recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples (every view of each) and compare."),
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples."),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -155,10 +155,12 @@ def verify_cmd(
             if not report.complete:
                 typer.echo("BAD  manifest: not marked complete")
             if report.recompute:
+                k = len(report.recompute["views"] or [])
+                views = f" x {k} views" if k else ""
                 for name, d in report.recompute["arrays"].items():
                     typer.echo(f"{'ok ' if d['ok'] else 'BAD'}  recompute {name}: max |diff| {d['max_abs']:.3g}, "
                                f"max rel {d['max_rel']:.3g} (tolerance {d['tolerance']:g}, "
-                               f"{report.recompute['samples']} samples)")
+                               f"{report.recompute['samples']} samples{views})")
             typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
         if not report.ok:
             raise typer.Exit(1)

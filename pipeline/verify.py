@@ -110,7 +110,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
 
 
 def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
-    """Re-run the teacher on n random stored (sample, view) pairs; compare with what the store holds."""
+    """Re-run the teacher on n random stored samples, every view of each; compare with what the store holds."""
     import torch
 
     from pipeline.models import capture
@@ -127,16 +127,17 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
     group = cache.open_group()
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(cache.num_samples, min(n, cache.num_samples), replace=False))
-    views = rng.integers(0, cache.views, len(rows)) if cache.views else None
+    views = max(1, cache.views)
 
     def stored(name: str) -> np.ndarray:
-        if views is None:
-            return np.asarray(group[name].oindex[rows])
-        values = np.asarray(group[name].oindex[rows])   # every view of the chosen rows, then one view per row
-        return values[np.arange(len(rows)), views]
+        """The chosen rows of a stored array; with views, every view of each row, flattened to rows x views."""
+        values = np.asarray(group[name].oindex[rows])
+        if cache.views and cache.arrays[name]["view_axis"]:
+            return values.reshape(len(rows) * views, *values.shape[2:])
+        return values
 
-    index = stored("index") if views is None else np.asarray(group["index"].oindex[rows])
-    box, flip = (stored("aug/box"), stored("aug/flip")) if views is not None else (None, None)
+    index = np.repeat(np.asarray(group["index"].oindex[rows]), views)
+    box, flip = (stored("aug/box"), stored("aug/flip")) if cache.views else (None, None)
     with torch.inference_mode(), capture(p.teacher, cfg.layers) as feats:
         fresh = teacher_outputs(p, index, feats, box, flip)
     # A GPU-made cache (autocast) checked here on the CPU differs by more than fp32 rounding.
@@ -153,7 +154,7 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
         diffs[target] = {"max_abs": float((decoded - ref).abs().max()) if ref.numel() else 0.0,
                          "max_rel": float(err.max()) if err.numel() else 0.0, "tolerance": tol,
                          "ok": finite and bool((err <= tol).all())}
-    return {"samples": len(rows), "views": sorted(set(views.tolist())) if views is not None else None,
+    return {"samples": len(rows), "views": list(range(cache.views)) if cache.views else None,
             "tolerance": max(d["tolerance"] for d in diffs.values()), "arrays": diffs,
             "ok": all(d["ok"] for d in diffs.values())}
 
