@@ -14,6 +14,7 @@ input the teacher saw.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -61,9 +62,15 @@ class Transform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # Works on any device: the student stage ships uint8 to the GPU (4x fewer bytes) and normalises there.
         x = images.float().div_(255.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        mean, std = _channel_stats(tuple(self.mean), tuple(self.std), x.device)
         return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, C, 1, 1) tensors on `device`, made once: building them per batch would be a blocking
+    host-to-device copy on a GPU, stalling the queue of forwards every batch."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def default_transform(source: "Source", size: int | None = None, channels: int | None = None) -> Transform:

@@ -116,8 +116,17 @@ class CacheStream(IterableDataset):
         return int(min(64, max(2, BUFFER_BYTES // chunk_bytes)))
 
     def __len__(self) -> int:  # batches per epoch when read by a single worker
-        n = self.store.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.batches_per_epoch(1)
+
+    def batches_per_epoch(self, num_workers: int) -> int:
+        """Batches one epoch delivers through a DataLoader with `num_workers` workers: each worker cuts its own
+        blocks into batches and ends with its own partial batch, so there can be more than with one worker (the
+        learning-rate schedule counts these)."""
+        total = 0
+        for w in range(max(1, num_workers)):
+            rows = sum(self.blocks[b][1] - self.blocks[b][0] for b in self.block_order(w, max(1, num_workers)))
+            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+        return total
 
     def _open(self):
         if self._group is None:  # lazily, in the worker process that reads

@@ -202,7 +202,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
         return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
                 for t, c in codecs.items()}
 
-    return fit(cfg, s, loader, stream.set_epoch, len(stream), decode, run_dir, log,
+    return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers), decode, run_dir, log,
                extra={"cache": store.path})
 
 
@@ -247,10 +247,12 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                 step += 1
                 n = len(x)
                 seen += n
+                # Sums stay on the device until the epoch ends: an .item() per step would wait for the GPU each step.
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() * n
+                    sums[k] = sums.get(k, 0.0) + v.detach() * n
                 if labels is not None:
-                    correct += (logits.argmax(1) == labels).sum().item()
+                    correct += (logits.argmax(1) == labels).sum()
+            sums, correct = {k: float(v) for k, v in sums.items()}, int(correct)
             dt = time.time() - t0
             test_acc = evaluate(student, s.test, tf, device) if s.test is not None else None
             row = {"epoch": epoch + 1, "stage": stage + 1 if len(s.stages) > 1 else 1,

@@ -36,8 +36,11 @@ def test_every_sample_exactly_once_per_epoch(root, teacher_file, workers, batch,
     orders = []
     for epoch in (0, 1):
         stream.set_epoch(epoch)
-        seen = torch.cat([b["index"] for b in loader]).numpy()
+        batches = [b["index"] for b in loader]
+        seen = torch.cat(batches).numpy()
         assert len(seen) == 300 and sorted(seen) == list(range(300)), (epoch, workers)
+        # the count the learning-rate schedule plans with: each worker ends on its own partial batch
+        assert len(batches) == stream.batches_per_epoch(workers), (epoch, workers)
         orders.append(seen)
     assert not np.array_equal(orders[0], orders[1])  # a new order each epoch
 
