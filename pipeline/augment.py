@@ -187,39 +187,84 @@ def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np
     return box, flip.astype(np.uint8)
 
 
+# How views are rebuilt from their parameters; recorded with every view cache and part of its key. A store made by
+# another replay would pair inputs with targets computed on slightly different pixels, so it is refused.
+# 1: roi_align on a zero ring around the image (edges of boxes touching the image blended with black).
+# 2: a box is cut out of the image (0 outside it) and resampled clamped to its own edges; a full-image box is resized
+#    exactly as a plain input is (`resize`), so view 0 of `plain0` is the plain input.
+REPLAY_VERSION = 2
+
+
+def check_replay(manifest: dict, path: str) -> None:
+    """Refuse a view cache whose views this kdcache would rebuild differently from what its teacher saw."""
+    views = manifest.get("views")
+    have = int(views.get("replay", 1)) if views else REPLAY_VERSION
+    if have != REPLAY_VERSION:
+        raise KDCacheError(f"{path} holds views rebuilt by view replay {have}; this kdcache rebuilds views with "
+                           f"replay {REPLAY_VERSION}, so inputs would not match their targets: re-run teacher-cache "
+                           "with the same flags (a new cache key)")
+
+
+def resize(images: torch.Tensor, out_hw: list[int] | tuple[int, int]) -> torch.Tensor:
+    """uint8 (n, C, H, W) -> uint8 (n, C, h, w): bilinear, antialiased when shrinking (torchvision's Resize)."""
+    if tuple(images.shape[-2:]) == (int(out_hw[0]), int(out_hw[1])):
+        return images
+    x = F.interpolate(images.float(), size=(int(out_hw[0]), int(out_hw[1])), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _gather_box(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """images[i, :, rows[i], cols[i]] for (n, C, H, W) images and per-sample (n, r) rows, (n, c) columns; positions
+    outside the image read 0 (an exact integer gather)."""
+    n, c, H, W = images.shape
+    rv, cv = (rows >= 0) & (rows < H), (cols >= 0) & (cols < W)
+    g = images[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+               rows.clamp(0, H - 1)[:, None, :, None], cols.clamp(0, W - 1)[:, None, None, :]]
+    return g * (rv[:, None, :, None] & cv[:, None, None, :]).to(images.dtype)
+
+
 def apply_views(images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_hw: list[int] | tuple[int, int]
                 ) -> torch.Tensor:
     """Rebuild views: uint8 (n, C, H, W) native images, boxes (n, 4), flips (n,) -> uint8 (n, C, h, w).
 
-    Each output depends only on its own image and parameters, so it is the same in any batch, worker or run.
+    - box size = output size (a pure shift): an exact integer gather, 0 outside the image;
+    - box = the whole image at another size: `resize`, the plain input's resize;
+    - any other box (a crop, or a shifted box at another size): cut out of the image, 0 outside it, and resampled
+      by torchvision's roi_align (aligned=True, adaptive sampling: several bilinear samples per output pixel when
+      shrinking, so area-like averaging, no aliasing). roi_align would read past the box's edge by up to half a
+      pixel; the box is cut out with a one-pixel ring repeating its edge, so samples clamp to the box as
+      torchvision's resized_crop does (and a box at the image edge is not blended with black).
+    Each output depends only on its own image and parameters, so it is bitwise the same in any batch, worker or run.
     """
     n, c, H, W = images.shape
     oh, ow = int(out_hw[0]), int(out_hw[1])
     box = torch.from_numpy(np.asarray(box, dtype=np.int64).reshape(n, 4))
     flip_t = torch.from_numpy(np.asarray(flip).reshape(n).astype(bool))
     shift = (box[:, 2] == oh) & (box[:, 3] == ow)
+    whole = ~shift & (box == torch.tensor([0, 0, H, W])).all(1)
     out = torch.empty((n, c, oh, ow), dtype=torch.uint8)
-    if shift.any():  # exact: an integer gather, zeros outside the image
+    if shift.any():
         s = shift.nonzero()[:, 0]
-        rows = box[s, 0, None] + torch.arange(oh)
-        cols = box[s, 1, None] + torch.arange(ow)
-        rv, cv = (rows >= 0) & (rows < H), (cols >= 0) & (cols < W)
-        g = images[s[:, None, None, None], torch.arange(c)[None, :, None, None],
-                   rows.clamp(0, H - 1)[:, None, :, None], cols.clamp(0, W - 1)[:, None, None, :]]
-        out[s] = g * (rv[:, None, :, None] & cv[:, None, None, :]).to(torch.uint8)
-    rest = (~shift).nonzero()[:, 0]
-    if len(rest):  # crop + resize: torchvision's roi_align (aligned=True, adaptive sampling: several samples per
-        # output pixel when shrinking, so area-like averaging, no aliasing). The image gets a one-pixel ring of
-        # zeros: roi_align reads 0 beyond it and clamps onto it just outside, so a box reaching outside the image
-        # reads zeros, as the shift path does. The ring is fixed, not sized to the batch: each box's coordinates,
-        # hence its float arithmetic, are the same in any batch.
+        out[s] = _gather_box(images[s], box[s, 0, None] + torch.arange(oh), box[s, 1, None] + torch.arange(ow))
+    if whole.any():
+        s = whole.nonzero()[:, 0]
+        out[s] = resize(images[s], (oh, ow))
+    rest = (~shift & ~whole).nonzero()[:, 0]
+    if len(rest):
         from torchvision.ops import roi_align
 
-        b, m = box[rest], 1
-        padded = F.pad(images[rest].float(), (m, m, m, m))
-        rois = torch.stack([torch.arange(len(rest)), b[:, 1] + m, b[:, 0] + m, b[:, 1] + b[:, 3] + m,
-                            b[:, 0] + b[:, 2] + m], 1).float()
-        r = roi_align(padded, rois, (oh, ow), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        b = box[rest]
+        # The crop with its ring, box-relative: canvas position j holds box row clamp(j - 1, 0, h - 1). Only
+        # positions up to h + 1 are ever read for a box of height h, so the canvas's size (the batch's largest
+        # box) never changes a sample's arithmetic.
+        hc, wc = int(b[:, 2].max()) + 2, int(b[:, 3].max()) + 2
+        rows = b[:, 0, None] + torch.minimum((torch.arange(hc) - 1).clamp(min=0), b[:, 2, None] - 1)
+        cols = b[:, 1, None] + torch.minimum((torch.arange(wc) - 1).clamp(min=0), b[:, 3, None] - 1)
+        canvas = _gather_box(images[rest], rows, cols).float()
+        ones = torch.ones(len(rest))
+        rois = torch.stack([torch.arange(len(rest)).float(), ones, ones, b[:, 3] + 1.0, b[:, 2] + 1.0], 1)
+        r = roi_align(canvas, rois, (oh, ow), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         out[rest] = r.round_().clamp_(0, 255).to(torch.uint8)
     if flip_t.any():
         out[flip_t] = out[flip_t].flip(-1)

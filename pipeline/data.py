@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.augment import splitmix64
+from pipeline.augment import resize, splitmix64
 from pipeline.errors import KDCacheError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -98,12 +98,7 @@ def _convert_channels(images: torch.Tensor, tf: Transform) -> torch.Tensor:
 
 def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
     """Resize and convert channels of a uint8 (n, C, H, W) batch to what `tf` asks for."""
-    images = _convert_channels(images, tf)
-    if list(images.shape[-2:]) != list(tf.size):
-        images = torch.nn.functional.interpolate(images.float(), size=tuple(tf.size), mode="bilinear",
-                                                 antialias=True, align_corners=False)
-        images = images.round().clamp(0, 255).to(torch.uint8)
-    return images.contiguous()
+    return resize(_convert_channels(images, tf), tf.size).contiguous()  # the same resize as a plain0 view's
 
 
 # --------------------------------------------------------------------------------------------- sources

@@ -30,7 +30,7 @@ import torch
 
 from pipeline import codecs as cd
 from pipeline import store as st
-from pipeline.augment import AugmentPolicy, row_order, sample_params
+from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
 from pipeline.data import Transform, data_root, default_transform, open_source
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
@@ -113,8 +113,8 @@ class Prepared:
 
     def manifest(self) -> dict:
         cfg = self.cfg
-        views = ({"count": self.views, "augment": self.policy.to_dict(), "seed": cfg.aug_seed}
-                 if self.views else None)
+        views = ({"count": self.views, "augment": self.policy.to_dict(), "seed": cfg.aug_seed,
+                  "replay": REPLAY_VERSION} if self.views else None)
         return {"key": self.key, "identity": self.identity, "created": st.now(),
                 "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
                             "arch": self.teacher_meta.get("arch", cfg.teacher)},
@@ -167,7 +167,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
     targets = {t: {"shape": list(shapes[t]), "codec": codecs[t].config(),
                    "parts": sorted(codecs[t].parts(t, shapes[t]))} for t in codec_cfgs}
     identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
-                "views": {"count": views, "augment": policy.spec(), "seed": cfg.aug_seed} if views else None,
+                "views": ({"count": views, "augment": policy.spec(), "seed": cfg.aug_seed, "replay": REPLAY_VERSION}
+                          if views else None),
                 "row_order": cfg.row_order, "layers": sorted(cfg.layers),
                 "targets": {t: c for t, c in sorted(codec_cfgs.items())},
                 "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,

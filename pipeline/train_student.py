@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from pipeline.augment import AugmentPolicy
+from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.data import Source, Transform, data_root, open_source
 from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
@@ -86,7 +86,9 @@ def declared(weights: dict[str, float], cfg: StudentConfig) -> tuple[dict[str, s
 
 
 def check_views(cfg: StudentConfig, store) -> None:
-    """A run that expects augmented views must get exactly the policy the store was made with."""
+    """A run that expects augmented views must get exactly the policy the store was made with, and every view must
+    be rebuilt as the teacher saw it."""
+    check_replay(store.manifest, store.path)
     views = store.manifest.get("views")
     if cfg.augment is None:
         return

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import store as st
-from pipeline.augment import row_order
+from pipeline.augment import check_replay, row_order
 from pipeline.codecs import TOLERANCE, fill_value
 from pipeline.errors import KDCacheError
 
@@ -117,6 +117,7 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
     from pipeline.teacher_cache import CacheConfig, prepare, teacher_outputs
 
     man = cache.manifest
+    check_replay(man, cache.path)
     cfg = CacheConfig(**(man["config"] | {"out": cache.path, "device": "cpu"}))
     p = prepare(cfg)
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
@@ -169,6 +170,7 @@ def repair_store(path: str, log=print) -> Report:
         log(f"{path}: nothing to repair")
         return report
     cache = st.open_store(path, require_complete=False)
+    check_replay(cache.manifest, path)  # recomputed views must match the ones already stored
     group = st.open_group(path, "r+")
     for b, v in bad:
         # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)

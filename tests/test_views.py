@@ -87,6 +87,40 @@ def test_apply_views_against_independent_computation():
     np.testing.assert_allclose(got[1], np.round(want), atol=1)  # bilinear at exact pixel centres: equal +- rounding
 
 
+def test_crops_clamp_to_their_box_and_read_zero_outside_the_image():
+    flat = torch.full((4, 1, 12, 10), 200, dtype=torch.uint8)
+    # Boxes touching the image's edges, upscaled and downscaled: a flat image stays flat (no black blended in).
+    box = np.array([[0, 0, 8, 6], [4, 4, 8, 6], [0, 0, 12, 7], [5, 0, 7, 10]])
+    got = apply_views(flat, box, np.zeros(4), (11, 9))
+    assert (got == 200).all()
+    # A box hanging 4 rows above the image: rows that map there are 0, rows inside are the image's value.
+    got = apply_views(flat[:1], np.array([[-4, 0, 8, 10]]), np.zeros(1), (16, 10))[0, 0]
+    assert (got[:7] == 0).all() and (got[9:] == 200).all() and (got[7:9] > 0).all() and (got[7:9] < 200).all()
+
+
+def test_plain_view_is_the_plain_input_at_any_size():
+    src = open_source("synthetic:20:1x16x16:4")
+    idx = np.arange(20)
+    box, flip = sample_params(AugmentPolicy.parse("plain0,crop=0.5-1,flip"), 0, idx, 3, (16, 16))
+    for size in ([16, 16], [24, 24], [12, 12]):
+        tf = Transform(size=size, channels=1)
+        assert torch.equal(src.load_view(idx, tf, box[:, 0], flip[:, 0]), src.load_raw(idx, tf)), size
+        flipped = np.ones(20, np.uint8)
+        assert torch.equal(src.load_view(idx, tf, box[:, 0], flipped), src.load_raw(idx, tf).flip(-1)), size
+
+
+def test_a_view_cache_from_another_replay_is_refused(root, teacher_file):
+    path = _cache(teacher_file, layers=[])
+    g = zarr.open_group(path, mode="r+")
+    man = dict(g.attrs["kdcache"])
+    g.attrs["kdcache"] = man | {"views": man["views"] | {"replay": 1}}
+    cfg = StudentConfig(cache=path, epochs=1, workers=0, test_data=None)
+    with pytest.raises(KDCacheError, match="view replay 1"):
+        run_train_student(cfg, log=lambda *_: None)
+    res = runner.invoke(app, ["verify", path, "--recompute", "2"])
+    assert res.exit_code != 0 and "view replay 1" in res.output
+
+
 def test_rebuilt_view_is_independent_of_its_batch():
     rng = np.random.default_rng(1)
     imgs = torch.from_numpy(rng.integers(0, 256, (40, 1, 16, 16), dtype=np.uint8))
