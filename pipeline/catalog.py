@@ -27,8 +27,10 @@ def disk_bytes(path: Path) -> int:
 
 def list_caches(cache_dir: str | None = None) -> list[dict]:
     root = Path(cache_dir) if cache_dir else data_root() / "cache"
+    if cache_dir and not root.is_dir():
+        raise KDCacheError(f"--cache-dir {cache_dir} is not a folder; give the folder that holds the .zarr caches")
     if not root.is_dir():
-        return []
+        return []  # the default folder before the first cache: nothing to list
     out = []
     for p in sorted(root.glob("*.zarr")):
         try:

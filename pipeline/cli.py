@@ -16,25 +16,44 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run the teacher once into a Zarr cache; distil students from it (KD, FitNets, RKD).")
 
 
+def _one_line(e: BaseException) -> str:
+    """The user's message of an error. An error raised in a DataLoader worker comes back re-wrapped, its message
+    the worker's whole traceback; the original message is its last line."""
+    text = str(e).strip()
+    if "DataLoader worker" in text and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @contextmanager
 def user_errors():
-    """A KDCacheError becomes one line on stderr and exit code 2, never a traceback."""
+    """A KDCacheError (or a file-system error) becomes one line on stderr and exit code 2, never a traceback."""
     from pipeline.errors import KDCacheError
 
     try:
         yield
     except KDCacheError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         raise typer.Exit(130)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            typer.echo(f"error: disk full while writing ({e.filename or 'cache'}); free space and re-run the same "
+            typer.echo(f"error: disk full while writing {e.filename or 'the cache'}; free space and re-run the same "
                        "command: committed chunks are kept and the run resumes", err=True)
-            raise typer.Exit(2)
-        raise
+        elif e.errno in (1, 2, 13, 17, 20, 21, 30):  # EPERM ENOENT EACCES EEXIST ENOTDIR EISDIR EROFS
+            typer.echo(f"error: {e.strerror or e}: {e.filename or ''}; check the path, or choose another "
+                       "--out / --cache-dir", err=True)
+        else:
+            raise
+        raise typer.Exit(2)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        typer.echo(f"error: in a data-loading worker: {_one_line(e)}", err=True)
+        raise typer.Exit(2)
 
 
 def log_err(msg: str) -> None:
@@ -137,7 +156,8 @@ app.command("plan", help="Predict a cache's size: run the teacher on one batch, 
 @app.command("verify")
 def verify_cmd(
     path: str = typer.Argument(..., help="Store to check."),
-    recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples (every view of each) and compare."),
+    recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples (every view of each) "
+                                          "and compare."),
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples."),
     json_out: bool = typer.Option(False, "--json"),
 ):

@@ -9,12 +9,25 @@ import torch
 from torch import nn
 
 from pipeline.data import Source, Transform
+from pipeline.errors import KDCacheError
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N; refused with one line when unusable."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise KDCacheError(f"unknown --device '{requested}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise KDCacheError(f"--device {requested} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise KDCacheError(f"--device {requested}: this machine has {count} CUDA device(s); "
+                               "use --device cpu (or auto)")
+    return device
 
 
 def source_batches(source: Source, tf: Transform, batch_size: int, shuffle: bool = False, seed: int = 0,

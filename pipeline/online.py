@@ -26,7 +26,7 @@ from pipeline.data import Source, Transform, default_transform, open_source
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
 from pipeline.reader import SharedEpoch, make_loader
-from pipeline.train_student import StudentConfig, declared, fit, run_dir_for, setup
+from pipeline.train_student import StudentConfig, declared, fit, open_run_dir, setup
 
 FRESH_VIEW_BASE = 1_000_000
 
@@ -96,8 +96,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
                                                                  for k, v in feats.items()}
     s = setup(cfg, weights, source, tf, teacher_shapes["logits"][0], teacher_shapes, use_labels)
     teacher.to(s.device).eval()
-    run_dir = run_dir_for(cfg, tag="online-")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = open_run_dir(cfg, tag="online-")
     (run_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "online": True, "augment": policy.spec(),
                                                      "device": str(s.device)}, indent=2, default=str))
     stream = OnlineStream(source, tf, policy, cfg.batch_size, cfg.seed, cfg.aug_seed, use_labels)

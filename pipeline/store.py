@@ -170,11 +170,29 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
             path = chunk_file(Path(root), name, spec, block, view)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(encode_chunk(np.asarray(values, dtype=spec["dtype"]), spec["chunks"], manifest["codecs"]))
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(encode_chunk(np.asarray(values, dtype=spec["dtype"]), spec["chunks"],
+                                             manifest["codecs"]))
+                os.replace(tmp, path)
+            except BaseException:  # a full disk, say: leave no partial temporary behind
+                tmp.unlink(missing_ok=True)
+                raise
     if stats is not None:
         group[STATS][block, view] = stats
     group[COMMIT][block, view] = 1
+
+
+def remove_temporaries(group) -> int:
+    """Delete the temporary chunk files a killed writer left behind (never under a real chunk name, so they hold
+    no data anyone reads, only disk). Call it only while no writer runs: before the writers start (with several
+    writer processes, rank 0 before they meet at a barrier). Returns how many were removed."""
+    root = getattr(group.store, "root", None)
+    if root is None:
+        return 0
+    stale = list(Path(root).rglob(".*.tmp"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 def committed_units(group) -> np.ndarray:

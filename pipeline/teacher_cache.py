@@ -139,6 +139,16 @@ def prepare(cfg: CacheConfig) -> Prepared:
                        for layer in cfg.layers})
     if cfg.chunk_samples <= 0 or cfg.batch_size <= 0:
         raise KDCacheError("--chunk-samples and --batch-size must be positive")
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise KDCacheError(f"--limit must be positive (got {cfg.limit}); leave it out to cache every sample")
+    if cfg.image_size is not None and cfg.image_size <= 0:
+        raise KDCacheError(f"--image-size must be positive (got {cfg.image_size})")
+    if cfg.channels not in (None, 1, 3):
+        raise KDCacheError(f"--channels must be 1 or 3 (got {cfg.channels})")
+    if cfg.writers < 0:
+        raise KDCacheError(f"--writers must be 0 (automatic) or more (got {cfg.writers})")
+    if not -7 <= cfg.compression_level <= 22:
+        raise KDCacheError(f"--compression-level must be a zstd level from -7 to 22 (got {cfg.compression_level})")
     policy = AugmentPolicy.parse(cfg.augment)
     if cfg.views < 1:
         raise KDCacheError(f"--views must be at least 1 (got {cfg.views})")
@@ -158,10 +168,19 @@ def prepare(cfg: CacheConfig) -> Prepared:
     teacher = teacher.to(device)
 
     # Probe one tiny batch: output shapes decide the arrays' shapes.
+    probe = source.load(np.arange(min(2, n)), tf)
     with torch.inference_mode(), capture(teacher, cfg.layers) as feats:
-        logits = teacher(source.load(np.arange(min(2, n)), tf).to(device))
+        try:
+            logits = teacher(probe.to(device))
+        except RuntimeError as e:  # e.g. a 3-channel torchvision model on grayscale data
+            raise KDCacheError(f"teacher {cfg.teacher} fails on this data's {tuple(probe.shape[1:])} input "
+                               f"({str(e).splitlines()[0][:160]}); set --channels and --image-size to what it "
+                               "expects") from None
         shapes = {"logits": tuple(logits.shape[1:])}
         shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
+    if source.num_classes and len(shapes["logits"]) == 1 and source.num_classes > shapes["logits"][0]:
+        raise KDCacheError(f"{cfg.data} has {source.num_classes} classes but the teacher has {shapes['logits'][0]} "
+                           "outputs; use a teacher trained on these classes")
 
     codecs = {t: cd.make_codec(c, shapes[t]) for t, c in codec_cfgs.items()}
     targets = {t: {"shape": list(shapes[t]), "codec": codecs[t].config(),
@@ -208,6 +227,7 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
             Path(p.path).parent.mkdir(parents=True, exist_ok=True)
         group = st.create_store(p.path, p.manifest(), p.arrays, (len(blocks), p.units_per_block), p.stat_columns)
 
+    st.remove_temporaries(group)  # from a run killed mid-write; this process is the only writer
     done = st.committed_units(group)
     todo = [(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]]
     total = p.num_samples * p.units_per_block
@@ -231,7 +251,10 @@ def _refuse_foreign_folder(path: Path) -> None:
     if not path.is_dir():
         raise KDCacheError(f"{path} exists and is a file, not a cache folder; choose another --out")
     meta = path / "zarr.json"
-    ours = meta.exists() and st.MANIFEST_KEY in json.loads(meta.read_text() or "{}").get("attributes", {})
+    try:
+        ours = meta.exists() and st.MANIFEST_KEY in json.loads(meta.read_text() or "{}").get("attributes", {})
+    except (ValueError, AttributeError):
+        ours = False  # unreadable metadata: not provably ours, so never emptied
     empty_group = meta.exists() and not any(p for p in path.iterdir() if p.name != "zarr.json")
     if any(path.iterdir()) and not (ours or empty_group):
         raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out (kdcache never "
@@ -259,6 +282,8 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         return None
     if group is not None and not manifest and not list(group.keys()):
         return None  # an empty group: our own creation, interrupted before the manifest
+    if not manifest.get("key"):
+        raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out")
     raise KDCacheError(f"{path} holds a different cache (key {manifest.get('key')}, wanted {key}); "
                        "choose another --out or pass --force to overwrite it")
 

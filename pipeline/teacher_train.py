@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.data import data_root, default_transform, open_source
+from pipeline.errors import KDCacheError
 from pipeline.loops import cosine_lr, evaluate, pick_device, random_crop_flip, sgd, source_batches
 from pipeline.models import build_model, fingerprint_module
 
@@ -36,7 +37,15 @@ class TeacherTrainConfig:
 def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    for ok, msg in [(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
+                    (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
+                    (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")]:
+        if not ok:
+            raise KDCacheError(msg)
     src = open_source(cfg.data)
+    if not src.labelled:
+        raise KDCacheError(f"{cfg.data} has no labels, and training a teacher needs them; use labelled data "
+                           "(imagefolder:DIR with one sub-folder per class)")
     test = open_source(cfg.test_data or src.test_spec() or cfg.data)
     tf = default_transform(src)
     model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)

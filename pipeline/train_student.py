@@ -65,6 +65,37 @@ class StudentConfig:
     out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
 
 
+def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
+    """Refuse settings that would train nonsense (a NaN loss, a stage that never runs) before anything is built."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more (got {cfg.weight_decay})"),
+        (cfg.workers >= 0, f"--workers must be 0 (load in this process) or more (got {cfg.workers})"),
+        (cfg.buffer_chunks >= 0, f"--buffer-chunks must be 0 (automatic) or more (got {cfg.buffer_chunks})"),
+        (cfg.temperature > 0, f"--temperature must be positive (got {cfg.temperature}); Hinton et al. use 1-20"),
+        (0 <= cfg.alpha <= 1, f"--alpha is the hard-label share of KD, from 0 to 1 (got {cfg.alpha})"),
+        (cfg.fitnets_hint_epochs >= 0, f"--fitnets-hint-epochs must be 0 or more (got {cfg.fitnets_hint_epochs})"),
+        (cfg.rkd_distance_weight >= 0 and cfg.rkd_angle_weight >= 0, "RKD weights must be 0 or more"),
+        (cfg.view_policy in ("cycle", "random"), f"unknown --view-policy '{cfg.view_policy}'; use cycle or random"),
+        (cfg.fitnets_schedule in ("two-stage", "single"),
+         f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single"),
+        (any(w > 0 for w in weights.values()), f"every weight in --loss {cfg.loss} is 0; nothing would be trained"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise KDCacheError(msg)
+    # The two-stage schedule takes the hint epochs out of --epochs. With FitNets alone, epochs == hint epochs is a
+    # hint-only run (a hint-initialised student); with other losses named, they must get a stage to run in.
+    others = [k for k in weights if k != "fitnets"]
+    if "fitnets" in weights and cfg.fitnets_schedule == "two-stage" and (
+            cfg.epochs < cfg.fitnets_hint_epochs or (others and cfg.epochs == cfg.fitnets_hint_epochs)):
+        raise KDCacheError(f"--epochs {cfg.epochs} leaves no epoch for stage 2 ({','.join(others) or 'kd'}) after "
+                           f"--fitnets-hint-epochs {cfg.fitnets_hint_epochs}; raise --epochs, lower "
+                           "--fitnets-hint-epochs or use --fitnets-schedule single")
+
+
 def build_losses(cfg: StudentConfig, weights: dict[str, float], student_shapes: dict, teacher_shapes: dict):
     opts = {
         "kd": dict(temperature=cfg.temperature, alpha=cfg.alpha),
@@ -121,14 +152,19 @@ class Setup:
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
           teacher_shapes: dict, use_labels: bool) -> Setup:
     """Build the student, its losses (sized from student and teacher shapes), the schedule and the test split."""
-    if cfg.fitnets_schedule not in ("two-stage", "single"):
-        raise KDCacheError(f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single")
+    validate(cfg, weights)
     device = pick_device(cfg.device)
     _, student_layers = declared(weights, cfg)
     student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
     resolve_modules(student, student_layers)
+    probe = source.load(np.arange(min(2, source.num_samples)), tf)
     with torch.no_grad(), capture(student, student_layers) as feats:
-        student.eval()(source.load(np.arange(min(2, source.num_samples)), tf))
+        try:
+            student.eval()(probe)
+        except RuntimeError as e:  # e.g. a 3-channel torchvision model on a grayscale cache
+            raise KDCacheError(f"student {cfg.student} fails on the cached input {tuple(probe.shape[1:])} "
+                               f"({str(e).splitlines()[0][:160]}); cache with the --channels / --image-size the "
+                               "student expects") from None
         student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     try:
         losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
@@ -140,7 +176,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         rest = {k: w for k, w in weights.items() if k != "fitnets"} or {"kd": 1.0}
         if "kd" in rest and "kd" not in losses:
             losses.update(build_losses(cfg, {"kd": 1.0}, student_shapes, teacher_shapes))
-        hint_epochs = min(cfg.fitnets_hint_epochs, cfg.epochs)  # taken out of --epochs
+        hint_epochs = cfg.fitnets_hint_epochs  # taken out of --epochs (validate: fewer than --epochs)
         stages = [(hint_epochs, {"fitnets": weights["fitnets"]}), (cfg.epochs - hint_epochs, rest)]
     cuda = device.type == "cuda"
     # On a GPU: channels_last (and bf16 autocast in `fit`), as any fast training loop; on the CPU: plain float32.
@@ -160,12 +196,31 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
         time.strftime("%Y%m%d-%H%M%S") + f"-{tag}{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
 
 
+RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json")
+
+
+def open_run_dir(cfg: StudentConfig, tag: str = "") -> Path:
+    """The run directory, ready for a new run. A previous run's outputs there are removed first, summary.json (the
+    mark of a finished run) before anything else, so a run killed part-way never looks finished with an older
+    run's results."""
+    run_dir = run_dir_for(cfg, tag)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise KDCacheError(f"--out {run_dir} is a file, not a run directory; choose another --out")
+    if (run_dir / "zarr.json").exists():
+        raise KDCacheError(f"--out {run_dir} is a cache store; choose another --out for the run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+    return run_dir
+
+
 def run_train_student(cfg: StudentConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = open_store(cfg.cache)
     man = store.manifest
     weights = parse_loss_spec(cfg.loss)
+    validate(cfg, weights)
     check_views(cfg, store)
 
     use_labels = store.labelled and not cfg.no_labels
@@ -188,8 +243,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     targets = sorted(t for t in needs if t != "labels")
     stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
                          buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy)
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = open_run_dir(cfg)
     resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
                 "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
                           "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},

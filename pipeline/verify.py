@@ -34,7 +34,7 @@ class Problem:
 
     def line(self) -> str:
         where = f"chunk {self.block}" if self.view is None else f"chunk {self.block} view {self.view}"
-        return f"{self.array} {where} (samples {self.start}-{self.end - 1}): {self.what}"
+        return f"{self.array} {where} (rows {self.start}-{self.end - 1}): {self.what}"
 
     def unit(self) -> tuple[int, int | None]:
         return self.block, self.view
@@ -79,6 +79,8 @@ def _check_chunk(values: np.ndarray) -> str | None:
 
 
 def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
+    if recompute < 0:
+        raise KDCacheError(f"--recompute takes a number of samples, 0 or more (got {recompute})")
     cache = st.open_store(path, require_complete=False)
     group = cache.open_group()
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -116,6 +117,7 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(root):
     res = subprocess.run(args + ["--out", str(killed)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "already cached" in res.stderr and res.stdout.strip().splitlines()[-1] == str(killed)
+    assert not list(killed.rglob(".*.tmp"))  # temporaries the kill left behind are cleared on resume
     m = st.open_store(killed).manifest
     assert m["stats"]["samples_computed"] <= 12288 - done_at_kill * 256
     clean = root / "clean.zarr"
@@ -143,12 +145,20 @@ def test_verify_names_flipped_chunk_and_repair_fixes_only_it(root, teacher_file)
     block = int(f.relative_to(path / "features" / "layer2" / "c").parts[0])
     res = runner.invoke(app, ["verify", str(path)])
     assert res.exit_code == 1
-    assert f"features/layer2 chunk {block} (samples {block * 64}-{block * 64 + 63}): crc32c checksum mismatch" \
+    assert f"features/layer2 chunk {block} (rows {block * 64}-{block * 64 + 63}): crc32c checksum mismatch" \
         in res.stdout
     # The student stage refuses the corrupt chunk with one line instead of training on it.
     with pytest.raises(KDCacheError, match="run `kdcache verify` then `kdcache repair`"):
         run_train_student(StudentConfig(cache=str(path), loss="fitnets=1", fitnets_hint="layer2",
-                                        fitnets_guided="block1", epochs=1, workers=0, out="run", test_data=SYN))
+                                        fitnets_schedule="single", fitnets_guided="block1", epochs=1, workers=0,
+                                        out="run", test_data=SYN))
+    # Also when a DataLoader worker meets it (the default): one line, not the worker's traceback.
+    res = runner.invoke(app, ["train-student", "--cache", str(path), "--loss", "fitnets=1", "--fitnets-hint",
+                              "layer2", "--fitnets-guided", "block1", "--fitnets-schedule", "single", "--epochs", "1",
+                              "--workers", "1", "--out", "run", "--test-data", SYN])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "run `kdcache verify` then `kdcache repair`" in lines[0], \
+        res.stderr
     res = runner.invoke(app, ["repair", str(path)])
     assert res.exit_code == 0, res.output
     assert "recomputing 1 bad chunk(s)" in res.stderr and "128/192 samples already cached" in res.stderr
@@ -173,7 +183,7 @@ def test_missing_chunk_reported_with_range(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
     (path / "logits" / "c" / "2" / "0").unlink()
     res = runner.invoke(app, ["verify", str(path)])
-    assert res.exit_code == 1 and "logits chunk 2 (samples 128-191): missing (never written)" in res.stdout
+    assert res.exit_code == 1 and "logits chunk 2 (rows 128-191): missing (never written)" in res.stdout
 
 
 def test_two_concurrent_readers(root, teacher_file):
@@ -191,23 +201,23 @@ def test_two_concurrent_readers(root, teacher_file):
 
 
 def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkeypatch):
-    real = st.write_unit
     calls = {"n": 0}
 
-    def filling_disk(group, block, view, start, arrays, stats=None):
+    def filling_disk(src, dst):  # the store's rename of a written temporary into place: the disk fills on the 2nd
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(group, block, view, start, arrays, stats)
+        return os.replace(src, dst)
 
     args = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
             "--chunk-samples", "64", "--writers", "1", "--out", "full.zarr"]
     with monkeypatch.context() as m:
-        m.setattr(st, "write_unit", filling_disk)
+        m.setattr(st, "os", SimpleNamespace(replace=filling_disk, getpid=os.getpid))
         res = runner.invoke(app, args)
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert "disk full" in lines[-1] and "re-run the same command" in lines[-1]
+    assert not list(Path("full.zarr").rglob(".*.tmp"))  # the failed chunk's temporary is gone
     with pytest.raises(KDCacheError, match="incomplete"):
         st.open_store("full.zarr")
     res = runner.invoke(app, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,9 @@ def test_unlabelled_flat_imagefolder(root):
     # A label-based loss on unlabelled data is refused with one line.
     res = runner.invoke(app, ["train-student", "--cache", store, "--loss", "ce=1", "--workers", "0"])
     assert res.exit_code == 2 and "needs labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    # So is training a teacher on it.
+    res = runner.invoke(app, ["teacher", "--data", f"imagefolder:{imgs}", "--out", "t.pt"])
+    assert res.exit_code == 2 and "has no labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_missing_array_refused_before_training(root, teacher_file):
@@ -214,6 +218,54 @@ def test_bad_inputs_give_one_line_errors(root, teacher_file):
         assert res.exit_code == 2, (args, res.output)
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+
+
+def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
+    path = _cache(teacher_file, layers=["layer3"])
+    Path("a-file").write_text("")
+    cache = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]
+    train = ["train-student", "--cache", path, "--workers", "0"]
+    cases = [
+        (cache + ["--limit", "0"], "--limit must be positive"),
+        (cache + ["--compression-level", "99"], "--compression-level"),
+        (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
+        (["teacher-cache", "--data", "synthetic:64:1x16x16:9", "--weights", str(teacher_file)],
+         "9 classes but the teacher has 4 outputs"),
+        (train + ["--temperature", "0"], "--temperature must be positive"),
+        (train + ["--alpha", "2"], "--alpha"),
+        (train + ["--epochs", "0"], "--epochs must be at least 1"),
+        (train + ["--batch-size", "0"], "--batch-size"),
+        (train + ["--workers", "-1"], "--workers"),
+        (train + ["--lr", "-1"], "--lr must be positive"),
+        (train + ["--loss", "kd=0"], "every weight"),
+        (train + ["--view-policy", "foo"], "unknown --view-policy"),
+        (train + ["--loss", "kd=1,fitnets=1", "--epochs", "2", "--fitnets-hint-epochs", "2"], "no epoch for stage 2"),
+        (train + ["--student", "torchvision:resnet18"], "fails on the cached input"),  # 3-channel net, 1-channel data
+        (train + ["--out", "a-file"], "is a file"),
+        (train + ["--out", path], "is a cache store"),
+        (train + ["--device", "tpu"], "--device"),
+        (["ls", "--cache-dir", "no-such-dir"], "not a folder"),
+        (["verify", path, "--recompute", "-1"], "--recompute"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((train + ["--device", "cuda"], "0 CUDA device(s)"))
+    for args, needle in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+    assert not Path("run").exists() and Path(path, "zarr.json").exists()
+
+
+def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teacher_file):
+    Path("run").mkdir()
+    for name in ("summary.json", "student.pt", "metrics.jsonl"):
+        Path("run", name).write_text("{}")  # an earlier run's results
+    cfg = StudentConfig(cache=_cache(teacher_file, layers=[]), epochs=1, workers=0, out="run", test_data=SYN_TEST)
+    from pipeline.train_student import open_run_dir
+
+    open_run_dir(cfg)
+    assert not any(Path("run", n).exists() for n in ("summary.json", "student.pt", "metrics.jsonl"))
 
 
 def test_incomplete_store_refused(root, teacher_file):

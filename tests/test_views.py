@@ -201,7 +201,7 @@ def test_flipped_byte_in_a_view_chunk_is_named_and_repaired(root, teacher_file):
     f.write_bytes(bytes(data))
     res = runner.invoke(app, ["verify", path])
     assert res.exit_code == 1
-    assert "features/layer3 chunk 1 view 2 (samples 64-127): crc32c checksum mismatch" in res.stdout
+    assert "features/layer3 chunk 1 view 2 (rows 64-127): crc32c checksum mismatch" in res.stdout
     res = runner.invoke(app, ["repair", path])
     assert res.exit_code == 0 and "recomputing 1 bad chunk(s): 1/view 2" in res.stderr
     g = zarr.open_group(path, mode="r")
