@@ -57,9 +57,11 @@ teacher: $(TEACHER)
 teacher-cache: $(TEACHER)
 	$(KDCACHE) teacher-cache $(CACHE_FLAGS)
 
+# No pipe into `tail`: a pipe's status is tail's, and a failed teacher-cache must stop here with its own error.
 train-student: $(TEACHER)
-	@cache=$$($(KDCACHE) teacher-cache $(CACHE_FLAGS) | tail -n 1) && \
-	$(KDCACHE) train-student --cache $$cache $(STUDENT_FLAGS)
+	@out=$$($(KDCACHE) teacher-cache $(CACHE_FLAGS)) || exit $$?; \
+	printf '%s\n' "$$out"; \
+	$(KDCACHE) train-student --cache "$$(printf '%s\n' "$$out" | tail -n 1)" $(STUDENT_FLAGS)
 
 test: $(BIN)/.installed $(DATA)/.fashion-mnist
 	$(BIN)/python -m pytest -q
