@@ -159,14 +159,17 @@ def verify_cmd(
     recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples (every view of each) "
                                           "and compare."),
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples."),
+    data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved (--recompute)."),
+    weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved "
+                                                     "(--recompute)."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Read every chunk; report bad or missing chunks with their sample ranges; exit 1 if anything is wrong."""
+    """Read every chunk; report bad or missing chunks with their store rows; exit 1 if anything is wrong."""
     with user_errors():
         from pipeline.catalog import dumps
         from pipeline.verify import verify_store
 
-        report = verify_store(path, recompute=recompute, seed=seed)
+        report = verify_store(path, recompute=recompute, seed=seed, moved={"data": data, "weights": weights})
         if json_out:
             typer.echo(dumps(report.to_dict()))
         else:
@@ -187,12 +190,16 @@ def verify_cmd(
 
 
 @app.command("repair")
-def repair_cmd(path: str = typer.Argument(..., help="Store to repair.")):
+def repair_cmd(
+    path: str = typer.Argument(..., help="Store to repair."),
+    data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved."),
+    weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved."),
+):
     """Recompute only the bad or missing chunks of a store (needs its teacher and data)."""
     with user_errors():
         from pipeline.verify import repair_store
 
-        report = repair_store(path, log=log_err)
+        report = repair_store(path, log=log_err, moved={"data": data, "weights": weights})
         typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
         if not report.ok:
             raise typer.Exit(1)

@@ -349,6 +349,14 @@ class ImageFolder(Source):
         return self._fp
 
 
+def absolute_spec(spec: str) -> str:
+    """The spec with a local folder made absolute, so a store's manifest names its data from any working directory."""
+    kind, _, rest = spec.partition(":")
+    if kind == "imagefolder" and rest and "://" not in rest:
+        return f"imagefolder:{os.path.abspath(rest)}"
+    return spec
+
+
 def open_source(spec: str) -> Source:
     """Parse a data spec string into a Source; errors name the accepted forms."""
     kind, _, rest = spec.partition(":")

@@ -143,7 +143,8 @@ def default_teacher_weights() -> Path:
 def load_checkpoint(path: Path) -> dict:
     """A weights file: either our checkpoint dict ({'state_dict', 'arch', ...}) or a bare state_dict."""
     if not Path(path).exists():
-        hint = " (run `make teacher` to train the default teacher)" if Path(path) == default_teacher_weights() else ""
+        default = Path(path).absolute() == default_teacher_weights().absolute()
+        hint = " (run `make teacher` to train the default teacher)" if default else ""
         raise KDCacheError(f"weights file not found: {path}{hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -22,7 +22,7 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,10 @@ import torch
 from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
-from pipeline.data import Transform, data_root, default_transform, open_source
+from pipeline.data import Transform, absolute_spec, data_root, default_transform, open_source
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
-from pipeline.models import capture, fingerprint_module, load_teacher, resolve_modules
+from pipeline.models import capture, default_teacher_weights, fingerprint_module, load_teacher, resolve_modules
 
 
 @dataclass
@@ -134,6 +134,10 @@ class Prepared:
 
 def prepare(cfg: CacheConfig) -> Prepared:
     """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
+    # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
+    # directory (the key does not depend on where they lie: it hashes the weights and the data's fingerprint).
+    weights = cfg.weights or (str(default_teacher_weights()) if cfg.teacher == "default-teacher" else None)
+    cfg = replace(cfg, data=absolute_spec(cfg.data), weights=os.path.abspath(weights) if weights else None)
     codec_cfgs = {"logits": cd.choose("logits", cfg.dtype, cfg.feature_codec, cfg.logits_topk)}
     codec_cfgs.update({st.feature_array(layer): cd.choose("features", cfg.dtype, cfg.feature_codec, 0)
                        for layer in cfg.layers})

@@ -78,7 +78,9 @@ def _check_chunk(values: np.ndarray) -> str | None:
     return None
 
 
-def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
+def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | None = None) -> Report:
+    """Check every chunk of a store; with `recompute`, re-run the teacher on that many samples. `moved` overrides
+    where the teacher's weights or the data lie now ({"weights": FILE, "data": SPEC}) for a store made elsewhere."""
     if recompute < 0:
         raise KDCacheError(f"--recompute takes a number of samples, 0 or more (got {recompute})")
     cache = st.open_store(path, require_complete=False)
@@ -107,11 +109,11 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0) -> Report:
                 if what:
                     report.problems.append(Problem(name, b, start, end, what, v))
     if recompute:
-        report.recompute = recompute_check(cache, recompute, seed)
+        report.recompute = recompute_check(cache, recompute, seed, moved)
     return report
 
 
-def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
+def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | None = None) -> dict:
     """Re-run the teacher on n random stored samples, every view of each; compare with what the store holds."""
     import torch
 
@@ -120,8 +122,13 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
 
     man = cache.manifest
     check_replay(man, cache.path)
-    cfg = CacheConfig(**(man["config"] | {"out": cache.path, "device": "cpu"}))
-    p = prepare(cfg)
+    cfg = CacheConfig(**(man["config"] | {"out": cache.path, "device": "cpu"} | _given(moved)))
+    try:
+        p = prepare(cfg)
+    except KDCacheError as e:
+        if "not found" not in str(e):
+            raise
+        raise KDCacheError(f"{e}; if the store's teacher or data moved, pass --weights FILE / --data SPEC") from None
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
         raise KDCacheError(f"teacher weights ({cfg.weights or 'default'}) are not the ones that made {cache.path} "
                            f"(fingerprint {p.identity['teacher']} vs {man['teacher']['fingerprint']})")
@@ -162,7 +169,11 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0) -> dict:
             "ok": all(d["ok"] for d in diffs.values())}
 
 
-def repair_store(path: str, log=print) -> Report:
+def _given(moved: dict | None) -> dict:
+    return {k: v for k, v in (moved or {}).items() if v}
+
+
+def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
     """Recompute only the bad blocks of a store, then verify it again."""
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
@@ -184,5 +195,6 @@ def repair_store(path: str, log=print) -> Report:
     group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)
     names = [str(b) if v is None or not cache.views else f"{b}/view {v}" for b, v in bad]
     log(f"{path}: recomputing {len(bad)} bad chunk(s): {', '.join(names) or 'none (completing)'}")
-    run_teacher_cache(CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False})), log=log)
+    run_teacher_cache(CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False} | _given(moved))),
+                      log=log)
     return verify_store(path)

@@ -276,3 +276,22 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     assert runner.invoke(app, ["verify", path]).exit_code == 0
     s = run_train_student(StudentConfig(cache=path, epochs=1, workers=1, out="run", test_data=SYN))
     assert s["test_acc"] is not None
+
+
+def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teacher_file, monkeypatch):
+    Path("t.pt").write_bytes(teacher_file.read_bytes())
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", "t.pt", "--chunk-samples", "64",
+                              "--out", "s.zarr"])  # named relative to this directory
+    assert res.exit_code == 0, res.output
+    (root / "elsewhere").mkdir()
+    monkeypatch.chdir(root / "elsewhere")
+    res = runner.invoke(app, ["verify", "../s.zarr", "--recompute", "4"])
+    assert res.exit_code == 0, res.output
+    (root / "t.pt").rename(root / "moved.pt")
+    res = runner.invoke(app, ["verify", "../s.zarr", "--recompute", "4"])
+    assert res.exit_code == 2 and "pass --weights FILE" in res.stderr
+    res = runner.invoke(app, ["verify", "../s.zarr", "--recompute", "4", "--weights", "../moved.pt"])
+    assert res.exit_code == 0, res.output
+    st.open_group(str(root / "s.zarr"), "r+")[st.COMMIT][1, 0] = 0   # one unit to redo, with the moved teacher
+    res = runner.invoke(app, ["repair", "../s.zarr", "--weights", "../moved.pt"])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
