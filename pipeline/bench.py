@@ -169,9 +169,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             if online:
                 run_online_kd(OnlineConfig(data=data, teacher=p["teacher"], weights=str(weights), **common),
                               log=lambda *_: None)
-            else:
-                run_train_student(StudentConfig(cache=store, **common), log=lambda *_: None)
-            return {"img_s": last_epoch_img_s(work / f"run-{tag}")}
+                return {"img_s": last_epoch_img_s(work / f"run-{tag}")}
+            run_train_student(StudentConfig(cache=store, **common), log=lambda *_: None)
+            img_s = last_epoch_img_s(work / f"run-{tag}")
+            reader = json.loads((work / f"run-{tag}" / "config.json").read_text())["reader"]
+            # The stored (compressed) bytes of what the student streams, at the rate it consumes samples. Arrays
+            # under 64 MB (logits) are read once per worker and held in memory; feature chunks are read every epoch
+            # (from the page cache when the store fits in RAM, as in any multi-epoch run).
+            streamed = sum(disk_bytes(Path(store) / name) for name in reader["streamed_arrays"])
+            return {"img_s": img_s, "MB_s": streamed / n * img_s / 1e6, "buffer_chunks": reader["buffer_chunks"]}
 
         rounds: dict[str, list[dict]] = {}
         for r in range(cfg.repeat):
@@ -204,7 +210,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         results["ratio_rounds"]["c_write_vs_disk"] = [row["MB_s"] / results["disk_write_MB_s"]
                                                       for row in rounds["c_cache_logits_hint"]]
         results["ratios"] = {k: float(np.median(v)) for k, v in results["ratio_rounds"].items()}
-        results["shuffle"] = shuffle_table(batch)
+        results["shuffle"] = shuffle_table(batch, workers)
         if cfg.scaling:
             results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
     finally:
@@ -251,10 +257,12 @@ def scaling(cfg: BenchConfig, sizes: list[int], work: Path, log) -> list[dict]:
     return rows
 
 
-def shuffle_table(batch: int, num_samples: int = 60000, chunk: int = 1024, bytes_per_sample: int = 3636,
-                  buffers=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+def shuffle_table(batch: int, workers: int = 1, num_samples: int = 60000, chunk: int = 1024,
+                  bytes_per_sample: int = 3636, buffers=(1, 2, 4, 8, 16, 64)) -> list[dict]:
     """The reader's order against a uniform shuffle, per buffer size (Fashion-MNIST-sized store by default), and
-    the memory a buffer holds per worker (bytes per sample of the default cache: logits + layer3 + avgpool fp16)."""
+    the memory a buffer holds per worker (bytes per sample of the default cache: logits + layer3 + avgpool fp16).
+    With W loader workers a batch comes from one worker's buffer, and each worker holds only every W-th chunk: the
+    default buffer is measured at 1, 2, 4 and the run's worker count too."""
     from pipeline.reader import CacheStream, shuffle_quality
     from pipeline.store import CacheStore
 
@@ -262,12 +270,12 @@ def shuffle_table(batch: int, num_samples: int = 60000, chunk: int = 1024, bytes
                                            "targets": {}, "transform": {"size": [1, 1], "channels": 1,
                                                                          "mean": [0.0], "std": [1.0]}})
     rows = []
-    for k in buffers:
-        order = CacheStream(store, None, [], batch, use_labels=False, buffer_chunks=k, seed=0).epoch_rows()
+    for w, k in [(1, k) for k in buffers] + [(w, buffers[-1]) for w in sorted({2, 4, max(1, workers)} - {1})]:
+        order = CacheStream(store, None, [], batch, use_labels=False, buffer_chunks=k, seed=0).epoch_rows(w)
         q = shuffle_quality(order, chunk, batch)
-        rows.append({"buffer_chunks": k, "buffer_MB": k * chunk * bytes_per_sample / 1e6, **q})
+        rows.append({"workers": w, "buffer_chunks": k, "buffer_MB": k * chunk * bytes_per_sample / 1e6, **q})
     uniform = shuffle_quality(np.random.default_rng(0).permutation(num_samples), chunk, batch)
-    rows.append({"buffer_chunks": "uniform", "buffer_MB": None, **uniform})
+    rows.append({"workers": None, "buffer_chunks": "uniform", "buffer_MB": None, **uniform})
     return rows
 
 
@@ -324,7 +332,8 @@ def table(r: dict) -> str:
     repeat = r.get("repeat", 1)
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
              f"samples, batch {r['batch']}, device {r['device']}, median of {repeat} interleaved rounds",
-             "| measurement | img/s | MB/s | CPU cores busy (writers) |", "| --- | --- | --- | --- |"]
+             "| measurement | img/s | MB/s to (b, c) / from (e) the store | CPU cores busy (writers) |",
+             "| --- | --- | --- | --- |"]
     for key, label in [("a_teacher_forward", "(a) teacher forward only"),
                        ("b_cache_logits", "(b) teacher-cache, logits"),
                        ("c_cache_logits_hint", f"(c) teacher-cache, logits + {r['hint']}"),
@@ -344,12 +353,12 @@ def table(r: dict) -> str:
     lines += [f"| {k} | {v:.2f} | {' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', {}).get(k, [v]))} |"
               for k, v in r["ratios"].items()]
     if r.get("shuffle"):
-        lines += ["", "| buffer (chunks of 1024) | memory per worker | neighbour spread | distinct chunks per batch "
-                      "(vs uniform) |", "| --- | --- | --- | --- |"]
+        lines += ["", "| loader workers | buffer (chunks of 1024) | memory per worker | neighbour spread | "
+                      "distinct chunks per batch (vs uniform) |", "| --- | --- | --- | --- | --- |"]
         for q in r["shuffle"]:
             mem = f"{q['buffer_MB']:.0f} MB" if q["buffer_MB"] is not None else "all"
-            lines.append(f"| {q['buffer_chunks']} | {mem} | {q['neighbour_spread']:.3f} | "
-                         f"{q['distinct_chunks_per_batch']:.1f} ({q['batch_chunks']:.2f}) |")
+            lines.append(f"| {q.get('workers', 1) or '-'} | {q['buffer_chunks']} | {mem} | "
+                         f"{q['neighbour_spread']:.3f} | {q['distinct_chunks_per_batch']:.1f} ({q['batch_chunks']:.2f}) |")
     if r.get("scaling"):
         lines += ["", "| samples | cache img/s | cache µs/sample | student KD img/s | student µs/sample |",
                   "| --- | --- | --- | --- | --- |"]

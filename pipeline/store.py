@@ -214,10 +214,28 @@ def distortion_summary(group, manifest: dict) -> dict:
     return out
 
 
+def sync_store(group) -> None:
+    """fsync every file and folder of a local store: what `complete` vouches for is on the disk, not only in the
+    page cache, so not even a power cut can leave a store marked complete with chunks missing."""
+    root = getattr(group.store, "root", None)
+    if root is None:
+        return  # object stores: a finished PUT is durable
+    for folder, _dirs, files in os.walk(root):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def mark_complete(group, extra: dict) -> None:
+    """Flag the store complete: only after every unit is committed and synced to disk (the flag itself last)."""
+    sync_store(group)
     manifest = dict(group.attrs[MANIFEST_KEY])
     manifest.update(extra, complete=True, completed=now(), distortion=distortion_summary(group, manifest))
     group.attrs[MANIFEST_KEY] = manifest
+    sync_store(group)
 
 
 # ------------------------------------------------------------------------------------------------ reading

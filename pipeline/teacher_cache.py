@@ -241,6 +241,7 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
         log(f"resuming {p.path}: {already}/{total} {what} already cached, {total - already} to go")
     t0 = time.time()
     where = fill_units(group, p, blocks, todo, already)
+    st.sync_store(group)  # on the disk before it is called complete; the time includes getting it there
     seconds = time.time() - t0
     st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": total - already,
                                        "samples_per_s": round((total - already) / max(seconds, 1e-9), 1),
@@ -389,8 +390,10 @@ def _write_when_ready(group, p: Prepared, block: int, view: int, start: int, end
     for col, v in zip(p.stat_columns, stats):
         if col.endswith(":nonfinite") and v > 0:
             where = f" (view {view})" if p.views else ""
-            raise KDCacheError(f"teacher produced non-finite {col.split(':')[0]} in samples {start}-{end - 1}"
-                               f"{where}; use --dtype float32 or check the teacher's weights")
+            fix = ("the forward runs under float16 autocast on a GPU: try --device cpu" if p.device.type == "cuda"
+                   else "use --dtype float32 (float16 overflows past 65504)")
+            raise KDCacheError(f"teacher produced non-finite {col.split(':')[0]} in rows {start}-{end - 1}"
+                               f"{where}; {fix}, or check the teacher's weights")
     out.update({k: _to_numpy(v, p.arrays[k]["dtype"]) for k, v in host.items()})
     st.write_unit(group, block, view, start, out, stats)
     return time.perf_counter() - t0

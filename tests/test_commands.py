@@ -103,6 +103,10 @@ def test_bench_command_writes_table_and_json(root):
     assert abs(r["ratios"]["e/f"] - (e[0] / f[0] + e[1] / f[1]) / 2) < 1e-12
     assert r["device"].startswith("cpu") and r["versions"]["zarr"]
     assert [q["buffer_chunks"] for q in r["shuffle"]][-1] == "uniform"
+    assert {q["workers"] for q in r["shuffle"]} == {1, 2, 4, None}   # the default buffer at several worker counts
+    for k in ("e_student_kd", "e_student_fitnets"):  # stored bytes streamed per second, and the buffer it used
+        assert r[k]["MB_s"] > 0 and r[k]["buffer_chunks"] >= 2
+    assert r["e_student_fitnets"]["MB_s"] > r["e_student_kd"]["MB_s"] * 1.5  # feature maps on top of the logits
     assert "| (f) online KD (teacher in the loop) |" in res.stdout
     assert [x["samples"] for x in r["scaling"]] == [1024, 2048]
     assert all(abs(x["student_us_per_sample"] * x["student_kd_img_s"] - 1e6) < 1e-3 for x in r["scaling"])

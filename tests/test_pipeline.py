@@ -95,7 +95,8 @@ def test_cli_end_to_end_student_never_builds_teacher(root, teacher_file, monkeyp
                               "--layer", "avgpool", "--chunk-samples", "64"])
     assert res.exit_code == 0, res.output
     store = res.stdout.strip().splitlines()[-1]            # the last line is the store's path
-    assert store.endswith(".zarr") and (root / store).exists() or store.startswith(str(root))
+    assert store.endswith(".zarr") and Path(store).resolve().parent == (root / "data" / "cache").resolve()
+    assert (Path(store) / "zarr.json").exists()
     _forbid_teacher(monkeypatch)
     res = runner.invoke(app, ["train-student", "--cache", store, "--loss", "kd=1,fitnets=1,rkd=1",
                               "--fitnets-schedule", "single", "--epochs", "2", "--batch-size", "32",
