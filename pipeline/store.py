@@ -221,8 +221,13 @@ def sync_store(group) -> None:
     if root is None:
         return  # object stores: a finished PUT is durable
     for folder, _dirs, files in os.walk(root):
-        for name in [*files, "."]:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        for name in [*files, "."]:  # "." : the folder itself, so the renames into it are durable too
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except OSError:
+                if name == ".":
+                    continue  # a platform that cannot open folders (Windows) syncs their entries with the files
+                raise
             try:
                 os.fsync(fd)
             finally:
