@@ -103,6 +103,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     loader = make_loader(stream, cfg.workers)
     cuda = s.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
+    if cuda:  # the same layout as the cache stage's teacher and the student
+        teacher.to(memory_format=torch.channels_last)
 
     if set(weights) <= {"ce"}:  # labels only: the student alone, the teacher never runs
         def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,7 +115,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         # no_grad, not inference_mode: the losses keep these tensors for their backward pass.
         with torch.no_grad(), capture(teacher, layers) as tf_feats, autocast:
-            out = {"logits": teacher(tf(batch["x"].to(device, non_blocking=True)))}
+            x = tf(batch["x"].to(device, non_blocking=True))
+            out = {"logits": teacher(x.contiguous(memory_format=torch.channels_last) if cuda else x)}
             out.update({st.feature_array(k): v for k, v in tf_feats.items()})
         return {k: v.float() for k, v in out.items()}
 

@@ -169,7 +169,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
     tf = _resolve_transform(cfg, source, meta)
     resolve_modules(teacher, cfg.layers)  # unknown names fail here, before anything is written
     teacher_fp = fingerprint_module(teacher)
-    teacher = teacher.to(device)
+    # On a GPU, channels_last: convolutions run in the tensor cores' native layout (as any fast inference loop).
+    teacher = teacher.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
 
     # Probe one tiny batch: output shapes decide the arrays' shapes.
     probe = source.load(np.arange(min(2, n)), tf)
@@ -314,6 +315,8 @@ def teacher_forward(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=No
     for i, s in enumerate(slices):
         raw = inputs[i].result() if inputs is not None else _load_input(p, *args[i])
         x = p.transform(raw.to(p.device, non_blocking=True))
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = p.teacher(x)
         yield s, {"logits": logits, **{st.feature_array(layer): feats[layer] for layer in cfg.layers}}
@@ -323,7 +326,7 @@ def _encode(p: Prepared, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, to
     """Encode each target with its codec (on the device) and measure the cost: (parts, per-unit stat sums)."""
     parts, stats = {}, []
     for t, codec in p.codecs.items():
-        ref = outputs[t].float()
+        ref = outputs[t].float().contiguous()  # channels_last maps on a GPU: stored (and copied out) as N, C, H, W
         enc = codec.encode(t, ref)
         parts.update(enc)
         dist = cd.distortion(t, ref, codec.decode(t, enc))
@@ -369,7 +372,7 @@ def teacher_outputs(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=No
     parts: dict[str, list[torch.Tensor]] = {}
     for _s, out in teacher_forward(p, idx, feats, box, flip):
         for k, v in out.items():
-            parts.setdefault(k, []).append(v.float().cpu())
+            parts.setdefault(k, []).append(v.float().contiguous().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
