@@ -16,10 +16,11 @@ Policy spec (comma-separated; canonical form recorded in the manifest and part o
 
 Parameters: `box` = (top, left, height, width) in native pixels (int32) and `flip` in {0, 1}. They come from
 splitmix64 of (seed, sample index, view, draw): no RNG state, so they depend on nothing else: not on rank, worker
-count, batch size, chunk order or start epoch. Replay is `apply_views`: a pure shift (box size = output size) is an
-exact integer gather; any other box is cropped and resized by torchvision's roi_align (bilinear, several samples
-per output pixel when shrinking). Each output pixel depends only on its own image and box, so a view is bitwise
-the same on the CPU whatever batch, worker or run it is rebuilt in.
+count, batch size, chunk order or start epoch. Replay is `apply_views` (version `REPLAY_VERSION`, recorded in the
+manifest): a pure shift (box size = output size) is an exact integer gather; a whole-image box at another size is
+the plain input's resize; any other box is cut out (0 outside the image) and resized by torchvision's roi_align
+(bilinear, several samples per output pixel when shrinking, clamped to the box). Each output pixel depends only on
+its own image and box, so a view is bitwise the same on the CPU whatever batch, worker or run it is rebuilt in.
 """
 
 from __future__ import annotations
