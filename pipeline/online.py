@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import store as st
-from pipeline.augment import AugmentPolicy, sample_params
+from pipeline.augment import REPLAY_VERSION, AugmentPolicy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
@@ -98,6 +98,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     teacher.to(s.device).eval()
     run_dir = open_run_dir(cfg, tag="online-")
     (run_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "online": True, "augment": policy.spec(),
+                                                     "replay": REPLAY_VERSION,
                                                      "device": str(s.device)}, indent=2, default=str))
     stream = OnlineStream(source, tf, policy, cfg.batch_size, cfg.seed, cfg.aug_seed, use_labels)
     loader = make_loader(stream, cfg.workers)

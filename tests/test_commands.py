@@ -135,3 +135,18 @@ def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     other_name = StudentConfig(**{**cfg.__dict__, "cache": os.path.relpath(cache), "out": str(root / "moved")})
     shutil.copytree("run", other_name.out)
     assert reuse_or_run(other_name, lambda c, log: calls.append(c)) == first and calls == [changed]  # same store
+
+
+def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_file):
+    from pipeline.online import OnlineConfig, run_online_kd
+    from pipeline.results import reuse_or_run
+
+    cfg = OnlineConfig(data=SYN, weights=str(teacher_file), augment="crop=0.5-1,flip", epochs=1, batch_size=32,
+                       workers=0, test_data=SYN_TEST, out="online")
+    first = reuse_or_run(cfg, run_online_kd)
+    calls = []
+    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and not calls   # same replay: reused
+    saved = json.loads(Path("online/config.json").read_text())
+    Path("online/config.json").write_text(json.dumps(saved | {"replay": 0}))         # made by an older replay
+    reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
+    assert calls == [cfg]
