@@ -26,7 +26,7 @@ from pipeline.data import Source, Transform, default_transform, open_source
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
 from pipeline.reader import SharedEpoch, make_loader
-from pipeline.train_student import StudentConfig, declared, fit, open_run_dir, setup
+from pipeline.train_student import StudentConfig, declared, fit, open_run_dir, setup, validate
 
 FRESH_VIEW_BASE = 1_000_000
 
@@ -81,6 +81,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     weights = parse_loss_spec(cfg.loss)
+    validate(cfg, weights)
     source = open_source(cfg.data or "fashion-mnist:train")
     probe_tf = default_transform(source)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,

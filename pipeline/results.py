@@ -60,9 +60,9 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
         recorded = same_place(saved.get("config") or {})
         # Online runs draw fresh views with this kdcache's replay: one made by another replay saw other pixels.
         # (Cached runs carry it in their cache's key.)
-        same_views = saved.get("replay", 1) == REPLAY_VERSION or not saved.get("online") or saved.get("augment") in (
-            None, "none")
-        if same_views and recorded == same_place(json.loads(json.dumps(asdict(cfg), default=str))):
+        augmented_online = saved.get("online") and saved.get("augment") not in (None, "none")
+        stale_views = augmented_online and saved.get("replay", 1) != REPLAY_VERSION
+        if not stale_views and recorded == same_place(json.loads(json.dumps(asdict(cfg), default=str))):
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())
     return fn(cfg, log=lambda m: None)

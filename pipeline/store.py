@@ -214,6 +214,19 @@ def distortion_summary(group, manifest: dict) -> dict:
     return out
 
 
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return  # a platform that cannot open folders (Windows) syncs their entries with the files
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_store(group) -> None:
     """fsync every file and folder of a local store: what `complete` vouches for is on the disk, not only in the
     page cache, so not even a power cut can leave a store marked complete with chunks missing."""
@@ -221,26 +234,20 @@ def sync_store(group) -> None:
     if root is None:
         return  # object stores: a finished PUT is durable
     for folder, _dirs, files in os.walk(root):
-        for name in [*files, "."]:  # "." : the folder itself, so the renames into it are durable too
-            try:
-                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            except OSError:
-                if name == ".":
-                    continue  # a platform that cannot open folders (Windows) syncs their entries with the files
-                raise
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)  # the folder itself, so the renames into it are durable too
 
 
 def mark_complete(group, extra: dict) -> None:
-    """Flag the store complete: only after every unit is committed and synced to disk (the flag itself last)."""
-    sync_store(group)
+    """Flag the store complete. Call it after every unit is committed and `sync_store` has run: the flag is the
+    last write, and it is made durable itself."""
     manifest = dict(group.attrs[MANIFEST_KEY])
     manifest.update(extra, complete=True, completed=now(), distortion=distortion_summary(group, manifest))
     group.attrs[MANIFEST_KEY] = manifest
-    sync_store(group)
+    root = getattr(group.store, "root", None)
+    if root is not None:
+        _fsync(os.path.join(root, "zarr.json"))
 
 
 # ------------------------------------------------------------------------------------------------ reading

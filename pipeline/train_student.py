@@ -151,8 +151,8 @@ class Setup:
 
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
           teacher_shapes: dict, use_labels: bool) -> Setup:
-    """Build the student, its losses (sized from student and teacher shapes), the schedule and the test split."""
-    validate(cfg, weights)
+    """Build the student, its losses (sized from student and teacher shapes), the schedule and the test split.
+    The entry points have already run `validate(cfg, weights)`."""
     device = pick_device(cfg.device)
     _, student_layers = declared(weights, cfg)
     student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
@@ -176,7 +176,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         rest = {k: w for k, w in weights.items() if k != "fitnets"} or {"kd": 1.0}
         if "kd" in rest and "kd" not in losses:
             losses.update(build_losses(cfg, {"kd": 1.0}, student_shapes, teacher_shapes))
-        hint_epochs = cfg.fitnets_hint_epochs  # taken out of --epochs (validate: fewer than --epochs)
+        hint_epochs = cfg.fitnets_hint_epochs  # taken out of --epochs (validate: no more than --epochs)
         stages = [(hint_epochs, {"fitnets": weights["fitnets"]}), (cfg.epochs - hint_epochs, rest)]
     cuda = device.type == "cuda"
     # On a GPU: channels_last (and bf16 autocast in `fit`), as any fast training loop; on the CPU: plain float32.
