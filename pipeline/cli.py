@@ -6,6 +6,7 @@ Heavy imports (torch, zarr) happen inside the commands so `kdcache --help` is in
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import List, Optional
@@ -141,8 +142,9 @@ def _cache_command(mode: str):
             from pipeline.teacher_cache import run_teacher_cache
 
             path = run_teacher_cache(cfg, log=log_err)
-            # The last line of stdout is the store's path, for scripts.
-            typer.echo(json.dumps({"path": path}) if json_out else path)
+            # The last line of stdout is the store's path, for scripts (once, under torchrun: rank 0's).
+            if os.environ.get("RANK", "0") in ("", "0"):
+                typer.echo(json.dumps({"path": path}) if json_out else path)
 
     return command
 

@@ -35,6 +35,7 @@ from pipeline.data import Transform, absolute_spec, data_root, default_transform
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
 from pipeline.models import capture, default_teacher_weights, fingerprint_module, load_teacher, resolve_modules
+from pipeline.ranks import Ranks
 
 
 @dataclass
@@ -73,14 +74,15 @@ def _resolve_transform(cfg: CacheConfig, source, teacher_meta: dict) -> Transfor
     return default_transform(source, cfg.image_size, cfg.channels)
 
 
-def _progress(total: int, done: int, unit: str):
+def _progress(total: int, done: int, unit: str, show: bool = True):
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     prog = Progress(TextColumn("[bold]teacher-cache"), BarColumn(), MofNCompleteColumn(),
                     TextColumn(f"{{task.fields[rate]:>8}} {unit}/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                    disable=not show)
     task = prog.add_task("cache", total=total, completed=done, rate="-")
     return prog, task
 
@@ -132,7 +134,7 @@ class Prepared:
         return self.source.load_view(idx, self.transform, box, flip)
 
 
-def prepare(cfg: CacheConfig) -> Prepared:
+def prepare(cfg: CacheConfig, ranks: Ranks | None = None) -> Prepared:
     """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
     # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
     # directory (the key does not depend on where they lie: it hashes the weights and the data's fingerprint).
@@ -160,7 +162,7 @@ def prepare(cfg: CacheConfig) -> Prepared:
         raise KDCacheError(f"--views {cfg.views} needs --augment POLICY (e.g. --augment crop=0.5-1,flip): "
                            "un-augmented views would all be the same input")
     views = 0 if policy.identity else cfg.views
-    device = pick_device(cfg.device)
+    device = (ranks or Ranks()).device(pick_device(cfg.device))
     source = open_source(cfg.data)
     n = min(source.num_samples, cfg.limit) if cfg.limit else source.num_samples
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
@@ -220,34 +222,64 @@ def _metrics(target: str) -> tuple[str, ...]:
 
 
 def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
-    p = prepare(cfg)
-    group = _open_existing(p.path, p.key, cfg, log)
-    if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
+    """Cache the teacher's outputs; return the complete store's path. Under torchrun every rank calls this with the
+    same config and fills its share of the units (ranks.py); the call returns on every rank once it is complete."""
+    ranks = Ranks.from_env()
+    try:
+        return _run(cfg, log if ranks.leader else (lambda *_: None), ranks)
+    finally:
+        ranks.close()
+
+
+def _run(cfg: CacheConfig, log, ranks: Ranks) -> str:
+    p = ranks.together(prepare, cfg, ranks)
+    # Rank 0 alone creates or reopens the store, before anyone writes, and says which units are committed: every
+    # rank derives its share from that one answer (read later, it would already include other ranks' commits).
+    done = ranks.together(_open_or_create, p, log, leader_only=True)
+    if done is None:
         log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
         return str(p.path)
+    group = st.open_group(p.path, "r+")
     blocks = st.block_ranges(p.num_samples, cfg.chunk_samples)
-    if group is None:
-        if not st.is_url(p.path):
-            _refuse_foreign_folder(Path(p.path))
-            Path(p.path).parent.mkdir(parents=True, exist_ok=True)
-        group = st.create_store(p.path, p.manifest(), p.arrays, (len(blocks), p.units_per_block), p.stat_columns)
-
-    st.remove_temporaries(group)  # from a run killed mid-write; this process is the only writer
-    done = st.committed_units(group)
-    todo = [(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]]
+    todo = ranks.share([(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]])
     total = p.num_samples * p.units_per_block
     already = sum(blocks[b][1] - blocks[b][0] for b, v in np.argwhere(done))
     what = "sample-views" if p.views else "samples"
     if already:
         log(f"resuming {p.path}: {already}/{total} {what} already cached, {total - already} to go")
+    if ranks.world > 1:
+        log(f"{ranks.world} ranks fill {p.path}; progress shown for rank 0's share")
     t0 = time.time()
-    where = fill_units(group, p, blocks, todo, already)
-    st.sync_store(group)  # on the disk before it is called complete; the time includes getting it there
-    seconds = time.time() - t0
-    st.mark_complete(group, {"stats": {"seconds": round(seconds, 3), "samples_computed": total - already,
-                                       "samples_per_s": round((total - already) / max(seconds, 1e-9), 1),
-                                       **where}})
+    where = ranks.gather(ranks.together(fill_units, group, p, blocks, todo, already, ranks.leader))
+
+    def finish():  # rank 0, once every rank's units are committed
+        st.sync_store(group)  # on the disk before it is called complete; the time includes getting it there
+        seconds = time.time() - t0
+        st.mark_complete(group, {"stats": {
+            "seconds": round(seconds, 3), "samples_computed": total - already,
+            "samples_per_s": round((total - already) / max(seconds, 1e-9), 1),
+            "writer_seconds": round(sum(w["writer_seconds"] for w in where), 3), "writers": where[0]["writers"],
+            "ranks": ranks.world, "units_per_rank": [w["units"] for w in where]}})
+
+    ranks.together(finish, leader_only=True)  # and no rank returns before the store is complete
     return str(p.path)
+
+
+def _open_or_create(p: Prepared, log) -> np.ndarray | None:
+    """Rank 0, alone: None on a cache hit; else leave a store (new, or resumable) ready for the writers and return
+    which (block, view) units it already holds."""
+    group = _open_existing(p.path, p.key, p.cfg, log)
+    if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
+        return None
+    if group is None:
+        if not st.is_url(p.path):
+            _refuse_foreign_folder(Path(p.path))
+            Path(p.path).parent.mkdir(parents=True, exist_ok=True)
+        group = st.create_store(p.path, p.manifest(), p.arrays,
+                                (len(st.block_ranges(p.num_samples, p.cfg.chunk_samples)), p.units_per_block),
+                                p.stat_columns)
+    st.remove_temporaries(group)  # from a run killed mid-write; no writer runs yet
+    return st.committed_units(group)
 
 
 def _refuse_foreign_folder(path: Path) -> None:
@@ -402,12 +434,12 @@ def _write_when_ready(group, p: Prepared, block: int, view: int, start: int, end
     return time.perf_counter() - t0
 
 
-def fill_units(group, p: Prepared, blocks, todo, already) -> dict:
+def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> dict:
     """Compute and write every unit in `todo`. Returns where the time went: the writers' busy seconds (summed over
     threads) and the thread count, so a user can tell whether the writers or the teacher bound the stage."""
     cfg, source = p.cfg, p.source
     total = p.num_samples * p.units_per_block
-    prog, task = _progress(total, already, "views" if p.views else "samples")
+    prog, task = _progress(total, already, "views" if p.views else "samples", show)
     pending = set()
     writers = cfg.writers or min(8, os.cpu_count() or 2)
     max_pending = max(2, 2 * writers)  # bounded: host memory stays flat however large the dataset
@@ -439,4 +471,4 @@ def fill_units(group, p: Prepared, blocks, todo, already) -> dict:
             computed += end - start
             prog.update(task, advance=end - start, rate=f"{computed / max(time.time() - t0, 1e-9):,.0f}")
         busy += sum(f.result() for f in pending)
-    return {"writer_seconds": round(busy, 3), "writers": writers}
+    return {"writer_seconds": round(busy, 3), "writers": writers, "units": len(todo)}

@@ -295,3 +295,40 @@ def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teac
     st.open_group(str(root / "s.zarr"), "r+")[st.COMMIT][1, 0] = 0   # one unit to redo, with the moved teacher
     res = runner.invoke(app, ["repair", "../s.zarr", "--weights", "../moved.pt"])
     assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
+
+
+def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_file):
+    """torchrun ranks own disjoint units of one store (no shared file, no resize): the result equals a single
+    process's, bit for bit, each rank computed a share, and a resumed multi-rank run redoes only what is missing."""
+    data = "synthetic:384:1x16x16:4"
+    flags = ["teacher-cache", "--data", data, "--weights", str(teacher_file), "--layer", "layer2",
+             "--chunk-samples", "64", "--batch-size", "32", "--writers", "1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "pipeline"]
+    shared = root / "ranks.zarr"
+    res = subprocess.run(torchrun + flags + ["--out", str(shared)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines() == [str(shared)]  # printed once, by rank 0
+    stats = st.open_store(shared).manifest["stats"]
+    assert stats["ranks"] == 2 and stats["units_per_rank"] == [3, 3]
+    single = run_teacher_cache(cfg(teacher_file, data=data, out=str(root / "one.zarr"), writers=1),
+                               log=lambda *_: None)
+    a, b = arrays_of(shared), arrays_of(single)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # Undo three units of the single-process store (data overwritten, markers cleared, not complete): two ranks
+    # resume it and compute those three alone.
+    g = st.open_group(single, "r+")
+    for block in (0, 3, 5):
+        g["logits"][block * 64:(block + 1) * 64] = 0
+        g[st.COMMIT][block, 0] = 0
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
+    res = subprocess.run(torchrun + flags + ["--out", single], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already cached" in res.stderr
+    assert st.open_store(single).manifest["stats"]["units_per_rank"] == [2, 1]
+    for name, v in arrays_of(single).items():
+        np.testing.assert_array_equal(v, a[name], err_msg=name)

@@ -1,0 +1,109 @@
+"""Several processes on one store: `torchrun --nproc_per_node R -m pipeline teacher-cache ...`.
+
+Why this is small: the store's design already does the hard part. Every unit of commit (a block of rows in one
+view) is one chunk per array plus its own `_commit` and `_stats` chunks, arrays are created at full size, and no
+counter is shared, so ranks that own disjoint units never touch the same file. What the ranks still have to agree
+on is who creates the store (rank 0, before anyone writes), which units each one owns (every R-th of the missing
+ones, a pure function of the store's commit markers read after that point), and that `complete` is set once, by
+rank 0, after every rank's units are committed. Those three meetings are all the communication there is: the
+data goes to the store, never between ranks, so the process group is gloo (CPU) even when the teachers run on GPUs.
+
+A failure on one rank (a KDCacheError, a full disk) reaches the others at the next meeting and every rank stops
+with the same one-line error; committed units stay, and re-running the command resumes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+from pipeline.errors import KDCacheError
+
+# Ranks meet at the end of their shares; the shares are equal, so the wait is about one unit's time, but a slow
+# or oversubscribed machine must not turn it into a timeout that throws the finished work's completion away.
+MEETING_TIMEOUT = datetime.timedelta(hours=6)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False      # this process initialised the process group, so it tears it down
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """The ranks torchrun (or any launcher setting WORLD_SIZE, RANK, MASTER_ADDR/PORT) started; one otherwise."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("gloo", timeout=MEETING_TIMEOUT)
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0), owns)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This rank's part of `items` (every world-th, from its rank): the same list on every rank gives disjoint
+        parts that cover it."""
+        return items[self.rank::self.world]
+
+    def together(self, fn, *args, leader_only: bool = False):
+        """Run `fn(*args)` on every rank (or on rank 0 alone), then meet; return this rank's result (rank 0's,
+        which must pickle, with `leader_only`). If any rank raised, every rank raises: its own error, or the first
+        failing rank's one-line message as a KDCacheError, so no rank waits forever for one that gave up."""
+        error, result = None, None
+        if self.leader or not leader_only:
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, once the others have heard of it
+                error = e
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return result
+        reports = self.gather((None if error is None else _one_line(error),
+                               result if leader_only and self.leader and error is None else None))
+        if error is not None:
+            raise error
+        for r, (msg, _) in enumerate(reports):
+            if msg is not None:
+                raise KDCacheError(f"rank {r} of {self.world} failed: {msg}")
+        return reports[0][1] if leader_only else result
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def device(self, device):
+        """One GPU per rank on a node (LOCAL_RANK); a CPU device, or a device named by index, as it is."""
+        import torch
+
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return device
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else ""
+    return msg if isinstance(e, KDCacheError) else f"{type(e).__name__}: {msg}".rstrip(": ")
