@@ -101,6 +101,23 @@ def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
     return resize(_convert_channels(images, tf), tf.size).contiguous()  # the same resize as a plain0 view's
 
 
+def class_map(test: "Source", classes: list[str] | None) -> np.ndarray | None:
+    """Test labels -> the training data's class numbers, matched by class name (None: already the same).
+
+    Image folders number their classes by sorted folder name, so a test folder lacking one class (or holding
+    another) would shift every later label: accuracy would be silently wrong. A class the training data does not
+    have cannot be scored and is refused."""
+    if test.classes is None or classes is None or list(test.classes) == list(classes):
+        return None
+    pos = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in test.classes if c not in pos]
+    if unknown:
+        raise KDCacheError(f"test data {test.spec} has class(es) {', '.join(map(repr, unknown[:5]))} that the "
+                           f"training data lacks (it has {', '.join(map(repr, classes[:10]))}"
+                           f"{' ...' if len(classes) > 10 else ''}); pass a --test-data with the same classes")
+    return np.asarray([pos[c] for c in test.classes], dtype=np.int64)
+
+
 # --------------------------------------------------------------------------------------------- sources
 class Source:
     """A dataset with a stable order. Subclasses fill the attributes and `_load`."""

@@ -43,12 +43,15 @@ def source_batches(source: Source, tf: Transform, batch_size: int, shuffle: bool
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, source: Source, tf: Transform, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy on a labelled source."""
+def evaluate(model: nn.Module, source: Source, tf: Transform, device: torch.device,
+             label_map: np.ndarray | None = None, batch_size: int = 512) -> float:
+    """Top-1 accuracy on a labelled source (its labels translated by `label_map`, see `data.class_map`)."""
     was_training = model.training
     model.eval()
     correct = 0
+    lut = torch.from_numpy(label_map) if label_map is not None else None
     for _idx, x, y in source_batches(source, tf, batch_size):
+        y = lut[y] if lut is not None else y
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     model.train(was_training)
     return correct / source.num_samples

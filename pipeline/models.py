@@ -201,12 +201,16 @@ def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 
 @contextmanager
 def capture(model: nn.Module, names: list[str]):
-    """Forward hooks that store each named module's output in the yielded dict (keyed by the dotted path)."""
+    """Forward hooks that store each named module's output in the yielded dict (keyed by the dotted path).
+
+    A copy, not a reference: the next module may change the output in place (torchvision's ResNets follow `bn1`
+    with `ReLU(inplace=True)`, and add the shortcut into `bn2`'s output with `+=`), and the module's output is what
+    was asked for. The copy is differentiable, so student layers hooked here still train."""
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name):
-            outputs[name] = out[0] if isinstance(out, (tuple, list)) else out
+            outputs[name] = (out[0] if isinstance(out, (tuple, list)) else out).clone()
         handles.append(mod.register_forward_hook(hook))
     try:
         yield outputs

@@ -19,7 +19,8 @@ Why this shape:
 - The unit of commit is one block of rows in one view: exactly one chunk in every array it touches, written whole
   by one owner, then marked in `_commit` (chunks of one element, so each unit's marker is its own file). No writer
   rewrites a shared counter, and arrays are created at full size up front (no append/resize), so several processes
-  can fill disjoint units of one store at once (torchrun later) and a killed run resumes by skipping committed units.
+  can fill disjoint units of one store at once (torchrun: ranks.py) and a killed run resumes by skipping committed
+  units. Separate runs on one local store are kept apart by a lock file beside it (`<key>.zarr.lock`).
 - `complete` in the manifest is set only after every unit is committed; readers refuse a store without it.
 - Every array's fill value is one its writer never produces (NaN for floats, -1 or the dtype's minimum for
   integers), so a chunk that was never written can never pass for data.
@@ -32,6 +33,7 @@ import datetime as _dt
 import os
 import platform
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +184,52 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
     group[COMMIT][block, view] = 1
 
 
+_HELD: dict[str, int] = {}  # lock files this process holds, with how many nested holders (repair -> teacher-cache)
+
+
+@contextmanager
+def writer_lock(path):
+    """Hold the store's writer lock (`<path>.lock`, beside the store, so that creating the store cannot delete it)
+    for the time one run writes. A second run on the same store would otherwise recreate it or clear the first's
+    temporaries under it; it gets a one-line error instead. Released by the kernel however the holder ends, SIGKILL
+    included, so a killed run never leaves a stale lock. Object stores (URLs) have no such lock."""
+    if is_url(path):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    lock = os.path.abspath(str(path).rstrip("/\\") + ".lock")
+    if _HELD.get(lock):
+        _HELD[lock] += 1
+        try:
+            yield
+        finally:
+            _HELD[lock] -= 1
+        return
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip()
+            raise KDCacheError(f"another run ({who or 'unknown process'}) is writing {path}; wait for it to end "
+                               "(the same command is then a cache hit) or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+        f.flush()
+        _HELD[lock] = 1
+        try:
+            yield
+        finally:
+            del _HELD[lock]
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def remove_temporaries(group) -> int:
     """Delete the temporary chunk files a killed writer left behind (never under a real chunk name, so they hold
     no data anyone reads, only disk). Call it only while no writer runs: before the writers start (with several
@@ -193,6 +241,26 @@ def remove_temporaries(group) -> int:
     for f in stale:
         f.unlink(missing_ok=True)
     return len(stale)
+
+
+def uncommit_lost_units(group) -> int:
+    """Un-commit the units whose chunk files are missing or empty, so a resumed run recomputes them. A kill cannot
+    cause this (a chunk is renamed into place before its marker is written), but a power cut can: the files are
+    fsynced once, at the end, not before every marker. Local stores only. Returns how many units were reset."""
+    root = getattr(group.store, "root", None)
+    if root is None:
+        return 0
+    specs = group.attrs[MANIFEST_KEY]["arrays"]
+    done = committed_units(group)
+    lost = 0
+    for b, v in np.argwhere(done):
+        # a unit owns its view's chunk of every view array, and (as view 0) the sample-level arrays' chunk
+        names = [n for n, spec in specs.items() if spec["view_axis"] or v == 0]
+        files = [chunk_file(Path(root), n, specs[n], int(b), int(v)) for n in names]
+        if not all(f.is_file() and f.stat().st_size > 0 for f in files):
+            group[COMMIT][b, v] = 0
+            lost += 1
+    return lost
 
 
 def committed_units(group) -> np.ndarray:
@@ -241,7 +309,11 @@ def sync_store(group) -> None:
 
 def mark_complete(group, extra: dict) -> None:
     """Flag the store complete. Call it after every unit is committed and `sync_store` has run: the flag is the
-    last write, and it is made durable itself."""
+    last write, and it is made durable itself. Refuses if any unit is still uncommitted."""
+    missing = int((~committed_units(group)).sum())
+    if missing:
+        raise KDCacheError(f"{missing} unit(s) of {group.store} are not committed, so it is not marked complete; "
+                           "re-run the same teacher-cache command to fill them")
     manifest = dict(group.attrs[MANIFEST_KEY])
     manifest.update(extra, complete=True, completed=now(), distortion=distortion_summary(group, manifest))
     group.attrs[MANIFEST_KEY] = manifest

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -226,16 +226,17 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
     same config and fills its share of the units (ranks.py); the call returns on every rank once it is complete."""
     ranks = Ranks.from_env()
     try:
-        return _run(cfg, log if ranks.leader else (lambda *_: None), ranks)
+        with ExitStack() as held:  # the store's writer lock, on rank 0, until the run ends
+            return _run(cfg, log if ranks.leader else (lambda *_: None), ranks, held)
     finally:
         ranks.close()
 
 
-def _run(cfg: CacheConfig, log, ranks: Ranks) -> str:
+def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     p = ranks.together(prepare, cfg, ranks)
     # Rank 0 alone creates or reopens the store, before anyone writes, and says which units are committed: every
     # rank derives its share from that one answer (read later, it would already include other ranks' commits).
-    done = ranks.together(_open_or_create, p, log, leader_only=True)
+    done = ranks.together(_open_or_create, p, log, held, leader_only=True)
     if done is None:
         log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
         return str(p.path)
@@ -265,9 +266,10 @@ def _run(cfg: CacheConfig, log, ranks: Ranks) -> str:
     return str(p.path)
 
 
-def _open_or_create(p: Prepared, log) -> np.ndarray | None:
+def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     """Rank 0, alone: None on a cache hit; else leave a store (new, or resumable) ready for the writers and return
-    which (block, view) units it already holds."""
+    which (block, view) units it already holds. Takes the store's writer lock first: one run writes it at a time."""
+    held.enter_context(st.writer_lock(p.path))
     group = _open_existing(p.path, p.key, p.cfg, log)
     if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
         return None
@@ -279,6 +281,9 @@ def _open_or_create(p: Prepared, log) -> np.ndarray | None:
                                 (len(st.block_ranges(p.num_samples, p.cfg.chunk_samples)), p.units_per_block),
                                 p.stat_columns)
     st.remove_temporaries(group)  # from a run killed mid-write; no writer runs yet
+    lost = st.uncommit_lost_units(group)
+    if lost:
+        log(f"{p.path}: {lost} unit(s) were marked committed but their chunk files are missing; recomputing them")
     return st.committed_units(group)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import data_root, default_transform, open_source
+from pipeline.data import class_map, data_root, default_transform, open_source
 from pipeline.errors import KDCacheError
 from pipeline.loops import cosine_lr, evaluate, pick_device, random_crop_flip, sgd, source_batches
 from pipeline.models import build_model, fingerprint_module
@@ -46,7 +46,9 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     if not src.labelled:
         raise KDCacheError(f"{cfg.data} has no labels, and training a teacher needs them; use labelled data "
                            "(imagefolder:DIR with one sub-folder per class)")
-    test = open_source(cfg.test_data or src.test_spec() or cfg.data)
+    held_out = cfg.test_data or src.test_spec()
+    test = open_source(held_out or cfg.data)  # without a test split, accuracy on the training data (said so)
+    test_labels = class_map(test, src.classes)
     tf = default_transform(src)
     model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)
     opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)
@@ -65,18 +67,18 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
             loss.backward()
             opt.step()
             step += 1
-        acc = evaluate(model, test, tf, device)
-        log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {loss.item():.4f}  test acc {acc:.4f}  "
+        acc = evaluate(model, test, tf, device, test_labels)
+        log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {loss.item():.4f}  {'test' if held_out else 'train'} acc {acc:.4f}  "
             f"({time.time() - t0:.0f}s)")
     out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu()
     meta = {"arch": cfg.arch, "num_classes": src.num_classes, "in_channels": tf.channels,
-            "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc,
+            "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc, "test_data": held_out,
             "train_seconds": time.time() - t0, "config": asdict(cfg), "fingerprint": fingerprint_module(model)}
     tmp = out.with_suffix(".tmp")
     torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
     tmp.replace(out)  # never leave a half-written weights file under the real name
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    log(f"teacher test accuracy {acc:.4f}; saved {out}")
+    log(f"teacher {'test' if held_out else 'train (no test split)'} accuracy {acc:.4f}; saved {out}")
     return meta | {"path": str(out)}

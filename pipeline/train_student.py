@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
-from pipeline.data import Source, Transform, data_root, open_source
+from pipeline.data import Source, Transform, class_map, data_root, open_source
 from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import cosine_lr, evaluate, pick_device, sgd
@@ -89,6 +89,9 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
     # The two-stage schedule takes the hint epochs out of --epochs. With FitNets alone, epochs == hint epochs is a
     # hint-only run (a hint-initialised student); with other losses named, they must get a stage to run in.
     others = [k for k in weights if k != "fitnets"]
+    if "fitnets" in weights and cfg.fitnets_schedule == "two-stage" and cfg.fitnets_hint_epochs == 0:
+        raise KDCacheError("--fitnets-hint-epochs 0 leaves the two-stage schedule no hint stage, so FitNets would "
+                           "never be used; give it hint epochs or use --fitnets-schedule single")
     if "fitnets" in weights and cfg.fitnets_schedule == "two-stage" and (
             cfg.epochs < cfg.fitnets_hint_epochs or (others and cfg.epochs == cfg.fitnets_hint_epochs)):
         raise KDCacheError(f"--epochs {cfg.epochs} leaves no epoch for stage 2 ({','.join(others) or 'kd'}) after "
@@ -147,6 +150,8 @@ class Setup:
     use_labels: bool
     num_classes: int
     student_shapes: dict
+    test_labels: np.ndarray | None = None   # test class number -> the student's, when the two name them otherwise
+    source_fingerprint: str | None = None   # of the data trained on
 
 
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
@@ -187,8 +192,11 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     test = open_source(test_spec) if test_spec else None
     if test is not None and not test.labelled:
         raise KDCacheError(f"test data {test_spec} has no labels; pass a labelled --test-data")
+    if test is not None and test.fingerprint() == source.fingerprint() and not cfg.test_data:
+        test, test_spec = None, None  # e.g. a cache of fashion-mnist:test, whose default test split is itself
+    test_labels = class_map(test, source.classes) if test is not None else None
     return Setup(student, losses, student_layers, stages, tf, device, test, test_spec, use_labels, num_classes,
-                 student_shapes)
+                 student_shapes, test_labels, source.fingerprint())
 
 
 def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
@@ -271,6 +279,12 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
     t_start, epoch, test_acc, history = time.time(), 0, None, []
+    if s.test is not None and s.test.fingerprint() == s.source_fingerprint:
+        log(f"note: --test-data {s.test_spec} is the data the student trains on; its accuracy is no test")
+    last = s.stages[-1][1]
+    if not any(w > 0 and losses[k].trains_logits for k, w in last.items()):
+        log(f"note: no loss of the {'last stage' if len(s.stages) > 1 else 'run'} ({','.join(last)}) trains the "
+            "student's classifier, so its accuracy is not that of a distilled student; add kd=1 or ce=1 for that")
     for stage, (n_epochs, active) in enumerate(s.stages):
         if n_epochs <= 0:
             continue
@@ -310,7 +324,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                     correct += (logits.argmax(1) == labels).sum()
             sums, correct = {k: float(v) for k, v in sums.items()}, int(correct)
             dt = time.time() - t0
-            test_acc = evaluate(student, s.test, tf, device) if s.test is not None else None
+            test_acc = evaluate(student, s.test, tf, device, s.test_labels) if s.test is not None else None
             row = {"epoch": epoch + 1, "stage": stage + 1 if len(s.stages) > 1 else 1,
                    "losses": {k: v / seen for k, v in sums.items()},
                    "loss": sum(sums.values()) / seen,

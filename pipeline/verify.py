@@ -175,8 +175,6 @@ def _given(moved: dict | None) -> dict:
 
 def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
     """Recompute only the bad blocks of a store, then verify it again."""
-    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
-
     report = verify_store(path)
     bad = report.bad_units()
     if not bad and report.complete:
@@ -184,6 +182,13 @@ def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
         return report
     cache = st.open_store(path, require_complete=False)
     check_replay(cache.manifest, path)  # recomputed views must match the ones already stored
+    with st.writer_lock(path):  # no teacher-cache may be writing while units are un-committed and redone
+        return _repair(path, cache, bad, log, moved)
+
+
+def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+
     group = st.open_group(path, "r+")
     for b, v in bad:
         # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)

@@ -259,6 +259,14 @@ def test_pairwise_distances_match_loops():
     assert torch.all(got.diagonal() == 0)        # exact zeros on the diagonal
 
 
+def test_pairwise_distances_survive_a_large_shared_offset():
+    torch.manual_seed(0)
+    e = torch.randn(16, 32, dtype=torch.float64) * 0.01 + 1000.0   # tight cluster far from the origin
+    exact = torch.cdist(e, e)                                        # float64: the reference
+    got = pairwise_distances(e.float()).double()
+    torch.testing.assert_close(got, exact, rtol=1e-3, atol=1e-5)
+
+
 def test_distance_potential_normalised_by_mean_over_off_diagonal_pairs():
     e = randn(5, 3, seed=21, scale=4.0)
     got = distance_potential(e)

@@ -167,6 +167,50 @@ def test_unlabelled_flat_imagefolder(root):
     assert res.exit_code == 2 and "has no labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_test_folder_classes_are_matched_by_name(root):
+    """A test folder lacking a class must not shift the others' labels; one with a class the training data lacks is
+    refused; the data the student trains on is said to be no test split."""
+    from pipeline.data import class_map
+    from pipeline.loops import evaluate
+    from tests.conftest import save_teacher
+
+    for c in ("ant", "bee", "cat"):
+        _write_images(root / "train" / c, 4, seed=len(c))
+    _write_images(root / "test" / "cat", 5)           # only the third class
+    train, test = open_source(f"imagefolder:{root / 'train'}"), open_source(f"imagefolder:{root / 'test'}")
+    assert test.classes == ["cat"] and list(test.labels(np.arange(5))) == [0] * 5  # the folder's own numbering
+    assert list(class_map(test, train.classes)) == [2]
+
+    class AlwaysCat(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 0.0, 1.0]).expand(len(x), 3)
+
+    tf = Transform.from_dict({"size": [18, 18], "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert evaluate(AlwaysCat(), test, tf, torch.device("cpu"), class_map(test, train.classes)) == 1.0
+    assert evaluate(AlwaysCat(), test, tf, torch.device("cpu")) == 0.0  # what position-matching would have said
+
+    w = save_teacher(root / "t.pt", in_channels=3, num_classes=3)
+    path = run_teacher_cache(CacheConfig(data=f"imagefolder:{root / 'train'}", weights=str(w), chunk_samples=8),
+                             log=lambda *_: None)
+    common = dict(cache=path, loss="kd=1", epochs=1, batch_size=4, workers=0, out="run")
+    s = run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'test'}", **common), log=lambda *_: None)
+    assert s["test_acc"] is not None
+    _write_images(root / "test" / "dog", 2)
+    with pytest.raises(KDCacheError, match="class\\(es\\) 'dog' that the training data lacks"):
+        run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'test'}", **common), log=lambda *_: None)
+    logs = []
+    run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'train'}", **common), log=logs.append)
+    assert any("is the data the student trains on; its accuracy is no test" in m for m in logs)
+
+
+def test_a_run_that_never_trains_the_classifier_says_so(root, teacher_file):
+    path = _cache(teacher_file, layers=["avgpool"])
+    for loss, noted in (("rkd=1", True), ("rkd=1,ce=1", False), ("kd=1", False)):
+        logs = []
+        run_train_student(StudentConfig(cache=path, loss=loss, epochs=1, workers=0, out="run"), log=logs.append)
+        assert any(m.startswith("note: no loss of the run") for m in logs) == noted, (loss, logs)
+
+
 def test_missing_array_refused_before_training(root, teacher_file):
     path = _cache(teacher_file, layers=["avgpool"])
     with pytest.raises(KDCacheError, match=r"lacks array 'features/layer3' needed by loss 'fitnets'; "
@@ -241,6 +285,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--loss", "kd=0"], "every weight"),
         (train + ["--view-policy", "foo"], "unknown --view-policy"),
         (train + ["--loss", "kd=1,fitnets=1", "--epochs", "2", "--fitnets-hint-epochs", "2"], "no epoch for stage 2"),
+        (train + ["--loss", "fitnets=1", "--fitnets-hint-epochs", "0"], "no hint stage"),
         (train + ["--student", "torchvision:resnet18"], "fails on the cached input"),  # 3-channel net, 1-channel data
         (train + ["--out", "a-file"], "is a file"),
         (train + ["--out", path], "is a cache store"),

@@ -3,7 +3,9 @@
 A loss is an nn.Module (it may own trainable parts, like FitNets' regressor) that declares:
 - `teacher_arrays()`: the store arrays it reads (`logits`, `features/<module.path>`, `labels`); the student stage
   checks the store for them before training and refuses with a one-line error naming the missing array;
-- `student_layers()`: the student modules (dotted paths) whose outputs it needs, captured with forward hooks.
+- `student_layers()`: the student modules (dotted paths) whose outputs it needs, captured with forward hooks;
+- `trains_logits`: whether it reaches the student's logits (a run whose last stage has none trains only features,
+  and says so: its test accuracy measures an untrained classifier).
 `forward(batch)` gets a `Batch` and returns a dict of named, already-weighted parts; their sum is the loss.
 """
 
@@ -25,6 +27,7 @@ class Batch:
 
 class DistillLoss(nn.Module):
     name = "?"
+    trains_logits = False
 
     def teacher_arrays(self) -> list[str]:
         return []

@@ -9,6 +9,7 @@ from pipeline.losses.base import Batch, DistillLoss
 
 class CrossEntropy(DistillLoss):
     name = "ce"
+    trains_logits = True
 
     def __init__(self, **_):
         super().__init__()

@@ -26,6 +26,7 @@ def kd_soft(student_logits, teacher_logits, temperature: float):
 
 class KD(DistillLoss):
     name = "kd"
+    trains_logits = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.1, **_):
         super().__init__()

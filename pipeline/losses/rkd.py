@@ -23,7 +23,11 @@ from pipeline.store import feature_array
 
 
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
-    """(n, d) -> (n, n) Euclidean distances, exact zeros on the diagonal."""
+    """(n, d) -> (n, n) Euclidean distances, exact zeros on the diagonal.
+
+    |a|^2 + |b|^2 - 2ab cancels catastrophically when the embeddings share a large offset (float32: distances of
+    0.1 around a mean of 1000 come out as 0); distances do not depend on where the origin is, so centre first."""
+    e = e - e.mean(0, keepdim=True)
     sq = e.pow(2).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp_min(1e-12)
     d = d2.sqrt()
