@@ -39,7 +39,8 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
             out.append({"path": str(p), "error": str(e)})
             continue
         out.append({"path": str(p), "key": man.get("key"), "teacher": man["teacher"]["spec"],
-                    "teacher_fingerprint": man["teacher"]["fingerprint"], "data": man["data"]["spec"],
+                    "teacher_fingerprint": man["teacher"]["fingerprint"],
+                    "teacher_top1": (man["teacher"].get("accuracy") or {}).get("top1"), "data": man["data"]["spec"],
                     "samples": man["data"]["num_samples"], "views": (man.get("views") or {}).get("count", 0),
                     "targets": {t: v["codec"]["name"] for t, v in man.get("targets", {}).items()},
                     "arrays": sorted(man["arrays"]),

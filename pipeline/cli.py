@@ -109,6 +109,8 @@ def _cache_command(mode: str):
                                                         "the same ratio; negative: zstd's fast modes, larger files)."),
         image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size."),
         channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels."),
+        normalize: Optional[str] = typer.Option(None, help="The teacher's input normalisation: imagenet or MEAN/STD "
+                                                           "(default: recorded with the teacher, else 0.5/0.5)."),
         limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
         device: str = typer.Option("auto"),
         writers: int = typer.Option(0, help="Writer threads (0: min(8, CPU cores))."),
@@ -123,7 +125,7 @@ def _cache_command(mode: str):
                               aug_seed=aug_seed, row_order=row_order, out=out,
                               cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
                               compression_level=compression_level, image_size=image_size, channels=channels,
-                              limit=limit, device=device, writers=writers, force=force)
+                              normalize=normalize, limit=limit, device=device, writers=writers, force=force)
             if mode == "plan":
                 from pipeline.catalog import dumps, human, plan_cache
 
@@ -225,8 +227,9 @@ def ls_cmd(
                 typer.echo(f"{c['path']}: {c['error']}")
                 continue
             views = f" x {c['views']} views" if c["views"] else ""
+            top1 = f" (top-1 {100 * c['teacher_top1']:.1f}%)" if c.get("teacher_top1") is not None else ""
             typer.echo(f"{c['key']}  {'complete  ' if c['complete'] else 'INCOMPLETE'}  {c['teacher']}"
-                       f"@{c['teacher_fingerprint'][:8]}  {c['data']}  {c['samples']:,} samples{views}  "
+                       f"@{c['teacher_fingerprint'][:8]}{top1}  {c['data']}  {c['samples']:,} samples{views}  "
                        f"{human(c['bytes'])}  [{', '.join(c['arrays'])}]")
 
 

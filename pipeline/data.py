@@ -83,6 +83,30 @@ def default_transform(source: "Source", size: int | None = None, channels: int |
     return Transform(size=hw, channels=channels, mean=list(mean), std=list(std))
 
 
+NORMALIZE_PRESETS = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}  # torchvision's trained weights
+
+
+def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]:
+    """`--normalize`: a preset (`imagenet`) or `MEAN/STD`, each one value or one per channel (`0.5/0.25`,
+    `0.485,0.456,0.406/0.229,0.224,0.225`): the normalisation the teacher was trained with."""
+    fix = "use imagenet or MEAN/STD with one value or one per channel, e.g. 0.5/0.25"
+    if spec in NORMALIZE_PRESETS:
+        mean, std = NORMALIZE_PRESETS[spec]
+    else:
+        try:
+            m, s = spec.split("/")
+            mean, std = [float(v) for v in m.split(",")], [float(v) for v in s.split(",")]
+        except ValueError:
+            raise KDCacheError(f"cannot read --normalize '{spec}'; {fix}") from None
+    mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
+    if len(mean) != channels or len(std) != channels:
+        raise KDCacheError(f"--normalize '{spec}' gives {len(mean)} mean(s) and {len(std)} std(s) for "
+                           f"{channels}-channel inputs; {fix}")
+    if not all(np.isfinite(mean)) or not all(np.isfinite(v) and v > 0 for v in std):
+        raise KDCacheError(f"--normalize '{spec}': means must be finite and stds positive; {fix}")
+    return list(mean), list(std)
+
+
 def _convert_channels(images: torch.Tensor, tf: Transform) -> torch.Tensor:
     if images.shape[1] != tf.channels:
         if tf.channels == 3 and images.shape[1] == 1:

@@ -46,6 +46,7 @@ from pipeline.errors import KDCacheError
 MANIFEST_KEY = "kdcache"
 COMMIT = "_commit"
 STATS = "_stats"
+TEACHER_TOP1 = "teacher:top1"   # the stats column counting the teacher's correct predictions (labelled data)
 
 
 def is_url(path) -> bool:
@@ -315,7 +316,11 @@ def mark_complete(group, extra: dict) -> None:
         raise KDCacheError(f"{missing} unit(s) of {group.store} are not committed, so it is not marked complete; "
                            "re-run the same teacher-cache command to fill them")
     manifest = dict(group.attrs[MANIFEST_KEY])
-    manifest.update(extra, complete=True, completed=now(), distortion=distortion_summary(group, manifest))
+    measured = distortion_summary(group, manifest)
+    top1 = measured.pop(TEACHER_TOP1.split(":")[0], {}).get("top1")
+    if top1 is not None:
+        manifest["teacher"] = dict(manifest["teacher"], accuracy={"top1": top1, "on": "the cached inputs, every view"})
+    manifest.update(extra, complete=True, completed=now(), distortion=measured)
     group.attrs[MANIFEST_KEY] = manifest
     root = getattr(group.store, "root", None)
     if root is not None:

@@ -31,7 +31,7 @@ import torch
 from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
-from pipeline.data import Transform, absolute_spec, data_root, default_transform, open_source
+from pipeline.data import Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
 from pipeline.models import capture, default_teacher_weights, fingerprint_module, load_teacher, resolve_modules
@@ -58,6 +58,8 @@ class CacheConfig:
     compression_level: int = 1            # zstd 1: on float16 features ~2x faster than 3, ratio 1.76 vs 1.79
     image_size: int | None = None         # resize for the teacher (default: teacher's training size, else native)
     channels: int | None = None
+    normalize: str | None = None          # "imagenet" or "MEAN/STD" (default: the teacher's recorded transform,
+                                          # else 0.5/0.5 or the dataset's own statistics)
     limit: int | None = None              # cache only the first N samples (quick runs)
     device: str = "auto"
     writers: int = 0                      # writer threads; 0 = min(8, CPU cores)
@@ -69,9 +71,12 @@ def cache_key(parts: dict) -> str:
 
 
 def _resolve_transform(cfg: CacheConfig, source, teacher_meta: dict) -> Transform:
-    if "transform" in teacher_meta and cfg.image_size is None and cfg.channels is None:
+    if "transform" in teacher_meta and cfg.image_size is None and cfg.channels is None and cfg.normalize is None:
         return Transform.from_dict(teacher_meta["transform"])  # the input the teacher was trained on
-    return default_transform(source, cfg.image_size, cfg.channels)
+    tf = default_transform(source, cfg.image_size, cfg.channels)
+    if cfg.normalize is not None:
+        tf.mean, tf.std = parse_normalize(cfg.normalize, tf.channels)
+    return tf
 
 
 def _progress(total: int, done: int, unit: str, show: bool = True):
@@ -155,6 +160,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None) -> Prepared:
         raise KDCacheError(f"--writers must be 0 (automatic) or more (got {cfg.writers})")
     if not -7 <= cfg.compression_level <= 22:
         raise KDCacheError(f"--compression-level must be a zstd level from -7 to 22 (got {cfg.compression_level})")
+    if cfg.normalize is not None:
+        parse_normalize(cfg.normalize, cfg.channels or 3)  # its syntax, before any data is opened
     policy = AugmentPolicy.parse(cfg.augment)
     if cfg.views < 1:
         raise KDCacheError(f"--views must be at least 1 (got {cfg.views})")
@@ -213,6 +220,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None) -> Prepared:
         for part, (shape, dtype) in codec.parts(t, shapes[t]).items():
             arrays[part] = st.array_spec((n, *view_dims, *shape), dtype, rows, bool(views))
     stat_columns = [f"{t}:{m}" for t in codecs for m in (*_metrics(t), "nonfinite")]
+    if source.labelled:  # the teacher's own accuracy on what it was shown: a wrong transform shows up here first
+        stat_columns.append(st.TEACHER_TOP1)
     return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, targets, codecs, identity, key, path,
                     arrays, stat_columns, row_order(n, cfg.row_order))
 
@@ -241,6 +250,7 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
         log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
         return str(p.path)
     group = st.open_group(p.path, "r+")
+    p.stat_columns = list(group.attrs[st.MANIFEST_KEY]["stat_columns"])  # a resumed store keeps its own columns
     blocks = st.block_ranges(p.num_samples, cfg.chunk_samples)
     todo = ranks.share([(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]])
     total = p.num_samples * p.units_per_block
@@ -263,6 +273,9 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
             "ranks": ranks.world, "units_per_rank": [w["units"] for w in where]}})
 
     ranks.together(finish, leader_only=True)  # and no rank returns before the store is complete
+    top1 = (group.attrs[st.MANIFEST_KEY]["teacher"].get("accuracy") or {}).get("top1")
+    if top1 is not None:
+        log(f"teacher top-1 accuracy on the cached {'views' if p.views else 'inputs'}: {100 * top1:.2f}%")
     return str(p.path)
 
 
@@ -359,8 +372,10 @@ def teacher_forward(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=No
         yield s, {"logits": logits, **{st.feature_array(layer): feats[layer] for layer in cfg.layers}}
 
 
-def _encode(p: Prepared, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Encode each target with its codec (on the device) and measure the cost: (parts, per-unit stat sums)."""
+def _encode(p: Prepared, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Encode each target with its codec (on the device) and measure the cost: (parts, per-unit stat sums), the
+    last sum the teacher's correct top-1 predictions when `labels` are given."""
     parts, stats = {}, []
     for t, codec in p.codecs.items():
         ref = outputs[t].float().contiguous()  # channels_last maps on a GPU: stored (and copied out) as N, C, H, W
@@ -369,11 +384,13 @@ def _encode(p: Prepared, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, to
         dist = cd.distortion(t, ref, codec.decode(t, enc))
         stats += [dist[m].double().sum() for m in _metrics(t)]
         stats.append((~torch.isfinite(ref)).flatten(1).any(1).double().sum())
+    if labels is not None:
+        stats.append((outputs["logits"].argmax(1) == labels).double().sum())
     return parts, torch.stack(stats)
 
 
 def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: ThreadPoolExecutor | None = None,
-                          box=None, flip=None, copy_stream=None):
+                          box=None, flip=None, copy_stream=None, labels: np.ndarray | None = None):
     """Queue the teacher on samples `idx`; return host parts, host stats and a CUDA event that fires when filled.
 
     On a GPU nothing here waits for the device: forwards and encodings are queued on the compute stream; the copies
@@ -383,8 +400,9 @@ def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: Thr
     """
     chunks: dict[str, list[torch.Tensor]] = {}
     stats = None
-    for _s, out in teacher_forward(p, idx, feats, box, flip, loader):
-        parts, st_sum = _encode(p, out)
+    y = torch.from_numpy(labels).to(p.device, non_blocking=True) if labels is not None else None
+    for s, out in teacher_forward(p, idx, feats, box, flip, loader):
+        parts, st_sum = _encode(p, out, None if y is None else y[s])
         for k, v in parts.items():
             chunks.setdefault(k, []).append(v)
         stats = st_sum if stats is None else stats + st_sum
@@ -461,14 +479,16 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
             start, end = blocks[b]
             idx = p.rows[start:end]  # the source samples this block holds
             out, box, flip = {}, None, None
+            labels = source.labels(idx).astype(np.int64) if source.labelled else None
             if v == 0:  # the sample-level arrays belong to the block's first unit
                 out["index"] = idx.astype(np.int64)
-                if source.labelled:
-                    out["labels"] = source.labels(idx).astype(np.int64)
+                if labels is not None:
+                    out["labels"] = labels
             if p.views:
                 box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [v], native_hw))
                 out["aug/box"], out["aug/flip"] = box, flip
-            host, event = teacher_outputs_async(p, idx, feats, loader, box, flip, copy_stream)
+            host, event = teacher_outputs_async(p, idx, feats, loader, box, flip, copy_stream,
+                                                labels if st.TEACHER_TOP1 in p.stat_columns else None)
             pending.add(pool.submit(_write_when_ready, group, p, b, v, start, end, out, host, event))
             if len(pending) >= max_pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)

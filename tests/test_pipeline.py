@@ -51,6 +51,9 @@ def test_store_round_trip_equals_teacher_outputs(root, teacher_file, dtype, tol)
         # fp16 rounding is relative: |err| <= tol * max(1, |x|)
         assert ((got - ref).abs() <= tol * ref.abs().clamp_min(1)).all(), name
     np.testing.assert_array_equal(g["labels"][:], src.labels(index))
+    # The teacher's accuracy on the cached inputs, counted at cache time
+    top1 = (logits.argmax(1).numpy() == src.labels(index)).mean()
+    assert man["teacher"]["accuracy"]["top1"] == pytest.approx(top1, abs=1e-12)
     # Manifest: what produced the store.
     assert man["complete"] is True and man["format_version"] == 2
     assert len(man["teacher"]["fingerprint"]) == 16 and man["teacher"]["spec"] == "default-teacher"
@@ -211,6 +214,21 @@ def test_a_run_that_never_trains_the_classifier_says_so(root, teacher_file):
         assert any(m.startswith("note: no loss of the run") for m in logs) == noted, (loss, logs)
 
 
+def test_normalize_sets_the_teachers_input_statistics(root, teacher_file):
+    """A teacher trained elsewhere gets its own normalisation: recorded in the transform, applied to every input."""
+    path = _cache(teacher_file, layers=[], dtype="float32", normalize="0.25/0.5")
+    g = zarr.open_group(path, mode="r")
+    tf = g.attrs["kdcache"]["transform"]
+    assert tf["mean"] == [0.25] and tf["std"] == [0.5]
+    index = g["index"][:]
+    raw = open_source(SYN).load_raw(index, Transform.from_dict(tf)).float() / 255  # independent normalisation
+    teacher, _ = load_teacher("default-teacher", teacher_file, 4, 1, 16)
+    with torch.no_grad():
+        expect = teacher((raw - 0.25) / 0.5)
+    torch.testing.assert_close(torch.from_numpy(g["logits"][:]), expect, rtol=1e-5, atol=1e-5)
+    assert Path(_cache(teacher_file, layers=[], dtype="float32")).name != Path(path).name  # another key
+
+
 def test_missing_array_refused_before_training(root, teacher_file):
     path = _cache(teacher_file, layers=["avgpool"])
     with pytest.raises(KDCacheError, match=r"lacks array 'features/layer3' needed by loss 'fitnets'; "
@@ -273,6 +291,9 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
     cases = [
         (cache + ["--limit", "0"], "--limit must be positive"),
         (cache + ["--compression-level", "99"], "--compression-level"),
+        (cache + ["--normalize", "abc"], "cannot read --normalize"),
+        (cache + ["--normalize", "imagenet"], "3 mean(s) and 3 std(s) for 1-channel inputs"),
+        (cache + ["--normalize", "0.5/0"], "stds positive"),
         (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
         (["teacher-cache", "--data", "synthetic:64:1x16x16:9", "--weights", str(teacher_file)],
          "9 classes but the teacher has 4 outputs"),
