@@ -272,8 +272,9 @@ def train_student_cmd(
     view_policy: str = typer.Option("cycle", help="Which stored view a sample gets each epoch: cycle or random."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(128),
-    lr: float = typer.Option(0.05),
+    lr: float = typer.Option(0.05, help="Peak learning rate (cosine decay to 0 over each stage)."),
     weight_decay: float = typer.Option(5e-4),
+    optimizer: str = typer.Option("sgd", help="sgd (Nesterov, momentum 0.9) or adamw."),
     seed: int = typer.Option(0),
     test_data: Optional[str] = typer.Option(None, help="Labelled test data (default: the data's test split)."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the one recorded in the cache)."),
@@ -291,7 +292,8 @@ def train_student_cmd(
                             fitnets_schedule=fitnets_schedule, fitnets_hint_epochs=fitnets_hint_epochs,
                             rkd_layer=rkd_layer, rkd_student_layer=rkd_student_layer,
                             rkd_distance_weight=rkd_distance_weight, rkd_angle_weight=rkd_angle_weight,
-                            augment=augment, view_policy=view_policy, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                            augment=augment, view_policy=view_policy, epochs=epochs, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                             test_data=test_data, data=data, workers=workers, buffer_chunks=buffer_chunks,
                             device=device, out=out)
         summary = run_train_student(cfg, log=log_err)

@@ -61,6 +61,13 @@ def sgd(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
+def adamw(params, lr: float, weight_decay: float = 0.05) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"sgd": sgd, "adamw": adamw}  # SGD with Nesterov momentum 0.9 (the papers' CNN recipes), or AdamW
+
+
 def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int = 0) -> None:
     """Linear warm-up then cosine decay to zero, set per step."""
     if step < warmup:

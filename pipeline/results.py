@@ -43,7 +43,7 @@ def machine() -> str:
 def reuse_or_run(cfg, fn, log=print) -> dict:
     """Run `fn(cfg)` unless `cfg.out` already holds a finished run of exactly this config (then reuse its summary):
     a results command that was interrupted, or extended with new rows, resumes instead of starting over."""
-    from dataclasses import asdict
+    from dataclasses import MISSING, asdict, fields
 
     from pipeline import store as st
 
@@ -57,7 +57,9 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
     out = Path(cfg.out)
     if (out / "summary.json").exists() and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
-        recorded = same_place(saved.get("config") or {})
+        # A setting added to kdcache after the run was made, at its default, is what that run did.
+        added = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+        recorded = same_place(added | (saved.get("config") or {}))
         # Online runs draw fresh views with this kdcache's replay: one made by another replay saw other pixels.
         # (Cached runs carry it in their cache's key.)
         augmented_online = saved.get("online") and saved.get("augment") not in (None, "none")

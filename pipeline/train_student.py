@@ -28,7 +28,7 @@ from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.data import Source, Transform, class_map, data_root, open_source
 from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
-from pipeline.loops import cosine_lr, evaluate, pick_device, sgd
+from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device
 from pipeline.models import build_model, capture, resolve_modules
 from pipeline.reader import CacheStream, make_loader
 from pipeline.store import open_store, versions
@@ -56,6 +56,7 @@ class StudentConfig:
     batch_size: int = 128
     lr: float = 0.05
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"                 # sgd (Nesterov, momentum 0.9) or adamw; cosine schedule either way
     seed: int = 0
     test_data: str | None = None           # default: the cached data's test split, when it has one
     data: str | None = None                # default: the data spec in the manifest
@@ -79,6 +80,7 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
         (cfg.fitnets_hint_epochs >= 0, f"--fitnets-hint-epochs must be 0 or more (got {cfg.fitnets_hint_epochs})"),
         (cfg.rkd_distance_weight >= 0 and cfg.rkd_angle_weight >= 0, "RKD weights must be 0 or more"),
         (cfg.view_policy in ("cycle", "random"), f"unknown --view-policy '{cfg.view_policy}'; use cycle or random"),
+        (cfg.optimizer in OPTIMIZERS, f"unknown --optimizer '{cfg.optimizer}'; use {' or '.join(OPTIMIZERS)}"),
         (cfg.fitnets_schedule in ("two-stage", "single"),
          f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single"),
         (any(w > 0 for w in weights.values()), f"every weight in --loss {cfg.loss} is 0; nothing would be trained"),
@@ -289,7 +291,8 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         if n_epochs <= 0:
             continue
         params = list(student.parameters()) + [p for k in active for p in losses[k].parameters()]
-        opt = sgd(params, cfg.lr, cfg.weight_decay)  # params the stage's losses do not reach get no grad: untouched
+        # params the stage's losses do not reach get no grad, so neither optimizer touches them (no decay either)
+        opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr, cfg.weight_decay)
         total = n_epochs * steps_per_epoch
         step = 0
         for _ in range(n_epochs):

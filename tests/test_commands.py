@@ -135,6 +135,14 @@ def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     other_name = StudentConfig(**{**cfg.__dict__, "cache": os.path.relpath(cache), "out": str(root / "moved")})
     shutil.copytree("run", other_name.out)
     assert reuse_or_run(other_name, lambda c, log: calls.append(c)) == first and calls == [changed]  # same store
+    # a run made before a setting existed did what its default does: reused; set otherwise, it is rerun
+    saved = json.loads(Path("run/config.json").read_text())
+    del saved["config"]["optimizer"]
+    Path("run/config.json").write_text(json.dumps(saved))
+    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and calls == [changed]
+    adam = StudentConfig(**{**cfg.__dict__, "optimizer": "adamw"})
+    reuse_or_run(adam, lambda c, log: calls.append(c) or {})
+    assert calls == [changed, adam]
 
 
 def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_file):

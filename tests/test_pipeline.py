@@ -131,6 +131,11 @@ def test_student_learns_from_cache_alone(root):
     assert s["test_acc"] > 0.6  # 4 classes: chance is 0.25
     rows = [json.loads(x) for x in open("run/metrics.jsonl")]
     assert set(rows[0]["losses"]) == {"kd_soft"} and rows[0]["train_acc"] is None
+    s = run_train_student(StudentConfig(cache=path, loss="kd=1", no_labels=True, epochs=6, batch_size=32, lr=3e-3,
+                                        optimizer="adamw", weight_decay=0.05, test_data=SYN_TEST, workers=0,
+                                        out="run-adamw"), log=lambda *_: None)
+    assert s["test_acc"] > 0.6
+    assert json.loads(Path("run-adamw/config.json").read_text())["config"]["optimizer"] == "adamw"
 
 
 def _write_images(folder, n, rgb=True, seed=0):
@@ -305,6 +310,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--lr", "-1"], "--lr must be positive"),
         (train + ["--loss", "kd=0"], "every weight"),
         (train + ["--view-policy", "foo"], "unknown --view-policy"),
+        (train + ["--optimizer", "lbfgs"], "unknown --optimizer"),
         (train + ["--loss", "kd=1,fitnets=1", "--epochs", "2", "--fitnets-hint-epochs", "2"], "no epoch for stage 2"),
         (train + ["--loss", "fitnets=1", "--fitnets-hint-epochs", "0"], "no hint stage"),
         (train + ["--student", "torchvision:resnet18"], "fails on the cached input"),  # 3-channel net, 1-channel data
