@@ -389,6 +389,18 @@ class CacheStore:
                                f"(it has: {', '.join(sorted(self.targets))})")
 
 
+def is_complete(path, key: str) -> bool:
+    """Whether a complete store of this format with cache key `key` is at `path` (anything else: False)."""
+    if not is_url(path) and not (Path(path) / "zarr.json").is_file():
+        return False
+    try:
+        manifest = dict(open_group(str(path), "r").attrs.get(MANIFEST_KEY) or {})
+    except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong
+        return False
+    return (manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
+            and bool(manifest.get("complete")))
+
+
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     """Open a store read-only and check it is a kdcache store of a format this version reads."""
     path = str(path)

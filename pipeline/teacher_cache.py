@@ -113,6 +113,7 @@ class Prepared:
     arrays: dict[str, dict]                  # stored array -> spec (store.array_spec)
     stat_columns: list[str]
     rows: np.ndarray                         # source index stored at each row
+    hit: bool = False                        # a complete store with this key exists (prepare(hit_check=True))
 
     @property
     def units_per_block(self) -> int:
@@ -139,7 +140,7 @@ class Prepared:
         return self.source.load_view(idx, self.transform, box, flip)
 
 
-def prepare(cfg: CacheConfig, ranks: Ranks | None = None) -> Prepared:
+def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = False) -> Prepared:
     """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
     # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
     # directory (the key does not depend on where they lie: it hashes the weights and the data's fingerprint).
@@ -181,6 +182,21 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None) -> Prepared:
     # On a GPU, channels_last: convolutions run in the tensor cores' native layout (as any fast inference loop).
     teacher = teacher.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
 
+    identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
+                "views": ({"count": views, "augment": policy.spec(), "seed": cfg.aug_seed, "replay": REPLAY_VERSION}
+                          if views else None),
+                "row_order": cfg.row_order, "layers": sorted(cfg.layers),
+                "targets": {t: c for t, c in sorted(codec_cfgs.items())},
+                "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,
+                "format": st.FORMAT_VERSION}
+    key = cache_key(identity)
+    path = cfg.out or st.join(cfg.cache_dir or data_root() / "cache", f"{key}.zarr")
+
+    if hit_check and not cfg.force and st.is_complete(path, key):
+        # A cache hit needs no output shapes, so the teacher is loaded (for its fingerprint) but never run.
+        return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, {}, {}, identity, key, path, {}, [],
+                        np.zeros(0, dtype=np.int64), hit=True)
+
     # Probe one tiny batch: output shapes decide the arrays' shapes.
     probe = source.load(np.arange(min(2, n)), tf)
     with torch.inference_mode(), capture(teacher, cfg.layers) as feats:
@@ -199,16 +215,6 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None) -> Prepared:
     codecs = {t: cd.make_codec(c, shapes[t]) for t, c in codec_cfgs.items()}
     targets = {t: {"shape": list(shapes[t]), "codec": codecs[t].config(),
                    "parts": sorted(codecs[t].parts(t, shapes[t]))} for t in codec_cfgs}
-    identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
-                "views": ({"count": views, "augment": policy.spec(), "seed": cfg.aug_seed, "replay": REPLAY_VERSION}
-                          if views else None),
-                "row_order": cfg.row_order, "layers": sorted(cfg.layers),
-                "targets": {t: c for t, c in sorted(codec_cfgs.items())},
-                "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,
-                "format": st.FORMAT_VERSION}
-    key = cache_key(identity)
-    path = cfg.out or st.join(cfg.cache_dir or data_root() / "cache", f"{key}.zarr")
-
     rows, view_dims = cfg.chunk_samples, (views,) if views else ()
     arrays = {"index": st.array_spec((n,), "int64", rows, False)}
     if source.labelled:
@@ -242,7 +248,10 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
 
 
 def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
-    p = ranks.together(prepare, cfg, ranks)
+    p = ranks.together(prepare, cfg, ranks, True)
+    if p.hit:
+        log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
+        return str(p.path)
     # Rank 0 alone creates or reopens the store, before anyone writes, and says which units are committed: every
     # rank derives its share from that one answer (read later, it would already include other ranks' commits).
     done = ranks.together(_open_or_create, p, log, held, leader_only=True)

@@ -259,7 +259,8 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
                           "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},
                           "views": man.get("views"), "targets": store.targets},
                 "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays},
-                "test_data": s.test_spec, "student_shapes": s.student_shapes, "versions": versions()}
+                "transform": tf.to_dict(), "test_data": s.test_spec, "student_shapes": s.student_shapes,
+                "versions": versions()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
     codecs = {t: store.codec(t) for t in targets}

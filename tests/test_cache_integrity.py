@@ -49,7 +49,10 @@ def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, m
     def no_forward(*a, **k):
         raise AssertionError("a cache hit must not run the teacher")
 
+    from pipeline.models import TeacherNet
+
     with monkeypatch.context() as m:
+        m.setattr(TeacherNet, "forward", no_forward)  # not even a probe batch
         m.setattr(tc, "fill_units", no_forward)
         logs = []
         assert run_teacher_cache(cfg(teacher_file), log=logs.append) == first
@@ -61,8 +64,13 @@ def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, m
             Path(run_teacher_cache(cfg(teacher_file, data="synthetic:192:1x16x16:4:7"), log=lambda *_: None)).stem,
             Path(run_teacher_cache(cfg(other_teacher), log=lambda *_: None)).stem,
             Path(run_teacher_cache(cfg(teacher_file, layers=["layer3"]), log=lambda *_: None)).stem,
-            Path(run_teacher_cache(cfg(teacher_file, dtype="float32"), log=lambda *_: None)).stem}
-    assert len(keys) == 5
+            Path(run_teacher_cache(cfg(teacher_file, dtype="float32"), log=lambda *_: None)).stem,
+            Path(run_teacher_cache(cfg(teacher_file, image_size=20), log=lambda *_: None)).stem,       # transform
+            Path(run_teacher_cache(cfg(teacher_file, normalize="0.4/0.3"), log=lambda *_: None)).stem,
+            Path(run_teacher_cache(cfg(teacher_file, limit=100), log=lambda *_: None)).stem}
+    views = [Path(run_teacher_cache(cfg(teacher_file, layers=[], views=2, **kw), log=lambda *_: None)).stem
+             for kw in ({"augment": "flip"}, {"augment": "translate=2"}, {"augment": "flip", "aug_seed": 1})]
+    assert len(keys) == 8 and len(set(views)) == 3 and not keys & set(views)
     # --force rebuilds the same key.
     logs = []
     run_teacher_cache(cfg(teacher_file, force=True), log=logs.append)
@@ -87,7 +95,11 @@ def test_changed_dataset_is_refused(root):
                              log=lambda *_: None)
     from PIL import Image
 
-    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(folder / "a" / "3.png")  # content and mtime change
+    f = folder / "a" / "3.png"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # same bytes, touched: an edit in place
+    with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
+        run_train_student(StudentConfig(cache=path, workers=0, out="run"))
+    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(f)  # content and mtime change
     with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
         run_train_student(StudentConfig(cache=path, workers=0, out="run"))
 
@@ -159,9 +171,15 @@ def test_verify_names_flipped_chunk_and_repair_fixes_only_it(root, teacher_file)
     errors = [line for line in res.stderr.strip().splitlines() if not line.startswith("note: ")]
     assert res.exit_code == 2 and len(errors) == 1 and "run `kdcache verify` then `kdcache repair`" in errors[0], \
         res.stderr
-    res = runner.invoke(app, ["repair", str(path)])
+    computed = []
+    real = tc.teacher_outputs_async
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tc, "teacher_outputs_async", lambda p, idx, *a, **k: computed.append(len(idx)) or real(
+            p, idx, *a, **k))
+        res = runner.invoke(app, ["repair", str(path)])
     assert res.exit_code == 0, res.output
     assert "recomputing 1 bad chunk(s)" in res.stderr and "128/192 samples already cached" in res.stderr
+    assert computed == [64]  # one unit recomputed, no more
     after = arrays_of(path)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
@@ -174,7 +192,12 @@ def test_verify_recompute_passes_then_fails_on_tampered_values(root, teacher_fil
     rep = json.loads(res.stdout)
     assert rep["recompute"]["ok"] and rep["recompute"]["arrays"]["logits"]["max_rel"] <= 1e-2
     g = zarr.open_group(path, mode="r+")
-    g["logits"][5] = g["logits"][5] + np.float16(0.5)   # valid chunk, wrong values
+    row = g["logits"][5].astype(np.float32)
+    step = np.maximum(1.0, np.abs(row)) * 1e-2  # the float16 tolerance, relative to max(1, |x|)
+    g["logits"][5] = (row + 0.4 * step).astype(np.float16)  # inside it, float16 rounding included: still good
+    res = runner.invoke(app, ["verify", path, "--recompute", "192"])
+    assert res.exit_code == 0, res.output
+    g["logits"][5] = (row + 2 * step).astype(np.float16)    # valid chunk, values just twice the tolerance off
     res = runner.invoke(app, ["verify", path, "--recompute", "192"])
     assert res.exit_code == 1 and "BAD  recompute logits" in res.stdout
 
@@ -221,8 +244,15 @@ def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkey
     assert not list(Path("full.zarr").rglob(".*.tmp"))  # the failed chunk's temporary is gone
     with pytest.raises(KDCacheError, match="incomplete"):
         st.open_store("full.zarr")
+    missing = int((~st.committed_units(st.open_group("full.zarr", "r"))).sum())
+    assert 0 < missing < 3
+    computed = []
+    real = tc.teacher_outputs_async
+    monkeypatch.setattr(tc, "teacher_outputs_async", lambda p, idx, *a, **k: computed.append(len(idx)) or real(
+        p, idx, *a, **k))
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and "already cached" in res.stderr
+    assert computed == [64] * missing  # the teacher ran on the missing units alone
     clean = run_teacher_cache(cfg(teacher_file, out="clean.zarr"), log=lambda *_: None)
     for name, v in arrays_of(clean).items():
         np.testing.assert_array_equal(v, arrays_of("full.zarr")[name])

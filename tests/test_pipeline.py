@@ -234,6 +234,37 @@ def test_normalize_sets_the_teachers_input_statistics(root, teacher_file):
     assert Path(_cache(teacher_file, layers=[], dtype="float32")).name != Path(path).name  # another key
 
 
+def test_flags_reach_the_losses_and_the_student_sees_the_recorded_input(root, teacher_file, monkeypatch):
+    import pipeline.train_student as ts
+
+    path = _cache(teacher_file, layers=["avgpool"], image_size=20, normalize="0.3/0.6")
+    built = {}
+    real = ts.build_losses
+
+    def spy(*a, **k):
+        made = real(*a, **k)
+        built.update(made)
+        return made
+
+    monkeypatch.setattr(ts, "build_losses", spy)
+    common = dict(cache=path, epochs=1, batch_size=32, workers=0, lr=1e-12, temperature=2.5, alpha=0.3,
+                  rkd_distance_weight=7.0, rkd_angle_weight=11.0)
+    run_train_student(StudentConfig(loss="kd=1,rkd=1", out="a", **common), log=lambda *_: None)
+    assert (built["kd"].temperature, built["kd"].alpha) == (2.5, 0.3)
+    assert (built["rkd"].wd, built["rkd"].wa) == (7.0, 11.0)
+    # the input the teacher saw (20x20, mean 0.3, std 0.6), not the data's native 16x16
+    resolved = json.loads(Path("a/config.json").read_text())
+    assert resolved["transform"] == {"size": [20, 20], "channels": 1, "mean": [0.3], "std": [0.6]}
+    assert resolved["student_shapes"]["embed"] == [64]
+    # --loss weights scale each part: at a learning rate of 1e-12 the student does not move, so the same batches give
+    # the same unweighted parts, and the weighted ones in the ratio of the weights
+    run_train_student(StudentConfig(loss="kd=2,rkd=0.5", out="b", **common), log=lambda *_: None)
+    a, b = (json.loads(Path(d, "metrics.jsonl").read_text().splitlines()[0])["losses"] for d in ("a", "b"))
+    assert set(a) == set(b) == {"kd_soft", "kd_hard", "rkd_distance", "rkd_angle"}
+    for k, w in (("kd_soft", 2), ("kd_hard", 2), ("rkd_distance", 0.5), ("rkd_angle", 0.5)):
+        assert b[k] == pytest.approx(w * a[k], rel=1e-5), k
+
+
 def test_missing_array_refused_before_training(root, teacher_file):
     path = _cache(teacher_file, layers=["avgpool"])
     with pytest.raises(KDCacheError, match=r"lacks array 'features/layer3' needed by loss 'fitnets'; "

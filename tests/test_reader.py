@@ -108,3 +108,47 @@ def test_persistent_workers_follow_set_epoch(root, teacher_file, workers):
         np.testing.assert_array_equal(got, index[stream.epoch_rows(workers)])  # this epoch's planned order
         orders.append(tuple(got))
     assert len(set(orders)) == 3
+
+
+@pytest.mark.parametrize("views", [0, 3])
+def test_streaming_from_disk_gives_the_batches_held_in_memory_give(root, teacher_file, monkeypatch, views):
+    """Arrays above SMALL_ARRAY_BYTES (a real layer3 hint) are read chunk by chunk from the store, of the epoch's
+    view; the batches must be exactly those of the in-memory path."""
+    import pipeline.reader as rd
+
+    extra = {"views": views, "augment": "crop=0.6-1,flip"} if views else {}
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, layers=["layer2"],
+                                         device="cpu", **extra), log=lambda *_: None)
+    store = open_store(path)
+
+    def epochs(small_bytes):
+        monkeypatch.setattr(rd, "SMALL_ARRAY_BYTES", small_bytes)
+        stream = CacheStream(store, open_source(DATA), ["logits", "features/layer2"], 32, use_labels=True,
+                             buffer_chunks=2, seed=5)
+        out = []
+        for epoch in (0, 1):
+            stream.set_epoch(epoch)
+            out.append(list(stream))
+        return stream, out
+
+    memory_stream, in_memory = epochs(rd.SMALL_ARRAY_BYTES)
+    disk_stream, from_disk = epochs(0)
+    assert set(memory_stream._memory) >= {"logits", "features/layer2"} and not disk_stream._memory
+    for a, b in zip(in_memory, from_disk):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=False, msg=k)
+    if views:  # and what was read is each block's view of that epoch, not view 0
+        assert len({int(v) for e in from_disk for b in e for v in b["view"]}) > 1
+
+
+def test_block_order_changes_every_epoch():
+    stream = CacheStream(_fake_store(64 * 40, 64), None, [], 32, use_labels=False, buffer_chunks=1, seed=0)
+    orders = []
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        orders.append(stream.block_order())
+    assert all(sorted(o) == list(range(40)) for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
