@@ -1,3 +1,5 @@
+import sys
+
 from pipeline.cli import main
 
-main()
+sys.exit(main())

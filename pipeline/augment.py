@@ -167,9 +167,9 @@ def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np
         # torchvision's fallback: a centre crop with the aspect ratio clamped to the range.
         in_ratio = W / H
         if in_ratio < policy.ratio[0]:
-            fw, fh = W, int(round(W / policy.ratio[0]))
+            fw, fh = W, max(1, int(round(W / policy.ratio[0])))
         elif in_ratio > policy.ratio[1]:
-            fh, fw = H, int(round(H * policy.ratio[1]))
+            fh, fw = H, max(1, int(round(H * policy.ratio[1])))
         else:
             fw, fh = W, H
         h, w = np.where(found, ch_, fh), np.where(found, cw_, fw)

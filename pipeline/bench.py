@@ -121,6 +121,16 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
     if cfg.repeat < 1:
         raise KDCacheError(f"--repeat must be at least 1 (got {cfg.repeat})")
+    if cfg.samples is not None and cfg.samples < 1:
+        raise KDCacheError(f"--samples must be at least 1 (got {cfg.samples})")
+    if cfg.scaling:  # checked now, not after the whole benchmark has run
+        try:
+            sizes = [int(s) for s in cfg.scaling.split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise KDCacheError(f"--scaling takes sample counts separated by commas, e.g. 10000,100000 "
+                               f"(got '{cfg.scaling}')")
     p = dict(PRESETS[cfg.preset])
     n = cfg.samples or p["samples"]
     batch = cfg.batch_size or p["batch"]

@@ -38,7 +38,8 @@ def user_errors():
         typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; re-run the same command to resume", err=True)
+        typer.echo("interrupted; re-running teacher-cache or repair resumes what was committed (a student run "
+                   "starts over)", err=True)
         raise typer.Exit(130)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
@@ -188,6 +189,10 @@ def verify_cmd(
                     typer.echo(f"{'ok ' if d['ok'] else 'BAD'}  recompute {name}: max |diff| {d['max_abs']:.3g}, "
                                f"max rel {d['max_rel']:.3g} (tolerance {d['tolerance']:g}, "
                                f"{report.recompute['samples']} samples{views})")
+                if "labels" in report.recompute:
+                    lab = report.recompute["labels"]
+                    typer.echo(f"{'ok ' if lab['ok'] else 'BAD'}  recompute labels: {lab['mismatches']} of "
+                               f"{lab['checked']} differ from the data's labels of their index")
             typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
         if not report.ok:
             raise typer.Exit(1)
@@ -330,8 +335,26 @@ def bench_cmd(
             write(readme_section([result]), START, END)
 
 
-def main() -> None:
-    app(prog_name="kdcache")
+def main() -> int:
+    """The console script: typer's own usage errors (an unknown flag, `--views abc`) are one `error:` line too.
+
+    (Duck-typed: click's UsageError lives in click or, in newer typer, in its vendored copy.)"""
+    try:
+        code = app(prog_name="kdcache", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - only usage errors are handled here; the rest is re-raised
+        if not (hasattr(e, "format_message") and getattr(e, "exit_code", None) == 2):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `kdcache` or `kdcache CMD`: the help, as typer shows it
+            e.show()
+            return 2
+        ctx = getattr(e, "ctx", None)
+        path = ctx.command_path if ctx is not None else "kdcache"
+        typer.echo(f"error: {e.format_message()} (see {path} --help)", err=True)
+        return 2
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

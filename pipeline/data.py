@@ -125,6 +125,13 @@ def _fit(images: torch.Tensor, tf: Transform) -> torch.Tensor:
     return resize(_convert_channels(images, tf), tf.size).contiguous()  # the same resize as a plain0 view's
 
 
+def refuse_one_class(source: "Source") -> None:
+    """Training data with a single class teaches nothing (every label the same, accuracy trivially 1)."""
+    if source.num_classes == 1:
+        raise KDCacheError(f"{source.spec} has a single class ({source.classes[0]}); give the folder holding every "
+                           "class folder, or a flat folder of images for unlabelled data")
+
+
 def class_map(test: "Source", classes: list[str] | None) -> np.ndarray | None:
     """Test labels -> the training data's class numbers, matched by class name (None: already the same).
 
@@ -362,13 +369,19 @@ class ImageFolder(Source):
         try:
             with Image.open(path) as im:
                 im.load()
+                if im.mode == "F":
+                    raise KDCacheError(f"image {path} holds floating-point pixels, which have no 8-bit meaning "
+                                       "kdcache could assume; convert it to 8- or 16-bit")
+                if im.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer grey: 0-65535 onto 0-255, not clipped
+                    im = Image.fromarray((np.asarray(im, dtype=np.float64).clip(0, 65535) / 257).round()
+                                         .astype(np.uint8), mode="L")
                 if mode is None:
-                    mode = "L" if im.mode in ("L", "1", "I", "I;16", "F", "LA") else "RGB"
+                    mode = "L" if im.mode in ("L", "1", "LA") else "RGB"
                 im = im.convert(mode)
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise KDCacheError(f"cannot read image {path}: {e.__class__.__name__}; fix or remove the file") from None
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 

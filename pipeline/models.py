@@ -127,7 +127,11 @@ def build_model(spec: str, num_classes: int, in_channels: int, image_size: int) 
         except (ImportError, AttributeError) as e:
             raise KDCacheError(f"cannot import model '{spec}' ({e}); use module:function with the module on "
                                "PYTHONPATH") from None
-        model = _call_with_accepted(fn, **kwargs)
+        try:
+            model = _call_with_accepted(fn, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the user's code: say whose it is, in one line
+            raise KDCacheError(f"'{spec}' raised {type(e).__name__} while building the model: "
+                               f"{(str(e).splitlines() or [''])[0][:160]}") from None
         if not isinstance(model, nn.Module):
             raise KDCacheError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
         return model
@@ -166,12 +170,16 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
         weights = default_teacher_weights()
     ckpt = load_checkpoint(Path(weights))
     meta = ckpt.get("meta", {})
-    num_classes = int(meta.get("num_classes", num_classes))
-    in_channels = int(meta.get("in_channels", in_channels))
+    try:
+        num_classes = int(meta.get("num_classes", num_classes))
+        in_channels = int(meta.get("in_channels", in_channels))
+    except (TypeError, ValueError, AttributeError):
+        raise KDCacheError(f"{weights}: its meta (num_classes, in_channels) is not a pair of numbers; save the "
+                           "weights as a state_dict or as {'state_dict': ..., 'meta': {...}}") from None
     model = build_model(spec, num_classes, in_channels, image_size)
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({first}); check --teacher and --weights") from None
     return model.eval(), meta
@@ -192,6 +200,9 @@ def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     out = {}
     for n in names:
+        if not n:
+            raise KDCacheError(f"an empty module path names the whole {type(model).__name__}; name a layer, e.g. "
+                               f"{', '.join([k for k in modules if k][:3])}")
         if n not in modules:
             near = difflib.get_close_matches(n, [k for k in modules if k], n=5, cutoff=0.3)
             raise KDCacheError(f"no module '{n}' in {type(model).__name__}; nearest: {', '.join(near) or 'none'}")

@@ -78,10 +78,10 @@ class OnlineStream(IterableDataset):
 
 
 def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     weights = parse_loss_spec(cfg.loss)
     validate(cfg, weights)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
     source = open_source(cfg.data or "fashion-mnist:train")
     probe_tf = default_transform(source)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,

@@ -419,6 +419,13 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     if fv != FORMAT_VERSION:
         raise KDCacheError(f"{path} has store format {fv}, this kdcache reads format {FORMAT_VERSION}; "
                            "rebuild it with `kdcache teacher-cache --force` or use a matching kdcache version")
+    lacking = [k for k in ("key", "data", "arrays", "targets", "transform", "chunk_samples") if k not in manifest]
+    if lacking or not isinstance(manifest.get("data"), dict) or "num_samples" not in manifest.get("data", {}):
+        raise KDCacheError(f"{path}: its manifest lacks {', '.join(lacking) or 'data.num_samples'}, so it cannot be "
+                           "trusted; rebuild it with `kdcache teacher-cache --force`")
+    if any(part not in manifest["arrays"] for t in manifest["targets"].values() for part in t.get("parts", [])):
+        raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
+                           "`kdcache teacher-cache --force`")
     if require_complete and not manifest.get("complete"):
         raise KDCacheError(f"cache {path} is incomplete (its writer stopped before the last chunk); "
                            "re-run the same teacher-cache command to resume it")

@@ -31,7 +31,8 @@ import torch
 from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
-from pipeline.data import Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize
+from pipeline.data import (Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize,
+                           refuse_one_class)
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
 from pipeline.models import capture, default_teacher_weights, fingerprint_module, load_teacher, resolve_modules
@@ -145,7 +146,10 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
     # directory (the key does not depend on where they lie: it hashes the weights and the data's fingerprint).
     weights = cfg.weights or (str(default_teacher_weights()) if cfg.teacher == "default-teacher" else None)
-    cfg = replace(cfg, data=absolute_spec(cfg.data), weights=os.path.abspath(weights) if weights else None)
+    layers = list(dict.fromkeys(cfg.layers))  # `--layer x --layer x` is one layer, one cache
+    cfg = replace(cfg, data=absolute_spec(cfg.data), weights=os.path.abspath(weights) if weights else None,
+                  layers=layers)
+    cd.choose("features", cfg.dtype, cfg.feature_codec, 0)  # a bad --feature-codec is refused with no --layer too
     codec_cfgs = {"logits": cd.choose("logits", cfg.dtype, cfg.feature_codec, cfg.logits_topk)}
     codec_cfgs.update({st.feature_array(layer): cd.choose("features", cfg.dtype, cfg.feature_codec, 0)
                        for layer in cfg.layers})
@@ -153,8 +157,10 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         raise KDCacheError("--chunk-samples and --batch-size must be positive")
     if cfg.limit is not None and cfg.limit <= 0:
         raise KDCacheError(f"--limit must be positive (got {cfg.limit}); leave it out to cache every sample")
-    if cfg.image_size is not None and cfg.image_size <= 0:
-        raise KDCacheError(f"--image-size must be positive (got {cfg.image_size})")
+    if cfg.image_size is not None and not 0 < cfg.image_size <= 4096:
+        raise KDCacheError(f"--image-size must be from 1 to 4096 (got {cfg.image_size})")
+    if not 0 <= cfg.aug_seed < 2**63:
+        raise KDCacheError(f"--aug-seed must be from 0 to 2**63-1 (got {cfg.aug_seed})")
     if cfg.channels not in (None, 1, 3):
         raise KDCacheError(f"--channels must be 1 or 3 (got {cfg.channels})")
     if cfg.writers < 0:
@@ -172,7 +178,13 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     views = 0 if policy.identity else cfg.views
     device = (ranks or Ranks()).device(pick_device(cfg.device))
     source = open_source(cfg.data)
+    refuse_one_class(source)
     n = min(source.num_samples, cfg.limit) if cfg.limit else source.num_samples
+    if policy.translate and policy.translate >= min(source.native_shape[1:]):
+        raise KDCacheError(f"--augment translate={policy.translate} moves views off the {source.native_shape[1]}x"
+                           f"{source.native_shape[2]} images entirely; use fewer pixels than the image's side")
+    # A chunk longer than the data holds only fill: clamp (the key sees the clamped value, so it is one cache).
+    cfg = replace(cfg, chunk_samples=min(cfg.chunk_samples, n))
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
                                  source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
@@ -202,10 +214,14 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     with torch.inference_mode(), capture(teacher, cfg.layers) as feats:
         try:
             logits = teacher(probe.to(device))
-        except RuntimeError as e:  # e.g. a 3-channel torchvision model on grayscale data
+        except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on grayscale data
             raise KDCacheError(f"teacher {cfg.teacher} fails on this data's {tuple(probe.shape[1:])} input "
-                               f"({str(e).splitlines()[0][:160]}); set --channels and --image-size to what it "
-                               "expects") from None
+                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); set --channels "
+                               "and --image-size to what it expects") from None
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise KDCacheError(f"teacher {cfg.teacher} returns {what}, not logits of shape (batch, classes); wrap "
+                               "it in a module:function that returns the class scores")
         shapes = {"logits": tuple(logits.shape[1:])}
         shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
     if source.num_classes and len(shapes["logits"]) == 1 and source.num_classes > shapes["logits"][0]:
@@ -260,7 +276,7 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
         return str(p.path)
     group = st.open_group(p.path, "r+")
     p.stat_columns = list(group.attrs[st.MANIFEST_KEY]["stat_columns"])  # a resumed store keeps its own columns
-    blocks = st.block_ranges(p.num_samples, cfg.chunk_samples)
+    blocks = st.block_ranges(p.num_samples, p.cfg.chunk_samples)
     todo = ranks.share([(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]])
     total = p.num_samples * p.units_per_block
     already = sum(blocks[b][1] - blocks[b][0] for b, v in np.argwhere(done))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import class_map, data_root, default_transform, open_source
+from pipeline.data import class_map, data_root, default_transform, open_source, refuse_one_class
 from pipeline.errors import KDCacheError
 from pipeline.loops import cosine_lr, evaluate, pick_device, random_crop_flip, sgd, source_batches
 from pipeline.models import build_model, fingerprint_module
@@ -43,6 +43,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
         if not ok:
             raise KDCacheError(msg)
     src = open_source(cfg.data)
+    refuse_one_class(src)
     if not src.labelled:
         raise KDCacheError(f"{cfg.data} has no labels, and training a teacher needs them; use labelled data "
                            "(imagefolder:DIR with one sub-folder per class)")

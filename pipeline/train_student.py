@@ -16,6 +16,7 @@ used by online.py, the teacher-in-the-loop reference, with targets computed on t
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,7 +69,13 @@ class StudentConfig:
 
 def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
     """Refuse settings that would train nonsense (a NaN loss, a stage that never runs) before anything is built."""
-    checks = [
+    finite = {"--lr": cfg.lr, "--weight-decay": cfg.weight_decay, "--temperature": cfg.temperature,
+              "--alpha": cfg.alpha, "--rkd-distance-weight": cfg.rkd_distance_weight,
+              "--rkd-angle-weight": cfg.rkd_angle_weight, **{f"--loss {k}": w for k, w in weights.items()}}
+    checks = [(math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in finite.items()] + [
+        (0 <= cfg.seed < 2**32, f"--seed must be 0 or more, below 2**32 (got {cfg.seed})"),
+        ("rkd" not in weights or cfg.rkd_distance_weight > 0 or cfg.rkd_angle_weight > 0,
+         "RKD with --rkd-distance-weight 0 and --rkd-angle-weight 0 has nothing to match; give one a weight"),
         (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
         (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
@@ -167,12 +174,16 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     probe = source.load(np.arange(min(2, source.num_samples)), tf)
     with torch.no_grad(), capture(student, student_layers) as feats:
         try:
-            student.eval()(probe)
-        except RuntimeError as e:  # e.g. a 3-channel torchvision model on a grayscale cache
+            out = student.eval()(probe)
+        except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on a grayscale cache
             raise KDCacheError(f"student {cfg.student} fails on the cached input {tuple(probe.shape[1:])} "
-                               f"({str(e).splitlines()[0][:160]}); cache with the --channels / --image-size the "
-                               "student expects") from None
+                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); cache with the "
+                               "--channels / --image-size the student expects") from None
         student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+    if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
+        what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise KDCacheError(f"student {cfg.student} returns {what} per sample, but the cache's teacher has "
+                           f"{num_classes} classes; build it with num_classes={num_classes}")
     try:
         losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
     except ValueError as e:
@@ -225,12 +236,12 @@ def open_run_dir(cfg: StudentConfig, tag: str = "") -> Path:
 
 
 def run_train_student(cfg: StudentConfig, log=print) -> dict:
+    weights = parse_loss_spec(cfg.loss)
+    validate(cfg, weights)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = open_store(cfg.cache)
     man = store.manifest
-    weights = parse_loss_spec(cfg.loss)
-    validate(cfg, weights)
     check_views(cfg, store)
 
     use_labels = store.labelled and not cfg.no_labels
@@ -327,6 +338,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                 if labels is not None:
                     correct += (logits.argmax(1) == labels).sum()
             sums, correct = {k: float(v) for k, v in sums.items()}, int(correct)
+            bad = [k for k, v in sums.items() if not math.isfinite(v)]
+            if bad:  # no student.pt or summary.json: a diverged run must not look finished
+                raise KDCacheError(f"training diverged in epoch {epoch + 1}: {', '.join(bad)} became "
+                                   f"{sums[bad[0]]}; lower --lr (now {cfg.lr}) or the loss weights")
             dt = time.time() - t0
             test_acc = evaluate(student, s.test, tf, device, s.test_labels) if s.test is not None else None
             row = {"epoch": epoch + 1, "stage": stage + 1 if len(s.stages) > 1 else 1,

@@ -83,6 +83,8 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     where the teacher's weights or the data lie now ({"weights": FILE, "data": SPEC}) for a store made elsewhere."""
     if recompute < 0:
         raise KDCacheError(f"--recompute takes a number of samples, 0 or more (got {recompute})")
+    if seed < 0:
+        raise KDCacheError(f"--seed must be 0 or more (got {seed})")
     cache = st.open_store(path, require_complete=False)
     group = cache.open_group()
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
@@ -94,7 +96,12 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
         report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
                                        int(v) if cache.views else None))
     for name, spec in cache.arrays.items():
-        arr = group[name]
+        try:
+            arr = group[name]
+        except Exception as e:  # noqa: BLE001 - its folder or metadata deleted: every chunk of it is gone
+            report.problems += [Problem(name, b, start, end, f"array missing ({type(e).__name__}); rebuild the "
+                                        "store with teacher-cache --force") for b, (start, end) in enumerate(blocks)]
+            continue
         for b, (start, end) in enumerate(blocks):
             for v in range(cache.views) if spec["view_axis"] else [None]:
                 sel = (slice(start, end), v) if v is not None else slice(start, end)
@@ -164,9 +171,15 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
         diffs[target] = {"max_abs": float((decoded - ref).abs().max()) if ref.numel() else 0.0,
                          "max_rel": float(err.max()) if err.numel() else 0.0, "tolerance": tol,
                          "ok": finite and bool((err <= tol).all())}
-    return {"samples": len(rows), "views": list(range(cache.views)) if cache.views else None,
-            "tolerance": max(d["tolerance"] for d in diffs.values()), "arrays": diffs,
-            "ok": all(d["ok"] for d in diffs.values())}
+    out = {"samples": len(rows), "views": list(range(cache.views)) if cache.views else None,
+           "tolerance": max(d["tolerance"] for d in diffs.values()), "arrays": diffs,
+           "ok": all(d["ok"] for d in diffs.values())}
+    if cache.labelled:  # labels are data, not teacher output: they must be the data's labels of the stored index
+        sample = np.asarray(group["index"].oindex[rows])
+        wrong = int((np.asarray(group["labels"].oindex[rows]) != p.source.labels(sample)).sum())
+        out["labels"] = {"checked": len(rows), "mismatches": wrong, "ok": wrong == 0}
+        out["ok"] = out["ok"] and wrong == 0
+    return out
 
 
 def _given(moved: dict | None) -> dict:

@@ -399,3 +399,106 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
     assert st.open_store(path).manifest["stats"]["samples_computed"] == 64
     for name, v in arrays_of(path).items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
+def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file):
+    """What an adversarial audit found: each is one `error:` line (exit 2), never a traceback or a silent result."""
+    from PIL import Image
+
+    path = run_teacher_cache(cfg(teacher_file, layers=["avgpool"]), log=lambda *_: None)
+    (root / "one" / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "one" / "only" / "a.png")
+    (root / "float").mkdir()
+    Image.fromarray(np.ones((8, 8), np.float32), mode="F").save(root / "float" / "a.tiff")
+    torch_save = __import__("torch").save
+    torch_save({"state_dict": 5}, root / "odd.pt")
+    cache = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]
+    train = ["train-student", "--cache", path, "--workers", "0", "--epochs", "1"]
+    cases = [
+        (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:feature_map_teacher", "--weights",
+          str(save_module(root, "map.pt"))], "not logits of shape (batch, classes)"),
+        (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:raising_model", "--weights", "odd.pt"],
+         "raised ValueError while building the model: no such width"),
+        (["teacher-cache", "--data", SYN, "--weights", "odd.pt"], "do not fit"),
+        (cache + ["--layer", ""], "an empty module path"),
+        (cache + ["--image-size", "100000"], "--image-size must be from 1 to 4096"),
+        (cache + ["--aug-seed", str(2**64)], "--aug-seed"),
+        (cache + ["--feature-codec", "foo"], "foo"),
+        (cache + ["--views", "2", "--augment", "translate=1000"], "off the 16x16 images"),
+        (["teacher-cache", "--data", f"imagefolder:{root / 'one'}", "--weights", str(teacher_file)], "single class"),
+        (["teacher-cache", "--data", f"imagefolder:{root / 'float'}", "--weights", str(teacher_file)],
+         "floating-point pixels"),
+        (train + ["-T", "inf"], "--temperature must be a finite number"),
+        (train + ["--lr", "inf"], "--lr must be a finite number"),
+        (train + ["--seed", "-1"], "--seed must be 0 or more"),
+        (train + ["--loss", "rkd=1", "--rkd-distance-weight", "0", "--rkd-angle-weight", "0"], "nothing to match"),
+        (train + ["--student", "tests.odd_models:ten_class_student"], "returns shape (10,) per sample"),
+        (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample"),
+        (train + ["--student", "tests.odd_models:raising_model"], "raised ValueError"),
+        (train + ["--loss", "kd=1e38"], "training diverged in epoch 1"),
+        (["verify", path, "--recompute", "2", "--seed", "-1"], "--seed must be 0 or more"),
+        (["bench", "--preset", "tiny", "--scaling", "abc"], "--scaling takes sample counts"),
+    ]
+    for args, needle in cases:
+        res = runner.invoke(app, args)
+        lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ")]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args[-4:], res.output[-300:])
+    assert not Path("run").exists() and not list(Path("data/runs").glob("*/summary.json"))  # nothing passed for done
+    # typer's own usage errors, through the console entry point, are one line too
+    res = subprocess.run([sys.executable, "-m", "pipeline", "teacher-cache", "--views", "abc"], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] \
+        and res.stderr.startswith("error: Invalid value for '--views'")
+
+
+def save_module(root, name):
+    import torch
+
+    from tests.odd_models import feature_map_teacher
+
+    torch.save(feature_map_teacher().state_dict(), root / name)
+    return root / name
+
+
+def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
+    from PIL import Image
+
+    from pipeline.augment import AugmentPolicy, sample_params
+    from pipeline.data import Transform, open_source
+
+    # 16-bit grey images are scaled onto 0-255, not clipped to white
+    (root / "i16").mkdir()
+    values = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    Image.fromarray(values).save(root / "i16" / "a.png")
+    src = open_source(f"imagefolder:{root / 'i16'}")
+    got = src.load_raw(np.array([0]), Transform(size=[8, 8], channels=1))[0, 0].numpy()
+    np.testing.assert_array_equal(got, np.round(values / 257).astype(np.uint8))
+    # an aspect-ratio range no crop can meet falls back to a centre crop of at least one pixel
+    box, _ = sample_params(AugmentPolicy.parse("crop=0.5-1,ratio=100-1000"), 0, np.arange(4), [0, 1], (16, 16))
+    assert (box[..., 2] >= 1).all() and (box[..., 3] >= 1).all()
+    # a chunk longer than the data is the data's length; a repeated --layer is one layer, one cache
+    one = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=10**9),
+                            log=lambda *_: None)
+    assert st.open_store(one).chunk_samples == 192
+    assert run_teacher_cache(cfg(teacher_file, layers=["layer2", "layer2"]), log=lambda *_: None) == \
+        run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    path = Path(run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None))
+    # labels swapped between chunks: the checksums are fine, the data's labels are not
+    a, b = path / "labels" / "c" / "0", path / "labels" / "c" / "1"
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    res = runner.invoke(app, ["verify", str(path), "--recompute", "192"])
+    assert res.exit_code == 1 and "BAD  recompute labels" in res.stdout
+    # an array deleted outright is reported, chunk by chunk
+    import shutil
+
+    shutil.rmtree(path / "features" / "layer2")
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and "features/layer2 chunk 0 (rows 0-63): array missing" in res.stdout
+    # a manifest without the parts a reader needs is refused in one line
+    g = st.open_group(str(path), "r+")
+    g.attrs[st.MANIFEST_KEY] = {k: v for k, v in g.attrs[st.MANIFEST_KEY].items() if k != "data"}
+    for args in (["verify", str(path)], ["inspect", str(path)], ["train-student", "--cache", str(path)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "its manifest lacks data" in res.stderr, (args, res.output)

@@ -1,0 +1,26 @@
+"""Models that misbehave, for the bad-input tests (named as `tests.odd_models:function`)."""
+
+from torch import nn
+
+
+def feature_map_teacher(num_classes=4, in_channels=1):
+    """Returns an (N, C, H, W) map, not logits."""
+    return nn.Conv2d(in_channels, num_classes, 3, padding=1)
+
+
+def raising_model(num_classes=4):
+    raise ValueError("no such width")
+
+
+def ten_class_student(in_channels=1):
+    """Ignores num_classes: always 10 outputs."""
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3)), x
+
+
+def tuple_student():
+    return _Pair()
