@@ -302,7 +302,8 @@ def train_student_cmd(
                             test_data=test_data, data=data, workers=workers, buffer_chunks=buffer_chunks,
                             device=device, out=out)
         summary = run_train_student(cfg, log=log_err)
-        typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))
+        if summary.get("rank", 0) == 0:  # under torchrun, rank 0 speaks for the run
+            typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))
 
 
 @app.command("bench")

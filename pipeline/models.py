@@ -185,10 +185,12 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
     return model.eval(), meta
 
 
-def fingerprint_module(model: nn.Module) -> str:
-    """sha256 over the state_dict (names, shapes, dtypes and bytes): identifies the weights, not the file."""
+def fingerprint_module(model: nn.Module, params_only: bool = False) -> str:
+    """sha256 over the state_dict (names, shapes, dtypes and bytes): identifies the weights, not the file.
+    `params_only`: the trainable parameters alone (not buffers such as BatchNorm's running statistics)."""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    items = dict(model.named_parameters()) if params_only else model.state_dict()
+    for k, v in sorted(items.items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

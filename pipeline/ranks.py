@@ -87,6 +87,47 @@ class Ranks:
         dist.all_gather_object(out, value)
         return out
 
+    def broadcast(self, tensors: list) -> None:
+        """Rank 0's values into every rank's `tensors` (in place)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.broadcast(t.data, 0)
+
+    def average_gradients(self, params: list) -> None:
+        """Replace each gradient by its mean over ranks: one all-reduce of them all, flattened. Every rank has the
+        same parameters without a gradient (the same graph), so the flattened buffers line up."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum_numbers(self, sums: dict, seen: int, correct) -> tuple[dict, int, float]:
+        """An epoch's loss sums, sample count and correct count, summed over ranks (same keys on every rank)."""
+        if self.world == 1:
+            return sums, seen, correct
+        import torch
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        values = [float(sums[k]) for k in keys] + [float(seen), float(correct)]
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        out = t.tolist()
+        return dict(zip(keys, out[:len(keys)])), int(out[-2]), int(out[-1])
+
     def device(self, device):
         """One GPU per rank on a node (LOCAL_RANK); a CPU device, or a device named by index, as it is."""
         import torch

@@ -2,8 +2,8 @@
 
 `CacheStream` is an IterableDataset yielding whole batches (`make_loader` wraps it in the DataLoader we train with):
 - each epoch, the order of blocks (one block = one chunk of every array) is a permutation seeded by (seed, epoch);
-  DataLoader worker w takes blocks w, w + W, ... of that order, so every sample is visited exactly once per epoch for
-  any worker count (and, later, rank r of R takes its share the same way);
+  with R ranks (torchrun) of W DataLoader workers each, worker w of rank r takes blocks r*W + w, r*W + w + R*W, ...
+  of that order, so every sample is visited exactly once per epoch for any worker and rank count;
 - with augmented views, each block reads the view `augment.select_view` picks for (seed, epoch, block): one chunk
   per array, the stored parameters of that view, and the input rebuilt from them exactly as the teacher saw it;
 - a worker reads `buffer_chunks` blocks at a time (one read per chunk per array), rebuilds their inputs from the data
@@ -75,8 +75,9 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False)
 class CacheStream(IterableDataset):
     def __init__(self, store: CacheStore, source: Source, targets: list[str], batch_size: int, *,
                  use_labels: bool, shuffle: bool = True, buffer_chunks: int = 0, seed: int = 0,
-                 drop_last: bool = False, view_policy: str = "cycle"):
+                 drop_last: bool = False, view_policy: str = "cycle", rank: int = 0, world: int = 1):
         self.store, self.source = store, source
+        self.rank, self.world = rank, world
         self.arrays = [part for t in targets for part in store.targets[t]["parts"]]  # stored arrays to stream
         self.batch_size, self.use_labels, self.shuffle = batch_size, use_labels, shuffle
         self.seed, self.drop_last = seed, drop_last
@@ -118,15 +119,19 @@ class CacheStream(IterableDataset):
     def __len__(self) -> int:  # batches per epoch when read by a single worker
         return self.batches_per_epoch(1)
 
-    def batches_per_epoch(self, num_workers: int) -> int:
+    def batches_per_epoch(self, num_workers: int, everyone: bool = False) -> int:
         """Batches one epoch delivers through a DataLoader with `num_workers` workers: each worker cuts its own
         blocks into batches and ends with its own partial batch, so there can be more than with one worker (the
-        learning-rate schedule counts these)."""
-        total = 0
-        for w in range(max(1, num_workers)):
-            rows = sum(self.blocks[b][1] - self.blocks[b][0] for b in self.block_order(w, max(1, num_workers)))
-            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return total
+        learning-rate schedule counts these). `everyone`: the fewest any rank gets (what every rank can step)."""
+        def of_rank(rank: int) -> int:
+            total = 0
+            for w in range(max(1, num_workers)):
+                rows = sum(self.blocks[b][1] - self.blocks[b][0]
+                           for b in self.block_order(w, max(1, num_workers), rank))
+                total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+            return total
+
+        return min(of_rank(r) for r in range(self.world)) if everyone else of_rank(self.rank)
 
     def _open(self):
         if self._group is None:  # lazily, in the worker process that reads
@@ -161,11 +166,13 @@ class CacheStream(IterableDataset):
     def view_of(self, block: int) -> int:
         return select_view(self.view_policy, self.seed, self.epoch, block, self.views) if self.views else 0
 
-    def block_order(self, worker: int = 0, num_workers: int = 1) -> list[int]:
+    def block_order(self, worker: int = 0, num_workers: int = 1, rank: int | None = None) -> list[int]:
+        """The blocks worker `worker` (of `num_workers`) of rank `rank` (default: this stream's) reads this epoch."""
         order = np.arange(len(self.blocks))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.blocks))
-        return [int(b) for b in order[worker::num_workers]]
+        rank = self.rank if rank is None else rank
+        return [int(b) for b in order[rank * num_workers + worker::self.world * num_workers]]
 
     def __iter__(self):
         info = get_worker_info()

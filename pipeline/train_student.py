@@ -30,7 +30,8 @@ from pipeline.data import Source, Transform, class_map, data_root, open_source
 from pipeline.errors import KDCacheError
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device
-from pipeline.models import build_model, capture, resolve_modules
+from pipeline.ranks import Ranks
+from pipeline.models import build_model, capture, fingerprint_module, resolve_modules
 from pipeline.reader import CacheStream, make_loader
 from pipeline.store import open_store, versions
 
@@ -236,8 +237,17 @@ def open_run_dir(cfg: StudentConfig, tag: str = "") -> Path:
 
 
 def run_train_student(cfg: StudentConfig, log=print) -> dict:
+    """Train a student from a store; under torchrun, one rank per process, each reading its share of the store."""
     weights = parse_loss_spec(cfg.loss)
     validate(cfg, weights)
+    ranks = Ranks.from_env()
+    try:
+        return _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)
+    finally:
+        ranks.close()
+
+
+def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = open_store(cfg.cache)
@@ -259,11 +269,19 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
                            "re-run teacher-cache on this data")
     tf = Transform.from_dict(man["transform"])
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
+    ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built
     s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels)
 
     targets = sorted(t for t in needs if t != "labels")
     stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
-                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy)
+                         buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy,
+                         rank=ranks.rank, world=ranks.world)
+    if not ranks.leader:
+        loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
+        codecs = {t: store.codec(t) for t in targets}
+        return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers, everyone=True),
+                   _decoder(store, codecs), None, log, {}, ranks, lambda: stream.batches_per_epoch(cfg.workers,
+                                                                                                   everyone=True))
     run_dir = open_run_dir(cfg)
     resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
                 "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
@@ -271,27 +289,42 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
                           "views": man.get("views"), "targets": store.targets},
                 "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays},
                 "transform": tf.to_dict(), "test_data": s.test_spec, "student_shapes": s.student_shapes,
-                "versions": versions()}
+                "ranks": ranks.world, "versions": versions()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
     codecs = {t: store.codec(t) for t in targets}
+    return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers, everyone=True),
+               _decoder(store, codecs), run_dir, log, extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks,
+               rank_steps=lambda: stream.batches_per_epoch(cfg.workers, everyone=True))
 
+
+def _decoder(store, codecs: dict):
+    """Batch parts -> decoded float targets on the training device (the codecs run there)."""
     def decode(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
                 for t, c in codecs.items()}
 
-    return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers), decode, run_dir, log,
-               extra={"cache": store.path})
+    return decode
 
 
 def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None], steps_per_epoch: int,
-        targets: Callable[[dict, torch.device], dict[str, torch.Tensor]], run_dir: Path, log, extra: dict) -> dict:
-    """The training loop: batches of uint8 inputs (+ labels), teacher targets from `targets(batch, device)`."""
+        targets: Callable[[dict, torch.device], dict[str, torch.Tensor]], run_dir: Path | None, log, extra: dict,
+        ranks: Ranks | None = None, rank_steps: Callable[[], int] | None = None) -> dict:
+    """The training loop: batches of uint8 inputs (+ labels), teacher targets from `targets(batch, device)`.
+
+    With several ranks (torchrun), each reads its own share of the store and takes `rank_steps()` steps an epoch (the
+    fewest any rank has batches for, so every rank takes part in every gradient average); gradients of the student
+    and of the losses' own parts (FitNets' regressor) are averaged over ranks before each step, so every rank holds
+    the same weights. Rank 0 alone evaluates and writes the run directory (`run_dir` is None elsewhere)."""
+    ranks = ranks or Ranks()
     student, losses, tf, device = s.student, s.losses, s.tf, s.device
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    every = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
+    ranks.broadcast(every)  # one starting point on every rank
+    metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
+    if metrics_path is not None:
+        metrics_path.write_text("")
     t_start, epoch, test_acc, history = time.time(), 0, None, []
     if s.test is not None and s.test.fingerprint() == s.source_fingerprint:
         log(f"note: --test-data {s.test_spec} is the data the student trains on; its accuracy is no test")
@@ -310,7 +343,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         for _ in range(n_epochs):
             set_epoch(epoch)
             sums, seen, correct, t0 = {}, 0, 0, time.time()
-            for batch in loader:
+            cap = rank_steps() if ranks.world > 1 and rank_steps is not None else None
+            for i, batch in enumerate(loader):
+                if cap is not None and i >= cap:
+                    break  # this rank's surplus batch(es): the other ranks have none to average with
                 cosine_lr(opt, cfg.lr, step, total)
                 x = tf(batch["x"].to(device, non_blocking=True))
                 if cuda:
@@ -328,6 +364,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                 loss = sum(parts.values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                ranks.average_gradients(params)
                 opt.step()
                 step += 1
                 n = len(x)
@@ -337,32 +374,40 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                     sums[k] = sums.get(k, 0.0) + v.detach() * n
                 if labels is not None:
                     correct += (logits.argmax(1) == labels).sum()
+            if ranks.world > 1:  # the epoch's numbers over every rank's samples
+                sums, seen, correct = ranks.sum_numbers(sums, seen, correct)
             sums, correct = {k: float(v) for k, v in sums.items()}, int(correct)
             bad = [k for k, v in sums.items() if not math.isfinite(v)]
             if bad:  # no student.pt or summary.json: a diverged run must not look finished
                 raise KDCacheError(f"training diverged in epoch {epoch + 1}: {', '.join(bad)} became "
                                    f"{sums[bad[0]]}; lower --lr (now {cfg.lr}) or the loss weights")
             dt = time.time() - t0
-            test_acc = evaluate(student, s.test, tf, device, s.test_labels) if s.test is not None else None
+            test_acc = (evaluate(student, s.test, tf, device, s.test_labels)
+                        if s.test is not None and ranks.leader else None)
             row = {"epoch": epoch + 1, "stage": stage + 1 if len(s.stages) > 1 else 1,
                    "losses": {k: v / seen for k, v in sums.items()},
                    "loss": sum(sums.values()) / seen,
                    "train_acc": correct / seen if s.use_labels else None,
-                   "test_acc": test_acc, "samples_per_s": seen / dt, "seconds": dt}
+                   "test_acc": test_acc, "samples": seen, "samples_per_s": seen / dt, "seconds": dt}
             history.append(row)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if metrics_path is not None:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")
             epoch += 1
 
+    params_fp = fingerprint_module(student, params_only=True)  # equal on every rank: gradients were averaged
+    if run_dir is None:  # ranks other than 0: their weights are rank 0's
+        return {"run_dir": None, "test_acc": None, "epochs": epoch, "loss": cfg.loss, "rank": ranks.rank,
+                "params_fingerprint": params_fp}
     torch.save({"state_dict": student.cpu().state_dict(), "meta": {
         "arch": cfg.student, "num_classes": s.num_classes, "in_channels": tf.channels, "transform": tf.to_dict()}},
         run_dir / "student.pt")
     summary = {"run_dir": str(run_dir), "test_acc": test_acc, "epochs": epoch, "loss": cfg.loss,
                "seconds": time.time() - t_start,
                "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
-               "seed": cfg.seed, **extra}
+               "seed": cfg.seed, "params_fingerprint": params_fp, **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if test_acc is not None:
         log(f"student test accuracy {test_acc:.4f}  (run: {run_dir})")

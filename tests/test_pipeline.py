@@ -378,3 +378,29 @@ def test_incomplete_store_refused(root, teacher_file):
     g.attrs["kdcache"] = dict(g.attrs["kdcache"], complete=False)
     with pytest.raises(KDCacheError, match="incomplete"):
         open_store(path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers):
+    """torchrun ranks read disjoint shares of the store (every sample once an epoch across them), average their
+    gradients (the student's and FitNets' regressor's) so their weights stay equal, and rank 0 alone writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    path = _cache(teacher_file, layers=["layer2"])  # 192 rows in 3 chunks of 64
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(repo / "tests" / "rank_summary.py"), path, "run", SYN_TEST, str(workers)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = {s.get("rank", 0): s for s in map(json.loads, res.stdout.strip().splitlines())}
+    assert set(summaries) == {0, 1}
+    assert summaries[0]["params_fingerprint"] == summaries[1]["params_fingerprint"]
+    assert summaries[0]["ranks"] == 2 and summaries[0]["test_acc"] is not None and summaries[1]["run_dir"] is None
+    rows = [json.loads(x) for x in Path("run/metrics.jsonl").read_text().splitlines()]
+    # chunks 0-2 go to ranks 0, 1, 0 (in the epoch's order): the steps every rank can take (the fewer rank's 4 of
+    # 16) are taken by both, so 2 x 4 x 16 = 128 samples an epoch, summed over the ranks
+    assert [r["samples"] for r in rows] == [128, 128]
+    assert json.loads(Path("run/config.json").read_text())["ranks"] == 2

@@ -152,3 +152,17 @@ def test_block_order_changes_every_epoch():
         orders.append(stream.block_order())
     assert all(sorted(o) == list(range(40)) for o in orders)
     assert orders[0] != orders[1] and orders[1] != orders[2]
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (3, 2), (4, 3)])
+def test_ranks_and_workers_share_every_block_once(world, workers):
+    streams = [CacheStream(_fake_store(64 * 23, 64), None, [], 32, use_labels=False, buffer_chunks=1, seed=1,
+                           rank=r, world=world) for r in range(world)]
+    for epoch in (0, 1):
+        for s in streams:
+            s.set_epoch(epoch)
+        shares = [s.block_order(w, workers) for s in streams for w in range(workers)]
+        assert sorted(b for share in shares for b in share) == list(range(23))
+        # the steps every rank can take: the fewest batches any rank has
+        assert streams[0].batches_per_epoch(workers, everyone=True) == min(s.batches_per_epoch(workers)
+                                                                           for s in streams)
