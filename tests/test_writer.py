@@ -76,3 +76,25 @@ def test_parallel_write_equals_serial_write(tmp_path):
     for k, v in values.items():
         np.testing.assert_array_equal(g[k][:], v)
     assert not list((tmp_path / "parallel.zarr").rglob("*.tmp"))  # no temporary file left behind
+
+
+def test_teacher_cache_writer_pool_equals_one_writer(root, teacher_file):
+    """The stage's own pool: 4 writer threads, many units in flight, produce the bytes one writer does."""
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from tests.conftest import SYN
+
+    def cache(writers):
+        return run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), layers=["layer2"], chunk_samples=16,
+                                             batch_size=16, writers=writers, out=f"w{writers}.zarr"),
+                                 log=lambda *_: None)
+
+    one, four = Path(cache(1)), Path(cache(4))
+    assert zarr.open_group(str(four), mode="r").attrs["kdcache"]["stats"]["writers"] == 4
+    def chunks(store):
+        return sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file() and "c" in p.relative_to(store).parts)
+
+    files = chunks(one)
+    assert len(files) > 40 and files == chunks(four)
+    for f in files:
+        if f.parts[0] != st.STATS:  # per-unit distortion sums: floats, summed in any order
+            assert (one / f).read_bytes() == (four / f).read_bytes(), f
