@@ -287,6 +287,7 @@ def train_student_cmd(
     buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MB per worker)."),
     device: str = typer.Option("auto"),
     out: Optional[str] = typer.Option(None, help="Run directory (default data/runs/...)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last finished epoch."),
 ):
     """Train a student from a cache (the teacher is never built) and print its test accuracy."""
     with user_errors():
@@ -300,7 +301,7 @@ def train_student_cmd(
                             augment=augment, view_policy=view_policy, epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                             test_data=test_data, data=data, workers=workers, buffer_chunks=buffer_chunks,
-                            device=device, out=out)
+                            device=device, out=out, resume=resume)
         summary = run_train_student(cfg, log=log_err)
         if summary.get("rank", 0) == 0:  # under torchrun, rank 0 speaks for the run
             typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))

@@ -66,6 +66,7 @@ class StudentConfig:
     buffer_chunks: int = 0                 # chunks shuffled together; 0: as many as fit in 256 MB per worker
     device: str = "auto"
     out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
+    resume: bool = False                   # continue the run in --out from its last epoch's checkpoint.pt
 
 
 def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
@@ -92,6 +93,7 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
         (cfg.fitnets_schedule in ("two-stage", "single"),
          f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single"),
         (any(w > 0 for w in weights.values()), f"every weight in --loss {cfg.loss} is 0; nothing would be trained"),
+        (not cfg.resume or cfg.out, "--resume continues the run in --out DIR: name it"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -218,13 +220,41 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
         time.strftime("%Y%m%d-%H%M%S") + f"-{tag}{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
 
 
-RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json")
+RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "checkpoint.pt")
+CHECKPOINT = "checkpoint.pt"
 
 
-def open_run_dir(cfg: StudentConfig, tag: str = "") -> Path:
+def _comparable(cfg: StudentConfig) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (where it lies and `resume` aside)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out", "workers")}
+
+
+def load_checkpoint_for(cfg: StudentConfig) -> dict | None:
+    """The state `--resume` continues from, checked to come from a run with these very settings."""
+    if not cfg.resume:
+        return None
+    run_dir = Path(cfg.out)
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        done = (run_dir / "summary.json").is_file()
+        raise KDCacheError(f"--resume: {run_dir} holds {'a finished run' if done else 'no checkpoint.pt'}; "
+                           "nothing to resume (drop --resume to start a new run there)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); drop --resume to start over") from None
+    saved, now = state.get("config", {}), _comparable(cfg)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({', '.join(differ)}); "
+                           "resume with the same flags, or drop --resume to start over")
+    return state
+
+
+def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> Path:
     """The run directory, ready for a new run. A previous run's outputs there are removed first, summary.json (the
     mark of a finished run) before anything else, so a run killed part-way never looks finished with an older
-    run's results."""
+    run's results. Resuming keeps the checkpoint (and rewrites metrics.jsonl from it)."""
     run_dir = run_dir_for(cfg, tag)
     if run_dir.exists() and not run_dir.is_dir():
         raise KDCacheError(f"--out {run_dir} is a file, not a run directory; choose another --out")
@@ -232,7 +262,8 @@ def open_run_dir(cfg: StudentConfig, tag: str = "") -> Path:
         raise KDCacheError(f"--out {run_dir} is a cache store; choose another --out for the run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_OUTPUTS:
-        (run_dir / name).unlink(missing_ok=True)
+        if not (resuming and name == CHECKPOINT):
+            (run_dir / name).unlink(missing_ok=True)
     return run_dir
 
 
@@ -269,6 +300,7 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
                            "re-run teacher-cache on this data")
     tf = Transform.from_dict(man["transform"])
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
+    state = load_checkpoint_for(cfg)  # every rank reads it (a shared run directory)
     ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built
     s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels)
 
@@ -281,8 +313,9 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
         codecs = {t: store.codec(t) for t in targets}
         return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers, everyone=True),
                    _decoder(store, codecs), None, log, {}, ranks, lambda: stream.batches_per_epoch(cfg.workers,
-                                                                                                   everyone=True))
-    run_dir = open_run_dir(cfg)
+                                                                                                   everyone=True),
+                   state)
+    run_dir = open_run_dir(cfg, resuming=state is not None)
     resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
                 "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
                           "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},
@@ -295,7 +328,7 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
     codecs = {t: store.codec(t) for t in targets}
     return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers, everyone=True),
                _decoder(store, codecs), run_dir, log, extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks,
-               rank_steps=lambda: stream.batches_per_epoch(cfg.workers, everyone=True))
+               rank_steps=lambda: stream.batches_per_epoch(cfg.workers, everyone=True), state=state)
 
 
 def _decoder(store, codecs: dict):
@@ -309,38 +342,55 @@ def _decoder(store, codecs: dict):
 
 def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None], steps_per_epoch: int,
         targets: Callable[[dict, torch.device], dict[str, torch.Tensor]], run_dir: Path | None, log, extra: dict,
-        ranks: Ranks | None = None, rank_steps: Callable[[], int] | None = None) -> dict:
+        ranks: Ranks | None = None, rank_steps: Callable[[], int] | None = None, state: dict | None = None) -> dict:
     """The training loop: batches of uint8 inputs (+ labels), teacher targets from `targets(batch, device)`.
 
     With several ranks (torchrun), each reads its own share of the store and takes `rank_steps()` steps an epoch (the
     fewest any rank has batches for, so every rank takes part in every gradient average); gradients of the student
     and of the losses' own parts (FitNets' regressor) are averaged over ranks before each step, so every rank holds
-    the same weights. Rank 0 alone evaluates and writes the run directory (`run_dir` is None elsewhere)."""
+    the same weights. Rank 0 alone evaluates and writes the run directory (`run_dir` is None elsewhere).
+
+    After every epoch rank 0 writes checkpoint.pt (student, the losses' parts, optimizer, schedule position, metrics
+    so far); `state` (a loaded checkpoint) continues from there: the same batches, schedule and optimizer state as
+    an uninterrupted run, so on the CPU the same weights come out."""
     ranks = ranks or Ranks()
     student, losses, tf, device = s.student, s.losses, s.tf, s.device
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    if state is not None:
+        student.load_state_dict(state["student"])
+        for k, m in losses.items():
+            m.load_state_dict(state["losses"][k])
     every = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
     ranks.broadcast(every)  # one starting point on every rank
     metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
-    if metrics_path is not None:
-        metrics_path.write_text("")
-    t_start, epoch, test_acc, history = time.time(), 0, None, []
+    history = list(state["history"]) if state is not None else []
+    if metrics_path is not None:  # the epochs the checkpoint holds (a row written after it is redone)
+        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    t_start, test_acc = time.time(), (history[-1]["test_acc"] if history else None)
+    epoch = int(state["epoch"]) if state is not None else 0
+    if state is not None:
+        log(f"resuming {run_dir or cfg.out} after epoch {epoch}/{cfg.epochs}")
     if s.test is not None and s.test.fingerprint() == s.source_fingerprint:
         log(f"note: --test-data {s.test_spec} is the data the student trains on; its accuracy is no test")
     last = s.stages[-1][1]
     if not any(w > 0 and losses[k].trains_logits for k, w in last.items()):
         log(f"note: no loss of the {'last stage' if len(s.stages) > 1 else 'run'} ({','.join(last)}) trains the "
             "student's classifier, so its accuracy is not that of a distilled student; add kd=1 or ce=1 for that")
+    stage_start = 0
     for stage, (n_epochs, active) in enumerate(s.stages):
-        if n_epochs <= 0:
-            continue
+        first, stage_start = stage_start, stage_start + max(0, n_epochs)
+        if n_epochs <= 0 or epoch >= stage_start:
+            continue  # no epochs, or all of them in the checkpoint
         params = list(student.parameters()) + [p for k in active for p in losses[k].parameters()]
         # params the stage's losses do not reach get no grad, so neither optimizer touches them (no decay either)
         opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr, cfg.weight_decay)
         total = n_epochs * steps_per_epoch
         step = 0
-        for _ in range(n_epochs):
+        if state is not None and epoch > first:  # resumed inside this stage: its optimizer and schedule go on
+            opt.load_state_dict(state["opt"])
+            step = int(state["step"])
+        for _ in range(stage_start - epoch):
             set_epoch(epoch)
             sums, seen, correct, t0 = {}, 0, 0, time.time()
             cap = rank_steps() if ranks.world > 1 and rank_steps is not None else None
@@ -393,6 +443,12 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
             if metrics_path is not None:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+            if run_dir is not None:  # written whole, then renamed: a kill leaves the previous epoch's checkpoint
+                tmp = run_dir / (CHECKPOINT + ".tmp")
+                torch.save({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
+                            "losses": {k: m.state_dict() for k, m in losses.items()}, "opt": opt.state_dict(),
+                            "history": history, "config": _comparable(cfg)}, tmp)
+                tmp.replace(run_dir / CHECKPOINT)
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")
             epoch += 1
@@ -409,6 +465,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
                "seed": cfg.seed, "params_fingerprint": params_fp, **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: student.pt is the result
     if test_acc is not None:
         log(f"student test accuracy {test_acc:.4f}  (run: {run_dir})")
     else:

@@ -404,3 +404,45 @@ def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers)
     # 16) are taken by both, so 2 x 4 x 16 = 128 samples an epoch, summed over the ranks
     assert [r["samples"] for r in rows] == [128, 128]
     assert json.loads(Path("run/config.json").read_text())["ranks"] == 2
+
+
+def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, monkeypatch):
+    """Killed in its third epoch (inside FitNets' second stage), a run resumed with --resume ends with the weights,
+    accuracy and metrics of an uninterrupted one; a checkpoint of other settings is refused."""
+    import pipeline.train_student as ts
+
+    path = _cache(teacher_file, layers=["layer2"])
+    common = dict(cache=path, loss="kd=1,fitnets=1", fitnets_hint="layer2", fitnets_guided="block1",
+                  fitnets_hint_epochs=1, epochs=4, batch_size=32, workers=0, test_data=SYN_TEST)
+    whole = run_train_student(StudentConfig(out="whole", **common), log=lambda *_: None)
+    assert not Path("whole/checkpoint.pt").exists()  # a finished run keeps its result, not its checkpoint
+
+    real, calls = ts.evaluate, []
+
+    def killed_in_epoch_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(ts, "evaluate", killed_in_epoch_3)
+        with pytest.raises(KeyboardInterrupt):
+            run_train_student(StudentConfig(out="cut", **common), log=lambda *_: None)
+    assert not Path("cut/summary.json").exists() and Path("cut/checkpoint.pt").exists()
+    with pytest.raises(KDCacheError, match="other settings \\(lr\\)"):
+        run_train_student(StudentConfig(out="cut", resume=True, **(common | {"lr": 0.01})), log=lambda *_: None)
+    res = runner.invoke(app, ["train-student", "--cache", path, "--loss", "kd=1,fitnets=1", "--fitnets-hint",
+                              "layer2", "--fitnets-guided", "block1", "--fitnets-hint-epochs", "1", "--epochs", "4",
+                              "--batch-size", "32", "--workers", "0", "--test-data", SYN_TEST, "--out", "cut",
+                              "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "resuming cut after epoch 2/4" in res.stderr
+    cut = json.loads(Path("cut/summary.json").read_text())
+    assert cut["params_fingerprint"] == whole["params_fingerprint"] and cut["test_acc"] == whole["test_acc"]
+    rows = [json.loads(x) for x in Path("cut/metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in Path("whole/metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["losses"], r["test_acc"]) for r in rows] == [(r["epoch"], r["losses"], r["test_acc"])
+                                                                       for r in ref]
+    res = runner.invoke(app, ["train-student", "--cache", path, "--out", "cut", "--resume", "--workers", "0"])
+    assert res.exit_code == 2 and "holds a finished run" in res.stderr
