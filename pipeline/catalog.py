@@ -82,7 +82,7 @@ def plan_cache(cfg) -> dict:
     if p.views:
         box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [min(1, p.views - 1)],
                                                      tuple(p.source.native_shape[1:])))
-    with torch.inference_mode(), capture(p.teacher, cfg.layers) as feats:
+    with torch.inference_mode(), capture(p.teacher, cfg.layers, p.copy_layers) as feats:
         fresh = teacher_outputs(p, idx, feats, box, flip)
     out = {"index": idx.astype(np.int64)}
     if p.source.labelled:

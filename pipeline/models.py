@@ -185,6 +185,26 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
     return model.eval(), meta
 
 
+def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
+    """The named modules whose output a later in-place operation changes during a forward on `x` (in the model's
+    current train/eval mode), found by the tensors' version counters; `capture` must copy those. Runs under no_grad,
+    not inference_mode, whose tensors keep no version counter."""
+    at_hook: dict[str, tuple[torch.Tensor, int]] = {}
+    handles = []
+    for name, mod in resolve_modules(model, names).items():
+        def hook(_m, _inp, out, name=name):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            at_hook[name] = (t, t._version)
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n for n, (t, v) in at_hook.items() if t._version != v}
+
+
 def fingerprint_module(model: nn.Module, params_only: bool = False) -> str:
     """sha256 over the state_dict (names, shapes, dtypes and bytes): identifies the weights, not the file.
     `params_only`: the trainable parameters alone (not buffers such as BatchNorm's running statistics)."""
@@ -213,17 +233,19 @@ def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def capture(model: nn.Module, names: list[str]):
+def capture(model: nn.Module, names: list[str], copy=None):
     """Forward hooks that store each named module's output in the yielded dict (keyed by the dotted path).
 
-    A copy, not a reference: the next module may change the output in place (torchvision's ResNets follow `bn1`
-    with `ReLU(inplace=True)`, and add the shortcut into `bn2`'s output with `+=`), and the module's output is what
-    was asked for. The copy is differentiable, so student layers hooked here still train."""
+    The next module may change an output in place (torchvision's ResNets follow `bn1` with `ReLU(inplace=True)`,
+    and add the shortcut into `bn2`'s output with `+=`), and the module's output is what was asked for: the outputs
+    named in `copy` are stored as copies (differentiable, so hooked student layers still train); `copy=None` copies
+    all of them. `overwritten_outputs` finds which need it, so a teacher copies none it does not have to."""
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in resolve_modules(model, names).items():
-        def hook(_m, _inp, out, name=name):
-            outputs[name] = (out[0] if isinstance(out, (tuple, list)) else out).clone()
+        def hook(_m, _inp, out, name=name, clone=copy is None or name in copy):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            outputs[name] = t.clone() if clone else t
         handles.append(mod.register_forward_hook(hook))
     try:
         yield outputs

@@ -26,6 +26,7 @@ from pipeline.data import Source, Transform, default_transform, open_source
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
 from pipeline.reader import SharedEpoch, make_loader
+from pipeline.errors import KDCacheError
 from pipeline.train_student import StudentConfig, declared, fit, open_run_dir, setup, validate
 
 FRESH_VIEW_BASE = 1_000_000
@@ -80,6 +81,8 @@ class OnlineStream(IterableDataset):
 def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     weights = parse_loss_spec(cfg.loss)
     validate(cfg, weights)
+    if cfg.resume:
+        raise KDCacheError("--resume continues a train-student run; online KD runs start over")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     source = open_source(cfg.data or "fashion-mnist:train")

@@ -155,7 +155,7 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
 
     index = np.repeat(np.asarray(group["index"].oindex[rows]), views)
     box, flip = (stored("aug/box"), stored("aug/flip")) if cache.views else (None, None)
-    with torch.inference_mode(), capture(p.teacher, cfg.layers) as feats:
+    with torch.inference_mode(), capture(p.teacher, cfg.layers, p.copy_layers) as feats:
         fresh = teacher_outputs(p, index, feats, box, flip)
     # A GPU-made cache (autocast) checked here on the CPU differs by more than fp32 rounding.
     gpu_made = str(man.get("device", "cpu")).startswith("cuda")

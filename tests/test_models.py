@@ -24,3 +24,51 @@ def test_capture_keeps_the_output_a_later_inplace_op_overwrites():
     # and it still carries gradients to the layers before it (students are hooked the same way)
     (feats["1"].sum() + out.sum()).backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+def test_overwritten_outputs_finds_the_modules_an_inplace_op_rewrites():
+    from pipeline.models import overwritten_outputs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(5, 1, 8, 8)
+    model(x)
+    model.eval()
+    assert overwritten_outputs(model, ["0", "1", "4"], x) == {"1"}
+    with torch.no_grad():
+        expected = model[1](model[0](x))
+    with torch.no_grad(), capture(model, ["1"], copy=set()) as feats:  # a reference: rewritten by the ReLU
+        model(x)
+    assert (feats["1"] >= 0).all() and not torch.equal(feats["1"], expected)
+    with torch.no_grad(), capture(model, ["1"], copy={"1"}) as feats:
+        model(x)
+    torch.testing.assert_close(feats["1"], expected)
+
+
+def test_a_torchvision_teachers_bn1_is_cached_before_its_inplace_relu(root):
+    import torchvision
+    import zarr
+
+    from pipeline.data import Transform, open_source
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=4)
+    torch.save(net.state_dict(), root / "r18.pt")
+    data = "synthetic:64:3x32x32:4"
+    path = run_teacher_cache(CacheConfig(data=data, teacher="torchvision:resnet18", weights=str(root / "r18.pt"),
+                                         layers=["bn1", "layer1.0.bn2", "layer1"], dtype="float32",
+                                         chunk_samples=32, device="cpu"), log=lambda *_: None)
+    g = zarr.open_group(path, mode="r")
+    x = open_source(data).load(g["index"][:], Transform.from_dict(g.attrs["kdcache"]["transform"]))
+    net.eval()
+    with torch.no_grad():
+        bn1 = net.bn1(net.conv1(x))                                  # computed independently, module by module
+        stem = net.maxpool(net.relu(bn1.clone()))
+        block = net.layer1[0]
+        bn2 = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(stem)))))
+        layer1 = net.layer1(stem)
+    for name, ref in (("bn1", bn1), ("layer1.0.bn2", bn2), ("layer1", layer1)):
+        got = torch.from_numpy(g[f"features/{name}"][:])
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=name)
+    assert (torch.from_numpy(g["features/bn1"][:]) < 0).any()   # before the ReLU, as asked
