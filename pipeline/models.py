@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 
 
 class BasicBlock(nn.Module):
@@ -130,8 +130,8 @@ def build_model(spec: str, num_classes: int, in_channels: int, image_size: int) 
         try:
             model = _call_with_accepted(fn, **kwargs)
         except Exception as e:  # noqa: BLE001 - the user's code: say whose it is, in one line
-            raise KDCacheError(f"'{spec}' raised {type(e).__name__} while building the model: "
-                               f"{(str(e).splitlines() or [''])[0][:160]}") from None
+            raise KDCacheError(f"'{spec}' raised {type(e).__name__} while building the model: {first_line(e)}"
+                               ) from None
         if not isinstance(model, nn.Module):
             raise KDCacheError(f"'{spec}' returned {type(model).__name__}, not an nn.Module")
         return model
@@ -185,10 +185,10 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
     return model.eval(), meta
 
 
-def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
-    """The named modules whose output a later in-place operation changes during a forward on `x` (in the model's
-    current train/eval mode), found by the tensors' version counters; `capture` must copy those. Runs under no_grad,
-    not inference_mode, whose tensors keep no version counter."""
+def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
+    """One forward on `x` (in the model's current train/eval mode): (its output, {name: module output, by reference},
+    the names whose output a later in-place operation changed), the last found by the tensors' version counters:
+    `capture` must copy those. Runs under no_grad, not inference_mode, whose tensors keep no version counter."""
     at_hook: dict[str, tuple[torch.Tensor, int]] = {}
     handles = []
     for name, mod in resolve_modules(model, names).items():
@@ -198,11 +198,16 @@ def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> 
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(x)
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
-    return {n for n, (t, v) in at_hook.items() if t._version != v}
+    return out, {n: t for n, (t, _) in at_hook.items()}, {n for n, (t, v) in at_hook.items() if t._version != v}
+
+
+def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
+    """The named modules whose output a later in-place operation changes during a forward on `x`."""
+    return probe_forward(model, names, x)[2]
 
 
 def fingerprint_module(model: nn.Module, params_only: bool = False) -> str:

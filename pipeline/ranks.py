@@ -18,7 +18,7 @@ import datetime
 import os
 from dataclasses import dataclass
 
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 
 # Ranks meet at the end of their shares; the shares are equal, so the wait is about one unit's time, but a slow
 # or oversubscribed machine must not turn it into a timeout that throws the finished work's completion away.
@@ -145,6 +145,4 @@ class Ranks:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else ""
-    return msg if isinstance(e, KDCacheError) else f"{type(e).__name__}: {msg}".rstrip(": ")
+    return first_line(e, limit=300) if isinstance(e, KDCacheError) else f"{type(e).__name__}: {first_line(e)}"

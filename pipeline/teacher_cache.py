@@ -33,10 +33,10 @@ from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
 from pipeline.data import (Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize,
                            refuse_one_class)
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
-from pipeline.models import (capture, default_teacher_weights, fingerprint_module, load_teacher,
-                             overwritten_outputs, resolve_modules)
+from pipeline.models import (capture, default_teacher_weights, fingerprint_module, load_teacher, probe_forward,
+                             resolve_modules)
 from pipeline.ranks import Ranks
 
 
@@ -213,24 +213,22 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
 
     # Probe one tiny batch: output shapes decide the arrays' shapes.
     probe = source.load(np.arange(min(2, n)), tf)
-    with torch.inference_mode(), capture(teacher, cfg.layers) as feats:
-        try:
-            logits = teacher(probe.to(device))
-        except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on grayscale data
-            raise KDCacheError(f"teacher {cfg.teacher} fails on this data's {tuple(probe.shape[1:])} input "
-                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); set --channels "
-                               "and --image-size to what it expects") from None
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise KDCacheError(f"teacher {cfg.teacher} returns {what}, not logits of shape (batch, classes); wrap "
-                               "it in a module:function that returns the class scores")
-        shapes = {"logits": tuple(logits.shape[1:])}
-        shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
+    try:  # the same forward also finds which hooked outputs a later in-place op rewrites (copied when cached)
+        logits, feats, copy_layers = probe_forward(teacher, cfg.layers, probe.to(device))
+    except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on grayscale data
+        raise KDCacheError(f"teacher {cfg.teacher} fails on this data's {tuple(probe.shape[1:])} input "
+                           f"({type(e).__name__}: {first_line(e)}); set --channels and --image-size to what it "
+                           "expects") from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise KDCacheError(f"teacher {cfg.teacher} returns {what}, not logits of shape (batch, classes); wrap "
+                           "it in a module:function that returns the class scores")
+    shapes = {"logits": tuple(logits.shape[1:])}
+    shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
     if source.num_classes and len(shapes["logits"]) == 1 and source.num_classes > shapes["logits"][0]:
         raise KDCacheError(f"{cfg.data} has {source.num_classes} classes but the teacher has {shapes['logits'][0]} "
                            "outputs; use a teacher trained on these classes")
 
-    copy_layers = overwritten_outputs(teacher, cfg.layers, probe.to(device)) if cfg.layers else set()
     codecs = {t: cd.make_codec(c, shapes[t]) for t, c in codec_cfgs.items()}
     targets = {t: {"shape": list(shapes[t]), "codec": codecs[t].config(),
                    "parts": sorted(codecs[t].parts(t, shapes[t]))} for t in codec_cfgs}
@@ -268,12 +266,10 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
 
 def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     p = ranks.together(prepare, cfg, ranks, True)
-    if p.hit:
-        log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
-        return str(p.path)
     # Rank 0 alone creates or reopens the store, before anyone writes, and says which units are committed: every
     # rank derives its share from that one answer (read later, it would already include other ranks' commits).
-    done = ranks.together(_open_or_create, p, log, held, leader_only=True)
+    # None: complete already (found by prepare, or by rank 0 under its lock).
+    done = None if p.hit else ranks.together(_open_or_create, p, log, held, leader_only=True)
     if done is None:
         log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
         return str(p.path)

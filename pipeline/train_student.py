@@ -27,7 +27,7 @@ import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.data import Source, Transform, class_map, data_root, open_source
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device
 from pipeline.ranks import Ranks
@@ -180,7 +180,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
             out = student.eval()(probe)
         except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on a grayscale cache
             raise KDCacheError(f"student {cfg.student} fails on the cached input {tuple(probe.shape[1:])} "
-                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); cache with the "
+                               f"({type(e).__name__}: {first_line(e)}); cache with the "
                                "--channels / --image-size the student expects") from None
         student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
@@ -308,14 +308,7 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
     stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
                          buffer_chunks=cfg.buffer_chunks, seed=cfg.seed, view_policy=cfg.view_policy,
                          rank=ranks.rank, world=ranks.world)
-    if not ranks.leader:
-        loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
-        codecs = {t: store.codec(t) for t in targets}
-        return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers, everyone=True),
-                   _decoder(store, codecs), None, log, {}, ranks, lambda: stream.batches_per_epoch(cfg.workers,
-                                                                                                   everyone=True),
-                   state)
-    run_dir = open_run_dir(cfg, resuming=state is not None)
+    run_dir = open_run_dir(cfg, resuming=state is not None) if ranks.leader else None  # rank 0 writes the run
     resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
                 "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
                           "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},
@@ -323,21 +316,21 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
                 "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays},
                 "transform": tf.to_dict(), "test_data": s.test_spec, "student_shapes": s.student_shapes,
                 "ranks": ranks.world, "versions": versions()}
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    if run_dir is not None:
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
     codecs = {t: store.codec(t) for t in targets}
-    return fit(cfg, s, loader, stream.set_epoch, stream.batches_per_epoch(cfg.workers, everyone=True),
-               _decoder(store, codecs), run_dir, log, extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks,
-               rank_steps=lambda: stream.batches_per_epoch(cfg.workers, everyone=True), state=state)
 
-
-def _decoder(store, codecs: dict):
-    """Batch parts -> decoded float targets on the training device (the codecs run there)."""
     def decode(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
                 for t, c in codecs.items()}
 
-    return decode
+    def every_rank_steps() -> int:  # this epoch's steps every rank has batches for
+        return stream.batches_per_epoch(cfg.workers, everyone=True)
+
+    return fit(cfg, s, loader, stream.set_epoch, every_rank_steps(), decode, run_dir, log,
+               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, rank_steps=every_rank_steps,
+               state=state)
 
 
 def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None], steps_per_epoch: int,
@@ -424,8 +417,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                     sums[k] = sums.get(k, 0.0) + v.detach() * n
                 if labels is not None:
                     correct += (logits.argmax(1) == labels).sum()
-            if ranks.world > 1:  # the epoch's numbers over every rank's samples
-                sums, seen, correct = ranks.sum_numbers(sums, seen, correct)
+            sums, seen, correct = ranks.sum_numbers(sums, seen, correct)  # over every rank's samples
             sums, correct = {k: float(v) for k, v in sums.items()}, int(correct)
             bad = [k for k, v in sums.items() if not math.isfinite(v)]
             if bad:  # no student.pt or summary.json: a diverged run must not look finished

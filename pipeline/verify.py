@@ -175,8 +175,7 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
            "tolerance": max(d["tolerance"] for d in diffs.values()), "arrays": diffs,
            "ok": all(d["ok"] for d in diffs.values())}
     if cache.labelled:  # labels are data, not teacher output: they must be the data's labels of the stored index
-        sample = np.asarray(group["index"].oindex[rows])
-        wrong = int((np.asarray(group["labels"].oindex[rows]) != p.source.labels(sample)).sum())
+        wrong = int((np.asarray(group["labels"].oindex[rows]) != p.source.labels(index[::views])).sum())
         out["labels"] = {"checked": len(rows), "mismatches": wrong, "ok": wrong == 0}
         out["ok"] = out["ok"] and wrong == 0
     return out
