@@ -307,6 +307,34 @@ def train_student_cmd(
             typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))
 
 
+@app.command("eval")
+def eval_cmd(
+    weights: str = typer.Argument(..., help="A run's student.pt, a teacher's weights, or a bare state_dict."),
+    data: str = typer.Option("fashion-mnist:test", help="Labelled data spec."),
+    model: Optional[str] = typer.Option(None, help="Architecture (default: the one the weights file records)."),
+    image_size: Optional[int] = typer.Option(None, help="Override the recorded input size."),
+    channels: Optional[int] = typer.Option(None, help="Override the recorded channel count (1 or 3)."),
+    normalize: Optional[str] = typer.Option(None, help="Override the recorded normalisation: imagenet or MEAN/STD."),
+    batch_size: int = typer.Option(512),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result (per-class accuracy, confusion) as JSON."),
+):
+    """Score a trained model on labelled data: top-1, top-5, per-class accuracy (labels matched by class name)."""
+    with user_errors():
+        from pipeline.evaluate import EvalConfig, dumps, run_eval
+
+        result = run_eval(EvalConfig(weights=weights, data=data, model=model, image_size=image_size,
+                                     channels=channels, normalize=normalize, batch_size=batch_size, device=device),
+                          log=log_err)
+        if json_out:
+            typer.echo(dumps(result))
+            return
+        width = max(len(c) for c in result["classes"])
+        for c, acc in result["per_class"].items():
+            typer.echo(f"  {c:<{width}}  {'-' if acc is None else f'{acc:.4f}'}")
+        typer.echo(json.dumps({"top1": result["top1"], "top5": result["top5"], "samples": result["samples"]}))
+
+
 @app.command("bench")
 def bench_cmd(
     preset: str = typer.Option("cpu", help="cpu (default pair, minutes on 2 cores), gpu (resnet50 -> resnet18, "

@@ -107,6 +107,18 @@ def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]
     return list(mean), list(std)
 
 
+def resolve_transform(source: "Source", meta: dict, image_size: int | None = None, channels: int | None = None,
+                      normalize: str | None = None) -> Transform:
+    """The input a model gets: the transform its weights file records (what it was trained on) unless a flag
+    overrides the size, channels or normalisation; else the data's native size and default statistics."""
+    if "transform" in meta and image_size is None and channels is None and normalize is None:
+        return Transform.from_dict(meta["transform"])
+    tf = default_transform(source, image_size, channels)
+    if normalize is not None:
+        tf.mean, tf.std = parse_normalize(normalize, tf.channels)
+    return tf
+
+
 def _convert_channels(images: torch.Tensor, tf: Transform) -> torch.Tensor:
     if images.shape[1] != tf.channels:
         if tf.channels == 3 and images.shape[1] == 1:
@@ -132,7 +144,7 @@ def refuse_one_class(source: "Source") -> None:
                            "class folder, or a flat folder of images for unlabelled data")
 
 
-def class_map(test: "Source", classes: list[str] | None) -> np.ndarray | None:
+def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-data") -> np.ndarray | None:
     """Test labels -> the training data's class numbers, matched by class name (None: already the same).
 
     Image folders number their classes by sorted folder name, so a test folder lacking one class (or holding
@@ -145,7 +157,7 @@ def class_map(test: "Source", classes: list[str] | None) -> np.ndarray | None:
     if unknown:
         raise KDCacheError(f"test data {test.spec} has class(es) {', '.join(map(repr, unknown[:5]))} that the "
                            f"training data lacks (it has {', '.join(map(repr, classes[:10]))}"
-                           f"{' ...' if len(classes) > 10 else ''}); pass a --test-data with the same classes")
+                           f"{' ...' if len(classes) > 10 else ''}); pass a {flag} with the same classes")
     return np.asarray([pos[c] for c in test.classes], dtype=np.int64)
 
 

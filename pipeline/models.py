@@ -168,7 +168,14 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
         if spec != "default-teacher":
             raise KDCacheError(f"teacher '{spec}' needs --weights FILE (kdcache never downloads weights)")
         weights = default_teacher_weights()
-    ckpt = load_checkpoint(Path(weights))
+    return load_model(spec, Path(weights), num_classes, in_channels, image_size, role="--teacher")
+
+
+def load_model(spec: str, weights: Path, num_classes: int, in_channels: int, image_size: int,
+               role: str = "--model") -> tuple[nn.Module, dict]:
+    """Build `spec` and load a weights file into it, in eval mode: (model, the file's meta). The file's meta
+    (num_classes, in_channels), when it has one, wins over the arguments."""
+    ckpt = load_checkpoint(weights)
     meta = ckpt.get("meta", {})
     try:
         num_classes = int(meta.get("num_classes", num_classes))
@@ -181,7 +188,7 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
-        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({first}); check --teacher and --weights") from None
+        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({first}); check {role} and --weights") from None
     return model.eval(), meta
 
 

@@ -32,7 +32,7 @@ from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
 from pipeline.data import (Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize,
-                           refuse_one_class)
+                           refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
 from pipeline.models import (capture, default_teacher_weights, fingerprint_module, load_teacher, probe_forward,
@@ -70,15 +70,6 @@ class CacheConfig:
 
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _resolve_transform(cfg: CacheConfig, source, teacher_meta: dict) -> Transform:
-    if "transform" in teacher_meta and cfg.image_size is None and cfg.channels is None and cfg.normalize is None:
-        return Transform.from_dict(teacher_meta["transform"])  # the input the teacher was trained on
-    tf = default_transform(source, cfg.image_size, cfg.channels)
-    if cfg.normalize is not None:
-        tf.mean, tf.std = parse_normalize(cfg.normalize, tf.channels)
-    return tf
 
 
 def _progress(total: int, done: int, unit: str, show: bool = True):
@@ -190,7 +181,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
                                  source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
-    tf = _resolve_transform(cfg, source, meta)
+    tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
     resolve_modules(teacher, cfg.layers)  # unknown names fail here, before anything is written
     teacher_fp = fingerprint_module(teacher)
     # On a GPU, channels_last: convolutions run in the tensor cores' native layout (as any fast inference loop).

@@ -164,6 +164,7 @@ class Setup:
     student_shapes: dict
     test_labels: np.ndarray | None = None   # test class number -> the student's, when the two name them otherwise
     source_fingerprint: str | None = None   # of the data trained on
+    classes: list[str] | None = None        # the training data's class names, in the student's output order
 
 
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
@@ -212,7 +213,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         test, test_spec = None, None  # e.g. a cache of fashion-mnist:test, whose default test split is itself
     test_labels = class_map(test, source.classes) if test is not None else None
     return Setup(student, losses, student_layers, stages, tf, device, test, test_spec, use_labels, num_classes,
-                 student_shapes, test_labels, source.fingerprint())
+                 student_shapes, test_labels, source.fingerprint(), source.classes)
 
 
 def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
@@ -450,7 +451,8 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         return {"run_dir": None, "test_acc": None, "epochs": epoch, "loss": cfg.loss, "rank": ranks.rank,
                 "params_fingerprint": params_fp}
     torch.save({"state_dict": student.cpu().state_dict(), "meta": {
-        "arch": cfg.student, "num_classes": s.num_classes, "in_channels": tf.channels, "transform": tf.to_dict()}},
+        "arch": cfg.student, "num_classes": s.num_classes, "in_channels": tf.channels, "transform": tf.to_dict(),
+        "classes": s.classes}},
         run_dir / "student.pt")
     summary = {"run_dir": str(run_dir), "test_acc": test_acc, "epochs": epoch, "loss": cfg.loss,
                "seconds": time.time() - t_start,

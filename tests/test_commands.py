@@ -1,4 +1,4 @@
-"""One CliRunner test per command not covered elsewhere: teacher, plan, ls, inspect, bench."""
+"""One CliRunner test per command not covered elsewhere: teacher, plan, ls, inspect, eval, bench."""
 
 from __future__ import annotations
 
@@ -82,6 +82,40 @@ def test_ls_and_inspect(root, teacher_file):
     text = runner.invoke(app, ["inspect", done]).stdout
     assert "B/sample" in text and "ratio" in text
     assert runner.invoke(app, ["inspect", "nowhere.zarr"]).exit_code == 2
+
+
+def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):
+    cache = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]).stdout.split()[-1]
+    res = runner.invoke(app, ["train-student", "--cache", cache, "--epochs", "1", "--workers", "0", "--out", "run",
+                              "--test-data", SYN_TEST])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", "run/student.pt", "--data", SYN_TEST, "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["top1"] == json.loads(Path("run/summary.json").read_text())["test_acc"]
+    # Independently: the architecture and transform the run recorded, a plain forward, a confusion matrix by hand.
+    from pipeline.data import Transform, open_source
+    from pipeline.models import build_model
+
+    config = json.loads(Path("run/config.json").read_text())
+    model = build_model("default-student", 4, 1, 16)
+    model.load_state_dict(torch.load("run/student.pt", weights_only=True)["state_dict"])
+    src = open_source(SYN_TEST)
+    with torch.no_grad():
+        pred = model.eval()(src.load(np.arange(64), Transform.from_dict(config["transform"]))).argmax(1).numpy()
+    y = src.labels(np.arange(64))
+    confusion = np.zeros((4, 4), int)
+    np.add.at(confusion, (y, pred), 1)
+    assert got["confusion"] == confusion.tolist() and got["top1"] == (pred == y).mean() and got["top5"] is None
+    assert got["per_class"]["0"] == confusion[0, 0] / confusion[0].sum()
+    text = runner.invoke(app, ["eval", "run/student.pt", "--data", SYN_TEST])
+    assert json.loads(text.stdout.strip().splitlines()[-1])["top1"] == got["top1"]
+    # A bare state_dict does not say what it is: the error asks for --model, in one line.
+    torch.save(model.state_dict(), "bare.pt")
+    res = runner.invoke(app, ["eval", "bare.pt", "--data", SYN_TEST])
+    assert res.exit_code == 2 and "pass --model" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(app, ["eval", "bare.pt", "--data", SYN_TEST, "--model", "default-student", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["top1"] == got["top1"]  # same default transform
 
 
 def test_bench_command_writes_table_and_json(root):

@@ -203,9 +203,18 @@ def test_test_folder_classes_are_matched_by_name(root):
     common = dict(cache=path, loss="kd=1", epochs=1, batch_size=4, workers=0, out="run")
     s = run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'test'}", **common), log=lambda *_: None)
     assert s["test_acc"] is not None
+    # student.pt records its class names: `kdcache eval` on the one-class folder scores it as the run did.
+    from pipeline.evaluate import EvalConfig, run_eval
+
+    assert torch.load("run/student.pt", weights_only=True)["meta"]["classes"] == ["ant", "bee", "cat"]
+    scored = run_eval(EvalConfig(weights="run/student.pt", data=f"imagefolder:{root / 'test'}"), log=lambda *_: None)
+    assert scored["top1"] == s["test_acc"] and scored["classes"] == ["ant", "bee", "cat"] and scored["samples"] == 5
+    assert sum(scored["confusion"][2]) == 5 and scored["per_class"]["ant"] is None  # every test sample is a cat
     _write_images(root / "test" / "dog", 2)
     with pytest.raises(KDCacheError, match="class\\(es\\) 'dog' that the training data lacks"):
         run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'test'}", **common), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="pass a --data with the same classes"):
+        run_eval(EvalConfig(weights="run/student.pt", data=f"imagefolder:{root / 'test'}"), log=lambda *_: None)
     logs = []
     run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'train'}", **common), log=logs.append)
     assert any("is the data the student trains on; its accuracy is no test" in m for m in logs)
