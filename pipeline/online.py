@@ -114,7 +114,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     if set(weights) <= {"ce"}:  # labels only: the student alone, the teacher never runs
         def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
             return {}
-        return fit(cfg, s, loader, stream.set_epoch, len(stream), targets, run_dir, log,
+        return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log,
                    extra={"online": False, "augment": policy.spec()})
 
     def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -125,5 +125,5 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
             out.update({st.feature_array(k): v for k, v in tf_feats.items()})
         return {k: v.float() for k, v in out.items()}
 
-    return fit(cfg, s, loader, stream.set_epoch, len(stream), targets, run_dir, log,
+    return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log,
                extra={"online": True, "augment": policy.spec()})

@@ -119,15 +119,17 @@ class CacheStream(IterableDataset):
     def __len__(self) -> int:  # batches per epoch when read by a single worker
         return self.batches_per_epoch(1)
 
-    def batches_per_epoch(self, num_workers: int, everyone: bool = False) -> int:
-        """Batches one epoch delivers through a DataLoader with `num_workers` workers: each worker cuts its own
-        blocks into batches and ends with its own partial batch, so there can be more than with one worker (the
-        learning-rate schedule counts these). `everyone`: the fewest any rank gets (what every rank can step)."""
+    def batches_per_epoch(self, num_workers: int, everyone: bool = False, epoch: int | None = None) -> int:
+        """Batches epoch `epoch` (default: the current one) delivers through a DataLoader with `num_workers` workers:
+        each worker cuts its own blocks into batches and ends with its own partial batch, so there can be more than
+        with one worker, and the count can change from epoch to epoch as the blocks are dealt out anew (the
+        learning-rate schedule counts every epoch's own). `everyone`: the fewest any rank gets (what every rank can
+        step)."""
         def of_rank(rank: int) -> int:
             total = 0
             for w in range(max(1, num_workers)):
                 rows = sum(self.blocks[b][1] - self.blocks[b][0]
-                           for b in self.block_order(w, max(1, num_workers), rank))
+                           for b in self.block_order(w, max(1, num_workers), rank, epoch))
                 total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
             return total
 
@@ -166,11 +168,14 @@ class CacheStream(IterableDataset):
     def view_of(self, block: int) -> int:
         return select_view(self.view_policy, self.seed, self.epoch, block, self.views) if self.views else 0
 
-    def block_order(self, worker: int = 0, num_workers: int = 1, rank: int | None = None) -> list[int]:
-        """The blocks worker `worker` (of `num_workers`) of rank `rank` (default: this stream's) reads this epoch."""
+    def block_order(self, worker: int = 0, num_workers: int = 1, rank: int | None = None, epoch: int | None = None
+                    ) -> list[int]:
+        """The blocks worker `worker` (of `num_workers`) of rank `rank` (default: this stream's) reads in epoch
+        `epoch` (default: the current one)."""
         order = np.arange(len(self.blocks))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.blocks))
+            epoch = self.epoch if epoch is None else epoch
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
         rank = self.rank if rank is None else rank
         return [int(b) for b in order[rank * num_workers + worker::self.world * num_workers]]
 

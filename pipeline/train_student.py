@@ -326,20 +326,21 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
         return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
                 for t, c in codecs.items()}
 
-    def every_rank_steps() -> int:  # this epoch's steps every rank has batches for
-        return stream.batches_per_epoch(cfg.workers, everyone=True)
+    def steps(epoch: int) -> int:  # the batches epoch `epoch` gives every rank
+        return stream.batches_per_epoch(cfg.workers, everyone=True, epoch=epoch)
 
-    return fit(cfg, s, loader, stream.set_epoch, every_rank_steps(), decode, run_dir, log,
-               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, rank_steps=every_rank_steps,
-               state=state)
+    return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
+               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
 
 
-def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None], steps_per_epoch: int,
-        targets: Callable[[dict, torch.device], dict[str, torch.Tensor]], run_dir: Path | None, log, extra: dict,
-        ranks: Ranks | None = None, rank_steps: Callable[[], int] | None = None, state: dict | None = None) -> dict:
+def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None],
+        steps: Callable[[int], int], targets: Callable[[dict, torch.device], dict[str, torch.Tensor]],
+        run_dir: Path | None, log, extra: dict, ranks: Ranks | None = None, state: dict | None = None) -> dict:
     """The training loop: batches of uint8 inputs (+ labels), teacher targets from `targets(batch, device)`.
 
-    With several ranks (torchrun), each reads its own share of the store and takes `rank_steps()` steps an epoch (the
+    `steps(epoch)` is the number of batches epoch `epoch` delivers: it can differ between epochs (each loader worker
+    ends with its own partial batch), so a stage's cosine schedule spans the sum over its own epochs and ends at 0.
+    With several ranks (torchrun), each reads its own share of the store and takes `steps(epoch)` steps an epoch (the
     fewest any rank has batches for, so every rank takes part in every gradient average); gradients of the student
     and of the losses' own parts (FitNets' regressor) are averaged over ranks before each step, so every rank holds
     the same weights. Rank 0 alone evaluates and writes the run directory (`run_dir` is None elsewhere).
@@ -379,7 +380,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         params = list(student.parameters()) + [p for k in active for p in losses[k].parameters()]
         # params the stage's losses do not reach get no grad, so neither optimizer touches them (no decay either)
         opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr, cfg.weight_decay)
-        total = n_epochs * steps_per_epoch
+        total = sum(steps(e) for e in range(first, stage_start))
         step = 0
         if state is not None and epoch > first:  # resumed inside this stage: its optimizer and schedule go on
             opt.load_state_dict(state["opt"])
@@ -387,7 +388,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         for _ in range(stage_start - epoch):
             set_epoch(epoch)
             sums, seen, correct, t0 = {}, 0, 0, time.time()
-            cap = rank_steps() if ranks.world > 1 and rank_steps is not None else None
+            cap = steps(epoch) if ranks.world > 1 else None
             for i, batch in enumerate(loader):
                 if cap is not None and i >= cap:
                     break  # this rank's surplus batch(es): the other ranks have none to average with

@@ -45,6 +45,28 @@ def test_every_sample_exactly_once_per_epoch(root, teacher_file, workers, batch,
     assert not np.array_equal(orders[0], orders[1])  # a new order each epoch
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_schedule_counts_each_epochs_own_batches(root, teacher_file, monkeypatch):
+    """With 2 loader workers the batches an epoch gives change with the blocks dealt to each worker (13, 13, 14, ...
+    here): the cosine schedule must span exactly the steps taken, ending at 0, never climbing back past its end."""
+    from pipeline import train_student as ts
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu"),
+                             log=lambda *_: None)
+    stream = CacheStream(open_store(path), open_source(DATA), ["logits"], 24, use_labels=True, seed=0)
+    counts = [stream.batches_per_epoch(2, epoch=e) for e in range(4)]
+    assert len(set(counts)) > 1, counts  # the case this test is about
+    calls = []
+    real = ts.cosine_lr
+    monkeypatch.setattr(ts, "cosine_lr", lambda opt, lr, step, total, **kw: (calls.append((step, total)),
+                                                                            real(opt, lr, step, total, **kw)))
+    run_train_student(StudentConfig(cache=path, loss="kd=1", epochs=4, batch_size=24, workers=2, seed=0,
+                                    buffer_chunks=1, out="run"), log=lambda *_: None)
+    assert [step for step, _ in calls] == list(range(sum(counts)))
+    assert {total for _, total in calls} == {sum(counts)}
+
+
 def test_epoch_rows_is_the_order_the_loader_delivers(root, teacher_file):
     path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu"),
                              log=lambda *_: None)
