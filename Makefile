@@ -26,6 +26,7 @@ help:
 	@echo "make results-views   reproduce the README's augmented-views experiment (long: see README)"
 	@echo "make results-codecs  reproduce the README's codec distortion table"
 	@echo "make bench           throughput benchmark"
+	@echo "make clean           remove the caches and student runs (keeps the venv, data and teacher)"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline import FORMAT_VERSION, __version__
 from pipeline.codecs import fill_value
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 
 MANIFEST_KEY = "kdcache"
 COMMIT = "_commit"
@@ -63,8 +63,26 @@ def open_group(path, mode: str, **kw):
     """Open a Zarr v3 group at a local path or an fsspec URL (file:// URLs create folders as they go)."""
     import zarr
 
+    if is_url(path):
+        require_backend(str(path))
     opts = {"auto_mkdir": True} if str(path).startswith("file://") else None
     return zarr.open_group(str(path), mode=mode, zarr_format=3, storage_options=opts, **kw)
+
+
+def require_backend(url: str) -> None:
+    """fsspec knows s3://, gs://, ... but each needs its own package (s3fs, gcsfs, ...), which kdcache does not
+    install: say which one is missing instead of failing later as if the store were something else."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        raise KDCacheError(f"{url}: {protocol}:// needs a package kdcache does not install "
+                           f"({first_line(e)}); pip install it into kdcache's environment") from None
+    except ValueError:
+        raise KDCacheError(f"{url}: fsspec knows no protocol '{protocol}://'; use a local path or a URL such as "
+                           "s3://bucket/folder or file:///folder") from None
 
 
 def feature_array(layer: str) -> str:
@@ -395,6 +413,8 @@ def is_complete(path, key: str) -> bool:
         return False
     try:
         manifest = dict(open_group(str(path), "r").attrs.get(MANIFEST_KEY) or {})
+    except KDCacheError:
+        raise  # e.g. a URL whose fsspec backend is not installed
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong
         return False
     return (manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
@@ -409,6 +429,8 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     try:
         group = open_group(path, "r")
         manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
+    except KDCacheError:
+        raise
     except Exception as e:  # FileNotFoundError, a v2 store, bad JSON ...
         raise KDCacheError(f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "
                            "pass the .zarr folder that teacher-cache printed") from None

@@ -341,6 +341,8 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         manifest = dict(group.attrs.get(st.MANIFEST_KEY) or {})
     except FileNotFoundError:
         return None
+    except KDCacheError:
+        raise
     except Exception:
         group, manifest = None, {}
     if cfg.force:

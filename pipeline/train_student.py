@@ -368,9 +368,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         log(f"resuming {run_dir or cfg.out} after epoch {epoch}/{cfg.epochs}")
     if s.test is not None and s.test.fingerprint() == s.source_fingerprint:
         log(f"note: --test-data {s.test_spec} is the data the student trains on; its accuracy is no test")
-    last = s.stages[-1][1]
+    trained = [active for n, active in s.stages if n > 0]  # a hint-only two-stage run has an empty second stage
+    last = trained[-1] if trained else s.stages[-1][1]
     if not any(w > 0 and losses[k].trains_logits for k, w in last.items()):
-        log(f"note: no loss of the {'last stage' if len(s.stages) > 1 else 'run'} ({','.join(last)}) trains the "
+        log(f"note: no loss of the {'last stage' if len(trained) > 1 else 'run'} ({','.join(last)}) trains the "
             "student's classifier, so its accuracy is not that of a distilled student; add kd=1 or ce=1 for that")
     stage_start = 0
     for stage, (n_epochs, active) in enumerate(s.stages):

@@ -309,6 +309,27 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     assert s["test_acc"] is not None
 
 
+def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monkeypatch):
+    """s3:// needs s3fs, which kdcache does not install: every command says so in one line, not 'not a store'."""
+    import fsspec
+
+    real = fsspec.get_filesystem_class
+
+    def no_s3fs(protocol):
+        if protocol == "s3":
+            raise ImportError("Install s3fs to access S3")
+        return real(protocol)
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", no_s3fs)
+    for args in (["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir", "s3://b/caches"],
+                 ["verify", "s3://b/caches/x.zarr"], ["train-student", "--cache", "s3://b/caches/x.zarr"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "s3:// needs a package kdcache does not install (Install s3fs" in res.stderr, \
+            (args, res.output)
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir", "nope://x"])
+    assert res.exit_code == 2 and "fsspec knows no protocol 'nope://'" in res.stderr
+
+
 def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teacher_file, monkeypatch):
     Path("t.pt").write_bytes(teacher_file.read_bytes())
     res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", "t.pt", "--chunk-samples", "64",

@@ -221,11 +221,14 @@ def test_test_folder_classes_are_matched_by_name(root):
 
 
 def test_a_run_that_never_trains_the_classifier_says_so(root, teacher_file):
-    path = _cache(teacher_file, layers=["avgpool"])
-    for loss, noted in (("rkd=1", True), ("rkd=1,ce=1", False), ("kd=1", False)):
+    path = _cache(teacher_file, layers=["avgpool", "layer3"])
+    hint_only = dict(epochs=2, fitnets_hint_epochs=2)  # two-stage, every epoch in the hint stage: KD never runs
+    for loss, kw, noted in (("rkd=1", {}, True), ("rkd=1,ce=1", {}, False), ("kd=1", {}, False),
+                            ("fitnets=1", hint_only, True), ("fitnets=1", dict(epochs=2, fitnets_hint_epochs=1), False)):
         logs = []
-        run_train_student(StudentConfig(cache=path, loss=loss, epochs=1, workers=0, out="run"), log=logs.append)
-        assert any(m.startswith("note: no loss of the run") for m in logs) == noted, (loss, logs)
+        run_train_student(StudentConfig(cache=path, loss=loss, workers=0, out="run", **{"epochs": 1, **kw}),
+                          log=logs.append)
+        assert any(m.startswith("note: no loss of the run") for m in logs) == noted, (loss, kw, logs)
 
 
 def test_normalize_sets_the_teachers_input_statistics(root, teacher_file):
