@@ -14,7 +14,14 @@ from pipeline.data import data_root
 from pipeline.errors import KDCacheError
 
 
-def disk_bytes(path: Path) -> int:
+def disk_bytes(path) -> int:
+    """Bytes stored under a local folder or an fsspec URL (0 where nothing is)."""
+    if st.is_url(path):
+        import fsspec
+
+        st.require_backend(str(path))
+        fs, root = fsspec.core.url_to_fs(str(path))
+        return int(fs.du(root)) if fs.exists(root) else 0
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
@@ -25,20 +32,32 @@ def disk_bytes(path: Path) -> int:
     return total
 
 
-def list_caches(cache_dir: str | None = None) -> list[dict]:
+def _cache_paths(cache_dir: str | None) -> list[str]:
+    """The .zarr folders in a cache folder (local or an fsspec URL), sorted; [] for the default before any cache."""
+    if cache_dir and st.is_url(cache_dir):
+        import fsspec
+
+        st.require_backend(cache_dir)
+        fs, root = fsspec.core.url_to_fs(cache_dir)
+        if not fs.isdir(root):
+            raise KDCacheError(f"--cache-dir {cache_dir} is not a folder; give the folder that holds the .zarr caches")
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        return [st.join(cache_dir, n) for n in names if n.endswith(".zarr")]
     root = Path(cache_dir) if cache_dir else data_root() / "cache"
     if cache_dir and not root.is_dir():
         raise KDCacheError(f"--cache-dir {cache_dir} is not a folder; give the folder that holds the .zarr caches")
-    if not root.is_dir():
-        return []  # the default folder before the first cache: nothing to list
+    return [str(p) for p in sorted(root.glob("*.zarr"))] if root.is_dir() else []
+
+
+def list_caches(cache_dir: str | None = None) -> list[dict]:
     out = []
-    for p in sorted(root.glob("*.zarr")):
+    for p in _cache_paths(cache_dir):
         try:
             man = st.open_store(p, require_complete=False).manifest
         except KDCacheError as e:
-            out.append({"path": str(p), "error": str(e)})
+            out.append({"path": p, "error": str(e)})
             continue
-        out.append({"path": str(p), "key": man.get("key"), "teacher": man["teacher"]["spec"],
+        out.append({"path": p, "key": man.get("key"), "teacher": man["teacher"]["spec"],
                     "teacher_fingerprint": man["teacher"]["fingerprint"],
                     "teacher_top1": (man["teacher"].get("accuracy") or {}).get("top1"), "data": man["data"]["spec"],
                     "samples": man["data"]["num_samples"], "views": (man.get("views") or {}).get("count", 0),
@@ -54,15 +73,19 @@ def inspect_cache(path: str) -> dict:
     n = cache.num_samples
     arrays = {}
     for name, meta in cache.arrays.items():
-        arr = group[name]
+        try:
+            arr = group[name]
+        except KeyError:  # deleted: say so (verify reports its chunks; teacher-cache --force rebuilds)
+            arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "missing": True}
+            continue
         raw = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
-        stored = disk_bytes(Path(path) / name / "c")  # chunk data only, not the array metadata
+        stored = disk_bytes(st.join(path, f"{name}/c"))  # chunk data only, not the array metadata
         arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "chunks": list(arr.chunks),
                         "fill": arr.metadata.fill_value if np.dtype(meta["dtype"]).kind != "f" else "NaN",
                         "codecs": [type(c).__name__ for c in arr.metadata.codecs], "stored_bytes": stored,
                         "raw_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None,
                         "bytes_per_sample": round(stored / max(n, 1), 1)}
-    return {"path": str(path), "manifest": cache.manifest, "arrays": arrays, "bytes": disk_bytes(Path(path))}
+    return {"path": str(path), "manifest": cache.manifest, "arrays": arrays, "bytes": disk_bytes(path)}
 
 
 def plan_cache(cfg) -> dict:

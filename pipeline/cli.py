@@ -27,9 +27,15 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+RESUMES_CACHE = "re-run the same command: committed chunks are kept and the run resumes"
+RESUMES_STUDENT = ("re-run the same command with --resume --out RUN_DIR (its --out, or the run directory it named "
+                   "first): it continues from the last finished epoch")
+
+
 @contextmanager
-def user_errors():
-    """A KDCacheError (or a file-system error) becomes one line on stderr and exit code 2, never a traceback."""
+def user_errors(then: str = RESUMES_CACHE):
+    """A KDCacheError (or a file-system error) becomes one line on stderr and exit code 2, never a traceback.
+    `then`: what to do after an interruption or a full disk, which differs by command."""
     from pipeline.errors import KDCacheError
 
     try:
@@ -38,13 +44,12 @@ def user_errors():
         typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; re-running teacher-cache or repair resumes what was committed (a student run "
-                   "starts over)", err=True)
+        typer.echo(f"interrupted; {then}", err=True)
         raise typer.Exit(130)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            typer.echo(f"error: disk full while writing {e.filename or 'the cache'}; free space and re-run the same "
-                       "command: committed chunks are kept and the run resumes", err=True)
+            typer.echo(f"error: disk full while writing {e.filename or 'the output'}; free space and {then}",
+                       err=True)
         elif e.errno in (1, 2, 13, 17, 20, 21, 30):  # EPERM ENOENT EACCES EEXIST ENOTDIR EISDIR EROFS
             typer.echo(f"error: {e.strerror or e}: {e.filename or ''}; check the path, or choose another "
                        "--out / --cache-dir", err=True)
@@ -75,7 +80,7 @@ def teacher_cmd(
     out: Optional[str] = typer.Option(None, help="Weights file (default data/teachers/default.pt)."),
 ):
     """Train the default teacher (no weights can be downloaded, so kdcache trains its own)."""
-    with user_errors():
+    with user_errors("re-run `kdcache teacher` (its training starts over)"):
         from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
 
         meta = run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
@@ -250,6 +255,10 @@ def inspect_cmd(path: str = typer.Argument(...), json_out: bool = typer.Option(F
             return
         typer.echo(dumps(info["manifest"]))
         for name, a in info["arrays"].items():
+            if a.get("missing"):
+                typer.echo(f"{name:<28} {str(a['shape']):<20} {a['dtype']:<8} MISSING (rebuild with teacher-cache "
+                           "--force)")
+                continue
             typer.echo(f"{name:<28} {str(a['shape']):<20} {a['dtype']:<8} chunks {str(a['chunks']):<18} "
                        f"{'+'.join(c.replace('Codec', '') for c in a['codecs']):<18} ratio {a['compression_ratio']}  "
                        f"{a['bytes_per_sample']:,.1f} B/sample")
@@ -290,7 +299,7 @@ def train_student_cmd(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last finished epoch."),
 ):
     """Train a student from a cache (the teacher is never built) and print its test accuracy."""
-    with user_errors():
+    with user_errors(RESUMES_STUDENT):
         from pipeline.train_student import StudentConfig, run_train_student
 
         cfg = StudentConfig(cache=cache, student=student, loss=loss, temperature=temperature, alpha=alpha,

@@ -302,10 +302,16 @@ class Synthetic(Source):
     """
 
     NOISE_POOL = 512
+    MAX_BYTES = 2 * 2**30
 
     def __init__(self, spec: str, n: int, shape: tuple[int, int, int], num_classes: int, seed: int = 0):
         self.spec, self.num_samples, self.native_shape, self.seed = spec, n, shape, seed
         self.classes = [str(i) for i in range(num_classes)]
+        held = (self.NOISE_POOL + num_classes) * int(np.prod(shape))  # noise pool + class templates, uint8
+        if held > self.MAX_BYTES:
+            raise KDCacheError(f"{spec} would hold {held / 2**30:.1f} GiB of noise patterns and class templates "
+                               f"(({self.NOISE_POOL} + {num_classes} classes) x {shape[0]}x{shape[1]}x{shape[2]}); "
+                               f"use smaller images or fewer classes (at most {self.MAX_BYTES // 2**30} GiB)")
         # Class templates are coarse (a 4x4-pixel grid of random levels, upsampled), so small translations keep
         # them recognisable, as real images are.
         c, h, w = shape
@@ -319,10 +325,12 @@ class Synthetic(Source):
         # Per-sample noise comes from a pool of NOISE_POOL patterns chosen by hash(seed, index): loading is two
         # gathers and an add, so even 224x224 inputs are cheap enough not to bound a GPU benchmark.
         d = c * h * w
+        noise = np.empty((self.NOISE_POOL, d), dtype=np.uint8)
         with np.errstate(over="ignore"):
-            key = (np.arange(self.NOISE_POOL, dtype=np.uint64)[:, None] * np.uint64(d)) + np.arange(
-                d, dtype=np.uint64) + (np.uint64(seed + 1) << np.uint64(48))
-            self._noise = torch.from_numpy((0.4 * (splitmix64(key) % np.uint64(256))).astype(np.uint8))
+            for row in range(self.NOISE_POOL):  # a row at a time: the uint64 keys of all rows would be 8x the pool
+                key = np.uint64(row * d) + np.arange(d, dtype=np.uint64) + (np.uint64(seed + 1) << np.uint64(48))
+                noise[row] = (0.4 * (splitmix64(key) % np.uint64(256))).astype(np.uint8)
+        self._noise = torch.from_numpy(noise)
 
     def _key(self, idx) -> np.ndarray:
         return np.asarray(idx, dtype=np.uint64) + (np.uint64(self.seed) << np.uint64(40))
@@ -339,7 +347,11 @@ class Synthetic(Source):
         return img.view(len(idx), *self.native_shape)
 
     def fingerprint(self):
-        return hashlib.sha256(self.spec.encode()).hexdigest()[:16]
+        # The content is a function of these numbers alone: hash them in one canonical form, so that
+        # `synthetic:64:1x28x28:10` and `synthetic:64:1X28x28:10:0` (the same images) are the same data.
+        c, h, w = self.native_shape
+        canonical = f"synthetic:{self.num_samples}:{c}x{h}x{w}:{len(self.classes)}:{self.seed}"
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def test_spec(self):
         c, h, w = self.native_shape
@@ -354,6 +366,11 @@ class ImageFolder(Source):
             raise KDCacheError(f"image folder not found: {root}; pass imagefolder:DIR with an existing folder")
         self.spec, self.root = spec, root
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if subdirs and loose:  # neither reading is safe: dropping the loose images, or making them a class
+            raise KDCacheError(f"{root} holds class folders and also {len(loose)} image(s) directly inside it (e.g. "
+                               f"{loose[0].name}); move them into a class folder, or give a folder of only images "
+                               "for unlabelled data")
         if subdirs:
             self.classes = [p.name for p in subdirs]
             files, labels = [], []
@@ -363,7 +380,7 @@ class ImageFolder(Source):
                 labels += [ci] * len(fs)
         else:
             self.classes = None
-            files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(loose)
             labels = []
         if not files:
             raise KDCacheError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
@@ -409,7 +426,10 @@ class ImageFolder(Source):
         if self._fp is None:  # paths, sizes and modification times: cheap, and any edit changes it
             h = hashlib.sha256()
             for f in self.files:
-                st = f.stat()
+                try:
+                    st = f.stat()
+                except OSError as e:  # e.g. a link to a file that is gone
+                    raise KDCacheError(f"cannot read image {f} ({e.strerror}); fix or remove the file") from None
                 h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             self._fp = h.hexdigest()[:16]
         return self._fp

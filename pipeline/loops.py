@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.data import Source, Transform
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail before hours of training, not after: `folder` must be creatable and writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kdcache-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise KDCacheError(f"cannot write into {folder} ({e.strerror or type(e).__name__}); choose another "
+                           f"{flag}") from None
+
+
+def save_whole(obj, path: Path, then: str) -> None:
+    """torch.save to a temporary name, then rename: a kill or a full disk never leaves a truncated file under the
+    real name. torch reports a full disk as a RuntimeError from its zip writer, not an OSError."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -200,8 +200,9 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            at_hook[name] = (t, t._version)
+            t = out[0] if isinstance(out, (tuple, list)) and out else out
+            if isinstance(t, torch.Tensor):  # anything else: `check_outputs` names it
+                at_hook[name] = (t, t._version)
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -210,6 +211,16 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
         for h in handles:
             h.remove()
     return out, {n: t for n, (t, _) in at_hook.items()}, {n for n, (t, v) in at_hook.items() if t._version != v}
+
+
+def check_outputs(model_name: str, names: list[str], feats: dict, flag: str) -> None:
+    """Every named module must have given a tensor during the probe forward: a module that exists but that the
+    forward never calls (an auxiliary head, unused in eval mode), or that returns no tensor, cannot be cached or
+    matched."""
+    missing = [n for n in names if n not in feats]
+    if missing:
+        raise KDCacheError(f"module '{missing[0]}' of {model_name} gave no tensor during a forward (the forward does "
+                           f"not call it, or it returns no tensor); choose another {flag}")
 
 
 def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
@@ -256,8 +267,9 @@ def capture(model: nn.Module, names: list[str], copy=None):
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name, clone=copy is None or name in copy):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            outputs[name] = t.clone() if clone else t
+            t = out[0] if isinstance(out, (tuple, list)) and out else out
+            if isinstance(t, torch.Tensor):  # anything else: absent, and `check_outputs` names it
+                outputs[name] = t.clone() if clone else t
         handles.append(mod.register_forward_hook(hook))
     try:
         yield outputs

@@ -206,6 +206,25 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
 _HELD: dict[str, int] = {}  # lock files this process holds, with how many nested holders (repair -> teacher-cache)
 
 
+def writer(path) -> str | None:
+    """Who holds the store's writer lock now ('pid N on HOST'), or None: a store being written is not broken."""
+    lock = os.path.abspath(str(path).rstrip("/\\") + ".lock")
+    if is_url(path) or not os.path.exists(lock) or _HELD.get(lock):
+        return None
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 @contextmanager
 def writer_lock(path):
     """Hold the store's writer lock (`<path>.lock`, beside the store, so that creating the store cannot delete it)
@@ -412,13 +431,15 @@ def is_complete(path, key: str) -> bool:
     if not is_url(path) and not (Path(path) / "zarr.json").is_file():
         return False
     try:
-        manifest = dict(open_group(str(path), "r").attrs.get(MANIFEST_KEY) or {})
+        group = open_group(str(path), "r")
+        manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
+        whole = all(name in group for name in manifest.get("arrays", {}))  # an array deleted since: no hit
     except KDCacheError:
         raise  # e.g. a URL whose fsspec backend is not installed
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong
         return False
     return (manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
-            and bool(manifest.get("complete")))
+            and bool(manifest.get("complete")) and whole)
 
 
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:

@@ -35,8 +35,8 @@ from pipeline.data import (Transform, absolute_spec, data_root, default_transfor
                            refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
-from pipeline.models import (capture, default_teacher_weights, fingerprint_module, load_teacher, probe_forward,
-                             resolve_modules)
+from pipeline.models import (capture, check_outputs, default_teacher_weights, fingerprint_module, load_teacher,
+                             probe_forward, resolve_modules)
 from pipeline.ranks import Ranks
 
 
@@ -214,6 +214,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise KDCacheError(f"teacher {cfg.teacher} returns {what}, not logits of shape (batch, classes); wrap "
                            "it in a module:function that returns the class scores")
+    check_outputs(f"teacher {cfg.teacher}", cfg.layers, feats, "--layer")
     shapes = {"logits": tuple(logits.shape[1:])}
     shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})
     if source.num_classes and len(shapes["logits"]) == 1 and source.num_classes > shapes["logits"][0]:
@@ -349,7 +350,11 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         log(f"--force: rebuilding {path}")
         return None
     if manifest.get("key") == key and manifest.get("format_version") == st.FORMAT_VERSION:
-        if st.COMMIT in group:  # created last: its presence means every array exists
+        if st.COMMIT in group:  # created last: its presence means every array was created
+            gone = [name for name in manifest.get("arrays", {}) if name not in group]
+            if gone:  # deleted since: writing chunks without the array's metadata would complete nothing
+                raise KDCacheError(f"{path}: array {gone[0]} is missing outright (its metadata deleted); rebuild "
+                                   "the store with --force")
             return group
         log(f"{path}: its creation was interrupted before any data; creating it again")
         return None

@@ -16,7 +16,8 @@ from torch import nn
 
 from pipeline.data import class_map, data_root, default_transform, open_source, refuse_one_class
 from pipeline.errors import KDCacheError
-from pipeline.loops import cosine_lr, evaluate, pick_device, random_crop_flip, sgd, source_batches
+from pipeline.loops import (check_writable, cosine_lr, evaluate, pick_device, random_crop_flip, save_whole, sgd,
+                            source_batches)
 from pipeline.models import build_model, fingerprint_module
 
 
@@ -42,6 +43,10 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
                     (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")]:
         if not ok:
             raise KDCacheError(msg)
+    out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
+    if out.is_dir():
+        raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
+    check_writable(out.parent, "--out")  # before the training, not after it
     src = open_source(cfg.data)
     refuse_one_class(src)
     if not src.labelled:
@@ -71,15 +76,11 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
         acc = evaluate(model, test, tf, device, test_labels)
         log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {loss.item():.4f}  {'test' if held_out else 'train'} acc {acc:.4f}  "
             f"({time.time() - t0:.0f}s)")
-    out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
-    out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu()
     meta = {"arch": cfg.arch, "num_classes": src.num_classes, "in_channels": tf.channels,
             "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc, "test_data": held_out,
             "train_seconds": time.time() - t0, "config": asdict(cfg), "fingerprint": fingerprint_module(model)}
-    tmp = out.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    tmp.replace(out)  # never leave a half-written weights file under the real name
+    save_whole({"state_dict": model.state_dict(), "meta": meta}, out, "re-run `kdcache teacher`")
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     log(f"teacher {'test' if held_out else 'train (no test split)'} accuracy {acc:.4f}; saved {out}")
     return meta | {"path": str(out)}

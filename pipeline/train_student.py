@@ -29,9 +29,9 @@ from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.data import Source, Transform, class_map, data_root, open_source
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
-from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device
+from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole
 from pipeline.ranks import Ranks
-from pipeline.models import build_model, capture, fingerprint_module, resolve_modules
+from pipeline.models import build_model, capture, check_outputs, fingerprint_module, resolve_modules
 from pipeline.reader import CacheStream, make_loader
 from pipeline.store import open_store, versions
 
@@ -183,7 +183,8 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
             raise KDCacheError(f"student {cfg.student} fails on the cached input {tuple(probe.shape[1:])} "
                                f"({type(e).__name__}: {first_line(e)}); cache with the "
                                "--channels / --image-size the student expects") from None
-        student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+    check_outputs(f"student {cfg.student}", student_layers, feats, "--fitnets-guided / --rkd-student-layer")
+    student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDCacheError(f"student {cfg.student} returns {what} per sample, but the cache's teacher has "
@@ -257,6 +258,8 @@ def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> P
     mark of a finished run) before anything else, so a run killed part-way never looks finished with an older
     run's results. Resuming keeps the checkpoint (and rewrites metrics.jsonl from it)."""
     run_dir = run_dir_for(cfg, tag)
+    if cfg.out is None:  # a fresh name: runs started in the same second (a sweep) must not share a directory
+        return _new_dir(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise KDCacheError(f"--out {run_dir} is a file, not a run directory; choose another --out")
     if (run_dir / "zarr.json").exists():
@@ -266,6 +269,19 @@ def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> P
         if not (resuming and name == CHECKPOINT):
             (run_dir / name).unlink(missing_ok=True)
     return run_dir
+
+
+def _new_dir(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ...: the first that this process creates itself (mkdir is atomic)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        path = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise KDCacheError(f"cannot find a free run directory next to {base}; pass --out")
 
 
 def run_train_student(cfg: StudentConfig, log=print) -> dict:
@@ -319,6 +335,8 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
                 "ranks": ranks.world, "versions": versions()}
     if run_dir is not None:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        if cfg.out is None:  # named here: say where, so an interrupted run can be resumed
+            log(f"run directory: {run_dir}")
     loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
     codecs = {t: store.codec(t) for t in targets}
 
@@ -439,11 +457,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             if run_dir is not None:  # written whole, then renamed: a kill leaves the previous epoch's checkpoint
-                tmp = run_dir / (CHECKPOINT + ".tmp")
-                torch.save({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
+                save_whole({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
                             "losses": {k: m.state_dict() for k, m in losses.items()}, "opt": opt.state_dict(),
-                            "history": history, "config": _comparable(cfg)}, tmp)
-                tmp.replace(run_dir / CHECKPOINT)
+                            "history": history, "config": _comparable(cfg)}, run_dir / CHECKPOINT,
+                           f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")
             epoch += 1
@@ -452,10 +469,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
     if run_dir is None:  # ranks other than 0: their weights are rank 0's
         return {"run_dir": None, "test_acc": None, "epochs": epoch, "loss": cfg.loss, "rank": ranks.rank,
                 "params_fingerprint": params_fp}
-    torch.save({"state_dict": student.cpu().state_dict(), "meta": {
+    save_whole({"state_dict": student.cpu().state_dict(), "meta": {
         "arch": cfg.student, "num_classes": s.num_classes, "in_channels": tf.channels, "transform": tf.to_dict(),
-        "classes": s.classes}},
-        run_dir / "student.pt")
+        "classes": s.classes}}, run_dir / "student.pt",
+        f"re-run with --resume --out {run_dir} (the last epoch's checkpoint is kept)")
     summary = {"run_dir": str(run_dir), "test_acc": test_acc, "epochs": epoch, "loss": cfg.loss,
                "seconds": time.time() - t_start,
                "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,

@@ -86,6 +86,9 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     if seed < 0:
         raise KDCacheError(f"--seed must be 0 or more (got {seed})")
     cache = st.open_store(path, require_complete=False)
+    who = None if cache.manifest.get("complete") else st.writer(path)
+    if who is not None:  # its uncommitted chunks are work in progress, not damage
+        raise KDCacheError(f"{path} is being written now ({who}); verify it when that run has ended")
     group = cache.open_group()
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
     blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
@@ -188,6 +191,10 @@ def _given(moved: dict | None) -> dict:
 def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
     """Recompute only the bad blocks of a store, then verify it again."""
     report = verify_store(path)
+    gone = sorted({p.array for p in report.problems if p.what.startswith("array missing")})
+    if gone:  # repair recomputes chunks into arrays that exist; a deleted array's metadata is not a chunk
+        raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted), which "
+                           "repair cannot recreate; rebuild the store with teacher-cache --force")
     bad = report.bad_units()
     if not bad and report.complete:
         log(f"{path}: nothing to repair")

@@ -24,3 +24,19 @@ class _Pair(nn.Module):
 
 def tuple_student():
     return _Pair()
+
+
+class _WithIdleHead(nn.Module):
+    """Has a module (`aux`) that forward never calls, as an auxiliary head unused in eval mode."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+        self.aux = nn.Linear(num_classes, num_classes)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def idle_head_model(num_classes=4, in_channels=1):
+    return _WithIdleHead(num_classes, in_channels)

@@ -106,7 +106,7 @@ def test_changed_dataset_is_refused(root):
 
 def _commits(path: Path) -> int:
     d = path / st.COMMIT / "c"
-    return len(list(d.iterdir())) if d.exists() else 0
+    return len([f for f in d.iterdir() if not f.name.startswith(".")]) if d.exists() else 0  # not temporaries
 
 
 def test_sigkill_mid_write_then_resume_equals_uninterrupted(root):
@@ -305,6 +305,12 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     for name, v in arrays_of(local).items():
         np.testing.assert_array_equal(remote[name], v, err_msg=name)
     assert runner.invoke(app, ["verify", path]).exit_code == 0
+    listed = json.loads(runner.invoke(app, ["ls", "--cache-dir", url_dir, "--json"]).stdout)
+    on_disk = sum(f.stat().st_size for f in (root / "remote").rglob("*") if f.is_file())
+    assert [c["path"] for c in listed] == [path] and listed[0]["bytes"] == on_disk and listed[0]["complete"]
+    info = json.loads(runner.invoke(app, ["inspect", path, "--json"]).stdout)
+    assert info["bytes"] == on_disk and info["arrays"]["logits"]["stored_bytes"] == sum(
+        f.stat().st_size for f in (root / "remote" / Path(local).name / "logits" / "c").rglob("*") if f.is_file())
     s = run_train_student(StudentConfig(cache=path, epochs=1, workers=1, out="run", test_data=SYN))
     assert s["test_acc"] is not None
 
@@ -402,6 +408,11 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
         assert res.exit_code == 2 and f"is writing {path}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
         res = runner.invoke(app, ["repair", path])
         assert res.exit_code == 0 and "nothing to repair" in res.output  # a complete store needs no lock to check
+        g = st.open_group(path, "r+")
+        g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # as while it is being written
+        res = runner.invoke(app, ["verify", path])  # work in progress, not damage
+        assert res.exit_code == 2 and f"{path} is being written now (pid {holder.pid} on" in res.stderr
+        g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=True)
     finally:
         holder.kill()
         holder.wait()
@@ -457,12 +468,20 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample"),
         (train + ["--student", "tests.odd_models:raising_model"], "raised ValueError"),
         (train + ["--loss", "kd=1e38"], "training diverged in epoch 1"),
+        (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:idle_head_model", "--weights",
+          str(save_idle_head(root)), "--layer", "aux"], "module 'aux' of teacher tests.odd_models:idle_head_model gave "
+                                                         "no tensor during a forward"),
+        (train + ["--student", "tests.odd_models:idle_head_model", "--loss", "kd=1,rkd=1", "--rkd-student-layer",
+                  "aux"], "module 'aux' of student tests.odd_models:idle_head_model gave no tensor"),
+        (["teacher-cache", "--data", "synthetic:10:3x4096x4096:10", "--weights", str(teacher_file)],
+         "GiB of noise patterns and class templates"),
+        (cache + ["--views", "2", "--augment", "ratio=0.5-2"], "needs crop=LO-HI too"),
         (["verify", path, "--recompute", "2", "--seed", "-1"], "--seed must be 0 or more"),
         (["bench", "--preset", "tiny", "--scaling", "abc"], "--scaling takes sample counts"),
     ]
     for args, needle in cases:
         res = runner.invoke(app, args)
-        lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ")]
+        lines = [x for x in res.stderr.strip().splitlines() if not x.startswith(("note: ", "run directory: "))]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args[-4:], res.output[-300:])
     assert not Path("run").exists() and not list(Path("data/runs").glob("*/summary.json"))  # nothing passed for done
     # typer's own usage errors, through the console entry point, are one line too
@@ -470,6 +489,17 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] \
         and res.stderr.startswith("error: Invalid value for '--views'")
+
+
+def save_idle_head(root):
+    import torch
+
+    from tests.odd_models import idle_head_model
+
+    model = idle_head_model()
+    model(torch.zeros(1, 1, 16, 16))  # materialise the lazy layer
+    torch.save(model.state_dict(), root / "idle.pt")
+    return root / "idle.pt"
 
 
 def save_module(root, name):
@@ -494,6 +524,19 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
     src = open_source(f"imagefolder:{root / 'i16'}")
     got = src.load_raw(np.array([0]), Transform(size=[8, 8], channels=1))[0, 0].numpy()
     np.testing.assert_array_equal(got, np.round(values / 257).astype(np.uint8))
+    # class folders beside loose images: neither dropped silently nor made a class
+    for c in ("a", "b"):
+        (root / "mixed" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "mixed" / c / "x.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "mixed" / "loose.png")
+    with pytest.raises(KDCacheError, match="holds class folders and also 1 image\\(s\\) directly inside it"):
+        open_source(f"imagefolder:{root / 'mixed'}")
+    # a link to an image that is gone is named as an unreadable image
+    (root / "mixed" / "loose.png").rename(root / "mixed" / "a" / "gone.png")
+    (root / "mixed" / "b" / "link.png").symlink_to(root / "mixed" / "a" / "gone.png")
+    (root / "mixed" / "a" / "gone.png").unlink()
+    with pytest.raises(KDCacheError, match="cannot read image .*link.png .*fix or remove the file"):
+        open_source(f"imagefolder:{root / 'mixed'}").fingerprint()
     # an aspect-ratio range no crop can meet falls back to a centre crop of at least one pixel
     box, _ = sample_params(AugmentPolicy.parse("crop=0.5-1,ratio=100-1000"), 0, np.arange(4), [0, 1], (16, 16))
     assert (box[..., 2] >= 1).all() and (box[..., 3] >= 1).all()
@@ -517,6 +560,16 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
     shutil.rmtree(path / "features" / "layer2")
     res = runner.invoke(app, ["verify", str(path)])
     assert res.exit_code == 1 and "features/layer2 chunk 0 (rows 0-63): array missing" in res.stdout
+    res = runner.invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0 and "MISSING (rebuild with teacher-cache --force)" in res.stdout
+    committed = st.open_group(str(path), "r")[st.COMMIT][:].copy()
+    for args in (["repair", str(path)], ["teacher-cache", "--data", SYN, "--weights", str(teacher_file),
+                                         "--chunk-samples", "64", "--layer", "layer2", "--out", str(path)]):
+        res = runner.invoke(app, args)  # neither can recreate the array: refused, nothing marked complete
+        assert res.exit_code == 2 and "missing outright" in res.stderr, (args, res.output)
+    g = st.open_group(str(path), "r")
+    np.testing.assert_array_equal(g[st.COMMIT][:], committed)
+    assert not (path / "features" / "layer2").exists()
     # a manifest without the parts a reader needs is refused in one line
     g = st.open_group(str(path), "r+")
     g.attrs[st.MANIFEST_KEY] = {k: v for k, v in g.attrs[st.MANIFEST_KEY].items() if k != "data"}

@@ -458,3 +458,64 @@ def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, mo
                                                                        for r in ref]
     res = runner.invoke(app, ["train-student", "--cache", path, "--out", "cut", "--resume", "--workers", "0"])
     assert res.exit_code == 2 and "holds a finished run" in res.stderr
+
+
+def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, teacher_file, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: one line that says to resume, no .tmp left behind, the
+    previous epoch's checkpoint kept and resumable; Ctrl-C says the same, not that the run starts over."""
+    import pipeline.loops as loops
+
+    path = _cache(teacher_file, layers=[])
+    args = ["train-student", "--cache", path, "--epochs", "3", "--batch-size", "64", "--workers", "0", "--out", "r"]
+    real, saves = torch.save, []
+
+    def full_on_second_checkpoint(obj, f, *a, **k):
+        saves.append(str(f))
+        if len(saves) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 partial")  # what a full disk leaves
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25728 vs 25624")
+        return real(obj, f, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(loops.torch, "save", full_on_second_checkpoint)
+        res = runner.invoke(app, args)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and lines[-1].startswith("error: cannot write r/checkpoint.pt (") \
+        and "is the disk full? free space, then re-run with --resume --out r" in lines[-1], res.output
+    assert sorted(p.name for p in Path("r").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert torch.load("r/checkpoint.pt", weights_only=True)["epoch"] == 1  # the first epoch's, intact
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code == 0 and "resuming r after epoch 1/3" in res.stderr, res.output
+
+    import pipeline.train_student as ts
+
+    def interrupted(cfg, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "run_train_student", interrupted)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(root, teacher_file, monkeypatch):
+    import pipeline.train_student as ts
+
+    monkeypatch.setattr(ts.time, "strftime", lambda *_: "20260101-000000")  # every run in one second
+    cfg = StudentConfig(cache="-", loss="kd=1")
+    dirs = [ts.open_run_dir(cfg) for _ in range(3)]
+    assert [d.name for d in dirs] == ["20260101-000000-kd1-s0", "20260101-000000-kd1-s0-2",
+                                      "20260101-000000-kd1-s0-3"]
+    assert all(d.is_dir() for d in dirs)
+
+
+def test_teacher_checks_its_out_before_training(root, monkeypatch):
+    import pipeline.teacher_train as tt
+
+    Path("afile").write_text("")
+    trained = []
+    monkeypatch.setattr(tt, "build_model", lambda *a: trained.append(1))
+    res = runner.invoke(app, ["teacher", "--data", SYN, "--epochs", "1", "--out", "afile/t.pt"])
+    assert res.exit_code == 2 and "cannot write into afile" in res.stderr and not trained, res.output
+    Path("adir").mkdir()
+    res = runner.invoke(app, ["teacher", "--data", SYN, "--epochs", "1", "--out", "adir"])
+    assert res.exit_code == 2 and "--out adir is a folder" in res.stderr and not trained
