@@ -71,6 +71,36 @@ def disk_write_bandwidth(folder: Path, mb: int = 512) -> float:
     return (max(1, mb // 8) * 8) / dt
 
 
+def store_read_bandwidth(store: Path) -> dict:
+    """MB/s of reading every chunk file of a store in one thread, first with its pages dropped from the page cache
+    (posix_fadvise DONTNEED: the disk itself, where the file system honours it), then again (warm): what bounds a
+    student that streams features from a store read for the first time, or from one larger than RAM."""
+    files = [f for f in sorted(store.rglob("*")) if f.is_file() and "/c/" in f.as_posix()]
+    total = sum(f.stat().st_size for f in files)
+
+    def each(fn):
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                fn(fd)
+            finally:
+                os.close(fd)
+
+    def drain(fd):
+        while os.read(fd, 1 << 20):
+            pass
+
+    def read_all() -> float:
+        t0 = time.perf_counter()
+        each(drain)
+        return total / max(time.perf_counter() - t0, 1e-9) / 1e6
+
+    if hasattr(os, "posix_fadvise"):  # clean pages (the store was fsynced) are dropped; reads then go to the disk
+        each(lambda fd: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED))
+    cold = read_all()
+    return {"cold_MB_s": cold, "warm_MB_s": read_all(), "bytes": total}
+
+
 def busy(fn):
     """fn's result and how many CPU cores this process kept busy meanwhile (CPU seconds of all its threads / wall
     seconds): ~all cores means compute-bound; fewer means something waited."""
@@ -222,6 +252,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         results["ratio_rounds"]["c_write_vs_disk"] = [row["MB_s"] / results["disk_write_MB_s"]
                                                       for row in rounds["c_cache_logits_hint"]]
         results["ratios"] = {k: float(np.median(v)) for k, v in results["ratio_rounds"].items()}
+        results["store_read"] = store_read_bandwidth(Path(store))  # the last round's logits + hint store
+        log(f"    store read (1 thread)    {results['store_read']['cold_MB_s']:10,.0f} MB/s with its pages dropped, "
+            f"{results['store_read']['warm_MB_s']:,.0f} MB/s cached")
         results["shuffle"] = shuffle_table(batch, workers)
         if cfg.scaling:
             results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
@@ -359,6 +392,9 @@ def table(r: dict) -> str:
         cores += f" ({v['writer_cores']:.2f})" if "writer_cores" in v else ""
         lines.append(f"| {label} | {v['img_s']:,.0f} | {mb} | {cores} |")
     lines.append(f"| disk sequential write (same run) | - | {r['disk_write_MB_s']:,.0f} | - |")
+    if r.get("store_read"):
+        lines.append(f"| store read, 1 thread, page cache dropped / cached (same run) | - | "
+                     f"{r['store_read']['cold_MB_s']:,.0f} / {r['store_read']['warm_MB_s']:,.0f} | - |")
     lines.append("")
     lines.append("| ratio | median | rounds |")
     lines.append("| --- | --- | --- |")

@@ -143,6 +143,14 @@ def test_bench_command_writes_table_and_json(root):
     per_sample = {k: r[k]["MB_s"] / r[k]["img_s"] for k in ("e_student_kd", "e_student_fitnets")}  # no timing left
     assert per_sample["e_student_fitnets"] > per_sample["e_student_kd"] * 1.5  # feature maps on top of the logits
     assert "| (f) online KD (teacher in the loop) |" in res.stdout
+    assert r["store_read"]["bytes"] > 0 and r["store_read"]["cold_MB_s"] > 0 and r["store_read"]["warm_MB_s"] > 0
+    assert "| store read, 1 thread, page cache dropped / cached (same run) |" in res.stdout
+    from pipeline.bench import store_read_bandwidth
+
+    for name, size in (("logits/c/0", 100), ("features/l/c/0/0", 250), ("logits/zarr.json", 7)):
+        Path("s.zarr", name).parent.mkdir(parents=True, exist_ok=True)
+        Path("s.zarr", name).write_bytes(b"x" * size)
+    assert store_read_bandwidth(Path("s.zarr"))["bytes"] == 350  # chunk files only, not metadata
     assert [x["samples"] for x in r["scaling"]] == [1024, 2048]
     assert all(abs(x["student_us_per_sample"] * x["student_kd_img_s"] - 1e6) < 1e-3 for x in r["scaling"])
     from pipeline.bench import readme_section
