@@ -57,6 +57,11 @@ def user_errors(then: str = RESUMES_CACHE):
             raise
         raise typer.Exit(2)
     except RuntimeError as e:
+        if os.environ.get("WORLD_SIZE", "1") != "1" and ("Connection closed by peer" in str(e)
+                                                          or "Connection reset by peer" in str(e)):
+            # under torchrun, a rank that failed mid-run closes its connections; its own error line says why
+            typer.echo("error: another rank stopped (its error is above); fix that and re-run", err=True)
+            raise typer.Exit(2)
         if "DataLoader worker" not in str(e):
             raise
         typer.echo(f"error: in a data-loading worker: {_one_line(e)}", err=True)

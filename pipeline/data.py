@@ -37,6 +37,15 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
+def paths_as_text(cfg, *names: str) -> None:
+    """Config fields that name files hold text (they go into JSON manifests and keys); a scripting user may pass a
+    pathlib.Path."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, os.PathLike):
+            setattr(cfg, name, os.fspath(value))
+
+
 def data_root() -> Path:
     """Root of everything the pipeline writes (datasets, teachers, caches, runs)."""
     return Path(os.environ.get("KDCACHE_DATA", "data"))
@@ -109,11 +118,22 @@ def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]
 
 def resolve_transform(source: "Source", meta: dict, image_size: int | None = None, channels: int | None = None,
                       normalize: str | None = None) -> Transform:
-    """The input a model gets: the transform its weights file records (what it was trained on) unless a flag
-    overrides the size, channels or normalisation; else the data's native size and default statistics."""
-    if "transform" in meta and image_size is None and channels is None and normalize is None:
-        return Transform.from_dict(meta["transform"])
-    tf = default_transform(source, image_size, channels)
+    """The input a model gets: the transform its weights file records (what it was trained on), with only what a
+    flag names changed (`--image-size`, `--channels`: the recorded statistics stay, carried across a change of
+    channel count; `--normalize`: the statistics); without a record, the data's native size and default statistics."""
+    if image_size is not None and not 0 < image_size <= 4096:
+        raise KDCacheError(f"--image-size must be from 1 to 4096 (got {image_size})")
+    if channels not in (None, 1, 3):
+        raise KDCacheError(f"--channels must be 1 or 3 (got {channels})")
+    if "transform" in meta:
+        tf = Transform.from_dict(meta["transform"])
+        if image_size is not None:
+            tf.size = [image_size, image_size]
+        if channels is not None and channels != tf.channels:
+            m, sd = float(np.mean(tf.mean)), float(np.mean(tf.std))  # grey <-> RGB: one statistic for all
+            tf.channels, tf.mean, tf.std = channels, [m] * channels, [sd] * channels
+    else:
+        tf = default_transform(source, image_size, channels)
     if normalize is not None:
         tf.mean, tf.std = parse_normalize(normalize, tf.channels)
     return tf

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import class_map, open_source, resolve_transform
+from pipeline.data import class_map, open_source, paths_as_text, resolve_transform
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device, source_batches
 from pipeline.models import load_checkpoint, load_model
@@ -33,9 +33,12 @@ class EvalConfig:
     batch_size: int = 512
     device: str = "auto"
 
+    def __post_init__(self):
+        paths_as_text(self, "weights")
+
 
 def run_eval(cfg: EvalConfig, log=print) -> dict:
-    """Top-1 (and top-5 with ≥ 5 classes) accuracy, per-class accuracy and the confusion matrix of a weights file
+    """Top-1 (and top-5 with ≥ 5 outputs) accuracy, per-class accuracy and the confusion matrix of a weights file
     on labelled data, its labels in the model's class order."""
     if cfg.batch_size < 1:
         raise KDCacheError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
@@ -53,11 +56,13 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     num_classes = len(classes) if classes else source.num_classes
     tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
     device = pick_device(cfg.device)
-    model, _ = load_model(spec, Path(cfg.weights), num_classes, tf.channels, tf.size[0])
+    model, _ = load_model(spec, Path(cfg.weights), num_classes, tf.channels, tf.size[0],
+                          fix="check --model, and --image-size / --channels if given (the input size can set a "
+                              "layer's size)")
     model.to(device)
     names = list(classes) if classes else list(source.classes)
     k = len(names)
-    confusion = np.zeros((k, k), dtype=np.int64)  # rows: true class, columns: predicted
+    confusion = None  # rows: true class, columns: predicted output (a teacher may have more outputs than classes)
     top5 = 0
     with torch.inference_mode():
         for _idx, x, y in source_batches(source, tf, cfg.batch_size):
@@ -67,17 +72,19 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
             except Exception as e:  # noqa: BLE001 - a user model on the wrong input
                 raise KDCacheError(f"{spec} fails on input {tuple(x.shape[1:])} ({type(e).__name__}: "
                                    f"{first_line(e)}); set --image-size / --channels to what it expects") from None
-            if out.ndim != 2 or out.shape[1] != k:
+            if out.ndim != 2 or out.shape[1] < k:
                 raise KDCacheError(f"{spec} gives outputs of shape {tuple(out.shape[1:])} per sample, but the labels "
                                    f"have {k} classes; check --model and --data")
+            if confusion is None:  # extra outputs (classes the data lacks) can be predicted, and are then wrong
+                confusion = np.zeros((k, out.shape[1]), dtype=np.int64)
             np.add.at(confusion, (y.numpy(), out.argmax(1).numpy()), 1)
-            if k >= 5:
+            if out.shape[1] >= 5:
                 top5 += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum().item()
     n = int(confusion.sum())
     per_class = {c: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
                  for i, c in enumerate(names)}
     result = {"weights": cfg.weights, "model": spec, "data": cfg.data, "samples": n,
-              "top1": float(np.trace(confusion) / n), "top5": top5 / n if k >= 5 else None,
+              "top1": float(np.trace(confusion) / n), "top5": top5 / n if confusion.shape[1] >= 5 else None,
               "per_class": per_class, "confusion": confusion.tolist(), "classes": names,
               "transform": tf.to_dict(), "config": asdict(cfg)}
     log(f"{spec} on {cfg.data}: top-1 {result['top1']:.4f}"

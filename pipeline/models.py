@@ -168,11 +168,13 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
         if spec != "default-teacher":
             raise KDCacheError(f"teacher '{spec}' needs --weights FILE (kdcache never downloads weights)")
         weights = default_teacher_weights()
-    return load_model(spec, Path(weights), num_classes, in_channels, image_size, role="--teacher")
+    return load_model(spec, Path(weights), num_classes, in_channels, image_size,
+                      fix="check --teacher and --weights, and that the data has the classes and channels the teacher "
+                          "was trained on")
 
 
 def load_model(spec: str, weights: Path, num_classes: int, in_channels: int, image_size: int,
-               role: str = "--model") -> tuple[nn.Module, dict]:
+               fix: str = "check --model and --weights") -> tuple[nn.Module, dict]:
     """Build `spec` and load a weights file into it, in eval mode: (model, the file's meta). The file's meta
     (num_classes, in_channels), when it has one, wins over the arguments."""
     ckpt = load_checkpoint(weights)
@@ -187,9 +189,15 @@ def load_model(spec: str, weights: Path, num_classes: int, in_channels: int, ima
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({first}); check {role} and --weights") from None
+        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({_first_misfit(e)}); {fix}") from None
     return model.eval(), meta
+
+
+def _first_misfit(e: BaseException) -> str:
+    """The first specific reason in load_state_dict's message (its first line is only a header), shortened."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    reason = next((x for x in lines[1:] if not x.endswith(":")), lines[0] if lines else type(e).__name__)
+    return reason if len(reason) <= 240 else reason[:237] + "..."
 
 
 def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
@@ -240,8 +248,9 @@ def fingerprint_module(model: nn.Module, params_only: bool = False) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    """Map dotted paths to modules; an unknown path is an error listing the nearest valid ones."""
+def resolve_modules(model: nn.Module, names: list[str], flag: str = "") -> dict[str, nn.Module]:
+    """Map dotted paths to modules; an unknown path is an error listing the nearest valid ones (and the `flag`
+    that named it)."""
     modules = dict(model.named_modules())
     out = {}
     for n in names:
@@ -250,7 +259,8 @@ def resolve_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
                                f"{', '.join([k for k in modules if k][:3])}")
         if n not in modules:
             near = difflib.get_close_matches(n, [k for k in modules if k], n=5, cutoff=0.3)
-            raise KDCacheError(f"no module '{n}' in {type(model).__name__}; nearest: {', '.join(near) or 'none'}")
+            raise KDCacheError(f"no module '{n}' in {type(model).__name__}"
+                               f"{f' (from {flag})' if flag else ''}; nearest: {', '.join(near) or 'none'}")
         out[n] = modules[n]
     return out
 

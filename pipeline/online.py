@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, sample_params
-from pipeline.data import Source, Transform, default_transform, open_source
+from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
 from pipeline.reader import SharedEpoch, make_loader
@@ -37,6 +37,10 @@ class OnlineConfig(StudentConfig):
     teacher: str = "default-teacher"
     weights: str | None = None
     aug_seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        paths_as_text(self, "weights")
 
 
 class OnlineStream(IterableDataset):

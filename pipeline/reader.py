@@ -78,6 +78,7 @@ class CacheStream(IterableDataset):
                  drop_last: bool = False, view_policy: str = "cycle", rank: int = 0, world: int = 1):
         self.store, self.source = store, source
         self.rank, self.world = rank, world
+        self.targets = list(targets)  # the teacher targets this stream serves
         self.arrays = [part for t in targets for part in store.targets[t]["parts"]]  # stored arrays to stream
         self.batch_size, self.use_labels, self.shuffle = batch_size, use_labels, shuffle
         self.seed, self.drop_last = seed, drop_last

@@ -32,7 +32,7 @@ from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
 from pipeline.data import (Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize,
-                           refuse_one_class, resolve_transform)
+                           paths_as_text, refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_outputs, default_teacher_weights, fingerprint_module, load_teacher,
@@ -66,6 +66,11 @@ class CacheConfig:
     device: str = "auto"
     writers: int = 0                      # writer threads; 0 = min(8, CPU cores)
     force: bool = False                   # rebuild even when a complete cache with this key exists
+
+    def __post_init__(self):
+        paths_as_text(self, "weights", "out", "cache_dir")
+        if isinstance(self.layers, str):  # one layer named without a list
+            self.layers = [self.layers]
 
 
 def cache_key(parts: dict) -> str:
@@ -182,7 +187,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
                                  source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
     tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
-    resolve_modules(teacher, cfg.layers)  # unknown names fail here, before anything is written
+    resolve_modules(teacher, cfg.layers, "--layer")  # unknown names fail here, before anything is written
     teacher_fp = fingerprint_module(teacher)
     # On a GPU, channels_last: convolutions run in the tensor cores' native layout (as any fast inference loop).
     teacher = teacher.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
@@ -403,9 +408,11 @@ def _encode(p: Prepared, outputs: dict[str, torch.Tensor], labels: torch.Tensor 
         ref = outputs[t].float().contiguous()  # channels_last maps on a GPU: stored (and copied out) as N, C, H, W
         enc = codec.encode(t, ref)
         parts.update(enc)
-        dist = cd.distortion(t, ref, codec.decode(t, enc))
+        dec = codec.decode(t, enc)
+        dist = cd.distortion(t, ref, dec)
         stats += [dist[m].double().sum() for m in _metrics(t)]
-        stats.append((~torch.isfinite(ref)).flatten(1).any(1).double().sum())
+        # non-finite in the teacher's output, or only once stored (a float16 overflow past 65504): refused either way
+        stats.append((~torch.isfinite(ref) | ~torch.isfinite(dec)).flatten(1).any(1).double().sum())
     if labels is not None:
         stats.append((outputs["logits"].argmax(1) == labels).double().sum())
     return parts, torch.stack(stats)

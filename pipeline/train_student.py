@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
-from pipeline.data import Source, Transform, class_map, data_root, open_source
+from pipeline.data import Source, Transform, class_map, data_root, open_source, paths_as_text
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole
@@ -67,6 +67,9 @@ class StudentConfig:
     device: str = "auto"
     out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
     resume: bool = False                   # continue the run in --out from its last epoch's checkpoint.pt
+
+    def __post_init__(self):
+        paths_as_text(self, "cache", "out", "test_data", "data")
 
 
 def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
@@ -174,7 +177,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     device = pick_device(cfg.device)
     _, student_layers = declared(weights, cfg)
     student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
-    resolve_modules(student, student_layers)
+    resolve_modules(student, student_layers, "--fitnets-guided / --rkd-student-layer")
     probe = source.load(np.arange(min(2, source.num_samples)), tf)
     with torch.no_grad(), capture(student, student_layers) as feats:
         try:
@@ -296,6 +299,26 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
 
 
 def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> dict:
+    # Every rank sets up; a failure on any (a bad flag, data that differs) stops all with its one line, instead of
+    # leaving the others to die waiting on the first gradient all-reduce.
+    store, s, stream, state, run_dir = ranks.together(_set_up, cfg, weights, log, ranks)
+    loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
+    targets = stream.targets
+    codecs = {t: store.codec(t) for t in targets}
+
+    def decode(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
+                for t, c in codecs.items()}
+
+    def steps(epoch: int) -> int:  # the batches epoch `epoch` gives every rank
+        return stream.batches_per_epoch(cfg.workers, everyone=True, epoch=epoch)
+
+    return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
+               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
+
+
+def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
+    """Open and check the store and data, build the student and its losses, the stream, the run directory (rank 0)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = open_store(cfg.cache)
@@ -337,18 +360,7 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         if cfg.out is None:  # named here: say where, so an interrupted run can be resumed
             log(f"run directory: {run_dir}")
-    loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
-    codecs = {t: store.codec(t) for t in targets}
-
-    def decode(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        return {t: c.decode(t, {p: batch[p].to(device, non_blocking=True) for p in store.targets[t]["parts"]})
-                for t, c in codecs.items()}
-
-    def steps(epoch: int) -> int:  # the batches epoch `epoch` gives every rank
-        return stream.batches_per_epoch(cfg.workers, everyone=True, epoch=epoch)
-
-    return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
-               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
+    return store, s, stream, state, run_dir
 
 
 def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callable[[int], None],

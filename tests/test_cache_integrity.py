@@ -476,12 +476,19 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (["teacher-cache", "--data", "synthetic:10:3x4096x4096:10", "--weights", str(teacher_file)],
          "GiB of noise patterns and class templates"),
         (cache + ["--views", "2", "--augment", "ratio=0.5-2"], "needs crop=LO-HI too"),
+        (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:loud_model", "--weights",
+          str(save_lazy(root, "loud_model"))], "non-finite logits in rows 0-191; use --dtype float32"),
+        (["teacher-cache", "--data", SYN, "--weights", str(save_bare_teacher(root, 10))],
+         "(size mismatch for fc.weight: copying a param with shape torch.Size([10, 64])"),
+        (train + ["--loss", "kd=1,rkd=1", "--rkd-student-layer", "nope"],
+         "no module 'nope' in StudentNet (from --fitnets-guided / --rkd-student-layer)"),
         (["verify", path, "--recompute", "2", "--seed", "-1"], "--seed must be 0 or more"),
         (["bench", "--preset", "tiny", "--scaling", "abc"], "--scaling takes sample counts"),
     ]
     for args, needle in cases:
         res = runner.invoke(app, args)
-        lines = [x for x in res.stderr.strip().splitlines() if not x.startswith(("note: ", "run directory: "))]
+        lines = [x for x in res.stderr.strip().splitlines()  # the error, beside notes and how far a bar got
+                 if not x.startswith(("note: ", "run directory: ")) and "━" not in x]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args[-4:], res.output[-300:])
     assert not Path("run").exists() and not list(Path("data/runs").glob("*/summary.json"))  # nothing passed for done
     # typer's own usage errors, through the console entry point, are one line too
@@ -489,6 +496,26 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] \
         and res.stderr.startswith("error: Invalid value for '--views'")
+
+
+def save_lazy(root, name):
+    import torch
+
+    from tests import odd_models
+
+    model = getattr(odd_models, name)()
+    model(torch.zeros(1, 1, 16, 16))  # materialise the lazy layer
+    torch.save(model.state_dict(), root / f"{name}.pt")
+    return root / f"{name}.pt"
+
+
+def save_bare_teacher(root, classes):
+    import torch
+
+    from pipeline.models import TeacherNet
+
+    torch.save(TeacherNet(num_classes=classes).state_dict(), root / "bare.pt")  # no meta: sized by the data
+    return root / "bare.pt"
 
 
 def save_idle_head(root):

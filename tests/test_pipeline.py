@@ -246,6 +246,46 @@ def test_normalize_sets_the_teachers_input_statistics(root, teacher_file):
     assert Path(_cache(teacher_file, layers=[], dtype="float32")).name != Path(path).name  # another key
 
 
+def test_a_size_or_channel_flag_keeps_the_recorded_statistics(root):
+    """A teacher file records mean/std 0.25/0.5: --image-size (even its own size) or --channels must not swap them
+    for the data's defaults; only --normalize changes them. The same for teacher-cache and eval."""
+    from pipeline.data import resolve_transform
+    from pipeline.evaluate import EvalConfig, run_eval
+    from tests.conftest import save_teacher
+
+    w = save_teacher(root / "t.pt")
+    ckpt = torch.load(w, weights_only=True)
+    recorded = {"size": [16, 16], "channels": 1, "mean": [0.25], "std": [0.5]}
+    ckpt["meta"]["transform"] = recorded
+    torch.save(ckpt, w)
+    src = open_source(SYN)
+    assert resolve_transform(src, {"transform": recorded}, image_size=16).to_dict() == recorded
+    assert resolve_transform(src, {"transform": recorded}, image_size=20).to_dict() == dict(recorded, size=[20, 20])
+    assert resolve_transform(src, {"transform": recorded}, channels=3).to_dict() == dict(
+        recorded, channels=3, mean=[0.25] * 3, std=[0.5] * 3)
+    assert resolve_transform(src, {"transform": recorded}, normalize="0.1/0.2").mean == [0.1]
+    assert resolve_transform(src, {}, image_size=16).mean == [0.5]  # nothing recorded: the data's default
+    plain = run_teacher_cache(CacheConfig(data=SYN, weights=str(w)), log=lambda *_: None)
+    assert run_teacher_cache(CacheConfig(data=SYN, weights=str(w), image_size=16), log=lambda *_: None) == plain
+    scored = [run_eval(EvalConfig(weights=str(w), data=SYN, **kw), log=lambda *_: None)["top1"]
+              for kw in ({}, {"image_size": 16})]
+    assert scored[0] == scored[1]
+    with pytest.raises(KDCacheError, match="--image-size must be from 1 to 4096"):
+        run_eval(EvalConfig(weights=str(w), data=SYN, image_size=0), log=lambda *_: None)
+    # a teacher with more outputs (4) than the data has classes (2): scored over all its outputs, as training does
+    two = "synthetic:64:1x16x16:2"
+    got = run_eval(EvalConfig(weights=Path(w), data=two), log=lambda *_: None)
+    teacher, _ = load_teacher("default-teacher", w, 4, 1, 16)
+    with torch.no_grad():
+        pred = teacher(open_source(two).load(np.arange(64), Transform.from_dict(recorded))).argmax(1).numpy()
+    assert got["top1"] == (pred == open_source(two).labels(np.arange(64))).mean()
+    assert np.asarray(got["confusion"]).shape == (2, 4)
+    # scripting users may pass paths and a single layer name
+    path = run_teacher_cache(CacheConfig(data=SYN, weights=w, layers="layer2", out=root / "p.zarr"),
+                             log=lambda *_: None)
+    assert path == str(root / "p.zarr") and "features/layer2" in open_store(path).arrays
+
+
 def test_flags_reach_the_losses_and_the_student_sees_the_recorded_input(root, teacher_file, monkeypatch):
     import pipeline.train_student as ts
 
@@ -416,6 +456,26 @@ def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers)
     # 16) are taken by both, so 2 x 4 x 16 = 128 samples an epoch, summed over the ranks
     assert [r["samples"] for r in rows] == [128, 128]
     assert json.loads(Path("run/config.json").read_text())["ranks"] == 2
+
+
+def test_a_set_up_failure_on_one_rank_stops_every_rank_with_one_line(root, teacher_file):
+    """Rank 0 alone opens the run directory; when it cannot, rank 1 must not die in the gradient all-reduce with
+    a gloo traceback but say which rank failed and why."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    path = _cache(teacher_file, layers=[])
+    Path("afile").write_text("x")
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "pipeline", "train-student", "--cache", path, "--epochs", "1", "--workers", "0",
+                          "--out", "afile"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "error: --out afile is a file, not a run directory" in res.stderr  # rank 0's own
+    assert "error: rank 0 of 2 failed: --out afile is a file" in res.stderr   # rank 1's
+    assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]
 
 
 def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, monkeypatch):

@@ -29,7 +29,8 @@ def make_regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
     if len(student_shape) == 1 and len(teacher_shape) == 1:
         return nn.Linear(student_shape[0], teacher_shape[0])
     raise ValueError(f"FitNets needs two feature maps (C,H,W) or two vectors (D,); got student {student_shape} "
-                     f"and teacher {teacher_shape}")
+                     f"and teacher {teacher_shape}; choose a --fitnets-guided layer of the same kind as "
+                     "--fitnets-hint")
 
 
 class FitNets(DistillLoss):
