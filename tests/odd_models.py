@@ -53,3 +53,25 @@ class _Loud(nn.Module):
 
 def loud_model(num_classes=4, in_channels=1):
     return _Loud(num_classes, in_channels)
+
+
+class _NoTensorHead(nn.Module):
+    """`meta` returns a dict, not a tensor: nothing to cache or match."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+        self.meta = _Describe()
+
+    def forward(self, x):
+        self.meta(x)
+        return self.body(x)
+
+
+class _Describe(nn.Module):
+    def forward(self, x):
+        return {"shape": tuple(x.shape)}
+
+
+def no_tensor_model(num_classes=4, in_channels=1):
+    return _NoTensorHead(num_classes, in_channels)

@@ -328,7 +328,8 @@ def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monk
 
     monkeypatch.setattr(fsspec, "get_filesystem_class", no_s3fs)
     for args in (["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir", "s3://b/caches"],
-                 ["verify", "s3://b/caches/x.zarr"], ["train-student", "--cache", "s3://b/caches/x.zarr"]):
+                 ["verify", "s3://b/caches/x.zarr"], ["train-student", "--cache", "s3://b/caches/x.zarr"],
+                 ["ls", "--cache-dir", "s3://b/caches"], ["inspect", "s3://b/caches/x.zarr"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and "s3:// needs a package kdcache does not install (Install s3fs" in res.stderr, \
             (args, res.output)
@@ -416,6 +417,8 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
     finally:
         holder.kill()
         holder.wait()
+    with st.writer_lock(path):  # this process's own lock is no other writer (repair verifies under it)
+        assert st.writer(path) is None
     for name, v in arrays_of(path).items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)  # --force was refused: nothing rebuilt
     g = st.open_group(path, "r+")
@@ -480,6 +483,13 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
           str(save_lazy(root, "loud_model"))], "non-finite logits in rows 0-191; use --dtype float32"),
         (["teacher-cache", "--data", SYN, "--weights", str(save_bare_teacher(root, 10))],
          "(size mismatch for fc.weight: copying a param with shape torch.Size([10, 64])"),
+        (["teacher-cache", "--data", SYN, "--weights", str(save_bare_teacher(root, 10))],
+         "check --teacher and --weights, and that the data has the classes and channels"),
+        (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:no_tensor_model", "--weights",
+          str(save_lazy(root, "no_tensor_model")), "--layer", "meta"], "module 'meta' of teacher "
+                                                                        "tests.odd_models:no_tensor_model gave no tensor"),
+        (train + ["--student", "tests.odd_models:no_tensor_model", "--loss", "kd=1,rkd=1", "--rkd-student-layer",
+                  "meta"], "module 'meta' of student tests.odd_models:no_tensor_model gave no tensor"),
         (train + ["--loss", "kd=1,rkd=1", "--rkd-student-layer", "nope"],
          "no module 'nope' in StudentNet (from --fitnets-guided / --rkd-student-layer)"),
         (["verify", path, "--recompute", "2", "--seed", "-1"], "--seed must be 0 or more"),

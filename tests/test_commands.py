@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from typer.testing import CliRunner
@@ -118,6 +119,49 @@ def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, tea
     assert res.exit_code == 0 and json.loads(res.stdout)["top1"] == got["top1"]  # same default transform
 
 
+def test_eval_top5_and_its_bad_inputs(root):
+    """Top-5 against an independent forward (10 and exactly 5 outputs); each bad input one line naming the fix."""
+    from PIL import Image
+
+    from pipeline.data import default_transform, open_source
+    from pipeline.evaluate import EvalConfig, run_eval
+    from pipeline.models import build_model
+
+    for classes in (10, 5):
+        data = f"synthetic:96:1x16x16:{classes}"
+        torch.manual_seed(0)
+        model = build_model("default-student", classes, 1, 16).eval()
+        torch.save({"state_dict": model.state_dict(), "meta": {"arch": "default-student", "num_classes": classes,
+                                                                "in_channels": 1}}, "s.pt")
+        got = run_eval(EvalConfig(weights="s.pt", data=data, batch_size=32), log=lambda *_: None)
+        src = open_source(data)
+        with torch.no_grad():
+            logits = model(src.load(np.arange(96), default_transform(src)))
+        y = torch.from_numpy(src.labels(np.arange(96)))
+        assert got["top5"] == (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum().item() / 96
+        assert got["top1"] == (logits.argmax(1) == y).sum().item() / 96
+    text = runner.invoke(app, ["eval", "s.pt", "--data", "synthetic:96:1x16x16:5"]).stdout.splitlines()
+    assert text[0].split() == ["0", f"{got['per_class']['0']:.4f}"]  # one line per class, then the JSON
+    Path("flat").mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save("flat/a.png")
+    torch.save({"state_dict": build_model("default-student", 2, 1, 16).state_dict(),
+                "meta": {"arch": "default-student", "num_classes": 2, "in_channels": 1}}, "two.pt")
+    from pipeline.models import TeacherNet
+
+    torch.save(TeacherNet(num_classes=5).state_dict(), "teacher-bare.pt")
+    for args, needle in [
+        (["eval", "s.pt", "--data", "imagefolder:flat"], "has no labels to score against"),
+        (["eval", "s.pt", "--data", "synthetic:96:1x16x16:5", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["eval", "two.pt", "--data", "synthetic:96:1x16x16:5"], "gives outputs of shape (2,) per sample, but the "
+                                                                  "labels have 5 classes"),
+        (["eval", "teacher-bare.pt", "--model", "default-student", "--data", "synthetic:96:1x16x16:5"],
+         "check --model, and --image-size / --channels if given"),
+    ]:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+            (args, res.output)
+
+
 def test_bench_command_writes_table_and_json(root):
     res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "2048", "--workers", "0", "--repeat", "2",
                               "--scaling", "1024,2048", "--out", "bench.json"])
@@ -150,7 +194,11 @@ def test_bench_command_writes_table_and_json(root):
     for name, size in (("logits/c/0", 100), ("features/l/c/0/0", 250), ("logits/zarr.json", 7)):
         Path("s.zarr", name).parent.mkdir(parents=True, exist_ok=True)
         Path("s.zarr", name).write_bytes(b"x" * size)
-    assert store_read_bandwidth(Path("s.zarr"))["bytes"] == 350  # chunk files only, not metadata
+    dropped, real = [], os.posix_fadvise
+    with pytest.MonkeyPatch.context() as m:  # every chunk file's pages dropped before the cold read
+        m.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (dropped.append(advice), real(fd, off, n, advice)))
+        assert store_read_bandwidth(Path("s.zarr"))["bytes"] == 350  # chunk files only, not metadata
+    assert dropped == [os.POSIX_FADV_DONTNEED] * 2
     assert [x["samples"] for x in r["scaling"]] == [1024, 2048]
     assert all(abs(x["student_us_per_sample"] * x["student_kd_img_s"] - 1e6) < 1e-3 for x in r["scaling"])
     from pipeline.bench import readme_section

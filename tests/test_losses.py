@@ -488,7 +488,8 @@ def test_fitnets_loss_zero_when_projection_hits_hint_and_trains_regressor():
 @pytest.mark.parametrize("s_shape,t_shape", [((3, 4, 4), (8,)), ((8,), (3, 4, 4)), ((3, 4), (3, 4, 4)),
                                              ((3, 4, 4, 1), (3, 4, 4))])
 def test_make_regressor_mismatched_ranks_raise(s_shape, t_shape):
-    with pytest.raises(ValueError, match="FitNets needs two feature maps"):
+    with pytest.raises(ValueError, match="FitNets needs two feature maps .*choose a --fitnets-guided layer of the "
+                                         "same kind as --fitnets-hint"):
         make_regressor(s_shape, t_shape)
     with pytest.raises(ValueError):
         FitNets(student_shapes={"block2": s_shape}, teacher_shapes={"features/layer3": t_shape})
