@@ -68,6 +68,19 @@ def row_order(num_samples: int, order: str, seed: int = 0) -> np.ndarray:
     return np.argsort(keys, kind="stable").astype(np.int64)
 
 
+def _spec_number(text: str, part: str, spec: str) -> float:
+    """A policy number as the canonical spec writes it (6 significant digits, `:g`), so that spec and policy are one
+    to one and two policies never share a spec (a cache key) while sampling different views. The default ratio's
+    bound 4/3, which the spec writes as 1.33333, reads back as 4/3."""
+    v = float(text)
+    if f"{v:g}" == f"{4 / 3:g}":
+        return 4 / 3
+    if math.isfinite(v) and float(f"{v:g}") != v:
+        raise KDCacheError(f"'{part}' in --augment '{spec}' has more than 6 significant digits; round it "
+                           f"(e.g. {v:g})")
+    return v
+
+
 @dataclass(frozen=True)
 class AugmentPolicy:
     crop: tuple[float, float] | None = None
@@ -87,10 +100,12 @@ class AugmentPolicy:
         kw: dict = {}
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             key, _, val = part.partition("=")
+            if key in kw:
+                raise KDCacheError(f"'{key}' appears twice in --augment '{spec}'; give each part once")
             try:
                 if key in ("crop", "ratio"):
-                    lo, hi = (float(v) for v in val.split("-"))
-                    if not (0 < lo <= hi) or (key == "crop" and hi > 1):
+                    lo, hi = (_spec_number(v, part, spec) for v in val.split("-"))
+                    if not (0 < lo <= hi < math.inf) or (key == "crop" and hi > 1):
                         raise ValueError
                     kw[key] = (lo, hi)
                 elif key == "translate":
@@ -189,6 +204,35 @@ def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np
         flip = np.where(plain, False, flip)
     box = np.stack([top, left, h, w], axis=-1).astype(np.int32)
     return box, flip.astype(np.uint8)
+
+
+MAX_VIEWS = 1024  # FKD stores hundreds of crops per image; beyond this the per-view commit markers dominate
+
+
+def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], views: int | None = None,
+                 probe: int = 512) -> None:
+    """Refuse a policy that cannot teach what it claims, from the parameters of the first `probe` samples (the same
+    pure function every view is made with): views that lie entirely off the image (a translation larger than the
+    crops), and with `views` (a view cache) views that are all the same input, or a single view that is the plain
+    input (`plain0`): a cache of the teacher on identical inputs K times over, or of no augmentation at all."""
+    if policy.identity:
+        return
+    H, W = native_hw
+    spec = policy.spec()
+    if views == 1 and policy.plain0:
+        raise KDCacheError(f"--views 1 with plain0 caches only the plain input (view 0 is it); use --views 2 or "
+                           f"more, or drop plain0 from --augment '{spec}'")
+    # a view cache's own view numbers; for online KD's fresh views, a few others (not view 0, which plain0 fixes)
+    numbers = np.arange(views) if views else np.arange(1, 9)
+    box, flip = sample_params(policy, seed, np.arange(probe), numbers, native_hw)
+    top, left, h, w = (box[..., i].astype(np.int64) for i in range(4))
+    off = (top >= H) | (left >= W) | (top + h <= 0) | (left + w <= 0)
+    if off.any():
+        raise KDCacheError(f"--augment '{spec}' puts {off.mean():.0%} of views entirely off the {H}x{W} images (a "
+                           "translation larger than the crop); use a smaller translate or larger crops")
+    if views and views > 1 and (box == box[:, :1]).all() and (flip == flip[:, :1]).all():
+        raise KDCacheError(f"--augment '{spec}' makes every view of a sample the same input on {H}x{W} images (e.g. "
+                           "crop=1-1 keeps the whole image); widen the crop range or add flip / translate")
 
 
 # How views are rebuilt from their parameters; recorded with every view cache and part of its key. A store made by

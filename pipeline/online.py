@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import store as st
-from pipeline.augment import REPLAY_VERSION, AugmentPolicy, sample_params
+from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
@@ -87,6 +87,9 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     validate(cfg, weights)
     if cfg.resume:
         raise KDCacheError("--resume continues a train-student run; online KD runs start over")
+    if cfg.cache:
+        raise KDCacheError("online KD runs the teacher on fresh views and reads no cache; drop cache= and give the "
+                           "data, teacher and augment= to compare with")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     source = open_source(cfg.data or "fashion-mnist:train")
@@ -95,6 +98,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
                                  source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
     tf = Transform.from_dict(meta["transform"]) if "transform" in meta else probe_tf
     policy = AugmentPolicy.parse(cfg.augment)
+    check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]))
     use_labels = source.labelled and not cfg.no_labels
     needs, _ = declared(weights, cfg)
     layers = [t[len("features/"):] for t in needs if t.startswith("features/")]

@@ -30,7 +30,7 @@ import torch
 
 from pipeline import codecs as cd
 from pipeline import store as st
-from pipeline.augment import REPLAY_VERSION, AugmentPolicy, row_order, sample_params
+from pipeline.augment import MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_policy, row_order, sample_params
 from pipeline.data import (Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize,
                            paths_as_text, refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
@@ -168,8 +168,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if cfg.normalize is not None:
         parse_normalize(cfg.normalize, cfg.channels or 3)  # its syntax, before any data is opened
     policy = AugmentPolicy.parse(cfg.augment)
-    if cfg.views < 1:
-        raise KDCacheError(f"--views must be at least 1 (got {cfg.views})")
+    if not 1 <= cfg.views <= MAX_VIEWS:
+        raise KDCacheError(f"--views must be from 1 to {MAX_VIEWS} (got {cfg.views})")
     if cfg.views > 1 and policy.identity:
         raise KDCacheError(f"--views {cfg.views} needs --augment POLICY (e.g. --augment crop=0.5-1,flip): "
                            "un-augmented views would all be the same input")
@@ -181,6 +181,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if policy.translate and policy.translate >= min(source.native_shape[1:]):
         raise KDCacheError(f"--augment translate={policy.translate} moves views off the {source.native_shape[1]}x"
                            f"{source.native_shape[2]} images entirely; use fewer pixels than the image's side")
+    check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]), views)
     # A chunk longer than the data holds only fill: clamp (the key sees the clamped value, so it is one cache).
     cfg = replace(cfg, chunk_samples=min(cfg.chunk_samples, n))
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)

@@ -58,9 +58,40 @@ def test_policy_parsing_and_errors():
     p = AugmentPolicy.parse("flip, crop=0.5-1")
     assert p.spec() == "crop=0.5-1,ratio=0.75-1.33333,flip" and AugmentPolicy.parse(p.spec()).spec() == p.spec()
     assert AugmentPolicy.parse("none").identity and AugmentPolicy.parse(None).spec() == "none"
-    for bad in ("crop=2-3", "rotate=5", "translate=-1", "flip=1", "crop=0.5"):
+    for bad in ("crop=2-3", "rotate=5", "translate=-1", "flip=1", "crop=0.5", "crop=0.5-1,ratio=0.5-inf"):
         with pytest.raises(KDCacheError, match="bad augmentation"):
             AugmentPolicy.parse(bad)
+    # spec and policy are one to one: a repeat, or a number the spec would round, is refused, never merged
+    with pytest.raises(KDCacheError, match="'crop' appears twice"):
+        AugmentPolicy.parse("crop=0.5-1,crop=0.9-1")
+    with pytest.raises(KDCacheError, match="more than 6 significant digits"):
+        AugmentPolicy.parse("crop=0.5000004-1")
+    assert AugmentPolicy.parse("crop=0.5-1,ratio=0.75-1.33333") == AugmentPolicy.parse("crop=0.5-1")  # 4/3
+
+
+def test_policies_that_cannot_teach_are_refused(root, teacher_file):
+    """Views all alike, a single plain view, views entirely off the image, absurd K: one line each, no store."""
+    from pipeline.online import OnlineConfig, run_online_kd
+
+    base = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]
+    for args, needle in [
+        (["--views", "4", "--augment", "crop=1-1"], "makes every view of a sample the same input on 16x16 images"),
+        (["--views", "1", "--augment", "translate=2,flip,plain0"], "--views 1 with plain0 caches only the plain"),
+        (["--views", "2", "--augment", "crop=0.1-0.2,translate=12"], "of views entirely off the 16x16 images"),
+        (["--views", "2000", "--augment", "flip"], "--views must be from 1 to 1024"),
+    ]:
+        res = runner.invoke(app, base + args)
+        assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+            (args, res.output)
+    assert not list(root.rglob("*.zarr"))  # refused before any store was created
+    with pytest.raises(KDCacheError, match="entirely off the 16x16 images"):
+        run_online_kd(OnlineConfig(data=SYN, weights=str(teacher_file), augment="crop=0.1-0.2,translate=12",
+                                   epochs=1, workers=0), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="online KD runs the teacher on fresh views and reads no cache"):
+        run_online_kd(OnlineConfig(cache="some.zarr", data=SYN, weights=str(teacher_file)), log=lambda *_: None)
+    # K = 1 of a real augmentation is one augmented view per sample: allowed
+    assert run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), views=1, augment="flip"),
+                             log=lambda *_: None)
 
 
 def test_apply_views_against_independent_computation():
