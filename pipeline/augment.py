@@ -120,6 +120,9 @@ class AugmentPolicy:
                 raise KDCacheError(f"bad augmentation '{part}' in '{spec}'; use comma-separated crop=LO-HI, "
                                    "ratio=LO-HI, translate=PIXELS, flip, plain0 (e.g. crop=0.5-1,flip) or none"
                                    ) from None
+        if kw.get("plain0") and not ({"crop", "translate", "flip"} & set(kw)):
+            raise KDCacheError(f"plain0 in '{spec}' only keeps view 0 plain, and nothing augments the others; add "
+                               "crop=LO-HI, translate=PIXELS or flip (or use --augment none)")
         if "ratio" in kw and "crop" not in kw:  # the aspect ratio belongs to the random-resized crop
             raise KDCacheError(f"ratio=LO-HI in '{spec}' shapes the random crop, which needs crop=LO-HI too "
                                "(e.g. crop=0.5-1,ratio=0.75-1.33)")

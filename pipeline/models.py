@@ -18,6 +18,8 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,11 +124,13 @@ def build_model(spec: str, num_classes: int, in_channels: int, image_size: int) 
         except ValueError:
             raise KDCacheError(f"unknown torchvision model '{name}'; see torchvision.models.list_models()") from None
     if kind and name:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())  # a user's models.py beside them, as `python -m pipeline` would find it
         try:
             fn = getattr(importlib.import_module(kind), name)
         except (ImportError, AttributeError) as e:
-            raise KDCacheError(f"cannot import model '{spec}' ({e}); use module:function with the module on "
-                               "PYTHONPATH") from None
+            raise KDCacheError(f"cannot import model '{spec}' ({e}); use module:function with the module in the "
+                               "current folder or on PYTHONPATH") from None
         try:
             model = _call_with_accepted(fn, **kwargs)
         except Exception as e:  # noqa: BLE001 - the user's code: say whose it is, in one line

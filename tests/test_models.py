@@ -72,3 +72,18 @@ def test_a_torchvision_teachers_bn1_is_cached_before_its_inplace_relu(root):
         got = torch.from_numpy(g[f"features/{name}"][:])
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=name)
     assert (torch.from_numpy(g["features/bn1"][:]) < 0).any()   # before the ReLU, as asked
+
+
+def test_a_module_function_model_beside_the_user_is_found(root, monkeypatch):
+    """`--student mymodels:tiny` with mymodels.py in the current folder works from the `kdcache` command too (whose
+    sys.path does not start with the current folder, unlike `python -m pipeline`)."""
+    import sys
+
+    from pipeline.models import build_model
+
+    (root / "mymodels_here.py").write_text("from torch import nn\n\n"
+                                          "def tiny(num_classes=10):\n"
+                                          "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(root))])
+    model = build_model("mymodels_here:tiny", 3, 1, 8)
+    assert model(__import__("torch").zeros(2, 1, 8, 8)).shape == (2, 3)

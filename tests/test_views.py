@@ -62,6 +62,8 @@ def test_policy_parsing_and_errors():
         with pytest.raises(KDCacheError, match="bad augmentation"):
             AugmentPolicy.parse(bad)
     # spec and policy are one to one: a repeat, or a number the spec would round, is refused, never merged
+    with pytest.raises(KDCacheError, match="plain0 in 'plain0' only keeps view 0 plain"):
+        AugmentPolicy.parse("plain0")  # accepted before, and silently cached no views at all
     with pytest.raises(KDCacheError, match="'crop' appears twice"):
         AugmentPolicy.parse("crop=0.5-1,crop=0.9-1")
     with pytest.raises(KDCacheError, match="more than 6 significant digits"):
