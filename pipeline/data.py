@@ -116,15 +116,20 @@ def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]
     return list(mean), list(std)
 
 
+def check_input_flags(image_size: int | None, channels: int | None) -> None:
+    """`--image-size` and `--channels`, checked before any data is opened."""
+    if image_size is not None and not 0 < image_size <= 4096:
+        raise KDCacheError(f"--image-size must be from 1 to 4096 (got {image_size})")
+    if channels not in (None, 1, 3):
+        raise KDCacheError(f"--channels must be 1 or 3 (got {channels})")
+
+
 def resolve_transform(source: "Source", meta: dict, image_size: int | None = None, channels: int | None = None,
                       normalize: str | None = None) -> Transform:
     """The input a model gets: the transform its weights file records (what it was trained on), with only what a
     flag names changed (`--image-size`, `--channels`: the recorded statistics stay, carried across a change of
     channel count; `--normalize`: the statistics); without a record, the data's native size and default statistics."""
-    if image_size is not None and not 0 < image_size <= 4096:
-        raise KDCacheError(f"--image-size must be from 1 to 4096 (got {image_size})")
-    if channels not in (None, 1, 3):
-        raise KDCacheError(f"--channels must be 1 or 3 (got {channels})")
+    check_input_flags(image_size, channels)
     if "transform" in meta:
         tf = Transform.from_dict(meta["transform"])
         if image_size is not None:

@@ -31,8 +31,8 @@ import torch
 from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_policy, row_order, sample_params
-from pipeline.data import (Transform, absolute_spec, data_root, default_transform, open_source, parse_normalize,
-                           paths_as_text, refuse_one_class, resolve_transform)
+from pipeline.data import (Transform, absolute_spec, check_input_flags, data_root, default_transform, open_source,
+                           parse_normalize, paths_as_text, refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_outputs, default_teacher_weights, fingerprint_module, load_teacher,
@@ -155,12 +155,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         raise KDCacheError("--chunk-samples and --batch-size must be positive")
     if cfg.limit is not None and cfg.limit <= 0:
         raise KDCacheError(f"--limit must be positive (got {cfg.limit}); leave it out to cache every sample")
-    if cfg.image_size is not None and not 0 < cfg.image_size <= 4096:
-        raise KDCacheError(f"--image-size must be from 1 to 4096 (got {cfg.image_size})")
+    check_input_flags(cfg.image_size, cfg.channels)
     if not 0 <= cfg.aug_seed < 2**63:
         raise KDCacheError(f"--aug-seed must be from 0 to 2**63-1 (got {cfg.aug_seed})")
-    if cfg.channels not in (None, 1, 3):
-        raise KDCacheError(f"--channels must be 1 or 3 (got {cfg.channels})")
     if cfg.writers < 0:
         raise KDCacheError(f"--writers must be 0 (automatic) or more (got {cfg.writers})")
     if not -7 <= cfg.compression_level <= 22:
