@@ -37,7 +37,7 @@ PRESETS = {
     "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=16384,
                 batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
     "gpu": dict(teacher="torchvision:resnet50", student="torchvision:resnet18", shape="3x224x224", classes=1000,
-                samples=20480, batch=256, hint="layer3", guided="layer3", workers=12, chunk=512),
+                samples=40960, batch=256, hint="layer3", guided="layer3", workers=12, chunk=256),
     "tiny": dict(teacher="default-teacher", student="default-student", shape="1x8x8", classes=10, samples=10000,
                  batch=1024, hint="layer2", guided="block1", workers=1, chunk=4096),
 }

@@ -124,7 +124,7 @@ def _cache_command(mode: str):
                                                            "(default: recorded with the teacher, else 0.5/0.5)."),
         limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
         device: str = typer.Option("auto"),
-        writers: int = typer.Option(0, help="Writer threads (0: min(8, CPU cores))."),
+        writers: int = typer.Option(0, help="Writer threads (0: CPU cores - 3, from 2 to 16)."),
         force: bool = typer.Option(False, help="Rebuild even if a complete cache exists."),
         json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):

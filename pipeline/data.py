@@ -368,8 +368,11 @@ class Synthetic(Source):
         idx = np.asarray(idx, dtype=np.int64)
         with np.errstate(over="ignore"):
             pick = (splitmix64(self._key(idx) ^ np.uint64(0x5DEECE66D)) % np.uint64(self.NOISE_POOL)).astype(np.int64)
-        img = self._templates[torch.from_numpy(self.labels(idx))] + self._noise[torch.from_numpy(pick)]
-        return img.view(len(idx), *self.native_shape)
+        # numpy's uint8 gather and in-place add: ~7x faster than torch's for 224x224 batches (one thread), so the
+        # GPU benchmark's loader workers keep up with the GPU (values never exceed 255: 0.6*255 + 0.4*255)
+        img = self._templates.numpy()[self.labels(idx)]
+        img += self._noise.numpy()[pick]
+        return torch.from_numpy(img).view(len(idx), *self.native_shape)
 
     def fingerprint(self):
         # The content is a function of these numbers alone: hash them in one canonical form, so that

@@ -166,8 +166,9 @@ class CacheStream(IterableDataset):
                                "run `kdcache verify` then `kdcache repair`")
         return values
 
-    def view_of(self, block: int) -> int:
-        return select_view(self.view_policy, self.seed, self.epoch, block, self.views) if self.views else 0
+    def view_of(self, block: int, epoch: int | None = None) -> int:
+        epoch = self.epoch if epoch is None else epoch
+        return select_view(self.view_policy, self.seed, epoch, block, self.views) if self.views else 0
 
     def block_order(self, worker: int = 0, num_workers: int = 1, rank: int | None = None, epoch: int | None = None
                     ) -> list[int]:
@@ -184,12 +185,14 @@ class CacheStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self._open()
-        yield from self._batches(worker, num_workers, self._load_buffer)
+        # In a loader worker the next buffer loads in a thread while this one's batches are handed out; in the
+        # training process itself (workers=0) a thread would only compete with the training step for the cores.
+        yield from self._batches(worker, num_workers, self._load_buffer, prefetch=info is not None)
 
     def epoch_rows(self, num_workers: int = 1) -> np.ndarray:
         """The store rows of one epoch in the order a DataLoader with `num_workers` workers delivers them
         (batches taken from the workers in turn), computed by the same code as `__iter__` without reading data."""
-        def rows_only(blocks):
+        def rows_only(blocks, _epoch):
             return {"row": torch.cat([torch.arange(*self.blocks[b]) for b in blocks])}
 
         workers = max(1, num_workers)
@@ -203,17 +206,19 @@ class CacheStream(IterableDataset):
             k += 1
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    def _batches(self, worker: int, num_workers: int, load, key: str = "index"):
+    def _batches(self, worker: int, num_workers: int, load, key: str = "index", prefetch: bool = False):
         mine = self.block_order(worker, num_workers)
+        groups = [mine[g:g + self.buffer_chunks] for g in range(0, len(mine), self.buffer_chunks)]
+        epoch = self.epoch
         carry: dict[str, torch.Tensor] | None = None
-        for g in range(0, len(mine), self.buffer_chunks):
-            group = mine[g:g + self.buffer_chunks]
-            buf = load(group)
+        buffers = (self._prefetched(groups, load, epoch, worker, num_workers) if prefetch else
+                   ((group, load(group, epoch)) for group in groups))
+        for group, buf in buffers:
             if carry is not None:  # rows left over from the previous buffer start the next batch
                 buf = {k: torch.cat([carry[k], v]) for k, v in buf.items()}
             n = len(buf[key])
             if self.shuffle:
-                perm = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, group[0]]).permutation(n))
+                perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, group[0]]).permutation(n))
                 buf = {k: v[perm] for k, v in buf.items()}
             full = n - n % self.batch_size
             for s in range(0, full, self.batch_size):
@@ -222,8 +227,33 @@ class CacheStream(IterableDataset):
         if carry is not None and not self.drop_last:
             yield carry
 
+    def _prefetched(self, groups: list[list[int]], load, epoch: int, worker: int, num_workers: int):
+        """(group, buffer) for each group, each buffer loaded in a thread while the previous one's batches are
+        handed out (numpy gathers, zstd and file reads release the GIL). Without it a worker stalls the loader at
+        every buffer boundary: the DataLoader takes batches from its workers in turn, so the whole step waits for
+        the one worker that is reading. The last buffer's turn also starts the next epoch's first buffer, so a
+        persistent worker has it ready when that epoch begins (used only if that epoch does come next)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-    def _load_buffer(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        if getattr(self, "_pool", None) is None:  # created in the worker process, never shared across a fork
+            self._pool = ThreadPoolExecutor(1)
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        for i, group in enumerate(groups):
+            if i == 0 and ahead is not None and ahead[:2] == (epoch, tuple(group)):
+                future = ahead[2]
+            elif i == 0:
+                future = self._pool.submit(load, group, epoch)
+            buf = future.result()
+            if i + 1 < len(groups):
+                future = self._pool.submit(load, groups[i + 1], epoch)
+            else:
+                nxt = self.block_order(worker, num_workers, epoch=epoch + 1)[:self.buffer_chunks]
+                if nxt:
+                    self._ahead = (epoch + 1, tuple(nxt), self._pool.submit(load, nxt, epoch + 1))
+            yield group, buf
+
+
+    def _load_buffer(self, blocks: list[int], epoch: int) -> dict[str, torch.Tensor]:
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ["index", *self.arrays]}
         if self.use_labels:
             cols["labels"] = []
@@ -232,7 +262,7 @@ class CacheStream(IterableDataset):
         picked = []
         for b in blocks:
             start, end = self.blocks[b]
-            view = self.view_of(b)
+            view = self.view_of(b, epoch)
             picked.append(np.full(end - start, view, dtype=np.int64))
             for name in cols:
                 cols[name].append(self._read(name, start, end, view))

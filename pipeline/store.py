@@ -142,13 +142,16 @@ def create_store(path: Path | str, manifest: dict, arrays: dict[str, dict], num_
     return group
 
 
-def encode_chunk(values: np.ndarray, chunk_shape: list[int], codecs: dict) -> bytes:
-    """One chunk exactly as zarr's [bytes(little), zstd, crc32c] pipeline stores it (edge chunks padded).
+def encode_chunk(values: np.ndarray, chunk_shape: list[int], codecs: dict) -> tuple[bytes, bytes]:
+    """One chunk exactly as zarr's [bytes(little), zstd, crc32c] pipeline stores it (edge chunks padded), as its
+    two parts: the compressed bytes and their crc32c (written one after the other, never concatenated: a copy).
 
     Why not `array[a:b] = values`: zarr's write path serialises on its event loop (measured on a 16-core host:
     ~170 MB/s for 200 MB chunks with or without compression, 1 or 8 threads; on 2 cores 209 vs 508 MB/s with
     2 threads), while encoding here runs in our writer threads in parallel (numcodecs zstd releases the GIL).
-    The result is read back by zarr like any other chunk; tests compare both paths byte for byte.
+    zstd reads the array's own memory (no `tobytes()` copy: on a 206 MB feature chunk that copy cost half as long
+    as the compression). The result is read back by zarr like any other chunk; tests compare both paths byte for
+    byte.
     """
     import google_crc32c
     import numcodecs
@@ -157,9 +160,9 @@ def encode_chunk(values: np.ndarray, chunk_shape: list[int], codecs: dict) -> by
     if len(values) < chunk_shape[0]:  # zarr stores edge chunks at full chunk shape, padded with the fill value
         pad = np.full((chunk_shape[0] - len(values), *values.shape[1:]), fill_value(values.dtype), dtype=values.dtype)
         values = np.concatenate([values, pad])
-    raw = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
-    comp = numcodecs.Zstd(level=int(codecs["level"])).encode(raw)
-    return bytes(comp) + np.uint32(google_crc32c.value(bytes(comp))).astype("<u4").tobytes()
+    raw = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))  # no copy when already so
+    comp = numcodecs.Zstd(level=int(codecs["level"])).encode(raw.reshape(-1).view(np.uint8))
+    return comp, np.uint32(google_crc32c.value(comp)).astype("<u4").tobytes()
 
 
 def chunk_file(root: Path, name: str, spec: dict, block: int, view: int) -> Path:
@@ -192,8 +195,15 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
-                tmp.write_bytes(encode_chunk(np.asarray(values, dtype=spec["dtype"]), spec["chunks"],
-                                             manifest["codecs"]))
+                parts = encode_chunk(np.asarray(values, dtype=spec["dtype"]), spec["chunks"], manifest["codecs"])
+                with open(tmp, "wb") as f:
+                    for part in parts:
+                        f.write(part)
+                    f.flush()
+                    # On the disk before it is committed: the disk writes behind the next units' compute instead of
+                    # all at the end (sync_store), dirty memory stays flat, and a power cut cannot leave a committed
+                    # unit whose chunk never reached the disk.
+                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:  # a full disk, say: leave no partial temporary behind
                 tmp.unlink(missing_ok=True)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -369,32 +371,54 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
                        "choose another --out or pass --force to overwrite it")
 
 
-def _load_input(p: Prepared, idx: np.ndarray, box, flip) -> torch.Tensor:
+_LOADER = threading.local()  # each input-loader thread's own CUDA stream
+
+
+def _load_input(p: Prepared, idx: np.ndarray, box, flip):
+    """The uint8 input batch; on a GPU already on its way to the device: pinned, then copied on this loader
+    thread's own stream (off the compute stream, which would otherwise stall ~1 ms per 38 MB batch), with the
+    event that marks the copy done. Returns (tensor, event or None)."""
     raw = p.input(idx, box, flip)
-    return raw.pin_memory() if p.device.type == "cuda" else raw
+    if p.device.type != "cuda":
+        return raw, None
+    stream = getattr(_LOADER, "stream", None)
+    if stream is None:
+        stream = _LOADER.stream = torch.cuda.Stream(p.device)
+    with torch.cuda.stream(stream):
+        x = raw.pin_memory().to(p.device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return x, done
 
 
-def teacher_forward(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=None, loader=None):
+def _batch_inputs(p: Prepared, idx: np.ndarray, box=None, flip=None, loader=None):
+    """(batch slices, their load arguments, and with `loader` the loads already submitted to it)."""
+    slices = [slice(s, s + p.cfg.batch_size) for s in range(0, len(idx), p.cfg.batch_size)]
+    args = [(idx[s], None if box is None else box[s], None if flip is None else flip[s]) for s in slices]
+    return slices, args, [loader.submit(_load_input, p, *a) for a in args] if loader is not None else None
+
+
+def teacher_forward(p: Prepared, idx: np.ndarray, feats: dict, box=None, flip=None, loader=None, batches=None):
     """Yield (batch slice, {target: raw output on the device}) over samples `idx` (one view's box/flip each).
 
     With `loader` (GPU), input loading (decode, crop, resize, pin) runs in threads ahead of the forwards; torch
-    releases the GIL.
+    releases the GIL. `batches` (from `_batch_inputs`): loads submitted earlier, while previous units computed.
     uint8 crosses to the device (4x fewer bytes than float32); normalisation happens there.
     """
-    cfg = p.cfg
     cuda = p.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
-    slices = [slice(s, s + cfg.batch_size) for s in range(0, len(idx), cfg.batch_size)]
-    args = [(idx[s], None if box is None else box[s], None if flip is None else flip[s]) for s in slices]
-    inputs = [loader.submit(_load_input, p, *a) for a in args] if loader is not None else None
+    slices, args, inputs = batches or _batch_inputs(p, idx, box, flip, loader)
     for i, s in enumerate(slices):
-        raw = inputs[i].result() if inputs is not None else _load_input(p, *args[i])
+        raw, copied = inputs[i].result() if inputs is not None else _load_input(p, *args[i])
+        if copied is not None:  # made on a loader's stream: the compute stream waits for it, the CPU does not
+            torch.cuda.current_stream(p.device).wait_event(copied)
+            raw.record_stream(torch.cuda.current_stream(p.device))
         x = p.transform(raw.to(p.device, non_blocking=True))
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = p.teacher(x)
-        yield s, {"logits": logits, **{st.feature_array(layer): feats[layer] for layer in cfg.layers}}
+        yield s, {"logits": logits, **{st.feature_array(layer): feats[layer] for layer in p.cfg.layers}}
 
 
 def _encode(p: Prepared, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None
@@ -417,7 +441,7 @@ def _encode(p: Prepared, outputs: dict[str, torch.Tensor], labels: torch.Tensor 
 
 
 def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: ThreadPoolExecutor | None = None,
-                          box=None, flip=None, copy_stream=None, labels: np.ndarray | None = None):
+                          box=None, flip=None, copy_stream=None, labels: np.ndarray | None = None, batches=None):
     """Queue the teacher on samples `idx`; return host parts, host stats and a CUDA event that fires when filled.
 
     On a GPU nothing here waits for the device: forwards and encodings are queued on the compute stream; the copies
@@ -428,7 +452,7 @@ def teacher_outputs_async(p: Prepared, idx: np.ndarray, feats: dict, loader: Thr
     chunks: dict[str, list[torch.Tensor]] = {}
     stats = None
     y = torch.from_numpy(labels).to(p.device, non_blocking=True) if labels is not None else None
-    for s, out in teacher_forward(p, idx, feats, box, flip, loader):
+    for s, out in teacher_forward(p, idx, feats, box, flip, loader, batches):
         parts, st_sum = _encode(p, out, None if y is None else y[s])
         for k, v in parts.items():
             chunks.setdefault(k, []).append(v)
@@ -491,8 +515,15 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
     total = p.num_samples * p.units_per_block
     prog, task = _progress(total, already, "views" if p.views else "samples", show)
     pending = set()
-    writers = cfg.writers or min(8, os.cpu_count() or 2)
-    max_pending = max(2, 2 * writers)  # bounded: host memory stays flat however large the dataset
+    # zstd runs at ~250-350 MB/s per core on float16 feature maps: a 401 KB/sample hint layer needs ~10 cores to
+    # keep up with a GPU's forward; the main thread and the two input loaders keep theirs.
+    writers = cfg.writers or max(2, min(16, (os.cpu_count() or 2) - 3))
+    # Bounded: host memory stays flat however large the dataset. Units in flight hold pinned host buffers (on a GPU)
+    # until written; pinning fresh memory is slow (~10 ms per 100 MB), so the bound is also in bytes (2 GiB), which
+    # keeps the pinned allocator reusing the same few buffers.
+    unit_bytes = cfg.chunk_samples * sum(int(np.prod(a["shape"][1 + bool(p.views and a["view_axis"]):])) *
+                                         np.dtype(a["dtype"]).itemsize for a in p.arrays.values())
+    max_pending = max(2, min(2 * writers, (2 << 30) // max(1, unit_bytes)))
     native_hw = tuple(source.native_shape[1:])
     copy_stream = torch.cuda.Stream(device=p.device) if p.device.type == "cuda" else None
     t0, computed, busy = time.time(), 0, 0.0
@@ -502,7 +533,7 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
     loader_pool = ThreadPoolExecutor(2) if p.device.type == "cuda" else nullcontext()
     with prog, ThreadPoolExecutor(writers) as pool, loader_pool as loader, torch.inference_mode(), \
             capture(p.teacher, cfg.layers, p.copy_layers) as feats:
-        for b, v in todo:
+        def plan(b, v):  # one unit's rows, views and sample-level arrays; on a GPU its input loads start now
             start, end = blocks[b]
             idx = p.rows[start:end]  # the source samples this block holds
             out, box, flip = {}, None, None
@@ -514,8 +545,20 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
             if p.views:
                 box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [v], native_hw))
                 out["aug/box"], out["aug/flip"] = box, flip
+            return b, v, start, end, idx, out, box, flip, labels, _batch_inputs(p, idx, box, flip, loader)
+
+        # Inputs load a few batches ahead across unit boundaries (a unit may be a single batch): the GPU never
+        # waits for the next unit's first input.
+        ahead = max(1, -(-4 * cfg.batch_size // max(1, cfg.chunk_samples))) if loader is not None else 0
+        units, queued = iter(todo), deque()
+        while True:
+            while len(queued) <= ahead and (unit := next(units, None)) is not None:
+                queued.append(plan(*unit))
+            if not queued:
+                break
+            b, v, start, end, idx, out, box, flip, labels, batches = queued.popleft()
             host, event = teacher_outputs_async(p, idx, feats, loader, box, flip, copy_stream,
-                                                labels if st.TEACHER_TOP1 in p.stat_columns else None)
+                                                labels if st.TEACHER_TOP1 in p.stat_columns else None, batches)
             pending.add(pool.submit(_write_when_ready, group, p, b, v, start, end, out, host, event))
             if len(pending) >= max_pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -29,7 +29,7 @@ from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.data import Source, Transform, class_map, data_root, open_source, paths_as_text
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
-from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole
+from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead
 from pipeline.ranks import Ranks
 from pipeline.models import build_model, capture, check_outputs, fingerprint_module, resolve_modules
 from pipeline.reader import CacheStream, make_loader
@@ -420,7 +420,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
             set_epoch(epoch)
             sums, seen, correct, t0 = {}, 0, 0, time.time()
             cap = steps(epoch) if ranks.world > 1 else None
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(to_device_ahead(loader, device)):
                 if cap is not None and i >= cap:
                     break  # this rank's surplus batch(es): the other ranks have none to average with
                 cosine_lr(opt, cfg.lr, step, total)
