@@ -6,6 +6,8 @@
     (d) student training alone (labels only, no teacher, no cache)
     (e) student with KD (and with FitNets) streaming targets from the on-disk cache  -> e/d, e/f
     (f) online KD: the teacher in the loop
+plus two ceilings: (d0) the student's training step on a batch already on the device, and the student stage's
+loader alone (no training), for KD and FitNets targets: what (d) and (e) would reach if input or training cost nothing.
 (d), (e) and (f) run the same training loop (`train_student.fit`) with the same DataLoader workers, batch and
 student; only where the targets come from differs. Each is timed on its second epoch (workers and caches warm).
 
@@ -138,6 +140,62 @@ def teacher_forward(teacher, x: torch.Tensor, n: int, device) -> float:
     return steps * len(x) / (time.perf_counter() - t0)
 
 
+def student_step(arch: str, classes: int, x: torch.Tensor, n: int, device) -> float:
+    """img/s of the student's training step (forward, backward, SGD) on a batch already on the device, in the
+    training loop's precision and layout: the ceiling that (d) and (e) approach when their input costs nothing."""
+    from pipeline.loops import sgd
+    from pipeline.models import build_model
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(arch, classes, x.shape[1], x.shape[2]).to(
+        device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
+    opt = sgd(model.parameters(), 0.01)
+    y = torch.randint(0, classes, (len(x),), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up
+        step()
+    steps = max(1, n // len(x))
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return steps * len(x) / (time.perf_counter() - t0)
+
+
+def loader_alone(store: str, data: str, targets: list[str], batch: int, workers: int, device) -> float:
+    """img/s of the student stage's loader with nothing to train: DataLoader workers streaming the store, pinned
+    batches copied to the device. Timed on the second epoch, as the student runs are: the rate the reader could
+    feed a student that cost nothing."""
+    from pipeline.data import open_source
+    from pipeline.loops import to_device_ahead
+    from pipeline.reader import CacheStream, make_loader
+    from pipeline.store import open_store
+
+    stream = CacheStream(open_store(store), open_source(data), targets, batch, use_labels=True)
+    loader = make_loader(stream, workers, pin_memory=device.type == "cuda")
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        seen, t0 = 0, time.perf_counter()
+        for b in to_device_ahead(loader, device):
+            seen += len(b["index"])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import data_root, default_transform, open_source
@@ -230,7 +288,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             rounds.setdefault("c_cache_logits_hint", []).append(with_hint)
             log(f"round {r + 1}/{cfg.repeat}: (a) {rounds['a_teacher_forward'][-1]['img_s']:,.0f} "
                 f"(b) {rounds['b_cache_logits'][-1]['img_s']:,.0f} (c) {with_hint['img_s']:,.0f} img/s")
+        xs = source.load(np.arange(min(batch, n)), tf).to(device)
+        if device.type == "cuda":
+            xs = xs.contiguous(memory_format=torch.channels_last)
         for r in range(cfg.repeat):
+            rounds.setdefault("d0_student_step", []).append({"img_s": student_step(p["student"], p["classes"], xs,
+                                                                                   n, device)})
             for key, args, kw in [("d_student_alone", ("ce=1", "alone"), {"online": True}),
                                   ("e_student_kd", ("kd=1", "kd"), {}),
                                   ("e_student_fitnets", ("kd=1,fitnets=1", "fitnets"),
@@ -252,6 +315,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         results["ratio_rounds"]["c_write_vs_disk"] = [row["MB_s"] / results["disk_write_MB_s"]
                                                       for row in rounds["c_cache_logits_hint"]]
         results["ratios"] = {k: float(np.median(v)) for k, v in results["ratio_rounds"].items()}
+        # Once, after the rounds: what the reader alone delivers from the last round's store (KD, then FitNets)
+        results["loader_alone"] = {
+            what: {"img_s": loader_alone(store, data, targets, batch, workers, device)}
+            for what, targets in [("kd", ["logits"]), ("fitnets", ["logits", f"features/{p['hint']}"])]}
+        log("    loader alone             " + ", ".join(f"{k} {v['img_s']:,.0f}" for k, v in
+                                                      results["loader_alone"].items()) + " img/s")
         results["store_read"] = store_read_bandwidth(Path(store))  # the last round's logits + hint store
         log(f"    store read (1 thread)    {results['store_read']['cold_MB_s']:10,.0f} MB/s with its pages dropped, "
             f"{results['store_read']['warm_MB_s']:,.0f} MB/s cached")
@@ -382,15 +451,21 @@ def table(r: dict) -> str:
     for key, label in [("a_teacher_forward", "(a) teacher forward only"),
                        ("b_cache_logits", "(b) teacher-cache, logits"),
                        ("c_cache_logits_hint", f"(c) teacher-cache, logits + {r['hint']}"),
+                       ("d0_student_step", "(d0) student step, batch resident on the device (ceiling of d, e)"),
                        ("d_student_alone", "(d) student alone"),
                        ("e_student_kd", "(e) student + KD from cache"),
                        ("e_student_fitnets", "(e) student + KD + FitNets from cache"),
                        ("f_online_kd", "(f) online KD (teacher in the loop)")]:
+        if key not in r:  # a JSON written before this row existed
+            continue
         v = r[key]
         mb = f"{v['MB_s']:.1f}" if "MB_s" in v else "-"
         cores = f"{v['cores_busy']:.2f}" if "cores_busy" in v else "-"
         cores += f" ({v['writer_cores']:.2f})" if "writer_cores" in v else ""
         lines.append(f"| {label} | {v['img_s']:,.0f} | {mb} | {cores} |")
+    for what, v in (r.get("loader_alone") or {}).items():
+        lines.append(f"| student-stage loader alone, {'KD' if what == 'kd' else 'KD + FitNets'} targets (no "
+                     f"training) | {v['img_s']:,.0f} | - | - |")
     lines.append(f"| disk sequential write (same run) | - | {r['disk_write_MB_s']:,.0f} | - |")
     if r.get("store_read"):
         lines.append(f"| store read, 1 thread, page cache dropped / cached (same run) | - | "
