@@ -293,8 +293,9 @@ def remove_temporaries(group) -> int:
 
 def uncommit_lost_units(group) -> int:
     """Un-commit the units whose chunk files are missing or empty, so a resumed run recomputes them. A kill cannot
-    cause this (a chunk is renamed into place before its marker is written), but a power cut can: the files are
-    fsynced once, at the end, not before every marker. Local stores only. Returns how many units were reset."""
+    cause this (a chunk is renamed into place before its marker is written), but a power cut can: each chunk's
+    data is fsynced before its rename, but the folders (the renames) and the markers only once, at the end. Local
+    stores only. Returns how many units were reset."""
     root = getattr(group.store, "root", None)
     if root is None:
         return 0

@@ -116,20 +116,38 @@ def test_shuffle_quality_numbers():
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_persistent_workers_follow_set_epoch(root, teacher_file, workers):
-    """The loader training uses keeps its workers across epochs; each epoch must still get its own order."""
-    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu"),
-                             log=lambda *_: None)
+    """The loader training uses keeps its workers across epochs; each epoch must still get its own order and, with
+    views, its own views. Workers load the next epoch's first buffer ahead: a jump (a resumed run) must not use it."""
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu",
+                                         views=3, augment="crop=0.5-1,flip"), log=lambda *_: None)
     store = open_store(path)
-    index = np.asarray(store.open_group()["index"][:])
-    stream = CacheStream(store, open_source(DATA), ["logits"], 32, use_labels=True, buffer_chunks=2, seed=0)
+    group = store.open_group()
+    index = np.asarray(group["index"][:])
+    boxes = np.asarray(group["aug/box"][:])
+    row_of = {int(i): r for r, i in enumerate(index)}
+    stream = CacheStream(store, open_source(DATA), ["logits"], 32, use_labels=True, buffer_chunks=2, seed=0,
+                         view_policy="random")
     loader = make_loader(stream, workers)
     orders = []
-    for epoch in range(3):
+    for epoch in [0, 1, 2, 7, 3]:
         stream.set_epoch(epoch)
-        got = torch.cat([b["index"] for b in loader]).numpy()
+        batches = list(loader)
+        got = torch.cat([b["index"] for b in batches]).numpy()
         np.testing.assert_array_equal(got, index[stream.epoch_rows(workers)])  # this epoch's planned order
+        rows = np.array([row_of[int(i)] for i in got])
+        views = torch.cat([b["view"] for b in batches]).numpy()
+        planned = np.array([stream.view_of(r // 64, epoch) for r in rows])
+        np.testing.assert_array_equal(views, planned)  # each block's view of this epoch, not of the one before
+        # and the input rebuilt is that view's: its box is the one stored for (row, view)
+        x = torch.cat([b["x"] for b in batches])
+        src = open_source(DATA)
+        from pipeline.data import Transform
+        tf = Transform.from_dict(store.manifest["transform"])
+        flips = np.asarray(group["aug/flip"][:])[rows, views]
+        expect = src.load_view(got, tf, boxes[rows, views], flips)
+        assert torch.equal(x, expect)
         orders.append(tuple(got))
-    assert len(set(orders)) == 3
+    assert len(set(orders)) == 5
 
 
 @pytest.mark.parametrize("views", [0, 3])
