@@ -66,7 +66,7 @@ class CacheConfig:
                                           # else 0.5/0.5 or the dataset's own statistics)
     limit: int | None = None              # cache only the first N samples (quick runs)
     device: str = "auto"
-    writers: int = 0                      # writer threads; 0 = min(8, CPU cores)
+    writers: int = 0                      # writer threads; 0 = CPU cores - 3, from 2 to 16
     force: bool = False                   # rebuild even when a complete cache with this key exists
 
     def __post_init__(self):
