@@ -201,8 +201,8 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
                         f.write(part)
                     f.flush()
                     # On the disk before it is committed: the disk writes behind the next units' compute instead of
-                    # all at the end (sync_store), dirty memory stays flat, and a power cut cannot leave a committed
-                    # unit whose chunk never reached the disk.
+                    # all at the end (sync_store) and dirty memory stays flat. (A power cut can still lose the
+                    # rename; a resumed run finds such units by their missing files and redoes them.)
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:  # a full disk, say: leave no partial temporary behind

@@ -515,8 +515,9 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
     total = p.num_samples * p.units_per_block
     prog, task = _progress(total, already, "views" if p.views else "samples", show)
     pending = set()
-    # zstd runs at ~250-350 MB/s per core on float16 feature maps: a 401 KB/sample hint layer needs ~10 cores to
-    # keep up with a GPU's forward; the main thread and the two input loaders keep theirs.
+    # zstd level 1 compresses ~140-250 MB/s of float16 feature maps per thread (measured on an H100 host's vCPUs and
+    # on a 2-core machine): a 401 kB/sample hint layer at a GPU's 12k img/s would want more cores than hosts have,
+    # so the writers take every core but those of the main thread and the two input loaders.
     writers = cfg.writers or max(2, min(16, (os.cpu_count() or 2) - 3))
     # Bounded: host memory stays flat however large the dataset. Units in flight hold pinned host buffers (on a GPU)
     # until written; pinning fresh memory is slow (~10 ms per 100 MB), so the bound is also in bytes (2 GiB), which
