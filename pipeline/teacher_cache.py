@@ -120,6 +120,11 @@ class Prepared:
     def units_per_block(self) -> int:
         return max(1, self.views)
 
+    def chunk_bytes(self) -> dict[str, int]:
+        """Uncompressed bytes of one chunk (one unit's rows, one view) of each stored array."""
+        return {name: self.cfg.chunk_samples * int(np.prod(a["shape"][1 + bool(self.views and a["view_axis"]):])) *
+                np.dtype(a["dtype"]).itemsize for name, a in self.arrays.items()}
+
     def manifest(self) -> dict:
         cfg = self.cfg
         views = ({"count": self.views, "augment": self.policy.to_dict(), "seed": cfg.aug_seed,
@@ -246,6 +251,24 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
                     arrays, stat_columns, row_order(n, cfg.row_order), copy_layers=copy_layers)
 
 
+LARGE_CHUNK_BYTES = 256 << 20
+
+
+def large_chunk_note(p: Prepared) -> str | None:
+    """A note when a chunk is so large that memory suffers: a writer holds whole units, and a student's loader
+    worker holds two shuffle buffers of at least two chunks each. Suggests --chunk-samples for ~128 MB chunks, in
+    whole batches (a unit smaller than a batch would shrink the teacher's batches)."""
+    name, size = max(p.chunk_bytes().items(), key=lambda kv: kv[1])
+    if size <= LARGE_CHUNK_BYTES:
+        return None
+    row = size / p.cfg.chunk_samples
+    batch = p.cfg.batch_size
+    suggest = max(batch, int((128 << 20) // row) // batch * batch)
+    return (f"note: each {name} chunk is {size / 2**20:,.0f} MB ({p.cfg.chunk_samples} rows of {row / 1e3:,.0f} kB, "
+            f"uncompressed); writers and each of a student's loader workers hold several at once: --chunk-samples "
+            f"{suggest} would make them {suggest * row / 2**20:,.0f} MB (another cache)")
+
+
 def _metrics(target: str) -> tuple[str, ...]:
     return ("kl_t1", "kl_t4", "top1_agreement") if target == "logits" else ("rel_err", "cosine")
 
@@ -281,6 +304,9 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
         log(f"resuming {p.path}: {already}/{total} {what} already cached, {total - already} to go")
     if ranks.world > 1:
         log(f"{ranks.world} ranks fill {p.path}; progress shown for rank 0's share")
+    note = large_chunk_note(p)
+    if note:
+        log(note)
     t0 = time.time()
     where = ranks.gather(ranks.together(fill_units, group, p, blocks, todo, already, ranks.leader))
 
@@ -522,8 +548,7 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
     # Bounded: host memory stays flat however large the dataset. Units in flight hold pinned host buffers (on a GPU)
     # until written; pinning fresh memory is slow (~10 ms per 100 MB), so the bound is also in bytes (2 GiB), which
     # keeps the pinned allocator reusing the same few buffers.
-    unit_bytes = cfg.chunk_samples * sum(int(np.prod(a["shape"][1 + bool(p.views and a["view_axis"]):])) *
-                                         np.dtype(a["dtype"]).itemsize for a in p.arrays.values())
+    unit_bytes = sum(p.chunk_bytes().values())
     max_pending = max(2, min(2 * writers, (2 << 30) // max(1, unit_bytes)))
     native_hw = tuple(source.native_shape[1:])
     copy_stream = torch.cuda.Stream(device=p.device) if p.device.type == "cuda" else None

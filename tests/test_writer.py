@@ -98,3 +98,29 @@ def test_teacher_cache_writer_pool_equals_one_writer(root, teacher_file):
     for f in files:
         if f.parts[0] != st.STATS:  # per-unit distortion sums: floats, summed in any order
             assert (one / f).read_bytes() == (four / f).read_bytes(), f
+
+
+def test_a_chunk_too_large_for_memory_gets_a_note_with_a_chunk_size(root, teacher_file, monkeypatch):
+    """Chunks over the threshold (256 MB; lowered here) are named with their size and a --chunk-samples that would
+    make them ~128 MB (scaled down here too), in whole batches; smaller chunks get no note."""
+    import pipeline.teacher_cache as tc
+    from tests.conftest import SYN
+
+    lines = []
+    tc.run_teacher_cache(tc.CacheConfig(data=SYN, weights=str(teacher_file), layers=["layer2"], chunk_samples=64,
+                                        batch_size=16, out="small.zarr"), log=lines.append)
+    assert not any(line.startswith("note: each") for line in lines)
+    g = zarr.open_group("small.zarr", mode="r")
+    chunk = int(np.prod(g["features/layer2"].chunks)) * g["features/layer2"].dtype.itemsize  # the largest array
+    assert chunk > int(np.prod(g["logits"].chunks)) * g["logits"].dtype.itemsize
+    monkeypatch.setattr(tc, "LARGE_CHUNK_BYTES", chunk - 1)
+    lines = []
+    tc.run_teacher_cache(tc.CacheConfig(data=SYN, weights=str(teacher_file), layers=["layer2"], chunk_samples=64,
+                                        batch_size=16, out="large.zarr"), log=lines.append)
+    import re
+
+    note = [line for line in lines if line.startswith("note: each")]
+    assert len(note) == 1 and note[0].startswith("note: each features/layer2 chunk is ") and "(64 rows of " in note[0]
+    suggest = int(re.search(r"--chunk-samples (\d+) ", note[0]).group(1))
+    row = chunk / 64  # bytes per row of the largest array, from the store's own metadata
+    assert suggest % 16 == 0 and suggest * row <= 128 << 20 < (suggest + 16) * row  # whole batches, ~128 MB
