@@ -288,11 +288,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             rounds.setdefault("c_cache_logits_hint", []).append(with_hint)
             log(f"round {r + 1}/{cfg.repeat}: (a) {rounds['a_teacher_forward'][-1]['img_s']:,.0f} "
                 f"(b) {rounds['b_cache_logits'][-1]['img_s']:,.0f} (c) {with_hint['img_s']:,.0f} img/s")
-        xs = source.load(np.arange(min(batch, n)), tf).to(device)
-        if device.type == "cuda":
-            xs = xs.contiguous(memory_format=torch.channels_last)
-        for r in range(cfg.repeat):
-            rounds.setdefault("d0_student_step", []).append({"img_s": student_step(p["student"], p["classes"], xs,
+        for r in range(cfg.repeat):  # the student steps on (a)'s resident batch (channels_last on a GPU too)
+            rounds.setdefault("d0_student_step", []).append({"img_s": student_step(p["student"], p["classes"], x,
                                                                                    n, device)})
             for key, args, kw in [("d_student_alone", ("ce=1", "alone"), {"online": True}),
                                   ("e_student_kd", ("kd=1", "kd"), {}),

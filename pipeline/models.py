@@ -204,6 +204,12 @@ def _first_misfit(e: BaseException) -> str:
     return reason if len(reason) <= 240 else reason[:237] + "..."
 
 
+def _output_tensor(out) -> torch.Tensor | None:
+    """The tensor a hooked module gave: its output, or the first element of a tuple/list output; None otherwise."""
+    t = out[0] if isinstance(out, (tuple, list)) and out else out
+    return t if isinstance(t, torch.Tensor) else None
+
+
 def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     """One forward on `x` (in the model's current train/eval mode): (its output, {name: module output, by reference},
     the names whose output a later in-place operation changed), the last found by the tensors' version counters:
@@ -212,8 +218,8 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name):
-            t = out[0] if isinstance(out, (tuple, list)) and out else out
-            if isinstance(t, torch.Tensor):  # anything else: `check_outputs` names it
+            t = _output_tensor(out)
+            if t is not None:  # anything else: `check_outputs` names it
                 at_hook[name] = (t, t._version)
         handles.append(mod.register_forward_hook(hook))
     try:
@@ -281,8 +287,8 @@ def capture(model: nn.Module, names: list[str], copy=None):
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name, clone=copy is None or name in copy):
-            t = out[0] if isinstance(out, (tuple, list)) and out else out
-            if isinstance(t, torch.Tensor):  # anything else: absent, and `check_outputs` names it
+            t = _output_tensor(out)
+            if t is not None:  # anything else: absent, and `check_outputs` names it
                 outputs[name] = t.clone() if clone else t
         handles.append(mod.register_forward_hook(hook))
     try:
