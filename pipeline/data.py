@@ -152,8 +152,8 @@ def _convert_channels(images: torch.Tensor, tf: Transform) -> torch.Tensor:
             wts = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
             images = (images.float() * wts).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
         else:
-            raise KDCacheError(f"cannot convert {images.shape[1]}-channel images to {tf.channels} channels; "
-                               "use --channels 1 or 3")
+            raise KDCacheError(f"cannot convert {images.shape[1]}-channel images to {tf.channels} channels (only "
+                               f"1 and 3 convert into each other); use --channels {images.shape[1]}, the data's own")
     return images
 
 
@@ -236,6 +236,11 @@ class Source:
 
     def fingerprint(self) -> str:
         raise NotImplementedError
+
+    def content_fingerprint(self) -> str:
+        """A hash of the samples' content alone. Most sources' `fingerprint` already is one; an image folder's is
+        cheaper (file times), and this is what recognises a copy of it (see `data_differs`)."""
+        return self.fingerprint()
 
     def test_spec(self) -> str | None:
         """The matching test split's spec, when the dataset has one."""
@@ -386,6 +391,10 @@ class Synthetic(Source):
         return f"synthetic:{max(self.num_samples // 4, 1)}:{c}x{h}x{w}:{len(self.classes)}:{self.seed + 1000}"
 
 
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
+
+
 class ImageFolder(Source):
     """`imagefolder:DIR`: DIR/<class>/<image> is labelled (classes sorted by name); DIR/<image> is unlabelled."""
 
@@ -393,8 +402,9 @@ class ImageFolder(Source):
         if not root.is_dir():
             raise KDCacheError(f"image folder not found: {root}; pass imagefolder:DIR with an existing folder")
         self.spec, self.root = spec, root
+        # Hidden files and folders (.ipynb_checkpoints, macOS's ._name resource forks) are not data.
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = [p for p in root.iterdir() if _is_image(p)]
         if subdirs and loose:  # neither reading is safe: dropping the loose images, or making them a class
             raise KDCacheError(f"{root} holds class folders and also {len(loose)} image(s) directly inside it (e.g. "
                                f"{loose[0].name}); move them into a class folder, or give a folder of only images "
@@ -403,7 +413,8 @@ class ImageFolder(Source):
             self.classes = [p.name for p in subdirs]
             files, labels = [], []
             for ci, d in enumerate(subdirs):
-                fs = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                fs = sorted(p for p in d.rglob("*") if _is_image(p) and
+                            not any(part.startswith(".") for part in p.relative_to(d).parts))
                 files += fs
                 labels += [ci] * len(fs)
         else:
@@ -419,6 +430,7 @@ class ImageFolder(Source):
         self.native_shape = (first.shape[0], first.shape[1], first.shape[2])
         self._mode = "L" if first.shape[0] == 1 else "RGB"
         self._fp: str | None = None
+        self._content_fp: str | None = None
 
     def _decode(self, path: Path, mode: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -450,6 +462,29 @@ class ImageFolder(Source):
         size = self.native_shape[1:]
         return torch.from_numpy(np.stack([self._decode(self.files[i], self._mode, size) for i in idx]))
 
+    def content_fingerprint(self):
+        """Relative paths and every file's bytes (read in threads: hashing releases the GIL). A copy of the folder
+        made without keeping file times (cp, scp, git) has another `fingerprint` but this same one."""
+        if self._content_fp is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def digest(f: Path) -> bytes:
+                h = hashlib.blake2b(digest_size=16)
+                try:
+                    with open(f, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+                except OSError as e:
+                    raise KDCacheError(f"cannot read image {f} ({e.strerror}); fix or remove the file") from None
+                return h.digest()
+
+            h = hashlib.sha256()
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                for f, d in zip(self.files, pool.map(digest, self.files)):
+                    h.update(f"{f.relative_to(self.root)}\0".encode() + d)
+            self._content_fp = h.hexdigest()[:16]
+        return self._content_fp
+
     def fingerprint(self):
         if self._fp is None:  # paths, sizes and modification times: cheap, and any edit changes it
             h = hashlib.sha256()
@@ -461,6 +496,18 @@ class ImageFolder(Source):
                 h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             self._fp = h.hexdigest()[:16]
         return self._fp
+
+
+def data_differs(source: Source, recorded: dict) -> str | None:
+    """None when `source` holds the data a manifest's `recorded` data section was made from; else how it differs.
+    The fingerprints first; where only an image folder's (file times) differs, its content decides, when the store
+    recorded its content fingerprint."""
+    if source.fingerprint() == recorded["fingerprint"]:
+        return None
+    content = recorded.get("content_fingerprint")
+    if content and content != recorded["fingerprint"] and source.content_fingerprint() == content:
+        return None
+    return f"fingerprint {source.fingerprint()} vs {recorded['fingerprint']}"
 
 
 def absolute_spec(spec: str) -> str:

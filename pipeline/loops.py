@@ -56,14 +56,23 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch over n rows. A last batch of a single row joins the one before it: BatchNorm
+    cannot train on one sample (torch raises for a 1x1 map), and a one-sample step is mostly noise."""
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def source_batches(source: Source, tf: Transform, batch_size: int, shuffle: bool = False, seed: int = 0,
                    epoch: int = 0):
     """Yield (idx, x, y) over a whole source. Sources load a batch at once, so this stays vectorised."""
     order = np.arange(source.num_samples)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(source.num_samples)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for s, e in batch_bounds(len(order), batch_size):
+        idx = order[s:e]
         y = source.labels(idx)
         yield idx, source.load(idx, tf), (torch.from_numpy(y) if y is not None else None)
 

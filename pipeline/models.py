@@ -204,6 +204,19 @@ def _first_misfit(e: BaseException) -> str:
     return reason if len(reason) <= 240 else reason[:237] + "..."
 
 
+class Outputs(dict):
+    """Hooked outputs by module path, plus how often each module ran: a module the forward calls more than once
+    (torchvision's BasicBlock reuses one ReLU) would silently give its last call, so `check_outputs` refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self[name] = t
+
+
 def _output_tensor(out) -> torch.Tensor | None:
     """The tensor a hooked module gave: its output, or the first element of a tuple/list output; None otherwise."""
     t = out[0] if isinstance(out, (tuple, list)) and out else out
@@ -214,13 +227,14 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     """One forward on `x` (in the model's current train/eval mode): (its output, {name: module output, by reference},
     the names whose output a later in-place operation changed), the last found by the tensors' version counters:
     `capture` must copy those. Runs under no_grad, not inference_mode, whose tensors keep no version counter."""
-    at_hook: dict[str, tuple[torch.Tensor, int]] = {}
+    at_hook, versions = Outputs(), {}
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name):
             t = _output_tensor(out)
             if t is not None:  # anything else: `check_outputs` names it
-                at_hook[name] = (t, t._version)
+                at_hook.put(name, t)
+                versions[name] = t._version
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -228,7 +242,7 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     finally:
         for h in handles:
             h.remove()
-    return out, {n: t for n, (t, _) in at_hook.items()}, {n for n, (t, v) in at_hook.items() if t._version != v}
+    return out, at_hook, {n for n, t in at_hook.items() if t._version != versions[n]}
 
 
 def check_outputs(model_name: str, names: list[str], feats: dict, flag: str) -> None:
@@ -239,6 +253,13 @@ def check_outputs(model_name: str, names: list[str], feats: dict, flag: str) -> 
     if missing:
         raise KDCacheError(f"module '{missing[0]}' of {model_name} gave no tensor during a forward (the forward does "
                            f"not call it, or it returns no tensor); choose another {flag}")
+    repeated = [n for n in names if getattr(feats, "calls", {}).get(n, 1) > 1]
+    if repeated:
+        n = repeated[0]
+        parent = n.rpartition(".")[0]
+        raise KDCacheError(f"module '{n}' of {model_name} runs {feats.calls[n]} times in one forward (one module "
+                           f"reused, e.g. a block's shared ReLU), so its output is ambiguous; choose another {flag}"
+                           + (f", e.g. its parent '{parent}'" if parent else ""))
 
 
 def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
@@ -283,13 +304,13 @@ def capture(model: nn.Module, names: list[str], copy=None):
     and add the shortcut into `bn2`'s output with `+=`), and the module's output is what was asked for: the outputs
     named in `copy` are stored as copies (differentiable, so hooked student layers still train); `copy=None` copies
     all of them. `overwritten_outputs` finds which need it, so a teacher copies none it does not have to."""
-    outputs: dict[str, torch.Tensor] = {}
+    outputs = Outputs()
     handles = []
     for name, mod in resolve_modules(model, names).items():
         def hook(_m, _inp, out, name=name, clone=copy is None or name in copy):
             t = _output_tensor(out)
             if t is not None:  # anything else: absent, and `check_outputs` names it
-                outputs[name] = t.clone() if clone else t
+                outputs.put(name, t.clone() if clone else t)
         handles.append(mod.register_forward_hook(hook))
     try:
         yield outputs

@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text
+from pipeline.loops import batch_bounds
 from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
 from pipeline.reader import SharedEpoch, make_loader
@@ -60,17 +61,17 @@ class OnlineStream(IterableDataset):
         self._epoch.value = epoch
 
     def __len__(self) -> int:
-        return -(-self.source.num_samples // self.batch_size)
+        return len(batch_bounds(self.source.num_samples, self.batch_size))
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.source.num_samples)
         hw = tuple(self.source.native_shape[1:])
-        for i, s in enumerate(range(0, len(order), self.batch_size)):
+        for i, (s, e) in enumerate(batch_bounds(len(order), self.batch_size)):
             if i % workers != worker:
                 continue
-            idx = order[s:s + self.batch_size]
+            idx = order[s:e]
             if self.policy.identity:
                 x = self.source.load_raw(idx, self.tf)
             else:

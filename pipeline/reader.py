@@ -32,6 +32,7 @@ from pipeline.augment import select_view
 from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
 from pipeline.errors import KDCacheError
+from pipeline.loops import batch_bounds
 from pipeline.store import CacheStore, block_ranges
 
 SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
@@ -132,7 +133,7 @@ class CacheStream(IterableDataset):
             for w in range(max(1, num_workers)):
                 rows = sum(self.blocks[b][1] - self.blocks[b][0]
                            for b in self.block_order(w, max(1, num_workers), rank, epoch))
-                total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+                total += rows // self.batch_size if self.drop_last else len(batch_bounds(rows, self.batch_size))
             return total
 
         return min(of_rank(r) for r in range(self.world)) if everyone else of_rank(self.rank)
@@ -212,6 +213,9 @@ class CacheStream(IterableDataset):
         groups = [mine[g:g + self.buffer_chunks] for g in range(0, len(mine), self.buffer_chunks)]
         epoch = self.epoch
         carry: dict[str, torch.Tensor] | None = None
+        # Each batch is handed out one step late, so that a last batch of a single row can join the one before it
+        # (see loops.batch_bounds) even when that one came from the previous buffer.
+        held: dict[str, torch.Tensor] | None = None
         buffers = (self._prefetched(groups, load, epoch, worker, num_workers) if prefetch else
                    ((group, load(group, epoch)) for group in groups))
         for group, buf in buffers:
@@ -223,10 +227,19 @@ class CacheStream(IterableDataset):
                 buf = {k: v[perm] for k, v in buf.items()}
             full = n - n % self.batch_size
             for s in range(0, full, self.batch_size):
-                yield {k: v[s:s + self.batch_size] for k, v in buf.items()}
+                if held is not None:
+                    yield held
+                held = {k: v[s:s + self.batch_size] for k, v in buf.items()}
             carry = {k: v[full:] for k, v in buf.items()} if full < n else None
         if carry is not None and not self.drop_last:
-            yield carry
+            if held is not None and len(carry[key]) == 1 and self.batch_size > 1:
+                held = {k: torch.cat([held[k], carry[k]]) for k in held}
+            else:
+                if held is not None:
+                    yield held
+                held = carry
+        if held is not None:
+            yield held
 
     def _prefetched(self, groups: list[list[int]], load, epoch: int, worker: int, num_workers: int):
         """(group, buffer) for each group, each buffer loaded in a thread while the previous one's batches are

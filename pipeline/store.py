@@ -481,6 +481,7 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")
     if require_complete and not manifest.get("complete"):
-        raise KDCacheError(f"cache {path} is incomplete (its writer stopped before the last chunk); "
-                           "re-run the same teacher-cache command to resume it")
+        raise KDCacheError(f"cache {path} is incomplete (its writer stopped before the last chunk: killed, or "
+                           "stopped by an error); re-run the same teacher-cache command to resume it, after fixing "
+                           "what stopped it")
     return CacheStore(path=path, manifest=manifest)

@@ -132,7 +132,8 @@ class Prepared:
         return {"key": self.key, "identity": self.identity, "created": st.now(),
                 "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
                             "arch": self.teacher_meta.get("arch", cfg.teacher)},
-                "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit},
+                "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit,
+                                                  "content_fingerprint": self.source.content_fingerprint()},
                 "transform": self.transform.to_dict(), "views": views, "row_order": cfg.row_order,
                 "layers": list(cfg.layers),
                 "dtype": cfg.dtype, "targets": self.targets, "codecs": self.identity["codecs"],
@@ -197,7 +198,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     # On a GPU, channels_last: convolutions run in the tensor cores' native layout (as any fast inference loop).
     teacher = teacher.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
 
-    identity = {"teacher": teacher_fp, "data": source.fingerprint(), "samples": n, "transform": tf.to_dict(),
+    # The weights' hash alone is not the teacher: two architectures (or forwards) can share one state_dict.
+    identity = {"teacher": teacher_fp, "architecture": cfg.teacher, "data": source.fingerprint(), "samples": n,
+                "transform": tf.to_dict(),
                 "views": ({"count": views, "augment": policy.spec(), "seed": cfg.aug_seed, "replay": REPLAY_VERSION}
                           if views else None),
                 "row_order": cfg.row_order, "layers": sorted(cfg.layers),

@@ -16,8 +16,8 @@ from torch import nn
 
 from pipeline.data import class_map, data_root, default_transform, open_source, refuse_one_class
 from pipeline.errors import KDCacheError
-from pipeline.loops import (check_writable, cosine_lr, evaluate, pick_device, random_crop_flip, save_whole, sgd,
-                            source_batches)
+from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
+                            save_whole, sgd, source_batches)
 from pipeline.models import build_model, fingerprint_module
 
 
@@ -58,7 +58,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     tf = default_transform(src)
     model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)
     opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)
-    steps_per_epoch = -(-src.num_samples // cfg.batch_size)
+    steps_per_epoch = len(batch_bounds(src.num_samples, cfg.batch_size))
     total, step = cfg.epochs * steps_per_epoch, 0
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
-from pipeline.data import Source, Transform, class_map, data_root, open_source, paths_as_text
+from pipeline.data import Source, Transform, class_map, data_differs, data_root, open_source, paths_as_text
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead
@@ -95,7 +95,6 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
         (cfg.optimizer in OPTIMIZERS, f"unknown --optimizer '{cfg.optimizer}'; use {' or '.join(OPTIMIZERS)}"),
         (cfg.fitnets_schedule in ("two-stage", "single"),
          f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single"),
-        (any(w > 0 for w in weights.values()), f"every weight in --loss {cfg.loss} is 0; nothing would be trained"),
         (not cfg.resume or cfg.out, "--resume continues the run in --out DIR: name it"),
     ]
     for ok, msg in checks:
@@ -334,10 +333,13 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
     store.require(needs)
 
     source = open_source(cfg.data or man["data"]["spec"])
-    if source.fingerprint() != man["data"]["fingerprint"]:
-        raise KDCacheError(f"data {source.spec} differs from what cache {store.path} was made from "
-                           f"(fingerprint {source.fingerprint()} vs {man['data']['fingerprint']}); "
+    differs = data_differs(source, man["data"])
+    if differs:
+        raise KDCacheError(f"data {source.spec} differs from what cache {store.path} was made from ({differs}); "
                            "re-run teacher-cache on this data")
+    if source.fingerprint() != man["data"]["fingerprint"]:
+        log(f"note: {source.spec} has other file times than the data cache {store.path} was made from, but the "
+            "same files and bytes")
     tf = Transform.from_dict(man["transform"])
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
     state = load_checkpoint_for(cfg)  # every rank reads it (a shared run directory)
@@ -430,7 +432,12 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                 labels = batch["labels"].to(device, non_blocking=True) if s.use_labels else None
                 teacher = targets(batch, device)
                 with capture(student, s.student_layers) as sfeats, autocast:
-                    logits = student(x)
+                    try:
+                        logits = student(x)
+                    except ValueError as e:  # BatchNorm on a 1x1 map of a single sample: a worker with one row
+                        raise KDCacheError(f"student {cfg.student} fails on a training batch of {len(x)} "
+                                           f"({first_line(e)}); choose another --batch-size or --workers"
+                                           ) from None
                 # Losses in float32 (soft targets at high T and RKD's normalisations are precision-sensitive).
                 b = Batch(student_logits=logits.float(), student_feats={k: v.float() for k, v in sfeats.items()},
                           teacher=teacher, labels=labels)

@@ -127,6 +127,7 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
     """Re-run the teacher on n random stored samples, every view of each; compare with what the store holds."""
     import torch
 
+    from pipeline.data import data_differs
     from pipeline.models import capture
     from pipeline.teacher_cache import CacheConfig, prepare, teacher_outputs
 
@@ -142,8 +143,9 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
         raise KDCacheError(f"teacher weights ({cfg.weights or 'default'}) are not the ones that made {cache.path} "
                            f"(fingerprint {p.identity['teacher']} vs {man['teacher']['fingerprint']})")
-    if p.identity["data"] != man["data"]["fingerprint"]:
-        raise KDCacheError(f"data {cfg.data} changed since {cache.path} was made; re-run teacher-cache")
+    differs = data_differs(p.source, man["data"])
+    if differs:
+        raise KDCacheError(f"data {cfg.data} changed since {cache.path} was made ({differs}); re-run teacher-cache")
     group = cache.open_group()
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(cache.num_samples, min(n, cache.num_samples), replace=False))

@@ -2,6 +2,8 @@
 
 from torch import nn
 
+from pipeline.models import TeacherNet
+
 
 def feature_map_teacher(num_classes=4, in_channels=1):
     """Returns an (N, C, H, W) map, not logits."""
@@ -75,3 +77,39 @@ class _Describe(nn.Module):
 
 def no_tensor_model(num_classes=4, in_channels=1):
     return _NoTensorHead(num_classes, in_channels)
+
+
+class _SharedAct(nn.Module):
+    """One ReLU (`act`) called twice per forward, as torchvision's BasicBlock does: its output is ambiguous."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.act(self.conv1(x)))))
+
+
+def shared_act_model(num_classes=4, in_channels=1):
+    return _SharedAct(num_classes, in_channels)
+
+
+def bn_head_student(num_classes=4, in_channels=1, image_size=16):
+    """BatchNorm on a 1x1 map after pooling (as a torchvision ResNet's last stage on small images): it cannot train
+    on a batch of one sample."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+
+
+class _LoudTeacher(TeacherNet):
+    """The default teacher's architecture and weights, another forward: a cache of it is another cache."""
+
+    def forward(self, x):
+        return super().forward(x) * 10
+
+
+def loud_teacher(num_classes=4, in_channels=1, image_size=16):
+    return _LoudTeacher(num_classes=num_classes, in_channels=in_channels)

@@ -67,10 +67,13 @@ def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, m
             Path(run_teacher_cache(cfg(teacher_file, dtype="float32"), log=lambda *_: None)).stem,
             Path(run_teacher_cache(cfg(teacher_file, image_size=20), log=lambda *_: None)).stem,       # transform
             Path(run_teacher_cache(cfg(teacher_file, normalize="0.4/0.3"), log=lambda *_: None)).stem,
-            Path(run_teacher_cache(cfg(teacher_file, limit=100), log=lambda *_: None)).stem}
+            Path(run_teacher_cache(cfg(teacher_file, limit=100), log=lambda *_: None)).stem,
+            # the same state_dict in another architecture (here: another forward) is another teacher
+            Path(run_teacher_cache(cfg(teacher_file, teacher="tests.odd_models:loud_teacher"),
+                                   log=lambda *_: None)).stem}
     views = [Path(run_teacher_cache(cfg(teacher_file, layers=[], views=2, **kw), log=lambda *_: None)).stem
              for kw in ({"augment": "flip"}, {"augment": "translate=2"}, {"augment": "flip", "aug_seed": 1})]
-    assert len(keys) == 8 and len(set(views)) == 3 and not keys & set(views)
+    assert len(keys) == 9 and len(set(views)) == 3 and not keys & set(views)
     # --force rebuilds the same key.
     logs = []
     run_teacher_cache(cfg(teacher_file, force=True), log=logs.append)
@@ -96,12 +99,42 @@ def test_changed_dataset_is_refused(root):
     from PIL import Image
 
     f = folder / "a" / "3.png"
-    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # same bytes, touched: an edit in place
+    size = f.stat().st_size
+    raw = bytearray(f.read_bytes())
+    raw[-20] ^= 0xFF  # an edit in place: same size, other bytes
+    f.write_bytes(bytes(raw))
+    assert f.stat().st_size == size
     with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
         run_train_student(StudentConfig(cache=path, workers=0, out="run"))
-    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(f)  # content and mtime change
+    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(f)  # content and size change
     with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
         run_train_student(StudentConfig(cache=path, workers=0, out="run"))
+
+
+def test_a_copy_of_an_image_folder_is_the_same_data(root):
+    """A copy made without keeping file times (cp, scp, git) has another quick fingerprint but the same content:
+    train-student and verify --recompute accept it (with a note); the same copy with one file edited is refused."""
+    import shutil
+
+    from pipeline.verify import verify_store
+
+    folder = root / "imgs"
+    _labelled_folder(folder)
+    w = save_teacher(root / "t.pt", num_classes=2)
+    path = run_teacher_cache(CacheConfig(data=f"imagefolder:{folder}", weights=str(w), chunk_samples=4),
+                             log=lambda *_: None)
+    copy = root / "elsewhere"
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # bytes only: new modification times
+    for f in copy.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    logs = []
+    run_train_student(StudentConfig(cache=path, data=f"imagefolder:{copy}", workers=0, epochs=1, out="run"),
+                      log=logs.append)
+    assert Path("run/summary.json").exists() and any("the same files and bytes" in m for m in logs)
+    assert verify_store(path, recompute=4, moved={"data": f"imagefolder:{copy}"}).ok
+    (copy / "b" / "0.png").write_bytes((copy / "b" / "1.png").read_bytes())  # one file now another's bytes
+    with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
+        run_train_student(StudentConfig(cache=path, data=f"imagefolder:{copy}", workers=0, out="run2"))
 
 
 def _commits(path: Path) -> int:
@@ -492,6 +525,13 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
                   "meta"], "module 'meta' of student tests.odd_models:no_tensor_model gave no tensor"),
         (train + ["--loss", "kd=1,rkd=1", "--rkd-student-layer", "nope"],
          "no module 'nope' in StudentNet (from --fitnets-guided / --rkd-student-layer)"),
+        (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:shared_act_model", "--weights",
+          str(save_lazy(root, "shared_act_model")), "--layer", "act"],
+         "module 'act' of teacher tests.odd_models:shared_act_model runs 2 times in one forward"),
+        (train + ["--student", "tests.odd_models:shared_act_model", "--loss", "kd=1,rkd=1", "--rkd-student-layer",
+                  "act"], "module 'act' of student tests.odd_models:shared_act_model runs 2 times"),
+        (["teacher-cache", "--data", "synthetic:64:2x16x16:4", "--weights", str(teacher_file), "--channels", "1"],
+         "use --channels 2, the data's own"),
         (["verify", path, "--recompute", "2", "--seed", "-1"], "--seed must be 0 or more"),
         (["bench", "--preset", "tiny", "--scaling", "abc"], "--scaling takes sample counts"),
     ]

@@ -534,3 +534,10 @@ def test_parse_loss_spec_bad_weight():
 def test_parse_loss_spec_empty(spec):
     with pytest.raises(KDCacheError, match="empty"):
         parse_loss_spec(spec)
+
+
+def test_parse_loss_spec_leaves_out_zero_weights():
+    """A loss weighted 0 neither runs (no FitNets hint stage) nor demands its arrays; all zero is refused."""
+    assert parse_loss_spec("kd=1,fitnets=0,rkd=0.0") == {"kd": 1.0}
+    with pytest.raises(KDCacheError, match="every weight in --loss kd=0,ce=0 is 0"):
+        parse_loss_spec("kd=0,ce=0")

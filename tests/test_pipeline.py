@@ -154,6 +154,8 @@ def test_unlabelled_flat_imagefolder(root):
 
     imgs = root / "flat"
     _write_images(imgs, 40)
+    (imgs / "._img000.png").write_bytes(b"\0\5\26\7 macOS resource fork")  # hidden: not data, never read
+    (imgs / ".thumbs").mkdir()
     w = save_teacher(root / "rgb_teacher.pt", in_channels=3, num_classes=5)
     res = runner.invoke(app, ["teacher-cache", "--data", f"imagefolder:{imgs}", "--weights", str(w),
                               "--layer", "avgpool", "--chunk-samples", "16"])
@@ -184,9 +186,11 @@ def test_test_folder_classes_are_matched_by_name(root):
 
     for c in ("ant", "bee", "cat"):
         _write_images(root / "train" / c, 4, seed=len(c))
+    _write_images(root / "train" / "bee" / ".ipynb_checkpoints", 2)  # hidden: not samples
     _write_images(root / "test" / "cat", 5)           # only the third class
     train, test = open_source(f"imagefolder:{root / 'train'}"), open_source(f"imagefolder:{root / 'test'}")
     assert test.classes == ["cat"] and list(test.labels(np.arange(5))) == [0] * 5  # the folder's own numbering
+    assert train.num_samples == 12
     assert list(class_map(test, train.classes)) == [2]
 
     class AlwaysCat(torch.nn.Module):
@@ -667,3 +671,14 @@ def test_synthetic_data_is_pinned_and_named_canonically():
     assert open_source("synthetic:64:1X28x28:10:0").fingerprint() == fp
     assert open_source("synthetic:64:1x28x28:10:1").fingerprint() != fp
     assert not torch.equal(open_source("synthetic:8:1x8x8:2")._noise, open_source("synthetic:8:1x8x8:2:1")._noise)
+
+
+def test_a_lone_last_row_trains_a_batchnorm_student(root, teacher_file):
+    """193 samples in batches of 64: the last row joins the batch before it, so a student with BatchNorm on a 1x1
+    map (which torch refuses to train on one sample) trains; each epoch still sees every sample."""
+    path = run_teacher_cache(CacheConfig(data="synthetic:193:1x16x16:4", weights=str(teacher_file), chunk_samples=193,
+                                         device="cpu"), log=lambda *_: None)
+    run_train_student(StudentConfig(cache=path, student="tests.odd_models:bn_head_student", batch_size=64, epochs=1,
+                                    workers=0, out="run"), log=lambda *_: None)
+    rows = [json.loads(x) for x in Path("run", "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["samples"] == 193

@@ -26,7 +26,7 @@ def _fake_store(n: int, chunk: int) -> CacheStore:
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 1, 2, 3])
-@pytest.mark.parametrize("batch,buffer", [(32, 4), (50, 1), (7, 3)])
+@pytest.mark.parametrize("batch,buffer", [(32, 4), (50, 1), (7, 3), (299, 2), (9, 1)])
 def test_every_sample_exactly_once_per_epoch(root, teacher_file, workers, batch, buffer):
     path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu"),
                              log=lambda *_: None)
@@ -41,6 +41,7 @@ def test_every_sample_exactly_once_per_epoch(root, teacher_file, workers, batch,
         assert len(seen) == 300 and sorted(seen) == list(range(300)), (epoch, workers)
         # the count the learning-rate schedule plans with: each worker ends on its own partial batch
         assert len(batches) == stream.batches_per_epoch(workers), (epoch, workers)
+        assert min(len(b) for b in batches) > 1  # a lone last row joins the batch before it (BatchNorm needs 2)
         orders.append(seen)
     assert not np.array_equal(orders[0], orders[1])  # a new order each epoch
 
@@ -206,3 +207,18 @@ def test_ranks_and_workers_share_every_block_once(world, workers):
         # the steps every rank can take: the fewest batches any rank has
         assert streams[0].batches_per_epoch(workers, everyone=True) == min(s.batches_per_epoch(workers)
                                                                            for s in streams)
+
+
+@pytest.mark.parametrize("n,batch", [(129, 64), (130, 64), (65, 64), (1, 64), (128, 1)])
+def test_a_lone_last_row_joins_the_batch_before_it(n, batch):
+    """Blocks of 64, 64 and 1 rows, one per buffer: the last row arrives in a buffer of its own and still joins the
+    previous buffer's last batch; no batch is of one row unless the worker has only one row; every row once."""
+    stream = CacheStream(_fake_store(n, 64), None, [], batch, use_labels=False, buffer_chunks=1, shuffle=False)
+
+    def rows_only(blocks, _epoch):
+        return {"row": torch.cat([torch.arange(*stream.blocks[b]) for b in blocks])}
+
+    sizes = [len(b["row"]) for b in stream._batches(0, 1, rows_only, key="row")]
+    expect = {(129, 64): [64, 65], (130, 64): [64, 64, 2], (65, 64): [65], (1, 64): [1], (128, 1): [1] * 128}
+    assert sizes == expect[(n, batch)]
+    assert len(sizes) == stream.batches_per_epoch(1)
