@@ -75,7 +75,7 @@ def inspect_cache(path: str) -> dict:
     for name, meta in cache.arrays.items():
         try:
             arr = group[name]
-        except KeyError:  # deleted: say so (verify reports its chunks; teacher-cache --force rebuilds)
+        except Exception:  # noqa: BLE001 - deleted or its metadata damaged: say so (verify reports its chunks)
             arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "missing": True}
             continue
         raw = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize

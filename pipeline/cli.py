@@ -199,6 +199,8 @@ def verify_cmd(
                     typer.echo(f"{'ok ' if d['ok'] else 'BAD'}  recompute {name}: max |diff| {d['max_abs']:.3g}, "
                                f"max rel {d['max_rel']:.3g} (tolerance {d['tolerance']:g}, "
                                f"{report.recompute['samples']} samples{views})")
+                if "note" in report.recompute:
+                    typer.echo(f"BAD  recompute: {report.recompute['note']}")
                 if "labels" in report.recompute:
                     lab = report.recompute["labels"]
                     typer.echo(f"{'ok ' if lab['ok'] else 'BAD'}  recompute labels: {lab['mismatches']} of "
@@ -243,7 +245,9 @@ def ls_cmd(
                 continue
             views = f" x {c['views']} views" if c["views"] else ""
             top1 = f" (top-1 {100 * c['teacher_top1']:.1f}%)" if c.get("teacher_top1") is not None else ""
-            typer.echo(f"{c['key']}  {'complete  ' if c['complete'] else 'INCOMPLETE'}  {c['teacher']}"
+            name = str(c["path"]).rstrip("/").rsplit("/", 1)[-1]
+            named = f" ({name})" if name != f"{c['key']}.zarr" else ""  # a store made with --out
+            typer.echo(f"{c['key']}{named}  {'complete  ' if c['complete'] else 'INCOMPLETE'}  {c['teacher']}"
                        f"@{c['teacher_fingerprint'][:8]}{top1}  {c['data']}  {c['samples']:,} samples{views}  "
                        f"{human(c['bytes'])}  [{', '.join(c['arrays'])}]")
 

@@ -149,7 +149,12 @@ class CacheStream(IterableDataset):
 
     def _fetch(self, name: str, start: int, end: int, view: int | None = None) -> np.ndarray:
         try:
-            return np.asarray(self._group[name][start:end] if view is None else self._group[name][start:end, view])
+            arr = self._group[name]
+        except Exception as e:  # noqa: BLE001 - its metadata deleted or damaged: beyond a chunk repair
+            raise KDCacheError(f"array {name} of {self.store.path} is missing outright ({type(e).__name__}); "
+                               "rebuild the store with `kdcache teacher-cache --force`") from None
+        try:
+            return np.asarray(arr[start:end] if view is None else arr[start:end, view])
         except Exception as e:  # crc32c mismatch or undecodable chunk
             raise KDCacheError(f"cannot read {name} samples {start}-{end - 1} from {self.store.path} "
                                f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
@@ -290,6 +295,40 @@ class CacheStream(IterableDataset):
         out["view"] = torch.from_numpy(np.concatenate(picked))  # which view each row is (0 without views)
         out["x"] = x  # uint8: normalised on the device
         return out
+
+
+def check_rows(store: CacheStore, source: Source, use_labels: bool) -> None:
+    """Refuse a store with an array gone, or whose `index` does not hold, row by row, the samples its row order says, or whose `labels`
+    are not the data's labels of them. A chunk swapped with another, or copied from another store of the same
+    shape, passes every checksum and would pair inputs with another sample's targets: the student would train on
+    wrong targets without a word. Both arrays are small (8 bytes a sample) and read whole, once."""
+    from pipeline.augment import row_order
+
+    group = store.open_group()
+    for name in store.arrays:  # metadata only: an array deleted or damaged outright is beyond a chunk repair
+        try:
+            group[name]
+        except Exception as e:  # noqa: BLE001
+            raise KDCacheError(f"array {name} of {store.path} is missing outright ({type(e).__name__}); rebuild "
+                               "the store with `kdcache teacher-cache --force`") from None
+    blocks = block_ranges(store.num_samples, store.chunk_samples)
+    expect = row_order(store.num_samples, store.manifest.get("row_order", "source"))
+    checks = [("index", expect)]
+    if use_labels and "labels" in store.arrays:
+        checks.append(("labels", source.labels(expect)))
+    for name, want in checks:
+        try:
+            got = np.asarray(group[name][:])
+        except Exception as e:  # noqa: BLE001 - a chunk failing its checksum, or the array gone
+            raise KDCacheError(f"cannot read {name} of {store.path} ({type(e).__name__}); run `kdcache verify "
+                               f"{store.path}` then `kdcache repair {store.path}`") from None
+        wrong = np.flatnonzero(got != want)
+        if wrong.size:
+            b = int(wrong[0]) // store.chunk_samples
+            start, end = blocks[b]
+            what = "do not hold the samples they should" if name == "index" else "differ from the data's labels"
+            raise KDCacheError(f"{store.path}: {name} rows {start}-{end - 1} (chunk {b}) {what}; run `kdcache "
+                               f"verify {store.path}` then `kdcache repair {store.path}`")
 
 
 def _expected_distinct_chunks(num_samples: int, chunk_samples: int, batch: int) -> float:

@@ -135,9 +135,11 @@ def create_store(path: Path | str, manifest: dict, arrays: dict[str, dict], num_
     for name, a in arrays.items():
         group.create_array(name, shape=a["shape"], dtype=a["dtype"], chunks=a["chunks"], compressors=compressors,
                            fill_value=fill_value(a["dtype"]))
-    if stat_columns:
+    if stat_columns:  # checksummed too: repair and completion rebuild the manifest's distortion from these
+        from zarr.codecs import Crc32cCodec
+
         group.create_array(STATS, shape=(*num_units, len(stat_columns)), dtype="float64",
-                           chunks=(1, 1, len(stat_columns)), compressors=None, fill_value=np.nan)
+                           chunks=(1, 1, len(stat_columns)), compressors=[Crc32cCodec()], fill_value=np.nan)
     group.create_array(COMMIT, shape=num_units, dtype="uint8", chunks=(1, 1), compressors=None, fill_value=0)
     return group
 
@@ -313,8 +315,26 @@ def uncommit_lost_units(group) -> int:
 
 
 def committed_units(group) -> np.ndarray:
-    """(B, V) bool: which (block, view) units are written whole."""
-    return np.asarray(group[COMMIT][:]).astype(bool)
+    """(B, V) bool: which (block, view) units are written whole. A marker that cannot be read (an emptied or
+    damaged chunk file) or a `_commit` array that was never created (a creation cut short) counts as not
+    committed: the unit is recomputed, never trusted."""
+    man = group.attrs[MANIFEST_KEY]
+    shape = (len(block_ranges(man["data"]["num_samples"], man["chunk_samples"])),
+             max(1, (man.get("views") or {}).get("count", 1)))
+    try:
+        marks = group[COMMIT]
+    except KeyError:
+        return np.zeros(shape, dtype=bool)
+    try:
+        return np.asarray(marks[:]).astype(bool)
+    except Exception:  # noqa: BLE001 - read them one by one: each unreadable marker is one unit to redo
+        out = np.zeros(shape, dtype=bool)
+        for b, v in np.ndindex(*shape):
+            try:
+                out[b, v] = bool(marks[b, v])
+            except Exception:  # noqa: BLE001
+                pass
+        return out
 
 
 def distortion_summary(group, manifest: dict) -> dict:

@@ -33,8 +33,8 @@ import torch
 from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_policy, row_order, sample_params
-from pipeline.data import (Transform, absolute_spec, check_input_flags, data_root, default_transform, open_source,
-                           parse_normalize, paths_as_text, refuse_one_class, resolve_transform)
+from pipeline.data import (Transform, absolute_spec, check_input_flags, data_differs, data_root, default_transform,
+                           open_source, parse_normalize, paths_as_text, refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_outputs, default_teacher_weights, fingerprint_module, load_teacher,
@@ -209,6 +209,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
     path = cfg.out or st.join(cfg.cache_dir or data_root() / "cache", f"{key}.zarr")
+    if cfg.out:  # the named store may hold this cache made from a copy of this data (resume, repair, verify)
+        identity, key = _same_content(path, identity, key, source)
 
     if hit_check and not cfg.force and st.is_complete(path, key):
         # A cache hit needs no output shapes, so the teacher is loaded (for its fingerprint) but never run.
@@ -329,6 +331,23 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     return str(p.path)
 
 
+def _same_content(path: str, identity: dict, key: str, source) -> tuple[dict, str]:
+    """(identity, key) of the store at `path` when it was made from the same content as `source` under another
+    quick fingerprint (an image folder copied without its file times) and everything else is equal; else the
+    ones given. Its arrays are then this cache's, so resuming or repairing it goes on in place."""
+    try:
+        man = dict(st.open_group(path, "r").attrs.get(st.MANIFEST_KEY) or {})
+    except Exception:  # noqa: BLE001 - nothing (readable) there: nothing to adopt
+        return identity, key
+    old = (man.get("identity") or {}).get("data")
+    if not old or old == identity["data"] or not isinstance(man.get("data"), dict):
+        return identity, key
+    theirs = dict(identity, data=old)
+    if cache_key(theirs) != man.get("key") or data_differs(source, man["data"]):
+        return identity, key
+    return theirs, man["key"]
+
+
 def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     """Rank 0, alone: None on a cache hit; else leave a store (new, or resumable) ready for the writers and return
     which (block, view) units it already holds. Takes the store's writer lock first: one run writes it at a time."""
@@ -339,6 +358,7 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     if group is None:
         if not st.is_url(p.path):
             _refuse_foreign_folder(Path(p.path))
+            _set_aside(Path(p.path))
             Path(p.path).parent.mkdir(parents=True, exist_ok=True)
         group = st.create_store(p.path, p.manifest(), p.arrays,
                                 (len(st.block_ranges(p.num_samples, p.cfg.chunk_samples)), p.units_per_block),
@@ -348,6 +368,21 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     if lost:
         log(f"{p.path}: {lost} unit(s) were marked committed but their chunk files are missing; recomputing them")
     return st.committed_units(group)
+
+
+def _set_aside(path: Path) -> None:
+    """Move an old store (--force, another key's, an interrupted creation) out of the way with one rename, then
+    delete it. Deleting it in place could be killed half way and leave a folder that is neither the old store nor
+    a new one; a rename is all or nothing, and a killed deletion leaves only a hidden `.NAME.old-PID` folder
+    beside it (removed by the next run on this store)."""
+    import shutil
+
+    for stale in path.parent.glob(f".{path.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if path.exists():
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _refuse_foreign_folder(path: Path) -> None:
@@ -396,6 +431,9 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         return None  # an empty group: our own creation, interrupted before the manifest
     if not manifest.get("key"):
         raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out")
+    if manifest.get("key") == key:
+        raise KDCacheError(f"{path} holds this cache in store format {manifest.get('format_version')}, and this "
+                           f"kdcache writes format {st.FORMAT_VERSION}; rebuild it with --force")
     raise KDCacheError(f"{path} holds a different cache (key {manifest.get('key')}, wanted {key}); "
                        "choose another --out or pass --force to overwrite it")
 

@@ -32,7 +32,7 @@ from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead
 from pipeline.ranks import Ranks
 from pipeline.models import build_model, capture, check_outputs, fingerprint_module, resolve_modules
-from pipeline.reader import CacheStream, make_loader
+from pipeline.reader import CacheStream, check_rows, make_loader
 from pipeline.store import open_store, versions
 
 
@@ -337,6 +337,7 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
     if differs:
         raise KDCacheError(f"data {source.spec} differs from what cache {store.path} was made from ({differs}); "
                            "re-run teacher-cache on this data")
+    check_rows(store, source, use_labels)
     if source.fingerprint() != man["data"]["fingerprint"]:
         log(f"note: {source.spec} has other file times than the data cache {store.path} was made from, but the "
             "same files and bytes")

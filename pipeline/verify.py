@@ -98,6 +98,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
         start, end = blocks[b]
         report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
                                        int(v) if cache.views else None))
+    report.problems += _stats_problems(group, committed, blocks, cache.views)
     for name, spec in cache.arrays.items():
         try:
             arr = group[name]
@@ -118,13 +119,53 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
                     what = "index does not match its rows"
                 if what:
                     report.problems.append(Problem(name, b, start, end, what, v))
-    if recompute:
-        report.recompute = recompute_check(cache, recompute, seed, moved)
+    if recompute:  # on intact rows only: a damaged chunk is already reported, and its values mean nothing
+        bad = {p.block for p in report.problems}
+        intact = np.concatenate([np.arange(*blocks[b]) for b in range(len(blocks)) if b not in bad] or
+                                [np.zeros(0, dtype=np.int64)])
+        report.recompute = recompute_check(cache, recompute, seed, moved, among=intact)
     return report
 
 
-def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | None = None) -> dict:
-    """Re-run the teacher on n random stored samples, every view of each; compare with what the store holds."""
+def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Problem]:
+    """Each committed unit's row of `_stats` (the distortion sums the manifest is rebuilt from) must read back
+    (checksummed) and be finite."""
+    if not cache_has(group, st.STATS):
+        return []
+    problems = []
+    try:
+        sums = np.asarray(group[st.STATS][:])
+    except Exception:  # noqa: BLE001 - a damaged chunk: find which, one unit at a time
+        sums = None
+    for b, v in np.argwhere(committed):
+        if sums is not None:
+            row, what = sums[b, v], None
+        else:
+            try:
+                row, what = np.asarray(group[st.STATS][b, v]), None
+            except Exception as e:  # noqa: BLE001
+                row, what = None, ("crc32c checksum mismatch" if "checksum" in str(e).lower()
+                                   else f"unreadable ({type(e).__name__})")
+        if what is None and not np.isfinite(row).all():
+            what = "missing or non-finite distortion sums"
+        if what:
+            start, end = blocks[b]
+            problems.append(Problem(st.STATS, int(b), start, end, what, int(v) if views else None))
+    return problems
+
+
+def cache_has(group, name: str) -> bool:
+    try:
+        group[name]
+        return True
+    except KeyError:
+        return False
+
+
+def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | None = None,
+                    among: np.ndarray | None = None) -> dict:
+    """Re-run the teacher on n random stored samples (rows of `among`, default all), every view of each; compare
+    with what the store holds."""
     import torch
 
     from pipeline.data import data_differs
@@ -148,7 +189,11 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
         raise KDCacheError(f"data {cfg.data} changed since {cache.path} was made ({differs}); re-run teacher-cache")
     group = cache.open_group()
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(cache.num_samples, min(n, cache.num_samples), replace=False))
+    among = np.arange(cache.num_samples) if among is None else among
+    if not len(among):
+        return {"samples": 0, "views": None, "tolerance": None, "arrays": {}, "ok": False,
+                "note": "no intact rows to recompute: repair the store first"}
+    rows = np.sort(rng.choice(among, min(n, len(among)), replace=False))
     views = max(1, cache.views)
 
     def stored(name: str) -> np.ndarray:
@@ -208,19 +253,31 @@ def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
 
 
 def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
-    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.teacher_cache import CacheConfig, prepare, run_teacher_cache
 
+    cfg = CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False} | _given(moved)))
+    # Teacher, data and key first: a repair that cannot run (weights or data moved, or changed) must fail before it
+    # touches the store, not leave a complete store marked incomplete.
+    try:
+        p = prepare(cfg)
+    except KDCacheError as e:
+        if "not found" not in str(e):
+            raise
+        raise KDCacheError(f"{e}; if the store's teacher or data moved, pass --weights FILE / --data SPEC") from None
+    if p.key != cache.manifest.get("key"):
+        raise KDCacheError(f"{path} was made from other data or another teacher than {cfg.data} and {cfg.weights} "
+                           "(the cache key differs); pass --data SPEC / --weights FILE with the ones that made it")
     group = st.open_group(path, "r+")
-    for b, v in bad:
-        # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)
-        if v is None:
-            group[st.COMMIT][b, :] = 0
-        else:
-            group[st.COMMIT][b, v] = 0
     manifest = dict(group.attrs[st.MANIFEST_KEY])
-    group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)
+    group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)  # before any marker is cleared
+    if cache_has(group, st.COMMIT):  # without it teacher-cache recreates the store: no marker can be trusted
+        for b, v in bad:
+            # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)
+            if v is None:
+                group[st.COMMIT][b, :] = 0
+            else:
+                group[st.COMMIT][b, v] = 0
     names = [str(b) if v is None or not cache.views else f"{b}/view {v}" for b, v in bad]
     log(f"{path}: recomputing {len(bad)} bad chunk(s): {', '.join(names) or 'none (completing)'}")
-    run_teacher_cache(CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False} | _given(moved))),
-                      log=log)
+    run_teacher_cache(cfg, log=log)
     return verify_store(path)

@@ -37,7 +37,7 @@ def cfg(teacher_file, **kw):
 
 def arrays_of(path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r")
-    names = [n for n in ("index", "labels", "logits") if n in g] + [f"features/{k}" for k in g["features"]]
+    names = [n for n in ("index", "labels", "logits") if n in g] + [f"features/{k}" for k in g.get("features", {})]
     return {n: np.asarray(g[n][:]) for n in names}
 
 
@@ -450,7 +450,9 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
     finally:
         holder.kill()
         holder.wait()
-    with st.writer_lock(path):  # this process's own lock is no other writer (repair verifies under it)
+    # The killed holder's lock is gone (taking it would raise otherwise), and this process's own lock is no other
+    # writer (repair verifies under it).
+    with st.writer_lock(path):
         assert st.writer(path) is None
     for name, v in arrays_of(path).items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)  # --force was refused: nothing rebuilt
@@ -653,3 +655,146 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
     for args in (["verify", str(path)], ["inspect", str(path)], ["train-student", "--cache", str(path)]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and "its manifest lacks data" in res.stderr, (args, res.output)
+
+
+def _one_line(res) -> str:
+    lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
+    assert res.exit_code == 2 and len(lines) == 1, res.output[-400:]
+    return lines[0]
+
+
+def test_swapped_index_or_labels_chunks_are_refused_by_train_student(root, teacher_file):
+    """Chunks swapped between files pass every checksum: train-student compares `index` with the rows' samples and
+    `labels` with the data's labels before training, instead of pairing inputs with other samples' targets."""
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    train = ["train-student", "--cache", str(path), "--workers", "0", "--epochs", "1", "--out", "run"]
+    for name in ("index", "labels"):
+        a, b = path / name / "c" / "0", path / name / "c" / "1"
+        raw_a, raw_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(raw_b), b.write_bytes(raw_a)
+        line = _one_line(runner.invoke(app, train))
+        what = "do not hold the samples they should" if name == "index" else "differ from the data's labels"
+        assert f"{name} rows 0-63 (chunk 0) {what}" in line and "kdcache repair" in line
+        a.write_bytes(raw_a), b.write_bytes(raw_b)
+    assert runner.invoke(app, train).exit_code == 0
+    # --no-labels reads no labels, so swapped label chunks do not stop it
+    (path / "labels" / "c" / "0").write_bytes((path / "labels" / "c" / "1").read_bytes())
+    assert runner.invoke(app, train[:-1] + ["run2", "--no-labels"]).exit_code == 0
+
+
+def test_verify_recompute_skips_damaged_chunks_and_reports_them(root, teacher_file):
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    f = path / "logits" / "c" / "1" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    (path / "index" / "c" / "2").unlink()
+    res = runner.invoke(app, ["verify", str(path), "--recompute", "192", "--json"])
+    assert res.exit_code == 1, res.output
+    rep = json.loads(res.stdout)
+    assert {(p["array"], p["block"]) for p in rep["problems"]} == {("logits", 1), ("index", 2)}
+    assert rep["recompute"]["samples"] == 64 and rep["recompute"]["arrays"]["logits"]["ok"]  # block 0 alone
+
+
+def test_commit_markers_and_stats_that_are_lost_or_damaged(root, teacher_file):
+    """`_commit` gone or a marker emptied: those units count as not committed (verify says so, resume redoes them);
+    `_stats` (checksummed) damaged: verify names it and repair recomputes the unit, so the manifest's distortion
+    numbers are never rebuilt from garbage."""
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    before, man = arrays_of(path), st.open_store(path).manifest
+    (path / st.COMMIT / "c" / "1" / "0").write_bytes(b"")
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and "_commit chunk 1 (rows 64-127): not committed" in res.stdout, res.output
+    f = path / st.STATS / "c" / "2" / "0" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[3] ^= 0x40
+    f.write_bytes(bytes(raw))
+    res = runner.invoke(app, ["verify", str(path)])
+    assert "_stats chunk 2 (rows 128-191): crc32c checksum mismatch" in res.stdout, res.output
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0 and "recomputing 2 bad chunk(s): 1, 2" in res.stderr, res.output
+    after = st.open_store(path).manifest
+    assert after["distortion"] == man["distortion"] and after["teacher"]["accuracy"] == man["teacher"]["accuracy"]
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+    # the whole marker array gone (a creation cut short, or deleted): nothing is trusted, verify and repair say so
+    import shutil
+
+    shutil.rmtree(path / st.COMMIT)
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and res.stdout.count("not committed") == 3, res.output
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0 and runner.invoke(app, ["verify", str(path)]).exit_code == 0, res.output
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
+def test_force_rebuild_killed_while_deleting_leaves_a_rebuildable_path(root, teacher_file, monkeypatch):
+    """--force moves the old store aside with one rename before deleting it: a kill during the deletion leaves the
+    path absent (rebuilt by the next run), never a folder that is neither store."""
+    import shutil
+
+    path = run_teacher_cache(cfg(teacher_file, out="f.zarr"), log=lambda *_: None)
+    before = arrays_of(path)
+    real = shutil.rmtree
+
+    def killed(p, *a, **k):
+        if ".old-" in str(p):
+            raise KeyboardInterrupt  # the kill, half way
+        return real(p, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_teacher_cache(cfg(teacher_file, out="f.zarr", force=True), log=lambda *_: None)
+    assert not Path("f.zarr").exists() and list(Path(".").glob(".f.zarr.old-*"))
+    assert run_teacher_cache(cfg(teacher_file, out="f.zarr"), log=lambda *_: None) == path
+    assert not list(Path(".").glob(".f.zarr.old-*"))  # the leftover is cleaned up
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
+def test_repair_checks_its_teacher_and_data_before_touching_the_store(root):
+    """repair with moved weights fails before un-committing anything (the store stays complete); repair on a copy
+    of the image folder (other file times, same bytes) recomputes in place."""
+    import shutil
+
+    folder = root / "imgs"
+    _labelled_folder(folder)
+    w = save_teacher(root / "t.pt", num_classes=2)
+    path = Path(run_teacher_cache(CacheConfig(data=f"imagefolder:{folder}", weights=str(w), chunk_samples=4),
+                                  log=lambda *_: None))
+    before = arrays_of(path)
+    (path / "logits" / "c" / "1" / "0").unlink()
+    w.rename(root / "moved.pt")
+    line = _one_line(runner.invoke(app, ["repair", str(path)]))
+    assert "not found" in line and "--weights FILE" in line
+    assert st.open_store(path, require_complete=False).manifest["complete"]  # untouched
+    copy = root / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)
+    for f in copy.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    shutil.rmtree(folder)
+    res = runner.invoke(app, ["repair", str(path), "--data", f"imagefolder:{copy}", "--weights", "moved.pt"])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
+def test_small_store_troubles_read_clearly(root, teacher_file):
+    """A store of this key in another format version; an array whose metadata is damaged (inspect marks it,
+    train-student says to rebuild, since repair cannot restore metadata); `ls` names a store made with --out."""
+    path = Path(run_teacher_cache(cfg(teacher_file, out="data/cache/mine.zarr"), log=lambda *_: None))
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0 and "(mine.zarr)" in res.stdout, res.output
+    (path / "logits" / "zarr.json").write_text("{bad")
+    res = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["arrays"]["logits"]["missing"], res.output
+    line = _one_line(runner.invoke(app, ["train-student", "--cache", str(path), "--workers", "0", "--epochs", "1"]))
+    assert "array logits of" in line and "missing outright" in line and "--force" in line
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"][st.MANIFEST_KEY]["format_version"] = 99
+    (path / "zarr.json").write_text(json.dumps(meta))
+    line = _one_line(runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer",
+                                         "layer2", "--chunk-samples", "64", "--batch-size", "32", "--out", str(path)]))
+    assert "holds this cache in store format 99" in line and "--force" in line
