@@ -298,10 +298,11 @@ class CacheStream(IterableDataset):
 
 
 def check_rows(store: CacheStore, source: Source, use_labels: bool) -> None:
-    """Refuse a store with an array gone, or whose `index` does not hold, row by row, the samples its row order says, or whose `labels`
-    are not the data's labels of them. A chunk swapped with another, or copied from another store of the same
-    shape, passes every checksum and would pair inputs with another sample's targets: the student would train on
-    wrong targets without a word. Both arrays are small (8 bytes a sample) and read whole, once."""
+    """Refuse a store with an array gone, or whose `index` does not hold, row by row, the samples its row order
+    says, or whose `labels` are not the data's labels of them. A chunk swapped with another, or copied from
+    another store of the same shape, passes every checksum and would pair inputs with another sample's targets:
+    the student would train on wrong targets without a word. Both arrays are small (8 bytes a sample) and read
+    whole, once."""
     from pipeline.augment import row_order
 
     group = store.open_group()
