@@ -368,12 +368,22 @@ def scaling(cfg: BenchConfig, sizes: list[int], work: Path, log) -> list[dict]:
     return rows
 
 
+# What one row of a loader buffer holds on the default cache (Fashion-MNIST through the default teacher), in
+# memory, uncompressed: the 28x28 uint8 image, index, label and view number (3 x int64), fp16 logits (10 x 2 B),
+# and for FitNets the layer3 hint (64 x 7 x 7 fp16 = 6,272 B).
+BUFFER_ROW_BYTES = {"KD": 784 + 24 + 20, "FitNets": 784 + 24 + 20 + 6272}
+
+
+def buffer_mb(chunks: int, loss: str, chunk: int = 1024) -> float:
+    return chunks * chunk * BUFFER_ROW_BYTES[loss] / 1e6
+
+
 def shuffle_table(batch: int, workers: int = 1, num_samples: int = 60000, chunk: int = 1024,
-                  bytes_per_sample: int = 3636, buffers=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+                  buffers=(1, 2, 4, 8, 16, 64)) -> list[dict]:
     """The reader's order against a uniform shuffle, per buffer size (Fashion-MNIST-sized store by default), and
-    the memory a buffer holds per worker (bytes per sample of the default cache: logits + layer3 + avgpool fp16).
-    With W loader workers a batch comes from one worker's buffer, and each worker holds only every W-th chunk: the
-    default buffer is measured at 1, 2, 4 and the run's worker count too."""
+    the memory a buffer holds per worker (see BUFFER_ROW_BYTES). With W loader workers a batch comes from one
+    worker's buffer, and each worker holds only every W-th chunk: the default buffer is measured at 1, 2, 4 and the
+    run's worker count too."""
     from pipeline.reader import CacheStream, shuffle_quality
     from pipeline.store import CacheStore
 
@@ -384,9 +394,9 @@ def shuffle_table(batch: int, workers: int = 1, num_samples: int = 60000, chunk:
     for w, k in [(1, k) for k in buffers] + [(w, buffers[-1]) for w in sorted({2, 4, max(1, workers)} - {1})]:
         order = CacheStream(store, None, [], batch, use_labels=False, buffer_chunks=k, seed=0).epoch_rows(w)
         q = shuffle_quality(order, chunk, batch)
-        rows.append({"workers": w, "buffer_chunks": k, "buffer_MB": k * chunk * bytes_per_sample / 1e6, **q})
+        rows.append({"workers": w, "buffer_chunks": k, **q})
     uniform = shuffle_quality(np.random.default_rng(0).permutation(num_samples), chunk, batch)
-    rows.append({"workers": None, "buffer_chunks": "uniform", "buffer_MB": None, **uniform})
+    rows.append({"workers": None, "buffer_chunks": "uniform", **uniform})
     return rows
 
 
@@ -473,11 +483,13 @@ def table(r: dict) -> str:
     lines += [f"| {k} | {v:.2f} | {' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', {}).get(k, [v]))} |"
               for k, v in r["ratios"].items()]
     if r.get("shuffle"):
-        lines += ["", "| loader workers | buffer (chunks of 1024) | memory per worker | neighbour spread | "
-                      "distinct chunks per batch (vs uniform) |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| loader workers | buffer (chunks of 1024) | buffer memory per worker, KD / FitNets on layer3 "
+                      "| neighbour spread | distinct chunks per batch (vs uniform) |", "| --- | --- | --- | --- | --- |"]
         for q in r["shuffle"]:
-            mem = f"{q['buffer_MB']:.0f} MB" if q["buffer_MB"] is not None else "all"
-            lines.append(f"| {q.get('workers', 1) or '-'} | {q['buffer_chunks']} | {mem} | "
+            k = q["buffer_chunks"]
+            mem = (f"{buffer_mb(k, 'KD'):.0f} / {buffer_mb(k, 'FitNets'):.0f} MB" if isinstance(k, int)
+                   else "all")
+            lines.append(f"| {q.get('workers', 1) or '-'} | {k} | {mem} | "
                          f"{q['neighbour_spread']:.3f} | "
                          f"{q['distinct_chunks_per_batch']:.1f} ({q['batch_chunks']:.2f}) |")
     if r.get("scaling"):

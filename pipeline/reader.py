@@ -70,8 +70,12 @@ def worker_init(_worker_id: int) -> None:
 def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False) -> DataLoader:
     """The DataLoader both training paths use: whole batches from the stream, persistent workers (stores and
     in-memory arrays opened once per worker), one intra-op thread per worker."""
+    # Its own generator: the workers' base seed is otherwise drawn from torch's global RNG whenever workers start,
+    # which would shift a resumed run's dropout masks away from an uninterrupted run's (the streams here seed
+    # everything they shuffle themselves).
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, worker_init_fn=worker_init)
+                      persistent_workers=workers > 0, worker_init_fn=worker_init,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class CacheStream(IterableDataset):
@@ -224,18 +228,28 @@ class CacheStream(IterableDataset):
         buffers = (self._prefetched(groups, load, epoch, worker, num_workers) if prefetch else
                    ((group, load(group, epoch)) for group in groups))
         for group, buf in buffers:
-            if carry is not None:  # rows left over from the previous buffer start the next batch
-                buf = {k: torch.cat([carry[k], v]) for k, v in buf.items()}
-            n = len(buf[key])
+            # Rows left over from the previous buffer start the next batch: the buffer's rows are (carry, loaded),
+            # shuffled together. Each column is written once, straight to its shuffled place (index_copy_), not
+            # concatenated and then gathered: a buffer costs one copy instead of three.
+            c = len(carry[key]) if carry is not None else 0
+            n = c + len(buf[key])
             if self.shuffle:
-                perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, group[0]]).permutation(n))
-                buf = {k: v[perm] for k, v in buf.items()}
+                perm = np.random.default_rng([self.seed, epoch, group[0]]).permutation(n)
+                dest = torch.from_numpy(np.argsort(perm))  # row r of (carry, loaded) goes to position dest[r]
+                for k in list(buf):
+                    buf[k] = _place_rows(carry[k] if c else None, buf[k], dest)
+            elif c:
+                for k in list(buf):
+                    buf[k] = torch.cat([carry[k], buf[k]])
             full = n - n % self.batch_size
             for s in range(0, full, self.batch_size):
                 if held is not None:
                     yield held
                 held = {k: v[s:s + self.batch_size] for k, v in buf.items()}
-            carry = {k: v[full:] for k, v in buf.items()} if full < n else None
+            # Copies, not views: the whole buffer is freed as soon as the next one replaces it.
+            if held is not None:
+                held = {k: v.clone() for k, v in held.items()}
+            carry = {k: v[full:].clone() for k, v in buf.items()} if full < n else None
         if carry is not None and not self.drop_last:
             if held is not None and len(carry[key]) == 1 and self.batch_size > 1:
                 held = {k: torch.cat([held[k], carry[k]]) for k in held}
@@ -273,28 +287,42 @@ class CacheStream(IterableDataset):
 
 
     def _load_buffer(self, blocks: list[int], epoch: int) -> dict[str, torch.Tensor]:
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ["index", *self.arrays]}
-        if self.use_labels:
-            cols["labels"] = []
-        if self.views:
-            cols.update({"aug/box": [], "aug/flip": []})
-        picked = []
+        names = ["index", *self.arrays] + (["labels"] if self.use_labels else []) + (
+            ["aug/box", "aug/flip"] if self.views else [])
+        total = sum(self.blocks[b][1] - self.blocks[b][0] for b in blocks)
+        arrays: dict[str, np.ndarray] = {}
+        picked = np.empty(total, dtype=np.int64)
+        pos = 0
         for b in blocks:
             start, end = self.blocks[b]
             view = self.view_of(b, epoch)
-            picked.append(np.full(end - start, view, dtype=np.int64))
-            for name in cols:
-                cols[name].append(self._read(name, start, end, view))
-        arrays = {k: np.concatenate(v) for k, v in cols.items()}
+            picked[pos:pos + end - start] = view
+            for name in names:  # each chunk read straight into its place: no list of chunks to concatenate
+                values = self._read(name, start, end, view)
+                if name not in arrays:
+                    arrays[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
+                arrays[name][pos:pos + end - start] = values
+            pos += end - start
         index = arrays["index"]
         if self.views:  # the exact view the teacher saw, from its stored parameters
             x = self.source.load_view(index, self.transform, arrays.pop("aug/box"), arrays.pop("aug/flip"))
         else:
             x = self.source.load_raw(index, self.transform)
         out = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        out["view"] = torch.from_numpy(np.concatenate(picked))  # which view each row is (0 without views)
+        out["view"] = torch.from_numpy(picked)  # which view each row is (0 without views)
         out["x"] = x  # uint8: normalised on the device
         return out
+
+
+def _place_rows(head: torch.Tensor | None, tail: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """torch.cat([head, tail])[perm] without building the concatenation: row r of (head, tail) is written to
+    position dest[r] (dest = argsort(perm)), so the result is the only new buffer."""
+    h = 0 if head is None else len(head)
+    out = torch.empty((h + len(tail), *tail.shape[1:]), dtype=tail.dtype)
+    if h:
+        out.index_copy_(0, dest[:h], head)
+    out.index_copy_(0, dest[h:], tail)
+    return out
 
 
 def check_rows(store: CacheStore, source: Source, use_labels: bool) -> None:

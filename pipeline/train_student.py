@@ -228,12 +228,14 @@ RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "ch
 CHECKPOINT = "checkpoint.pt"
 
 
-def _comparable(cfg: StudentConfig) -> dict:
-    """The settings a checkpoint must share with the run that resumes it (where it lies and `resume` aside)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out", "workers")}
+def _comparable(cfg: StudentConfig, ranks: int = 1) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (where it lies and `resume` aside). The
+    loader workers and the ranks count too: they decide which rows make each batch and how many batches an epoch
+    has, so another count would give other weights and overrun the learning-rate schedule."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out")} | {"ranks": ranks}
 
 
-def load_checkpoint_for(cfg: StudentConfig) -> dict | None:
+def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
     """The state `--resume` continues from, checked to come from a run with these very settings."""
     if not cfg.resume:
         return None
@@ -247,7 +249,7 @@ def load_checkpoint_for(cfg: StudentConfig) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); drop --resume to start over") from None
-    saved, now = state.get("config", {}), _comparable(cfg)
+    saved, now = state.get("config", {}), _comparable(cfg, ranks)
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({', '.join(differ)}); "
@@ -312,6 +314,11 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
     def steps(epoch: int) -> int:  # the batches epoch `epoch` gives every rank
         return stream.batches_per_epoch(cfg.workers, everyone=True, epoch=epoch)
 
+    if ranks.world > 1 and any(steps(e) == 0 for e in range(cfg.epochs)):
+        raise KDCacheError(f"{ranks.world} ranks x {max(1, cfg.workers)} loader workers share the store's "
+                           f"{len(stream.blocks)} chunk(s), so some rank gets none; use fewer --workers or ranks, or "
+                           "a cache with more chunks (a smaller teacher-cache --chunk-samples)")
+
     return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
                extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
 
@@ -343,7 +350,7 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
             "same files and bytes")
     tf = Transform.from_dict(man["transform"])
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
-    state = load_checkpoint_for(cfg)  # every rank reads it (a shared run directory)
+    state = load_checkpoint_for(cfg, ranks.world)  # every rank reads it (a shared run directory)
     ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built
     s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels)
 
@@ -389,6 +396,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
         student.load_state_dict(state["student"])
         for k, m in losses.items():
             m.load_state_dict(state["losses"][k])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        if cuda and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     every = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
     ranks.broadcast(every)  # one starting point on every rank
     metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
@@ -459,6 +470,8 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                 if labels is not None:
                     correct += (logits.argmax(1) == labels).sum()
             sums, seen, correct = ranks.sum_numbers(sums, seen, correct)  # over every rank's samples
+            if not seen:
+                raise KDCacheError(f"epoch {epoch + 1} gave no batch; check --batch-size and the data")
             sums, correct = {k: float(v) for k, v in sums.items()}, int(correct)
             bad = [k for k, v in sums.items() if not math.isfinite(v)]
             if bad:  # no student.pt or summary.json: a diverged run must not look finished
@@ -479,7 +492,10 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
             if run_dir is not None:  # written whole, then renamed: a kill leaves the previous epoch's checkpoint
                 save_whole({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
                             "losses": {k: m.state_dict() for k, m in losses.items()}, "opt": opt.state_dict(),
-                            "history": history, "config": _comparable(cfg)}, run_dir / CHECKPOINT,
+                            "history": history, "config": _comparable(cfg, ranks.world),
+                            # dropout and other random layers go on with the numbers they would have drawn
+                            "rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else []}, run_dir / CHECKPOINT,
                            f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")

@@ -486,6 +486,14 @@ def test_a_set_up_failure_on_one_rank_stops_every_rank_with_one_line(root, teach
     assert "error: --out afile is a file, not a run directory" in res.stderr  # rank 0's own
     assert "error: rank 0 of 2 failed: --out afile is a file" in res.stderr   # rank 1's
     assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]
+    # A store of one chunk gives one of two ranks nothing to read: said before training, not a division by zero.
+    one = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=192, device="cpu"),
+                            log=lambda *_: None)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "pipeline", "train-student", "--cache", one, "--epochs", "1", "--workers", "0",
+                          "--out", "one"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "share the store's 1 chunk(s), so some rank gets none" in res.stderr
+    assert "[rank0]: Traceback" not in res.stderr and "ZeroDivisionError" not in res.stderr, res.stderr[-2000:]
 
 
 def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, monkeypatch):
@@ -682,3 +690,30 @@ def test_a_lone_last_row_trains_a_batchnorm_student(root, teacher_file):
                                     workers=0, out="run"), log=lambda *_: None)
     rows = [json.loads(x) for x in Path("run", "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["samples"] == 193
+
+
+def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_file, monkeypatch):
+    """The checkpoint keeps torch's RNG state (and the loader draws no numbers from it), so a student with dropout,
+    read by a persistent loader worker, resumes to the weights of an uninterrupted run; another --workers (other
+    batches, another schedule length) is refused."""
+    import pipeline.train_student as ts
+
+    path = _cache(teacher_file, layers=[])
+    common = dict(cache=path, student="tests.odd_models:dropout_student", loss="kd=1", epochs=3, batch_size=20,
+                  workers=1, seed=0)
+    whole = run_train_student(StudentConfig(out="whole", **common), log=lambda *_: None)
+    real = ts.save_whole
+
+    def stop_after_first(obj, path, then):
+        real(obj, path, then)
+        if path.name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ts, "save_whole", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_train_student(StudentConfig(out="cut", **common), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="other settings \\(workers\\)"):
+        run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
+    cut = run_train_student(StudentConfig(out="cut", resume=True, **common), log=lambda *_: None)
+    assert cut["params_fingerprint"] == whole["params_fingerprint"]
