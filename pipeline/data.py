@@ -237,9 +237,9 @@ class Source:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
-    def content_fingerprint(self) -> str:
-        """A hash of the samples' content alone. Most sources' `fingerprint` already is one; an image folder's is
-        cheaper (file times), and this is what recognises a copy of it (see `data_differs`)."""
+    def content_fingerprint(self, n: int | None = None) -> str:
+        """A hash of the content of the first `n` samples (all by default). Most sources' `fingerprint` already is
+        one; an image folder's is cheaper (file times), and this is what recognises a copy of it (`data_differs`)."""
         return self.fingerprint()
 
     def test_spec(self) -> str | None:
@@ -462,10 +462,13 @@ class ImageFolder(Source):
         size = self.native_shape[1:]
         return torch.from_numpy(np.stack([self._decode(self.files[i], self._mode, size) for i in idx]))
 
-    def content_fingerprint(self):
-        """Relative paths and every file's bytes (read in threads: hashing releases the GIL). A copy of the folder
-        made without keeping file times (cp, scp, git) has another `fingerprint` but this same one."""
-        if self._content_fp is None:
+    def content_fingerprint(self, n: int | None = None):
+        """Relative paths and the bytes of the first `n` files (a store made with --limit uses those alone; read in
+        threads: hashing releases the GIL). A copy of the folder made without keeping file times (cp, scp, git) has
+        another `fingerprint` but this same one. Read once when a store is created, and by a student stage only
+        where the quick fingerprint differs."""
+        n = self.num_samples if n is None else min(n, self.num_samples)
+        if self._content_fp is None or self._content_fp[0] != n:
             from concurrent.futures import ThreadPoolExecutor
 
             def digest(f: Path) -> bytes:
@@ -480,10 +483,10 @@ class ImageFolder(Source):
 
             h = hashlib.sha256()
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-                for f, d in zip(self.files, pool.map(digest, self.files)):
+                for f, d in zip(self.files[:n], pool.map(digest, self.files[:n])):
                     h.update(f"{f.relative_to(self.root)}\0".encode() + d)
-            self._content_fp = h.hexdigest()[:16]
-        return self._content_fp
+            self._content_fp = (n, h.hexdigest()[:16])
+        return self._content_fp[1]
 
     def fingerprint(self):
         if self._fp is None:  # paths, sizes and modification times: cheap, and any edit changes it
@@ -505,7 +508,8 @@ def data_differs(source: Source, recorded: dict) -> str | None:
     if source.fingerprint() == recorded["fingerprint"]:
         return None
     content = recorded.get("content_fingerprint")
-    if content and content != recorded["fingerprint"] and source.content_fingerprint() == content:
+    if (content and content != recorded["fingerprint"]
+            and source.content_fingerprint(recorded.get("num_samples")) == content):
         return None
     return f"fingerprint {source.fingerprint()} vs {recorded['fingerprint']}"
 

@@ -24,11 +24,10 @@ from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text
 from pipeline.loops import batch_bounds
-from pipeline.losses import parse_loss_spec
 from pipeline.models import capture, load_teacher
 from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
-from pipeline.train_student import StudentConfig, declared, fit, open_run_dir, setup, validate
+from pipeline.train_student import StudentConfig, declared, fit, loss_weights, open_run_dir, setup, validate
 
 FRESH_VIEW_BASE = 1_000_000
 
@@ -84,7 +83,7 @@ class OnlineStream(IterableDataset):
 
 
 def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
-    weights = parse_loss_spec(cfg.loss)
+    weights = loss_weights(cfg)
     validate(cfg, weights)
     if cfg.resume:
         raise KDCacheError("--resume continues a train-student run; online KD runs start over")

@@ -317,6 +317,9 @@ class CacheStream(IterableDataset):
 def _place_rows(head: torch.Tensor | None, tail: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     """torch.cat([head, tail])[perm] without building the concatenation: row r of (head, tail) is written to
     position dest[r] (dest = argsort(perm)), so the result is the only new buffer."""
+    signed = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}.get(tail.dtype)
+    if signed is not None:  # bfloat16 is stored as uint16 bits, and index_copy_ has no unsigned 16-64-bit kernels
+        return _place_rows(None if head is None else head.view(signed), tail.view(signed), dest).view(tail.dtype)
     h = 0 if head is None else len(head)
     out = torch.empty((h + len(tail), *tail.shape[1:]), dtype=tail.dtype)
     if h:

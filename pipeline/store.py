@@ -314,6 +314,15 @@ def uncommit_lost_units(group) -> int:
     return lost
 
 
+def has_array(group, name: str) -> bool:
+    """Whether `name` opens as an array: False when it is gone or its metadata cannot be read."""
+    try:
+        group[name]
+        return True
+    except Exception:  # noqa: BLE001 - KeyError, or a JSON/metadata error from damaged zarr.json
+        return False
+
+
 def committed_units(group) -> np.ndarray:
     """(B, V) bool: which (block, view) units are written whole. A marker that cannot be read (an emptied or
     damaged chunk file) or a `_commit` array that was never created (a creation cut short) counts as not
@@ -321,10 +330,9 @@ def committed_units(group) -> np.ndarray:
     man = group.attrs[MANIFEST_KEY]
     shape = (len(block_ranges(man["data"]["num_samples"], man["chunk_samples"])),
              max(1, (man.get("views") or {}).get("count", 1)))
-    try:
-        marks = group[COMMIT]
-    except KeyError:
+    if not has_array(group, COMMIT):
         return np.zeros(shape, dtype=bool)
+    marks = group[COMMIT]
     try:
         return np.asarray(marks[:]).astype(bool)
     except Exception:  # noqa: BLE001 - read them one by one: each unreadable marker is one unit to redo

@@ -133,7 +133,8 @@ class Prepared:
                 "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
                             "arch": self.teacher_meta.get("arch", cfg.teacher)},
                 "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit,
-                                                  "content_fingerprint": self.source.content_fingerprint()},
+                                                  "content_fingerprint": self.source.content_fingerprint(
+                                                      self.num_samples)},
                 "transform": self.transform.to_dict(), "views": views, "row_order": cfg.row_order,
                 "layers": list(cfg.layers),
                 "dtype": cfg.dtype, "targets": self.targets, "codecs": self.identity["codecs"],
@@ -208,9 +209,16 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
                 "codecs": st.codecs_config(cfg.compression_level), "chunk_samples": cfg.chunk_samples,
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
-    path = cfg.out or st.join(cfg.cache_dir or data_root() / "cache", f"{key}.zarr")
-    if cfg.out:  # the named store may hold this cache made from a copy of this data (resume, repair, verify)
-        identity, key = _same_content(path, identity, key, source)
+    folder = cfg.cache_dir or data_root() / "cache"
+    path = cfg.out or st.join(folder, f"{key}.zarr")
+    if cfg.out:  # the named store may hold this very cache under an older or a copy's key (resume, repair, verify)
+        identity, key = _adopt(path, identity, key, source, cfg.teacher)
+    elif not st.is_complete(path, key):  # a store made before the key named the architecture is still this cache
+        legacy = {k: v for k, v in identity.items() if k != "architecture"}
+        older = st.join(folder, f"{cache_key(legacy)}.zarr")
+        adopted = _adopt(older, identity, key, source, cfg.teacher)
+        if adopted[1] != key:
+            path, (identity, key) = older, adopted
 
     if hit_check and not cfg.force and st.is_complete(path, key):
         # A cache hit needs no output shapes, so the teacher is loaded (for its fingerprint) but never run.
@@ -331,21 +339,26 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     return str(p.path)
 
 
-def _same_content(path: str, identity: dict, key: str, source) -> tuple[dict, str]:
-    """(identity, key) of the store at `path` when it was made from the same content as `source` under another
-    quick fingerprint (an image folder copied without its file times) and everything else is equal; else the
-    ones given. Its arrays are then this cache's, so resuming or repairing it goes on in place."""
+def _adopt(path: str, identity: dict, key: str, source, teacher_spec: str) -> tuple[dict, str]:
+    """(identity, key) of the store at `path` when it holds this very cache under another key; else the ones given.
+    Two ways that happens: it was made before the key included the teacher's architecture spec (and its manifest
+    names this spec), or from an image folder with the same content but other file times (a copy). Its arrays are
+    then this cache's: a hit, and resuming or repairing it goes on in place."""
     try:
         man = dict(st.open_group(path, "r").attrs.get(st.MANIFEST_KEY) or {})
     except Exception:  # noqa: BLE001 - nothing (readable) there: nothing to adopt
         return identity, key
-    old = (man.get("identity") or {}).get("data")
-    if not old or old == identity["data"] or not isinstance(man.get("data"), dict):
+    recorded = man.get("identity")
+    if not isinstance(recorded, dict) or not man.get("key") or man["key"] == key:
         return identity, key
-    theirs = dict(identity, data=old)
-    if cache_key(theirs) != man.get("key") or data_differs(source, man["data"]):
-        return identity, key
-    return theirs, man["key"]
+    theirs = dict(identity)
+    if "architecture" not in recorded and (man.get("teacher") or {}).get("spec") == teacher_spec:
+        del theirs["architecture"]
+    if (recorded.get("data") not in (None, identity["data"]) and isinstance(man.get("data"), dict)
+            and cache_key(dict(theirs, data=recorded["data"])) == man["key"]
+            and not data_differs(source, man["data"])):
+        theirs["data"] = recorded["data"]
+    return (theirs, man["key"]) if cache_key(theirs) == man["key"] else (identity, key)
 
 
 def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
@@ -419,8 +432,8 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         log(f"--force: rebuilding {path}")
         return None
     if manifest.get("key") == key and manifest.get("format_version") == st.FORMAT_VERSION:
-        if st.COMMIT in group:  # created last: its presence means every array was created
-            gone = [name for name in manifest.get("arrays", {}) if name not in group]
+        if st.has_array(group, st.COMMIT):  # created last: its presence means every array was created
+            gone = [name for name in manifest.get("arrays", {}) if not st.has_array(group, name)]
             if gone:  # deleted since: writing chunks without the array's metadata would complete nothing
                 raise KDCacheError(f"{path}: array {gone[0]} is missing outright (its metadata deleted); rebuild "
                                    "the store with --force")

@@ -250,6 +250,8 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); drop --resume to start over") from None
     saved, now = state.get("config", {}), _comparable(cfg, ranks)
+    if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
+        saved = saved | {"ranks": 1, "workers": cfg.workers}
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({', '.join(differ)}); "
@@ -288,9 +290,22 @@ def _new_dir(base: Path) -> Path:
     raise KDCacheError(f"cannot find a free run directory next to {base}; pass --out")
 
 
+def loss_weights(cfg: StudentConfig) -> dict[str, float]:
+    """--loss parsed, with the losses weighted 0 left out: they neither run (no hint stage for `fitnets=0`) nor need
+    their arrays in the store. FitNets' second stage trains the other losses, KD when --loss names no other; one
+    whose other losses are all weighted 0 would have nothing to train there, and is refused."""
+    named = parse_loss_spec(cfg.loss)
+    weights = {k: w for k, w in named.items() if w > 0}
+    if cfg.fitnets_schedule == "two-stage" and set(weights) == {"fitnets"} and len(named) > 1:
+        raise KDCacheError(f"--loss {cfg.loss} weights every loss but fitnets 0, so FitNets' second stage would "
+                           "train nothing; give one a weight > 0, drop them (KD follows the hint stage by default), "
+                           "or use --fitnets-schedule single")
+    return weights
+
+
 def run_train_student(cfg: StudentConfig, log=print) -> dict:
     """Train a student from a store; under torchrun, one rank per process, each reading its share of the store."""
-    weights = parse_loss_spec(cfg.loss)
+    weights = loss_weights(cfg)
     validate(cfg, weights)
     ranks = Ranks.from_env()
     try:
@@ -398,8 +413,8 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
             m.load_state_dict(state["losses"][k])
         if "rng" in state:
             torch.set_rng_state(state["rng"])
-        if cuda and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if cuda and isinstance(state.get("cuda_rng"), torch.Tensor):  # this process's device (rank 0's numbers)
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     every = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
     ranks.broadcast(every)  # one starting point on every rank
     metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
@@ -495,7 +510,7 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                             "history": history, "config": _comparable(cfg, ranks.world),
                             # dropout and other random layers go on with the numbers they would have drawn
                             "rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else []}, run_dir / CHECKPOINT,
+                            "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}, run_dir / CHECKPOINT,
                            f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")

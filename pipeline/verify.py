@@ -130,8 +130,9 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
 def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Problem]:
     """Each committed unit's row of `_stats` (the distortion sums the manifest is rebuilt from) must read back
     (checksummed) and be finite."""
-    if not cache_has(group, st.STATS):
-        return []
+    if not st.has_array(group, st.STATS):  # gone, or its metadata damaged: like any array missing outright
+        return [Problem(st.STATS, int(b), *blocks[b], "array missing (its metadata unreadable); rebuild the store "
+                        "with teacher-cache --force", int(v) if views else None) for b, v in np.argwhere(committed)]
     problems = []
     try:
         sums = np.asarray(group[st.STATS][:])
@@ -152,14 +153,6 @@ def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Pr
             start, end = blocks[b]
             problems.append(Problem(st.STATS, int(b), start, end, what, int(v) if views else None))
     return problems
-
-
-def cache_has(group, name: str) -> bool:
-    try:
-        group[name]
-        return True
-    except KeyError:
-        return False
 
 
 def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | None = None,
@@ -270,7 +263,7 @@ def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
     group = st.open_group(path, "r+")
     manifest = dict(group.attrs[st.MANIFEST_KEY])
     group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)  # before any marker is cleared
-    if cache_has(group, st.COMMIT):  # without it teacher-cache recreates the store: no marker can be trusted
+    if st.has_array(group, st.COMMIT):  # without it teacher-cache recreates the store: no marker can be trusted
         for b, v in bad:
             # un-commit: teacher-cache recomputes exactly these units (every view when a sample-level array is bad)
             if v is None:

@@ -798,3 +798,39 @@ def test_small_store_troubles_read_clearly(root, teacher_file):
     line = _one_line(runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer",
                                          "layer2", "--chunk-samples", "64", "--batch-size", "32", "--out", str(path)]))
     assert "holds this cache in store format 99" in line and "--force" in line
+
+
+def test_a_store_keyed_before_the_architecture_joined_the_key_is_still_this_cache(root, teacher_file):
+    """Stores made before the key named the teacher's architecture keep working: teacher-cache finds them (a hit,
+    nothing recomputed), and repair mends them in place; nothing already written is lost."""
+    import shutil
+
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    before = arrays_of(path)
+    g = zarr.open_group(str(path), mode="r+")
+    man = dict(g.attrs[st.MANIFEST_KEY])
+    legacy = {k: v for k, v in man["identity"].items() if k != "architecture"}
+    man.update(identity=legacy, key=tc.cache_key(legacy))
+    g.attrs[st.MANIFEST_KEY] = man
+    old = path.with_name(f"{man['key']}.zarr")
+    shutil.move(path, old)
+    logs = []
+    assert run_teacher_cache(cfg(teacher_file), log=logs.append) == str(old) and not path.exists()
+    assert any("cache hit" in m for m in logs)
+    (old / "logits" / "c" / "1" / "0").unlink()
+    res = runner.invoke(app, ["repair", str(old)])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
+    for name, v in arrays_of(old).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
+def test_damaged_marker_or_stats_metadata_is_one_line_not_a_traceback(root, teacher_file):
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    (path / st.STATS / "zarr.json").write_text("{bad")
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and "_stats chunk 0 (rows 0-63): array missing" in res.stdout, res.output
+    line = _one_line(runner.invoke(app, ["repair", str(path)]))
+    assert "missing outright" in line and "--force" in line
+    (path / st.COMMIT / "zarr.json").write_text("{bad")
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and res.stdout.count("not committed") == 3, res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -159,3 +160,14 @@ def test_lossy_store_end_to_end_with_measured_distortion(root, teacher_file):
     g["features/layer3"][3] = -g["features/layer3"][3]   # valid chunk, wrong values
     res = runner.invoke(app, ["verify", lossy, "--recompute", "192"])
     assert res.exit_code == 1 and "BAD  recompute features/layer3" in res.stdout
+
+
+def test_a_student_trains_from_a_bfloat16_store(root, teacher_file):
+    """bfloat16 targets are stored as uint16 bits: the reader's shuffle and the decode must carry them through."""
+    path = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), layers=["layer2"], dtype="bfloat16",
+                                         chunk_samples=64, device="cpu"), log=lambda *_: None)
+    out = run_train_student(StudentConfig(cache=path, loss="kd=1,fitnets=1", fitnets_hint="layer2",
+                                          fitnets_guided="block1", fitnets_schedule="single", epochs=1,
+                                          batch_size=32, workers=0, out="run", test_data=SYN), log=lambda *_: None)
+    row = json.loads(Path("run/metrics.jsonl").read_text().splitlines()[0])
+    assert out["test_acc"] is not None and all(np.isfinite(v) for v in row["losses"].values())

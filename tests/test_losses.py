@@ -536,8 +536,17 @@ def test_parse_loss_spec_empty(spec):
         parse_loss_spec(spec)
 
 
-def test_parse_loss_spec_leaves_out_zero_weights():
-    """A loss weighted 0 neither runs (no FitNets hint stage) nor demands its arrays; all zero is refused."""
-    assert parse_loss_spec("kd=1,fitnets=0,rkd=0.0") == {"kd": 1.0}
+def test_zero_weights_are_left_out_of_training():
+    """A loss weighted 0 neither runs (no FitNets hint stage) nor demands its arrays; all zero is refused, and so
+    is a two-stage FitNets whose second stage would train nothing."""
+    from pipeline.train_student import StudentConfig, loss_weights
+
+    assert parse_loss_spec("kd=1,fitnets=0") == {"kd": 1.0, "fitnets": 0.0}
+    assert loss_weights(StudentConfig(cache="-", loss="kd=1,fitnets=0,rkd=0.0")) == {"kd": 1.0}
+    assert loss_weights(StudentConfig(cache="-", loss="fitnets=1")) == {"fitnets": 1.0}  # then KD, by default
+    assert loss_weights(StudentConfig(cache="-", loss="fitnets=1,kd=0", fitnets_schedule="single")) == {
+        "fitnets": 1.0}
+    with pytest.raises(KDCacheError, match="second stage would train nothing"):
+        loss_weights(StudentConfig(cache="-", loss="fitnets=1,kd=0"))
     with pytest.raises(KDCacheError, match="every weight in --loss kd=0,ce=0 is 0"):
         parse_loss_spec("kd=0,ce=0")

@@ -20,8 +20,8 @@ __all__ = ["LOSSES", "Batch", "DistillLoss", "parse_loss_spec"]
 
 
 def parse_loss_spec(spec: str) -> dict[str, float]:
-    """'kd=1,rkd=0.5' -> {'kd': 1.0, 'rkd': 0.5}; a bare name has weight 1. A loss weighted 0 is left out: it
-    neither runs (no FitNets hint stage for `fitnets=0`) nor needs its arrays in the store."""
+    """'kd=1,rkd=0.5' -> {'kd': 1.0, 'rkd': 0.5}; a bare name has weight 1; weights of 0 are kept (the student
+    stage leaves those losses out: `train_student.loss_weights`)."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = (x.strip() for x in part.partition("="))
@@ -40,4 +40,4 @@ def parse_loss_spec(spec: str) -> dict[str, float]:
         raise KDCacheError("--loss is empty; e.g. --loss kd=1 or --loss kd=1,rkd=1")
     if not any(out.values()):
         raise KDCacheError(f"every weight in --loss {spec} is 0; nothing would be trained: give one a weight > 0")
-    return {name: w for name, w in out.items() if w > 0}
+    return out
