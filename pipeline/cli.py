@@ -126,8 +126,9 @@ def _cache_command(mode: str):
                                                            "Fashion-MNIST 0.286/0.353, others 0.5/0.5)."),
         limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
         device: str = typer.Option("auto"),
-        writers: int = typer.Option(0, help="Writer threads (0: CPU cores - 3, from 2 to 16)."),
-        force: bool = typer.Option(False, help="Rebuild even if a complete cache exists."),
+        # accepted by plan too (the same command line), where they change nothing: not listed in its --help
+        writers: int = typer.Option(0, help="Writer threads (0: CPU cores - 3, from 2 to 16).", hidden=mode == "plan"),
+        force: bool = typer.Option(False, help="Rebuild even if a complete cache exists.", hidden=mode == "plan"),
         json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         with user_errors():
