@@ -163,17 +163,12 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
 
     from pipeline.data import data_differs
     from pipeline.models import capture
-    from pipeline.teacher_cache import CacheConfig, prepare, teacher_outputs
+    from pipeline.teacher_cache import CacheConfig, teacher_outputs
 
     man = cache.manifest
     check_replay(man, cache.path)
     cfg = CacheConfig(**(man["config"] | {"out": cache.path, "device": "cpu"} | _given(moved)))
-    try:
-        p = prepare(cfg)
-    except KDCacheError as e:
-        if "not found" not in str(e):
-            raise
-        raise KDCacheError(f"{e}; if the store's teacher or data moved, pass --weights FILE / --data SPEC") from None
+    p = _prepare(cfg)
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
         raise KDCacheError(f"teacher weights ({cfg.weights or 'default'}) are not the ones that made {cache.path} "
                            f"(fingerprint {p.identity['teacher']} vs {man['teacher']['fingerprint']})")
@@ -224,6 +219,18 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
     return out
 
 
+def _prepare(cfg):
+    """Resolve the store's teacher and data; a missing file gets the flag that says where it moved to."""
+    from pipeline.teacher_cache import prepare
+
+    try:
+        return prepare(cfg)
+    except KDCacheError as e:
+        if "not found" not in str(e):
+            raise
+        raise KDCacheError(f"{e}; if the store's teacher or data moved, pass --weights FILE / --data SPEC") from None
+
+
 def _given(moved: dict | None) -> dict:
     return {k: v for k, v in (moved or {}).items() if v}
 
@@ -246,17 +253,12 @@ def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
 
 
 def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
-    from pipeline.teacher_cache import CacheConfig, prepare, run_teacher_cache
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
     cfg = CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False} | _given(moved)))
     # Teacher, data and key first: a repair that cannot run (weights or data moved, or changed) must fail before it
     # touches the store, not leave a complete store marked incomplete.
-    try:
-        p = prepare(cfg)
-    except KDCacheError as e:
-        if "not found" not in str(e):
-            raise
-        raise KDCacheError(f"{e}; if the store's teacher or data moved, pass --weights FILE / --data SPEC") from None
+    p = _prepare(cfg)
     if p.key != cache.manifest.get("key"):
         raise KDCacheError(f"{path} was made from other data or another teacher than {cfg.data} and {cfg.weights} "
                            "(the cache key differs); pass --data SPEC / --weights FILE with the ones that made it")
