@@ -155,6 +155,37 @@ class AugmentPolicy:
 CROP_TRIES = 10
 
 
+def _crops(policy: AugmentPolicy, seed: int, idx: np.ndarray, v: np.ndarray, native_hw: tuple[int, int]):
+    """Random-resized-crop boxes (top, left, h, w), each (n, V), and `found` (n, V): False where none of the
+    CROP_TRIES draws fit the image and torchvision's fallback (a centre crop) was taken instead."""
+    H, W = native_hw
+    t = np.arange(CROP_TRIES)[None, None, :]
+    u = [hash_uniform(seed, idx[..., None], v[..., None], t, d) for d in range(4)]
+    area = H * W * (policy.crop[0] + u[0] * (policy.crop[1] - policy.crop[0]))
+    logr = np.log(policy.ratio[0]) + u[1] * (np.log(policy.ratio[1]) - np.log(policy.ratio[0]))
+    aspect = np.exp(logr)
+    cw = np.round(np.sqrt(area * aspect)).astype(np.int64)
+    ch = np.round(np.sqrt(area / aspect)).astype(np.int64)
+    ok = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
+    first = np.argmax(ok, axis=-1)[..., None]
+    found = ok.any(-1)
+    ch_, cw_ = np.take_along_axis(ch, first, -1)[..., 0], np.take_along_axis(cw, first, -1)[..., 0]
+    ut, ul = np.take_along_axis(u[2], first, -1)[..., 0], np.take_along_axis(u[3], first, -1)[..., 0]
+    ct = np.floor(ut * (H - ch_ + 1)).astype(np.int64)
+    cl = np.floor(ul * (W - cw_ + 1)).astype(np.int64)
+    # torchvision's fallback: a centre crop with the aspect ratio clamped to the range.
+    in_ratio = W / H
+    if in_ratio < policy.ratio[0]:
+        fw, fh = W, max(1, int(round(W / policy.ratio[0])))
+    elif in_ratio > policy.ratio[1]:
+        fh, fw = H, max(1, int(round(H * policy.ratio[1])))
+    else:
+        fw, fh = W, H
+    h, w = np.where(found, ch_, fh), np.where(found, cw_, fw)
+    top, left = np.where(found, ct, (H - fh) // 2), np.where(found, cl, (W - fw) // 2)
+    return top, left, h, w, found
+
+
 def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np.ndarray | int,
                   native_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (n, V, 4) int32 and flips (n, V) uint8 for samples `index` and view numbers `views` (or range(V)).
@@ -171,30 +202,7 @@ def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np
     h = np.full((n, nv), H, np.int64)
     w = np.full((n, nv), W, np.int64)
     if policy.crop:
-        t = np.arange(CROP_TRIES)[None, None, :]
-        u = [hash_uniform(seed, idx[..., None], v[..., None], t, d) for d in range(4)]
-        area = H * W * (policy.crop[0] + u[0] * (policy.crop[1] - policy.crop[0]))
-        logr = np.log(policy.ratio[0]) + u[1] * (np.log(policy.ratio[1]) - np.log(policy.ratio[0]))
-        aspect = np.exp(logr)
-        cw = np.round(np.sqrt(area * aspect)).astype(np.int64)
-        ch = np.round(np.sqrt(area / aspect)).astype(np.int64)
-        ok = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
-        first = np.argmax(ok, axis=-1)[..., None]
-        found = ok.any(-1)
-        ch_, cw_ = np.take_along_axis(ch, first, -1)[..., 0], np.take_along_axis(cw, first, -1)[..., 0]
-        ut, ul = np.take_along_axis(u[2], first, -1)[..., 0], np.take_along_axis(u[3], first, -1)[..., 0]
-        ct = np.floor(ut * (H - ch_ + 1)).astype(np.int64)
-        cl = np.floor(ul * (W - cw_ + 1)).astype(np.int64)
-        # torchvision's fallback: a centre crop with the aspect ratio clamped to the range.
-        in_ratio = W / H
-        if in_ratio < policy.ratio[0]:
-            fw, fh = W, max(1, int(round(W / policy.ratio[0])))
-        elif in_ratio > policy.ratio[1]:
-            fh, fw = H, max(1, int(round(H * policy.ratio[1])))
-        else:
-            fw, fh = W, H
-        h, w = np.where(found, ch_, fh), np.where(found, cw_, fw)
-        top, left = np.where(found, ct, (H - fh) // 2), np.where(found, cl, (W - fw) // 2)
+        top, left, h, w, _ = _crops(policy, seed, idx, v, native_hw)
     if policy.translate:
         P = policy.translate
         top = top + np.floor(hash_uniform(seed, idx, v, 101) * (2 * P + 1)).astype(np.int64) - P
@@ -227,6 +235,21 @@ def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], v
                            f"more, or drop plain0 from --augment '{spec}'")
     # a view cache's own view numbers; for online KD's fresh views, a few others (not view 0, which plain0 fixes)
     numbers = np.arange(views) if views else np.arange(1, 9)
+    probe = min(probe, max(16, 2**16 // len(numbers)))  # the crop draws take ~160 B per (sample, view, try)
+    if policy.crop:
+        lo, hi = policy.crop
+        *_, ch, cw, found = _crops(policy, seed, np.arange(probe)[:, None], numbers[None, :], native_hw)
+        frac = (ch * cw / (H * W))[~found]
+        # torchvision's rule when no draw fits: a centre crop. Harmless when that crop is what the range asks for
+        # (a near-whole-image range); otherwise the manifest would record a policy the teacher did not see.
+        off_range = (frac < lo - 0.05) | (frac > hi + 0.05)
+        if off_range.sum() > 0.1 * found.size:
+            raise KDCacheError(
+                f"--augment '{spec}': on {H}x{W} images {1 - found.mean():.0%} of crops fit no draw of the crop and "
+                f"ratio ranges and fall back to a fixed centre crop (area {frac[off_range].mean():.2f} of the image, "
+                f"outside {lo:g}-{hi:g}); "
+                + ("raise the crop range (such crops round to nothing)" if frac[off_range].mean() > hi
+                   else "widen ratio= or lower the crop range"))
     box, flip = sample_params(policy, seed, np.arange(probe), numbers, native_hw)
     top, left, h, w = (box[..., i].astype(np.int64) for i in range(4))
     off = (top >= H) | (left >= W) | (top + h <= 0) | (left + w <= 0)

@@ -52,6 +52,15 @@ def test_params_depend_only_on_seed_sample_and_view():
     # The boxes obey the policy: area fraction within [0.4, 1] before translation, shift within 2 pixels.
     area = box[:, 1:, 2] * box[:, 1:, 3] / 256
     assert area.min() >= 0.4 - 0.1 and area.max() <= 1.0 and 0.3 < flip[:, 1:].mean() < 0.7
+    # On a large image (fine rounding), where every draw fits: the area fraction is uniform over the crop range
+    # (square crops always fit), and the aspect ratio log-uniform over the ratio range (small crops always fit).
+    box, _ = sample_params(AugmentPolicy.parse("crop=0.4-1,ratio=1-1"), 0, np.arange(4000), 1, (400, 400))
+    area = box[:, 0, 2].astype(float) * box[:, 0, 3] / 400 ** 2
+    assert np.quantile(area, 0.05) < 0.45 and np.quantile(area, 0.95) > 0.95 and abs(area.mean() - 0.7) < 0.02
+    box, _ = sample_params(AugmentPolicy.parse("crop=0.1-0.2,ratio=0.5-2"), 0, np.arange(4000), 1, (400, 400))
+    log_aspect = np.log(box[:, 0, 3] / box[:, 0, 2])
+    assert np.quantile(log_aspect, 0.05) < np.log(0.55) and np.quantile(log_aspect, 0.95) > np.log(1.8)
+    assert abs(np.median(log_aspect)) < 0.05 and 0.099 <= (box[:, 0, 2] * box[:, 0, 3] / 400 ** 2).min()  # rounding
 
 
 def test_policy_parsing_and_errors():
@@ -81,6 +90,10 @@ def test_policies_that_cannot_teach_are_refused(root, teacher_file):
         (["--views", "1", "--augment", "translate=2,flip,plain0"], "--views 1 with plain0 caches only the plain"),
         (["--views", "2", "--augment", "crop=0.1-0.2,translate=12"], "of views entirely off the 16x16 images"),
         (["--views", "2000", "--augment", "flip"], "--views must be from 1 to 1024"),
+        # crops that never fit their ranges: torchvision's fixed centre crop, not the policy the manifest would name
+        (["--views", "4", "--augment", "crop=0.9-1,ratio=3-4,flip"],
+         "100% of crops fit no draw of the crop and ratio ranges and fall back to a fixed centre crop (area 0.31"),
+        (["--views", "4", "--augment", "crop=0.001-0.001,flip"], "raise the crop range"),
     ]:
         res = runner.invoke(app, base + args)
         assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
@@ -91,6 +104,9 @@ def test_policies_that_cannot_teach_are_refused(root, teacher_file):
                                    epochs=1, workers=0), log=lambda *_: None)
     with pytest.raises(KDCacheError, match="online KD runs the teacher on fresh views and reads no cache"):
         run_online_kd(OnlineConfig(cache="some.zarr", data=SYN, weights=str(teacher_file)), log=lambda *_: None)
+    # A near-whole-image range whose misfits fall back to the whole image is what it asks for: allowed
+    from pipeline.augment import check_policy
+    check_policy(AugmentPolicy.parse("crop=0.99-1"), 0, (224, 224), 4)
     # K = 1 of a real augmentation is one augmented view per sample: allowed
     assert run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), views=1, augment="flip"),
                              log=lambda *_: None)
@@ -188,6 +204,13 @@ def test_view_store_layout_and_stored_outputs_match_the_teacher(root, teacher_fi
     box, flip = sample_params(AugmentPolicy.parse(POLICY), 0, index, 4, (16, 16))
     np.testing.assert_array_equal(g["aug/box"][:], box)
     np.testing.assert_array_equal(g["aug/flip"][:], flip)
+    # --aug-seed reaches the views: another seed's store holds that seed's parameters
+    other = zarr.open_group(_cache(teacher_file, layers=[], aug_seed=7), mode="r")
+    box7, flip7 = sample_params(AugmentPolicy.parse(POLICY), 7, other["index"][:], 4, (16, 16))
+    np.testing.assert_array_equal(other["aug/box"][:], box7)
+    np.testing.assert_array_equal(other["aug/flip"][:], flip7)
+    assert not np.array_equal(box7[:, 1:], sample_params(AugmentPolicy.parse(POLICY), 0, other["index"][:], 4,
+                                                         (16, 16))[0][:, 1:])
     # Random (sample, view) pairs: the teacher on an independently rebuilt input gives the stored outputs.
     teacher, _ = load_teacher("default-teacher", teacher_file, 4, 1, 16)
     src, tf = open_source(SYN), Transform.from_dict(man["transform"])
@@ -268,9 +291,10 @@ def test_rebuilt_inputs_bitwise_identical_across_workers_batch_sizes_and_resume(
     g = zarr.open_group(path, mode="r")
     src, tf = open_source(SYN), Transform.from_dict(g.attrs["kdcache"]["transform"])
     row_of = np.argsort(g["index"][:])  # sample index -> its row in the store
-    for idx, (v, x, logits, _f) in list(a.items())[:20]:
+    for idx, (v, x, logits, hint) in list(a.items())[:20]:
         r = row_of[idx]
         np.testing.assert_array_equal(logits.numpy(), g["logits"][r, v])
+        np.testing.assert_array_equal(hint.numpy(), g["features/layer3"][r, v])  # the hint of the same view
         # ... and the input is that view's: rebuilt from its stored parameters, not another view's
         want = apply_views(src._load(np.array([idx])), g["aug/box"][r:r + 1, v], g["aug/flip"][r:r + 1, v],
                            tf.size)[0]
@@ -285,6 +309,18 @@ def test_rebuilt_inputs_bitwise_identical_across_workers_batch_sizes_and_resume(
             for i, v in zip(b["index"].tolist(), b["view"].tolist()):
                 seen[i].add(v)
     assert all(s == {0, 1, 2, 3} for s in seen.values())
+    # --view-policy random reaches the stream: each block's view is select_view's random pick for that epoch.
+    stream = CacheStream(st.open_store(path), open_source(SYN), ["logits"], 64, use_labels=True, seed=0,
+                         view_policy="random")
+    picked = {}
+    for e in range(6):
+        stream.set_epoch(e)
+        for b in DataLoader(stream, batch_size=None, num_workers=0):
+            for i, v in zip(b["index"].tolist(), b["view"].tolist()):
+                block = int(row_of[i]) // 64
+                assert v == select_view("random", 0, e, block, 4), (e, i)
+                picked.setdefault(block, []).append(v)
+    assert any(len(set(vs)) > 1 and vs != sorted(vs) for vs in picked.values())  # not cycle's order
     # A run interrupted after 3 units and resumed: same parameters, same targets, same rebuilt inputs.
     real, calls = st.write_unit, {"n": 0}
 
@@ -383,3 +419,40 @@ def test_views_table_reports_differences_and_the_gap_only_where_there_is_one():
     assert lines["b-mild"][2:5] == ["+3.00", "-1.00", "75%"]         # (83 - 80) / (84 - 80)
     assert lines["b-hard"][2:5] == ["-9.00", "-4.00", "no gap: (c) ≤ (a)"]
     assert lines["a"][5] == "15" and lines["c-mild"][2:5] == ["+4.00", "-", "-"]
+
+
+def test_results_tables_time_a_resumed_cache_for_the_whole_store(root, teacher_file, monkeypatch):
+    """The manifest times the run that finished a store; a resumed store's time is scaled to every unit, flagged."""
+    from pipeline.results import cache_seconds
+    from pipeline.results_views import table
+
+    real, calls = st.write_unit, {"n": 0}
+
+    def dies(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "write_unit", dies)
+        with pytest.raises(OSError):
+            _cache(teacher_file, layers=[], writers=1, out="r.zarr")
+    man = st.open_store(_cache(teacher_file, layers=[], out="r.zarr")).manifest
+    stats = man["stats"]
+    done = 192 * 4 - stats["samples_computed"]  # units of 64 rows committed before the failure
+    assert done >= 4 * 64 and done % 64 == 0
+    seconds, approx = cache_seconds(man)
+    assert approx and seconds == pytest.approx(stats["seconds"] * 768 / (768 - done))
+    whole = st.open_store(_cache(teacher_file, layers=[], out="w.zarr")).manifest
+    assert cache_seconds(whole) == (whole["stats"]["seconds"], False)
+    assert cache_seconds({"data": {"num_samples": 1}}) == (None, False)  # not recorded: unknown, not zero
+    row = {"arm": "a", "views": 4, "augment": None, "test_acc": [0.8], "train_seconds": 10.0, "bytes_per_sample": 1.0,
+           "cache_seconds": 30.0, "cache_extrapolated": True}
+    md = table({"seeds": [0], "loss": "kd=1", "epochs": 1, "machine": "m", "rows": [row], "temperature": 2.0,
+                "schedule": "batch 64, adamw + cosine, lr 0.01"})
+    assert "| ≈40 | ≈30 | 10 |" in md and "≈: a cache whose run was resumed" in md
+    assert "(T=2), 1 epochs, batch 64, adamw + cosine, lr 0.01" in md
+    md = table({"seeds": [0], "loss": "kd=1", "epochs": 1, "machine": "m",
+                "rows": [row | {"cache_seconds": None, "cache_extrapolated": False}]})
+    assert "| - | - | 10 |" in md and "≈" not in md
