@@ -391,10 +391,12 @@ def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teac
 
 def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_file):
     """torchrun ranks own disjoint units of one store (no shared file, no resize): the result equals a single
-    process's, bit for bit, each rank computed a share, and a resumed multi-rank run redoes only what is missing."""
+    process's, bit for bit, each rank computed a share, and a resumed multi-rank run redoes only what is missing.
+    With views: each view's parameters depend on (seed, sample, view) only, not on the rank that drew them."""
     data = "synthetic:384:1x16x16:4"
     flags = ["teacher-cache", "--data", data, "--weights", str(teacher_file), "--layer", "layer2",
-             "--chunk-samples", "64", "--batch-size", "32", "--writers", "1"]
+             "--chunk-samples", "64", "--batch-size", "32", "--writers", "1", "--views", "2",
+             "--augment", "crop=0.5-1,flip"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "pipeline"]
@@ -404,9 +406,9 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines() == [str(shared)]  # printed once, by rank 0
     stats = st.open_store(shared).manifest["stats"]
-    assert stats["ranks"] == 2 and stats["units_per_rank"] == [3, 3]
-    single = run_teacher_cache(cfg(teacher_file, data=data, out=str(root / "one.zarr"), writers=1),
-                               log=lambda *_: None)
+    assert stats["ranks"] == 2 and stats["units_per_rank"] == [6, 6]
+    single = run_teacher_cache(cfg(teacher_file, data=data, out=str(root / "one.zarr"), writers=1, views=2,
+                                   augment="crop=0.5-1,flip"), log=lambda *_: None)
     a, b = arrays_of(shared), arrays_of(single)
     assert a.keys() == b.keys()
     for name in a:
@@ -415,7 +417,7 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
     # resume it and compute those three alone.
     g = st.open_group(single, "r+")
     for block in (0, 3, 5):
-        g["logits"][block * 64:(block + 1) * 64] = 0
+        g["logits"][block * 64:(block + 1) * 64, 0] = 0
         g[st.COMMIT][block, 0] = 0
     g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
     res = subprocess.run(torchrun + flags + ["--out", single], env=env, capture_output=True, text=True, timeout=300)
