@@ -121,6 +121,9 @@ def _cache_command(mode: str):
                                                         "the same ratio; negative: zstd's fast modes, larger files)."),
         image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size."),
         channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels."),
+        num_classes: Optional[int] = typer.Option(None, help="The teacher's output count (default: recorded with "
+                                                             "it, else the data's classes, else read off its "
+                                                             "weights' classifier)."),
         normalize: Optional[str] = typer.Option(None, help="The teacher's input normalisation: imagenet or MEAN/STD "
                                                            "(default: recorded with the teacher, else the data's own: "
                                                            "Fashion-MNIST 0.286/0.353, others 0.5/0.5)."),
@@ -139,7 +142,7 @@ def _cache_command(mode: str):
                               aug_seed=aug_seed, row_order=row_order, out=out,
                               cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
                               compression_level=compression_level, image_size=image_size, channels=channels,
-                              normalize=normalize, limit=limit, device=device, writers=writers, force=force)
+                              num_classes=num_classes, normalize=normalize, limit=limit, device=device, writers=writers, force=force)
             if mode == "plan":
                 from pipeline.catalog import dumps, human, plan_cache
 

@@ -165,7 +165,23 @@ def load_checkpoint(path: Path) -> dict:
     raise KDCacheError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
 
 
-def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels: int, image_size: int
+def teacher_classes(meta: dict) -> list[str] | None:
+    """The class names a weights file's meta records (`kdcache teacher` and student.pt do), else None."""
+    classes = meta.get("classes") or (meta.get("data") or {}).get("classes")
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
+
+
+def classifier_width(state_dict: dict) -> int | None:
+    """Outputs of the last 2-D weight in a state_dict: the classifier in torchvision's models (`fc`,
+    `classifier.N`, `heads.head`) and in most others. Lets a teacher run on unlabelled data, whose classes say
+    nothing about its output count."""
+    if not isinstance(state_dict, dict):
+        return None
+    mats = [v for k, v in state_dict.items() if str(k).endswith("weight") and isinstance(v, torch.Tensor) and v.ndim == 2]
+    return int(mats[-1].shape[0]) if mats else None
+
+
+def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_channels: int, image_size: int
                  ) -> tuple[nn.Module, dict]:
     """Build the teacher and load its weights. Only the teacher-cache stage (and `verify`) may call this."""
     if weights is None:
@@ -174,17 +190,18 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int, in_channels:
         weights = default_teacher_weights()
     return load_model(spec, Path(weights), num_classes, in_channels, image_size,
                       fix="check --teacher and --weights, and that the data has the classes and channels the teacher "
-                          "was trained on")
+                          "was trained on (--num-classes, --channels)")
 
 
-def load_model(spec: str, weights: Path, num_classes: int, in_channels: int, image_size: int,
+def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: int, image_size: int,
                fix: str = "check --model and --weights") -> tuple[nn.Module, dict]:
     """Build `spec` and load a weights file into it, in eval mode: (model, the file's meta). The file's meta
-    (num_classes, in_channels), when it has one, wins over the arguments."""
+    (num_classes, in_channels), when it has one, wins over the arguments; without either, the output count is read
+    off the weights (`classifier_width`)."""
     ckpt = load_checkpoint(weights)
     meta = ckpt.get("meta", {})
     try:
-        num_classes = int(meta.get("num_classes", num_classes))
+        num_classes = int(meta.get("num_classes") or num_classes or classifier_width(ckpt["state_dict"]) or 1000)
         in_channels = int(meta.get("in_channels", in_channels))
     except (TypeError, ValueError, AttributeError):
         raise KDCacheError(f"{weights}: its meta (num_classes, in_channels) is not a pair of numbers; save the "

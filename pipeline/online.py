@@ -24,7 +24,7 @@ from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text
 from pipeline.loops import batch_bounds
-from pipeline.models import capture, load_teacher
+from pipeline.models import capture, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
 from pipeline.train_student import StudentConfig, declared, fit, loss_weights, open_run_dir, setup, validate
@@ -95,7 +95,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     source = open_source(cfg.data or "fashion-mnist:train")
     probe_tf = default_transform(source)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
-                                 source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
+                                 source.num_classes, probe_tf.channels, probe_tf.size[0])
     tf = Transform.from_dict(meta["transform"]) if "transform" in meta else probe_tf
     policy = AugmentPolicy.parse(cfg.augment)
     check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]))
@@ -106,7 +106,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
         logits = teacher(source.load(np.arange(2), tf))
         teacher_shapes = {"logits": tuple(logits.shape[1:])} | {st.feature_array(k): tuple(v.shape[1:])
                                                                  for k, v in feats.items()}
-    s = setup(cfg, weights, source, tf, teacher_shapes["logits"][0], teacher_shapes, use_labels)
+    s = setup(cfg, weights, source, tf, teacher_shapes["logits"][0], teacher_shapes, use_labels,
+              teacher_classes(meta), log)
     teacher.to(s.device).eval()
     run_dir = open_run_dir(cfg, tag="online-")
     (run_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "online": True, "augment": policy.spec(),

@@ -38,7 +38,7 @@ from pipeline.data import (Transform, absolute_spec, check_input_flags, data_dif
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_outputs, default_teacher_weights, fingerprint_module, load_teacher,
-                             probe_forward, resolve_modules)
+                             probe_forward, resolve_modules, teacher_classes)
 from pipeline.ranks import Ranks
 
 
@@ -62,6 +62,8 @@ class CacheConfig:
     compression_level: int = 1            # zstd 1: on float16 features ~2x faster than 3, ratio 1.76 vs 1.79
     image_size: int | None = None         # resize for the teacher (default: teacher's training size, else native)
     channels: int | None = None
+    num_classes: int | None = None        # the teacher's outputs (default: its weights file's meta, else the data's
+                                          # classes, else read off its weights' last 2-D weight: the classifier)
     normalize: str | None = None          # "imagenet" or "MEAN/STD" (default: the teacher's recorded transform,
                                           # else 0.5/0.5 or the dataset's own statistics)
     limit: int | None = None              # cache only the first N samples (quick runs)
@@ -131,7 +133,10 @@ class Prepared:
                   "replay": REPLAY_VERSION} if self.views else None)
         return {"key": self.key, "identity": self.identity, "created": st.now(),
                 "teacher": {"spec": cfg.teacher, "weights": cfg.weights, "fingerprint": self.identity["teacher"],
-                            "arch": self.teacher_meta.get("arch", cfg.teacher)},
+                            "arch": self.teacher_meta.get("arch", cfg.teacher),
+                            # its class names where its weights file records them: an unlabelled cache's students
+                            # are scored by these names
+                            "classes": teacher_classes(self.teacher_meta)},
                 "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit,
                                                   "content_fingerprint": self.source.content_fingerprint(
                                                       self.num_samples)},
@@ -167,6 +172,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     check_input_flags(cfg.image_size, cfg.channels)
     if not 0 <= cfg.aug_seed < 2**63:
         raise KDCacheError(f"--aug-seed must be from 0 to 2**63-1 (got {cfg.aug_seed})")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise KDCacheError(f"--num-classes must be at least 1 (got {cfg.num_classes}); leave it out to read it off "
+                           "the teacher's weights")
     if cfg.writers < 0:
         raise KDCacheError(f"--writers must be 0 (automatic) or more (got {cfg.writers})")
     if not -7 <= cfg.compression_level <= 22:
@@ -192,7 +200,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     cfg = replace(cfg, chunk_samples=min(cfg.chunk_samples, n))
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
-                                 source.num_classes or 1000, probe_tf.channels, probe_tf.size[0])
+                                 cfg.num_classes or source.num_classes, probe_tf.channels, probe_tf.size[0])
     tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
     resolve_modules(teacher, cfg.layers, "--layer")  # unknown names fail here, before anything is written
     teacher_fp = fingerprint_module(teacher)

@@ -170,9 +170,10 @@ class Setup:
 
 
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
-          teacher_shapes: dict, use_labels: bool) -> Setup:
+          teacher_shapes: dict, use_labels: bool, teacher_classes: list[str] | None = None, log=print) -> Setup:
     """Build the student, its losses (sized from student and teacher shapes), the schedule and the test split.
-    The entry points have already run `validate(cfg, weights)`."""
+    The entry points have already run `validate(cfg, weights)`. The student's outputs are named by the training
+    data's classes, else (unlabelled data) by the teacher's where its weights file recorded them."""
     device = pick_device(cfg.device)
     _, student_layers = declared(weights, cfg)
     student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
@@ -214,9 +215,14 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         raise KDCacheError(f"test data {test_spec} has no labels; pass a labelled --test-data")
     if test is not None and test.fingerprint() == source.fingerprint() and not cfg.test_data:
         test, test_spec = None, None  # e.g. a cache of fashion-mnist:test, whose default test split is itself
-    test_labels = class_map(test, source.classes) if test is not None else None
+    classes = source.classes or teacher_classes
+    test_labels = class_map(test, classes) if test is not None else None
+    if test is not None and classes is None:
+        log(f"note: neither the training data nor the teacher names its classes, so {test_spec}'s classes "
+            f"({', '.join(test.classes[:5])}{' ...' if len(test.classes) > 5 else ''}) are taken as the teacher's "
+            "outputs 0, 1, ... in that order")
     return Setup(student, losses, student_layers, stages, tf, device, test, test_spec, use_labels, num_classes,
-                 student_shapes, test_labels, source.fingerprint(), source.classes)
+                 student_shapes, test_labels, source.fingerprint(), classes)
 
 
 def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
@@ -367,7 +373,8 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
     state = load_checkpoint_for(cfg, ranks.world)  # every rank reads it (a shared run directory)
     ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built
-    s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels)
+    s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels,
+              man["teacher"].get("classes"), log if ranks.leader else lambda *_: None)
 
     targets = sorted(t for t in needs if t != "labels")
     stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,

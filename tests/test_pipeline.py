@@ -177,6 +177,47 @@ def test_unlabelled_flat_imagefolder(root):
     assert res.exit_code == 2 and "has no labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_own_teacher_on_unlabelled_data_and_its_class_names(root):
+    """On unlabelled data the teacher's output count comes from its weights (a bare state_dict records none), or
+    --num-classes; its students are scored by the class names its weights file records, else by position (said)."""
+    from pipeline.models import TeacherNet
+
+    imgs = root / "flat"
+    _write_images(imgs, 24)
+    torch.manual_seed(0)
+    torch.save(TeacherNet(num_classes=5, in_channels=3).state_dict(), root / "bare.pt")  # no meta at all
+    base = ["teacher-cache", "--data", f"imagefolder:{imgs}", "--weights", "bare.pt", "--chunk-samples", "8"]
+    res = runner.invoke(app, base + ["--out", "bare.zarr"])
+    assert res.exit_code == 0, res.output
+    g = zarr.open_group("bare.zarr", mode="r")
+    assert g["logits"].shape == (24, 5) and g.attrs["kdcache"]["teacher"]["classes"] is None
+    res = runner.invoke(app, base + ["--num-classes", "7", "--out", "seven.zarr"])  # not what the weights hold
+    assert res.exit_code == 2 and "size mismatch for fc.weight" in res.stderr and "--num-classes" in res.stderr
+    _write_images(root / "test" / "cat", 3, seed=1)
+    _write_images(root / "test" / "ant", 3, seed=2)
+    student = ["train-student", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--test-data",
+               f"imagefolder:{root / 'test'}"]
+    res = runner.invoke(app, student + ["--cache", "bare.zarr", "--out", "run-bare"])
+    assert res.exit_code == 0, res.output
+    assert "are taken as the teacher's outputs 0, 1, ... in that order" in res.stderr
+    # A teacher whose file names its classes: test folders are matched by those names, unknown ones refused.
+    names = ["ant", "bee", "cat", "dog", "eel"]
+    torch.save({"state_dict": torch.load(root / "bare.pt"), "meta": {"num_classes": 5, "in_channels": 3,
+                                                                    "data": {"classes": names}}}, root / "named.pt")
+    res = runner.invoke(app, base[:4] + ["named.pt", "--chunk-samples", "8", "--out", "named.zarr"])
+    assert res.exit_code == 0, res.output
+    assert zarr.open_group("named.zarr", mode="r").attrs["kdcache"]["teacher"]["classes"] == names
+    res = runner.invoke(app, student + ["--cache", "named.zarr", "--out", "run-named"])
+    assert res.exit_code == 0 and "taken as the teacher's outputs" not in res.stderr, res.output
+    meta = torch.load(root / "run-named" / "student.pt", weights_only=True)["meta"]
+    assert meta["classes"] == names
+    from pipeline.data import class_map
+    assert list(class_map(open_source(f"imagefolder:{root / 'test'}"), meta["classes"])) == [0, 2]  # ant, cat
+    _write_images(root / "test" / "zebra", 2, seed=3)
+    res = runner.invoke(app, student + ["--cache", "named.zarr", "--out", "run-zebra"])
+    assert res.exit_code == 2 and "class(es) 'zebra' that the training data lacks" in res.stderr
+
+
 def test_test_folder_classes_are_matched_by_name(root):
     """A test folder lacking a class must not shift the others' labels; one with a class the training data lacks is
     refused; the data the student trains on is said to be no test split."""
