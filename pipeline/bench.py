@@ -265,7 +265,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
         def student(loss, tag, online=False, **kw):
             common = dict(student=p["student"], loss=loss, epochs=2, batch_size=batch, workers=workers,
-                          device=cfg.device, test_data=test, out=str(work / f"run-{tag}"), **kw)
+                          device=cfg.device, test_data=test, out=str(work / f"run-{tag}"), overwrite=True, **kw)
             if online:
                 run_online_kd(OnlineConfig(data=data, teacher=p["teacher"], weights=str(weights), **common),
                               log=lambda *_: None)
@@ -356,7 +356,8 @@ def scaling(cfg: BenchConfig, sizes: list[int], work: Path, log) -> list[dict]:
         run = work / f"scale-run-{n}"
         run_train_student(StudentConfig(cache=path, student=p["student"], loss="kd=1", epochs=2,
                                         batch_size=p["batch"], workers=p["workers"], device=cfg.device,
-                                        test_data=f"synthetic:256:{p['shape']}:{p['classes']}:1", out=str(run)),
+                                        test_data=f"synthetic:256:{p['shape']}:{p['classes']}:1", out=str(run),
+                                        overwrite=True),
                           log=lambda *_: None)
         img_s = last_epoch_img_s(run)
         row = {"samples": n, "cache_img_s": n / cache_s, "cache_us_per_sample": 1e6 * cache_s / n,

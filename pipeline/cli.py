@@ -43,13 +43,13 @@ def user_errors(then: str = RESUMES_CACHE):
     except KDCacheError as e:
         typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; {then}", err=True)
+    except KeyboardInterrupt as e:
+        typer.echo(f"interrupted; {getattr(e, 'kdcache_then', then)}", err=True)
         raise typer.Exit(130)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            typer.echo(f"error: disk full while writing {e.filename or 'the output'}; free space and {then}",
-                       err=True)
+            typer.echo(f"error: disk full while writing {e.filename or 'the output'}; free space and "
+                       f"{getattr(e, 'kdcache_then', then)}", err=True)
         elif e.errno in (1, 2, 13, 17, 20, 21, 30):  # EPERM ENOENT EACCES EEXIST ENOTDIR EISDIR EROFS
             typer.echo(f"error: {e.strerror or e}: {e.filename or ''}; check the path, or choose another "
                        "--out / --cache-dir", err=True)
@@ -312,6 +312,7 @@ def train_student_cmd(
     device: str = typer.Option("auto"),
     out: Optional[str] = typer.Option(None, help="Run directory (default data/runs/...)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last finished epoch."),
+    overwrite: bool = typer.Option(False, help="Replace a finished or interrupted run in --out (else refused)."),
 ):
     """Train a student from a cache (the teacher is never built) and print its test accuracy."""
     with user_errors(RESUMES_STUDENT):
@@ -325,7 +326,7 @@ def train_student_cmd(
                             augment=augment, view_policy=view_policy, epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                             test_data=test_data, data=data, workers=workers, buffer_chunks=buffer_chunks,
-                            device=device, out=out, resume=resume)
+                            device=device, out=out, resume=resume, overwrite=overwrite)
         summary = run_train_student(cfg, log=log_err)
         if summary.get("rank", 0) == 0:  # under torchrun, rank 0 speaks for the run
             typer.echo(json.dumps({"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}))

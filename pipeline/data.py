@@ -338,6 +338,9 @@ class Synthetic(Source):
         self.spec, self.num_samples, self.native_shape, self.seed = spec, n, shape, seed
         self.classes = [str(i) for i in range(num_classes)]
         held = (self.NOISE_POOL + num_classes) * int(np.prod(shape))  # noise pool + class templates, uint8
+        if 8 * n > self.MAX_BYTES:  # the stages hold int64 arrays of N (row order, index, labels) in memory
+            raise KDCacheError(f"{spec} has {n:,} samples: every per-sample array (row order, index, labels) would "
+                               f"take {8 * n / 2**30:.1f} GiB in memory; use at most {self.MAX_BYTES // 8:,} samples")
         if held > self.MAX_BYTES:
             raise KDCacheError(f"{spec} would hold {held / 2**30:.1f} GiB of noise patterns and class templates "
                                f"(({self.NOISE_POOL} + {num_classes} classes) x {shape[0]}x{shape[1]}x{shape[2]}); "

@@ -307,8 +307,11 @@ def resolve_modules(model: nn.Module, names: list[str], flag: str = "") -> dict[
                                f"{', '.join([k for k in modules if k][:3])}")
         if n not in modules:
             near = difflib.get_close_matches(n, [k for k in modules if k], n=5, cutoff=0.3)
-            raise KDCacheError(f"no module '{n}' in {type(model).__name__}"
-                               f"{f' (from {flag})' if flag else ''}; nearest: {', '.join(near) or 'none'}")
+            top = [k for k in modules if k and "." not in k]  # nothing alike: say what there is
+            listed = (f"nearest: {', '.join(near)}" if near else
+                      f"its top-level modules: {', '.join(top[:12]) or 'none'} (dotted paths name deeper ones)")
+            raise KDCacheError(f"no module '{n}' in {type(model).__name__}{f' (from {flag})' if flag else ''}; "
+                               f"{listed}")
         out[n] = modules[n]
     return out
 

@@ -42,14 +42,17 @@ def machine() -> str:
 def reuse_or_run(cfg, fn, log=print) -> dict:
     """Run `fn(cfg)` unless `cfg.out` already holds a finished run of exactly this config (then reuse its summary):
     a results command that was interrupted, or extended with new rows, resumes instead of starting over."""
-    from dataclasses import MISSING, asdict, fields
+    from dataclasses import MISSING, asdict, fields, replace
+
+    from pipeline.train_student import RUN_PLACE
 
     from pipeline import store as st
 
     def same_place(c: dict) -> dict:
         # Where the run lies is no part of its config, and one store named relatively or absolutely is one store.
         cache = c.get("cache")
-        return c | {"out": None, "cache": cache if not cache or st.is_url(cache) else os.path.realpath(cache)}
+        c = {k: v for k, v in c.items() if k not in RUN_PLACE}
+        return c | {"cache": cache if not cache or st.is_url(cache) else os.path.realpath(cache)}
 
     from pipeline.augment import REPLAY_VERSION
 
@@ -66,7 +69,7 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
         if not stale_views and recorded == same_place(json.loads(json.dumps(asdict(cfg), default=str))):
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())
-    return fn(cfg, log=lambda m: None)
+    return fn(replace(cfg, overwrite=True), log=lambda m: None)  # a stale or unfinished run there is redone
 
 
 def cache_seconds(manifest: dict) -> tuple[float | None, bool]:

@@ -67,6 +67,7 @@ class StudentConfig:
     device: str = "auto"
     out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
     resume: bool = False                   # continue the run in --out from its last epoch's checkpoint.pt
+    overwrite: bool = False                # replace a finished or interrupted run in --out (else refused)
 
     def __post_init__(self):
         paths_as_text(self, "cache", "out", "test_data", "data")
@@ -96,6 +97,7 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
         (cfg.fitnets_schedule in ("two-stage", "single"),
          f"unknown --fitnets-schedule '{cfg.fitnets_schedule}'; use two-stage or single"),
         (not cfg.resume or cfg.out, "--resume continues the run in --out DIR: name it"),
+        (not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite replaces it: pick one"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -177,7 +179,11 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     device = pick_device(cfg.device)
     _, student_layers = declared(weights, cfg)
     student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
-    resolve_modules(student, student_layers, "--fitnets-guided / --rkd-student-layer")
+    for layer in student_layers:  # each named with the flag that chose it
+        flags = [f for used, chosen, f in (("fitnets" in weights, cfg.fitnets_guided, "--fitnets-guided"),
+                                           ("rkd" in weights, cfg.rkd_student_layer, "--rkd-student-layer"))
+                 if used and chosen == layer]
+        resolve_modules(student, [layer], " / ".join(flags))
     probe = source.load(np.arange(min(2, source.num_samples)), tf)
     with torch.no_grad(), capture(student, student_layers) as feats:
         try:
@@ -230,6 +236,7 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
         time.strftime("%Y%m%d-%H%M%S") + f"-{tag}{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
 
 
+RUN_PLACE = ("out", "resume", "overwrite")  # where a run lies and how it was started: not what it trains
 RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
 
@@ -238,7 +245,7 @@ def _comparable(cfg: StudentConfig, ranks: int = 1) -> dict:
     """The settings a checkpoint must share with the run that resumes it (where it lies and `resume` aside). The
     loader workers and the ranks count too: they decide which rows make each batch and how many batches an epoch
     has, so another count would give other weights and overrun the learning-rate schedule."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "out")} | {"ranks": ranks}
+    return {k: v for k, v in asdict(cfg).items() if k not in RUN_PLACE} | {"ranks": ranks}
 
 
 def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
@@ -250,25 +257,27 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
     if not path.is_file():
         done = (run_dir / "summary.json").is_file()
         raise KDCacheError(f"--resume: {run_dir} holds {'a finished run' if done else 'no checkpoint.pt'}; "
-                           "nothing to resume (drop --resume to start a new run there)")
+                           "nothing to resume (" + ("--overwrite instead of --resume starts a new run there)" if done
+                                                    else "drop --resume to start a new run there)"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); drop --resume to start over") from None
+        raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); use --overwrite instead of --resume to start over") from None
     saved, now = state.get("config", {}), _comparable(cfg, ranks)
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
         saved = saved | {"ranks": 1, "workers": cfg.workers}
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({', '.join(differ)}); "
-                           "resume with the same flags, or drop --resume to start over")
+                           "resume with the same flags, or use --overwrite instead of --resume to start over")
     return state
 
 
 def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> Path:
-    """The run directory, ready for a new run. A previous run's outputs there are removed first, summary.json (the
-    mark of a finished run) before anything else, so a run killed part-way never looks finished with an older
-    run's results. Resuming keeps the checkpoint (and rewrites metrics.jsonl from it)."""
+    """The run directory, ready for a new run. One that holds a run's work (finished, or a checkpoint to resume) is
+    refused unless --overwrite; then its outputs are removed first, summary.json (the mark of a finished run) before
+    anything else, so a run killed part-way never looks finished with an older run's results. Resuming keeps the
+    checkpoint (and rewrites metrics.jsonl from it)."""
     run_dir = run_dir_for(cfg, tag)
     if cfg.out is None:  # a fresh name: runs started in the same second (a sweep) must not share a directory
         return _new_dir(run_dir)
@@ -276,6 +285,12 @@ def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> P
         raise KDCacheError(f"--out {run_dir} is a file, not a run directory; choose another --out")
     if (run_dir / "zarr.json").exists():
         raise KDCacheError(f"--out {run_dir} is a cache store; choose another --out for the run directory")
+    if not resuming and not cfg.overwrite:
+        held = [n for n in ("summary.json", "student.pt", CHECKPOINT) if (run_dir / n).exists()]
+        if held:
+            what = ("a finished run" if held[0] != CHECKPOINT else
+                    "an interrupted run's checkpoint (--resume continues it)")
+            raise KDCacheError(f"--out {run_dir} holds {what}; --overwrite replaces it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_OUTPUTS:
         if not (resuming and name == CHECKPOINT):
@@ -410,6 +425,16 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
     After every epoch rank 0 writes checkpoint.pt (student, the losses' parts, optimizer, schedule position, metrics
     so far); `state` (a loaded checkpoint) continues from there: the same batches, schedule and optimizer state as
     an uninterrupted run, so on the CPU the same weights come out."""
+    try:
+        return _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, state)
+    except (KeyboardInterrupt, OSError) as e:
+        if run_dir is not None and not (run_dir / CHECKPOINT).exists():  # the CLI's advice would be --resume
+            e.kdcache_then = ("re-run the same command without --resume: no epoch had finished, so there is no "
+                              "checkpoint to continue from")
+        raise
+
+
+def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, state) -> dict:
     ranks = ranks or Ranks()
     student, losses, tf, device = s.student, s.losses, s.tf, s.device
     cuda = device.type == "cuda"
@@ -518,7 +543,8 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
                             # dropout and other random layers go on with the numbers they would have drawn
                             "rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}, run_dir / CHECKPOINT,
-                           f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)")
+                           f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)" if epoch
+                           else "re-run the same command without --resume (no epoch had finished before this one)")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")
             epoch += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -222,18 +223,18 @@ def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and not calls   # reused, not rerun
     changed = StudentConfig(**{**cfg.__dict__, "seed": 1})
     reuse_or_run(changed, lambda c, log: calls.append(c) or {})
-    assert calls == [changed]                                                         # another config: rerun
+    assert calls == [replace(changed, overwrite=True)]                               # another config: rerun
     other_name = StudentConfig(**{**cfg.__dict__, "cache": os.path.relpath(cache), "out": str(root / "moved")})
     shutil.copytree("run", other_name.out)
-    assert reuse_or_run(other_name, lambda c, log: calls.append(c)) == first and calls == [changed]  # same store
+    assert reuse_or_run(other_name, lambda c, log: calls.append(c)) == first and len(calls) == 1  # same store
     # a run made before a setting existed did what its default does: reused; set otherwise, it is rerun
     saved = json.loads(Path("run/config.json").read_text())
     del saved["config"]["optimizer"]
     Path("run/config.json").write_text(json.dumps(saved))
-    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and calls == [changed]
+    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and len(calls) == 1
     adam = StudentConfig(**{**cfg.__dict__, "optimizer": "adamw"})
     reuse_or_run(adam, lambda c, log: calls.append(c) or {})
-    assert calls == [changed, adam]
+    assert calls[1:] == [replace(adam, overwrite=True)]
 
 
 def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_file):
@@ -248,4 +249,4 @@ def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_f
     saved = json.loads(Path("online/config.json").read_text())
     Path("online/config.json").write_text(json.dumps(saved | {"replay": 0}))         # made by an older replay
     reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
-    assert calls == [cfg]
+    assert calls == [replace(cfg, overwrite=True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +262,8 @@ def test_test_folder_classes_are_matched_by_name(root):
     with pytest.raises(KDCacheError, match="pass a --data with the same classes"):
         run_eval(EvalConfig(weights="run/student.pt", data=f"imagefolder:{root / 'test'}"), log=lambda *_: None)
     logs = []
-    run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'train'}", **common), log=logs.append)
+    run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'train'}", overwrite=True, **common),
+                      log=logs.append)
     assert any("is the data the student trains on; its accuracy is no test" in m for m in logs)
 
 
@@ -271,8 +273,8 @@ def test_a_run_that_never_trains_the_classifier_says_so(root, teacher_file):
     for loss, kw, noted in (("rkd=1", {}, True), ("rkd=1,ce=1", {}, False), ("kd=1", {}, False),
                             ("fitnets=1", hint_only, True), ("fitnets=1", dict(epochs=2, fitnets_hint_epochs=1), False)):
         logs = []
-        run_train_student(StudentConfig(cache=path, loss=loss, workers=0, out="run", **{"epochs": 1, **kw}),
-                          log=logs.append)
+        run_train_student(StudentConfig(cache=path, loss=loss, workers=0, out="run", overwrite=True,
+                                        **{"epochs": 1, **kw}), log=logs.append)
         assert any(m.startswith("note: no loss of the run") for m in logs) == noted, (loss, kw, logs)
 
 
@@ -465,14 +467,25 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
 
 
 def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teacher_file):
+    """A run directory holding a run's work is kept unless --overwrite; replaced, none of the old results is left to
+    pass for the new run's."""
+    from pipeline.train_student import open_run_dir
+
     Path("run").mkdir()
     for name in ("summary.json", "student.pt", "metrics.jsonl"):
         Path("run", name).write_text("{}")  # an earlier run's results
     cfg = StudentConfig(cache=_cache(teacher_file, layers=[]), epochs=1, workers=0, out="run", test_data=SYN_TEST)
-    from pipeline.train_student import open_run_dir
-
-    open_run_dir(cfg)
+    with pytest.raises(KDCacheError, match="--out run holds a finished run; --overwrite replaces it"):
+        open_run_dir(cfg)
+    assert all(Path("run", n).exists() for n in ("summary.json", "student.pt", "metrics.jsonl"))
+    open_run_dir(replace(cfg, overwrite=True))
     assert not any(Path("run", n).exists() for n in ("summary.json", "student.pt", "metrics.jsonl"))
+    # an interrupted run's checkpoint is work too: refused, pointing at --resume
+    Path("run", "checkpoint.pt").write_text("{}")
+    res = runner.invoke(app, ["train-student", "--cache", cfg.cache, "--workers", "0", "--out", "run"])
+    assert res.exit_code == 2 and "holds an interrupted run's checkpoint (--resume continues it)" in res.stderr
+    res = runner.invoke(app, ["train-student", "--cache", cfg.cache, "--out", "run", "--resume", "--overwrite"])
+    assert res.exit_code == 2 and "pick one" in res.stderr
 
 
 def test_incomplete_store_refused(root, teacher_file):
@@ -630,6 +643,24 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
     def interrupted(cfg, log):
         raise KeyboardInterrupt
 
+    # Ctrl-C inside the loop: before the first checkpoint there is nothing to resume, and the line says so
+    evals = []
+
+    def ctrl_c_at(n):
+        def evaluate(*a, **k):
+            evals.append(1)
+            if len(evals) == n:
+                raise KeyboardInterrupt
+            return 0.5
+        return evaluate
+
+    for n, advice in ((1, "interrupted; re-run the same command without --resume: no epoch had finished"),
+                      (2, "interrupted; re-run the same command with --resume --out")):
+        evals.clear()
+        with monkeypatch.context() as m:
+            m.setattr(ts, "evaluate", ctrl_c_at(n))
+            res = runner.invoke(app, args[:-1] + [f"r-int{n}"])
+        assert res.exit_code == 130 and advice in res.stderr, res.output
     monkeypatch.setattr(ts, "run_train_student", interrupted)
     res = runner.invoke(app, args)
     assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr
