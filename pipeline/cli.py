@@ -194,8 +194,8 @@ def verify_cmd(
         if json_out:
             typer.echo(dumps(report.to_dict()))
         else:
-            for p in report.problems:
-                typer.echo(f"BAD  {p.line()}")
+            for line in report.summary_lines():
+                typer.echo(f"BAD  {line}")
             if not report.complete:
                 typer.echo("BAD  manifest: not marked complete")
             if report.recompute:

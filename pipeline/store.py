@@ -509,6 +509,9 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")
     if require_complete and not manifest.get("complete"):
+        who = writer(path)
+        if who is not None:
+            raise KDCacheError(f"cache {path} is being written now ({who}); train from it when that run has ended")
         raise KDCacheError(f"cache {path} is incomplete (its writer stopped before the last chunk: killed, or "
                            "stopped by an error); re-run the same teacher-cache command to resume it, after fixing "
                            "what stopped it")

@@ -46,6 +46,21 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     complete: bool = False
     recompute: dict | None = None
+    units: int = 0  # (block, view) units in the store
+
+    def summary_lines(self, most: int = 20) -> list[str]:
+        """What a person reads: each problem once, the chunks of a never-committed unit (missing because never
+        written, not damaged) folded into one count line with what to run, and at most `most` lines of the rest."""
+        uncommitted = {p.unit() for p in self.problems if p.array == st.COMMIT}
+        shown = [p for p in self.problems if p.array == st.COMMIT or p.unit() not in uncommitted]
+        lines = [p.line() for p in shown[:most]]
+        if len(shown) > most:
+            lines.append(f"... and {len(shown) - most} more (--json lists every one)")
+        if uncommitted:
+            lines.append(f"{len(uncommitted)} of {self.units} units were never committed (a writer stopped before "
+                         f"them; their chunks are not data): re-run the teacher-cache command, or `kdcache repair "
+                         f"{self.path}`")
+        return lines
 
     @property
     def ok(self) -> bool:
@@ -93,6 +108,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
     blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
     committed = st.committed_units(group)
+    report.units = int(committed.size)
     rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))
     for b, v in np.argwhere(~committed):
         start, end = blocks[b]

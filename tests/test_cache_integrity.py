@@ -448,6 +448,8 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
         g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # as while it is being written
         res = runner.invoke(app, ["verify", path])  # work in progress, not damage
         assert res.exit_code == 2 and f"{path} is being written now (pid {holder.pid} on" in res.stderr
+        res = runner.invoke(app, ["train-student", "--cache", path, "--workers", "0"])  # not "killed: resume it"
+        assert res.exit_code == 2 and "is being written now" in res.stderr and "train from it when" in res.stderr
         g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=True)
     finally:
         holder.kill()
@@ -727,6 +729,8 @@ def test_commit_markers_and_stats_that_are_lost_or_damaged(root, teacher_file):
     shutil.rmtree(path / st.COMMIT)
     res = runner.invoke(app, ["verify", str(path)])
     assert res.exit_code == 1 and res.stdout.count("not committed") == 3, res.output
+    assert f"3 of 3 units were never committed (a writer stopped before them; their chunks are not data): re-run " \
+           f"the teacher-cache command, or `kdcache repair {path}`" in res.stdout
     res = runner.invoke(app, ["repair", str(path)])
     assert res.exit_code == 0 and runner.invoke(app, ["verify", str(path)]).exit_code == 0, res.output
     for name, v in arrays_of(path).items():
@@ -838,3 +842,20 @@ def test_damaged_marker_or_stats_metadata_is_one_line_not_a_traceback(root, teac
     (path / st.COMMIT / "zarr.json").write_text("{bad")
     res = runner.invoke(app, ["verify", str(path)])
     assert res.exit_code == 1 and res.stdout.count("not committed") == 3, res.output
+
+
+def test_verify_folds_the_chunks_of_units_never_committed():
+    """An interrupted store's unwritten chunks are one count line with what to run, not a line per array and chunk;
+    damage elsewhere is listed, at most `most` lines of it."""
+    from pipeline.verify import Problem, Report
+
+    rep = Report(path="s.zarr", units=40, problems=[Problem(st.COMMIT, b, 64 * b, 64 * b + 64, "not committed")
+                                                    for b in (3, 4)])
+    rep.problems += [Problem(a, b, 64 * b, 64 * b + 64, "missing") for a in ("logits", "index") for b in (3, 4)]
+    rep.problems += [Problem("logits", b, 64 * b, 64 * b + 64, "crc32c checksum mismatch") for b in range(10, 40)]
+    lines = rep.summary_lines(most=5)
+    assert lines[:2] == ["_commit chunk 3 (rows 192-255): not committed", "_commit chunk 4 (rows 256-319): not committed"]
+    assert lines[2:5] == [f"logits chunk {b} (rows {64 * b}-{64 * b + 63}): crc32c checksum mismatch" for b in (10, 11, 12)]
+    assert lines[5] == "... and 27 more (--json lists every one)"
+    assert lines[6].startswith("2 of 40 units were never committed") and len(lines) == 7
+    assert not any("missing" in x for x in lines)  # the unwritten units' chunks: folded into that line
