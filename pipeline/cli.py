@@ -124,7 +124,8 @@ def _cache_command(mode: str):
         num_classes: Optional[int] = typer.Option(None, help="The teacher's output count (default: recorded with "
                                                              "it, else the data's classes, else read off its "
                                                              "weights' classifier)."),
-        normalize: Optional[str] = typer.Option(None, help="The teacher's input normalisation: imagenet or MEAN/STD "
+        normalize: Optional[str] = typer.Option(None, help="The teacher's input normalisation: imagenet or MEAN/STD, "
+                                                           "one value or one per channel (0.5,0.4,0.3/0.2,0.2,0.2) "
                                                            "(default: recorded with the teacher, else the data's own: "
                                                            "Fashion-MNIST 0.286/0.353, others 0.5/0.5)."),
         limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
@@ -142,7 +143,8 @@ def _cache_command(mode: str):
                               aug_seed=aug_seed, row_order=row_order, out=out,
                               cache_dir=cache_dir, chunk_samples=chunk_samples, batch_size=batch_size,
                               compression_level=compression_level, image_size=image_size, channels=channels,
-                              num_classes=num_classes, normalize=normalize, limit=limit, device=device, writers=writers, force=force)
+                              num_classes=num_classes, normalize=normalize, limit=limit, device=device,
+                              writers=writers, force=force)
             if mode == "plan":
                 from pipeline.catalog import dumps, human, plan_cache
 
@@ -163,7 +165,15 @@ def _cache_command(mode: str):
             path = run_teacher_cache(cfg, log=log_err)
             # The last line of stdout is the store's path, for scripts (once, under torchrun: rank 0's).
             if os.environ.get("RANK", "0") in ("", "0"):
-                typer.echo(json.dumps({"path": path}) if json_out else path)
+                if json_out:
+                    from pipeline.store import open_store
+
+                    man = open_store(path).manifest
+                    typer.echo(json.dumps({"path": path, "key": man["key"], "samples": man["data"]["num_samples"],
+                                           "views": (man.get("views") or {}).get("count", 0),
+                                           "arrays": sorted(man["arrays"]), "stats": man.get("stats")}))
+                else:
+                    typer.echo(path)
 
     return command
 
@@ -183,7 +193,7 @@ def verify_cmd(
     data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved (--recompute)."),
     weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved "
                                                      "(--recompute)."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Read every chunk; report bad or missing chunks with their store rows; exit 1 if anything is wrong."""
     with user_errors():
@@ -235,7 +245,7 @@ def repair_cmd(
 @app.command("ls")
 def ls_cmd(
     cache_dir: Optional[str] = typer.Option(None, help="Folder of caches (default data/cache)."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List the caches in a cache folder."""
     with user_errors():
@@ -245,6 +255,10 @@ def ls_cmd(
         if json_out:
             typer.echo(dumps(caches))
             return
+        if not caches:  # said on stderr: stdout stays a list (of nothing)
+            from pipeline.data import data_root
+
+            log_err(f"no caches in {cache_dir or data_root() / 'cache'} (teacher-cache makes one)")
         for c in caches:
             if "error" in c:
                 typer.echo(f"{c['path']}: {c['error']}")
@@ -259,7 +273,8 @@ def ls_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(path: str = typer.Argument(...), json_out: bool = typer.Option(False, "--json")):
+def inspect_cmd(path: str = typer.Argument(...),
+                json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Print a store's manifest and, per array, shape, dtype, chunks, codecs, compression ratio, bytes per sample."""
     with user_errors():
         from pipeline.catalog import dumps, human, inspect_cache
@@ -287,7 +302,7 @@ def train_student_cmd(
     loss: str = typer.Option("kd=1", help="Weighted losses, e.g. kd=1,fitnets=1,rkd=1 (also ce)."),
     temperature: float = typer.Option(4.0, "--temperature", "-T"),
     alpha: float = typer.Option(0.1, help="Hard-label weight inside KD."),
-    no_labels: bool = typer.Option(False, help="Ignore labels even if cached (soft targets only)."),
+    no_labels: bool = typer.Option(False, "--no-labels", help="Ignore labels even if cached (soft targets only)."),
     fitnets_hint: str = typer.Option("layer3", help="Teacher hint layer (cached)."),
     fitnets_guided: str = typer.Option("block2", help="Student guided layer."),
     fitnets_schedule: str = typer.Option("two-stage", help="two-stage (paper) or single."),
@@ -339,7 +354,8 @@ def eval_cmd(
     model: Optional[str] = typer.Option(None, help="Architecture (default: the one the weights file records)."),
     image_size: Optional[int] = typer.Option(None, help="Override the recorded input size."),
     channels: Optional[int] = typer.Option(None, help="Override the recorded channel count (1 or 3)."),
-    normalize: Optional[str] = typer.Option(None, help="Override the recorded normalisation: imagenet or MEAN/STD."),
+    normalize: Optional[str] = typer.Option(None, help="Override the recorded normalisation: imagenet or MEAN/STD "
+                                                                "(one value or one per channel, comma-separated)."),
     batch_size: int = typer.Option(512),
     device: str = typer.Option("auto"),
     json_out: bool = typer.Option(False, "--json", help="Print the result (per-class accuracy, confusion) as JSON."),

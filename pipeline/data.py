@@ -98,7 +98,8 @@ NORMALIZE_PRESETS = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
 def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]:
     """`--normalize`: a preset (`imagenet`) or `MEAN/STD`, each one value or one per channel (`0.5/0.25`,
     `0.485,0.456,0.406/0.229,0.224,0.225`): the normalisation the teacher was trained with."""
-    fix = "use imagenet or MEAN/STD with one value or one per channel, e.g. 0.5/0.25"
+    fix = ("use imagenet or MEAN/STD with one value or one per channel, e.g. 0.5/0.25 or, per channel, "
+           "0.485,0.456,0.406/0.229,0.224,0.225")
     if spec in NORMALIZE_PRESETS:
         mean, std = NORMALIZE_PRESETS[spec]
     else:

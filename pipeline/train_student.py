@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_wh
 from pipeline.ranks import Ranks
 from pipeline.models import build_model, capture, check_outputs, fingerprint_module, resolve_modules
 from pipeline.reader import CacheStream, check_rows, make_loader
-from pipeline.store import open_store, versions
+from pipeline.store import is_url, open_store, versions
 
 
 @dataclass
@@ -397,10 +398,14 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
                          rank=ranks.rank, world=ranks.world)
     run_dir = open_run_dir(cfg, resuming=state is not None) if ranks.leader else None  # rank 0 writes the run
     resolved = {"config": asdict(cfg), "loss_weights": weights, "use_labels": use_labels, "device": str(s.device),
-                "cache": {"path": store.path, "key": man.get("key"), "teacher": man["teacher"],
+                "cache": {"path": store.path if is_url(store.path) else os.path.abspath(store.path),
+                          "key": man.get("key"), "teacher": man["teacher"],
                           "data": {k: man["data"][k] for k in ("spec", "fingerprint", "num_samples")},
                           "views": man.get("views"), "targets": store.targets},
-                "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays},
+                "reader": {"buffer_chunks": stream.buffer_chunks, "streamed_arrays": stream.arrays,
+                           # what a buffer holds at most: a worker's share of the store's chunks can be fewer
+                           "buffer_chunks_used": min(stream.buffer_chunks, -(-len(stream.blocks) // (
+                               max(1, cfg.workers) * ranks.world)))},
                 "transform": tf.to_dict(), "test_data": s.test_spec, "student_shapes": s.student_shapes,
                 "ranks": ranks.world, "versions": versions()}
     if run_dir is not None:

@@ -57,9 +57,15 @@ def test_plan_predicts_the_size_on_disk(root, teacher_file):
     assert abs(plan["total_bytes"] - actual) / actual < 0.15, (plan["total_bytes"], actual)
     text = runner.invoke(app, ["plan", *args]).stdout
     assert "on disk" in text and text.strip().splitlines()[-1] == plan["path"]
+    made = json.loads(runner.invoke(app, ["teacher-cache", *args, "--json"]).stdout)  # a hit: what is there
+    assert made["path"] == plan["path"] and made["key"] == Path(plan["path"]).stem and made["samples"] == 1024
+    assert made["arrays"] == sorted(plan["arrays"]) and made["stats"]["samples_computed"] == 1024
 
 
 def test_ls_and_inspect(root, teacher_file):
+    res = runner.invoke(app, ["ls"])  # nothing cached yet: said, not a silent blank
+    assert res.exit_code == 0 and res.stdout == "" and "no caches in " in res.stderr
+    assert json.loads(runner.invoke(app, ["ls", "--json"]).stdout) == []
     base = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--chunk-samples", "64"]
     done = runner.invoke(app, [*base, "--layer", "avgpool"]).stdout.strip().splitlines()[-1]
     other = runner.invoke(app, [*base, "--views", "2", "--augment", "flip"]).stdout.strip().splitlines()[-1]

@@ -115,6 +115,9 @@ def test_cli_end_to_end_student_never_builds_teacher(root, teacher_file, monkeyp
     assert rows[0]["samples_per_s"] > 0 and rows[0]["train_acc"] is not None
     cfg = json.loads((root / "run" / "config.json").read_text())
     assert cfg["config"]["loss"] == "kd=1,fitnets=1,rkd=1" and cfg["cache"]["key"]
+    assert cfg["cache"]["path"] == str(Path(store).resolve())  # readable from any folder
+    # 3 chunks of 64 rows, one worker: a buffer holds at most those 3 whatever the setting says
+    assert cfg["reader"]["buffer_chunks"] >= 3 and cfg["reader"]["buffer_chunks_used"] == 3
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["test_acc"] == out["test_acc"]
     assert "state_dict" in torch.load(root / "run" / "student.pt", weights_only=True)
