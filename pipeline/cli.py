@@ -370,7 +370,8 @@ def eval_cmd(
         if json_out:
             typer.echo(dumps(result))
             return
-        width = max(len(c) for c in result["classes"])
+        width = max(len(c) for c in [*result["classes"], "class"])
+        typer.echo(f"  {'class':<{width}}  accuracy (- : no test samples of it)")
         for c, acc in result["per_class"].items():
             typer.echo(f"  {c:<{width}}  {'-' if acc is None else f'{acc:.4f}'}")
         typer.echo(json.dumps({"top1": result["top1"], "top5": result["top5"], "samples": result["samples"]}))

@@ -148,7 +148,8 @@ def test_eval_top5_and_its_bad_inputs(root):
         assert got["top5"] == (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum().item() / 96
         assert got["top1"] == (logits.argmax(1) == y).sum().item() / 96
     text = runner.invoke(app, ["eval", "s.pt", "--data", "synthetic:96:1x16x16:5"]).stdout.splitlines()
-    assert text[0].split() == ["0", f"{got['per_class']['0']:.4f}"]  # one line per class, then the JSON
+    assert text[0].split()[:2] == ["class", "accuracy"]  # a header, one line per class, then the JSON
+    assert text[1].split() == ["0", f"{got['per_class']['0']:.4f}"]
     Path("flat").mkdir()
     Image.fromarray(np.zeros((16, 16), np.uint8)).save("flat/a.png")
     torch.save({"state_dict": build_model("default-student", 2, 1, 16).state_dict(),
