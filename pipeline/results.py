@@ -55,6 +55,7 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
         return c | {"cache": cache if not cache or st.is_url(cache) else os.path.realpath(cache)}
 
     from pipeline.augment import REPLAY_VERSION
+    from pipeline.online import STUDENT_INIT
 
     out = Path(cfg.out)
     if (out / "summary.json").exists() and (out / "config.json").exists():
@@ -66,6 +67,8 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
         # (Cached runs carry it in their cache's key.)
         augmented_online = saved.get("online") and saved.get("augment") not in (None, "none")
         stale_views = augmented_online and saved.get("replay", 1) != REPLAY_VERSION
+        # ... and one whose student started from other weights than the cached runs of its seed is no pair to them
+        stale_views = stale_views or (saved.get("online") and saved.get("student_init", 1) != STUDENT_INIT)
         if not stale_views and recorded == same_place(json.loads(json.dumps(asdict(cfg), default=str))):
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())

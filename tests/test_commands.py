@@ -257,3 +257,7 @@ def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_f
     Path("online/config.json").write_text(json.dumps(saved | {"replay": 0}))         # made by an older replay
     reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
     assert calls == [replace(cfg, overwrite=True)]
+    del saved["student_init"]  # its student started from other weights than a cached run of its seed
+    Path("online/config.json").write_text(json.dumps(saved))
+    reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
+    assert len(calls) == 2

@@ -456,3 +456,60 @@ def test_results_tables_time_a_resumed_cache_for_the_whole_store(root, teacher_f
     md = table({"seeds": [0], "loss": "kd=1", "epochs": 1, "machine": "m",
                 "rows": [row | {"cache_seconds": None, "cache_extrapolated": False}]})
     assert "| - | - | 10 |" in md and "≈" not in md
+
+
+def test_online_kd_targets_are_the_eval_teacher_on_the_view_and_its_student_starts_as_a_cached_one(root,
+                                                                                                 teacher_file,
+                                                                                                 monkeypatch):
+    """Online KD is the reference the views experiment compares with: its targets must be the teacher in eval mode
+    on exactly the batch's normalised input, carrying no gradient, the teacher unchanged by training; and at one seed
+    its student must start from the weights a cached run starts from (a paired comparison)."""
+    import pipeline.online as online
+    import pipeline.train_student as ts
+    from pipeline.data import default_transform
+    from pipeline.models import capture, fingerprint_module
+
+    starts, seen, built = {}, [], []
+
+    def spy_setup(which):
+        def wrapped(*a, **k):
+            s = real_setup(*a, **k)
+            starts[which] = fingerprint_module(s.student, params_only=True)
+            return s
+        return wrapped
+
+    def spy_fit(cfg, s, loader, set_epoch, steps, targets, *rest, **kw):
+        def checked(batch, device):
+            out = targets(batch, device)
+            seen.append((batch["x"].clone(), {k: v.detach().clone() for k, v in out.items()},
+                         [v.requires_grad for v in out.values()]))
+            return out
+        return real_fit(cfg, s, loader, set_epoch, steps, checked, *rest, **kw)
+
+    def spy_load(*a, **k):
+        built.append(real_load(*a, **k))
+        return built[-1]
+
+    real_setup, real_fit, real_load = ts.setup, online.fit, online.load_teacher
+    monkeypatch.setattr(online, "fit", spy_fit)
+    monkeypatch.setattr(online, "load_teacher", spy_load)
+    monkeypatch.setattr(online, "setup", spy_setup("online"))
+    common = dict(loss="kd=1,fitnets=1", fitnets_schedule="single", fitnets_hint="layer3", epochs=1, batch_size=64,
+                  workers=0, seed=3, test_data=SYN_TEST)
+    online.run_online_kd(online.OnlineConfig(data=SYN, weights=str(teacher_file), augment="crop=0.5-1,flip",
+                                             out="online", **common), log=lambda *_: None)
+    monkeypatch.setattr(ts, "setup", spy_setup("cached"))
+    ts.run_train_student(StudentConfig(cache=_cache(teacher_file, views=1, augment=None), out="cached", **common),
+                         log=lambda *_: None)
+    assert starts["online"] == starts["cached"]
+    # the targets, against the teacher loaded afresh, in eval mode, on the same uint8 batch
+    teacher, meta = load_teacher("default-teacher", teacher_file, 4, 1, 16)
+    tf = Transform.from_dict(meta["transform"]) if "transform" in meta else default_transform(open_source(SYN))
+    assert len(seen) == 3  # 192 samples, batches of 64
+    for x, out, grads in seen:
+        with torch.no_grad(), capture(teacher, ["layer3"]) as feats:
+            ref = teacher.eval()(tf(x))
+        assert torch.equal(out["logits"], ref) and torch.equal(out["features/layer3"], feats["layer3"])
+        assert not any(grads)
+    assert fingerprint_module(built[0][0]) == fingerprint_module(teacher)  # training never touched the teacher
+    assert not built[0][0].training
