@@ -306,7 +306,7 @@ def train_student_cmd(
     fitnets_hint: str = typer.Option("layer3", help="Teacher hint layer (cached)."),
     fitnets_guided: str = typer.Option("block2", help="Student guided layer."),
     fitnets_schedule: str = typer.Option("two-stage", help="two-stage (paper) or single."),
-    fitnets_hint_epochs: int = typer.Option(2, help="Hint-stage epochs (two-stage)."),
+    fitnets_hint_epochs: int = typer.Option(2, help="Hint-stage epochs (two-stage), taken out of --epochs."),
     rkd_layer: str = typer.Option("avgpool", help="Teacher embedding layer (cached)."),
     rkd_student_layer: str = typer.Option("embed", help="Student embedding layer."),
     rkd_distance_weight: float = typer.Option(25.0),

@@ -459,6 +459,8 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
     if metrics_path is not None:  # the epochs the checkpoint holds (a row written after it is redone)
         metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
     t_start, test_acc = time.time(), (history[-1]["test_acc"] if history else None)
+    # a resumed run's time includes the epochs before the interruption (the checkpoint keeps their seconds)
+    t_start -= float((state or {}).get("seconds", 0.0))
     epoch = int(state["epoch"]) if state is not None else 0
     if state is not None:
         log(f"resuming {run_dir or cfg.out} after epoch {epoch}/{cfg.epochs}")
@@ -545,6 +547,7 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                 save_whole({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
                             "losses": {k: m.state_dict() for k, m in losses.items()}, "opt": opt.state_dict(),
                             "history": history, "config": _comparable(cfg, ranks.world),
+                            "seconds": time.time() - t_start,
                             # dropout and other random layers go on with the numbers they would have drawn
                             "rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}, run_dir / CHECKPOINT,

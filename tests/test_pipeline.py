@@ -394,12 +394,24 @@ def test_two_stage_fitnets_runs_hint_then_kd(root, teacher_file):
     assert set(rows[1]["losses"]) == {"kd_soft", "kd_hard"}
 
 
-def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file):
+def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file, monkeypatch):
     """Stage 1 of FitNets trains the student up to its guided layer (and the regressor), nothing after it."""
+    import pipeline.train_student as ts
+    from pipeline.models import build_model, fingerprint_module
+
     path = _cache(teacher_file)
+    made, real_setup = [], ts.setup
+
+    def spy(*a, **k):
+        made.append(real_setup(*a, **k))
+        regressor = made[-1].losses["fitnets"]
+        made.append(fingerprint_module(regressor, params_only=True))
+        return made[0]
+
+    monkeypatch.setattr(ts, "setup", spy)
     run_train_student(StudentConfig(cache=path, loss="fitnets=1", fitnets_hint_epochs=1, epochs=1, batch_size=32,
                                     workers=0, out="run", test_data=SYN_TEST), log=lambda *_: None)
-    from pipeline.models import build_model
+    assert fingerprint_module(made[0].losses["fitnets"], params_only=True) != made[1]  # the regressor trained
 
     torch.manual_seed(0)
     init = build_model("default-student", 4, 1, 16).state_dict()
@@ -591,6 +603,8 @@ def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, mo
     ref = [json.loads(x) for x in Path("whole/metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["losses"], r["test_acc"]) for r in rows] == [(r["epoch"], r["losses"], r["test_acc"])
                                                                        for r in ref]
+    # its time covers every epoch, those before the interruption too (kept in the checkpoint)
+    assert cut["seconds"] >= sum(r["seconds"] for r in rows)
     res = runner.invoke(app, ["train-student", "--cache", path, "--out", "cut", "--resume", "--workers", "0"])
     assert res.exit_code == 2 and "holds a finished run" in res.stderr
 
@@ -792,3 +806,22 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
     cut = run_train_student(StudentConfig(out="cut", resume=True, **common), log=lambda *_: None)
     assert cut["params_fingerprint"] == whole["params_fingerprint"]
+
+
+def test_train_accuracy_is_the_share_of_training_samples_predicted_right(root, teacher_file):
+    """metrics.jsonl's train_acc counts each sample of the epoch once: with a learning rate too small to move the
+    weights (and a student without batch statistics), it is the trained model's accuracy on every training input."""
+    from pipeline.models import build_model
+
+    path = _cache(teacher_file, layers=[])
+    run_train_student(StudentConfig(cache=path, student="mlp", loss="ce=1", epochs=1, batch_size=50, lr=1e-12,
+                                    workers=0, out="run", test_data=SYN_TEST), log=lambda *_: None)
+    row = json.loads(Path("run/metrics.jsonl").read_text().splitlines()[0])
+    saved = torch.load("run/student.pt", weights_only=True)
+    model = build_model("mlp", 4, 1, 16)
+    model.load_state_dict(saved["state_dict"])
+    src = open_source(SYN)
+    with torch.no_grad():
+        pred = model.eval()(src.load(np.arange(192), Transform.from_dict(saved["meta"]["transform"]))).argmax(1)
+    want = (pred.numpy() == src.labels(np.arange(192))).mean()
+    assert row["samples"] == 192 and 0 < want < 1 and row["train_acc"] == pytest.approx(want, abs=1 / 192)

@@ -66,6 +66,14 @@ def test_the_schedule_counts_each_epochs_own_batches(root, teacher_file, monkeyp
                                     buffer_chunks=1, out="run"), log=lambda *_: None)
     assert [step for step, _ in calls] == list(range(sum(counts)))
     assert {total for _, total in calls} == {sum(counts)}
+    # FitNets' two stages each have their own schedule: it restarts at 0 and spans that stage's batches alone
+    calls.clear()
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu",
+                                         layers=["layer3"]), log=lambda *_: None)
+    run_train_student(StudentConfig(cache=path, loss="fitnets=1", fitnets_hint_epochs=1, epochs=3, batch_size=24,
+                                    workers=0, seed=0, out="run2"), log=lambda *_: None)
+    per_epoch = len(CacheStream(open_store(path), open_source(DATA), ["logits"], 24, use_labels=True, seed=0))
+    assert calls == [(i, per_epoch) for i in range(per_epoch)] + [(i, 2 * per_epoch) for i in range(2 * per_epoch)]
 
 
 def test_epoch_rows_is_the_order_the_loader_delivers(root, teacher_file):
