@@ -34,6 +34,22 @@ def _cache(teacher_file, **kw):
                                          device="cpu", **kw), log=lambda *_: None)
 
 
+def _interrupted_cache(monkeypatch, fail_at: int, teacher_file, **kw):
+    """A teacher-cache run whose disk fills on its `fail_at`-th unit: the units before it stay committed."""
+    real, calls = st.write_unit, {"n": 0}
+
+    def dies(*args, **k):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise OSError(28, "No space left on device")
+        return real(*args, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "write_unit", dies)
+        with pytest.raises(OSError):
+            _cache(teacher_file, writers=1, **kw)
+
+
 # ------------------------------------------------------------------------------------------------ parameters
 def test_params_depend_only_on_seed_sample_and_view():
     pol = AugmentPolicy.parse(POLICY)
@@ -322,18 +338,7 @@ def test_rebuilt_inputs_bitwise_identical_across_workers_batch_sizes_and_resume(
                 picked.setdefault(block, []).append(v)
     assert any(len(set(vs)) > 1 and vs != sorted(vs) for vs in picked.values())  # not cycle's order
     # A run interrupted after 3 units and resumed: same parameters, same targets, same rebuilt inputs.
-    real, calls = st.write_unit, {"n": 0}
-
-    def dies(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise OSError(28, "No space left on device")
-        return real(*args, **kw)
-
-    with monkeypatch.context() as m:
-        m.setattr(st, "write_unit", dies)
-        with pytest.raises(OSError):
-            _cache(teacher_file, out="resumed.zarr", writers=1)
+    _interrupted_cache(monkeypatch, 4, teacher_file, out="resumed.zarr")
     resumed = _cache(teacher_file, out="resumed.zarr")
     ga, gb = zarr.open_group(path, mode="r"), zarr.open_group(resumed, mode="r")
     for name in ("aug/box", "aug/flip", "logits", "features/layer3", "index", "labels"):
@@ -426,18 +431,7 @@ def test_results_tables_time_a_resumed_cache_for_the_whole_store(root, teacher_f
     from pipeline.results import cache_seconds
     from pipeline.results_views import table
 
-    real, calls = st.write_unit, {"n": 0}
-
-    def dies(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(28, "No space left on device")
-        return real(*args, **kw)
-
-    with monkeypatch.context() as m:
-        m.setattr(st, "write_unit", dies)
-        with pytest.raises(OSError):
-            _cache(teacher_file, layers=[], writers=1, out="r.zarr")
+    _interrupted_cache(monkeypatch, 5, teacher_file, layers=[], out="r.zarr")
     man = st.open_store(_cache(teacher_file, layers=[], out="r.zarr")).manifest
     stats = man["stats"]
     done = 192 * 4 - stats["samples_computed"]  # units of 64 rows committed before the failure
