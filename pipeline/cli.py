@@ -163,6 +163,9 @@ def _cache_command(mode: str):
             from pipeline.teacher_cache import run_teacher_cache
 
             path = run_teacher_cache(cfg, log=log_err)
+            if str(path).startswith("memory://"):
+                log_err("note: a memory:// store lives in this process only and is gone when the command ends; use "
+                        "it from Python (run_teacher_cache, then run_train_student in the same process)")
             # The last line of stdout is the store's path, for scripts (once, under torchrun: rank 0's).
             if os.environ.get("RANK", "0") in ("", "0"):
                 if json_out:

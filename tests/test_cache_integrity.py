@@ -346,6 +346,13 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
         f.stat().st_size for f in (root / "remote" / Path(local).name / "logits" / "c").rglob("*") if f.is_file())
     s = run_train_student(StudentConfig(cache=path, epochs=1, workers=1, out="run", test_data=SYN))
     assert s["test_acc"] is not None
+    # memory:// works from Python, within one process; the command line says it will not outlive the command
+    mem = run_teacher_cache(cfg(teacher_file, cache_dir="memory://caches"), log=lambda *_: None)
+    assert run_train_student(StudentConfig(cache=mem, epochs=1, workers=0, out="run-mem", test_data=SYN),
+                             log=lambda *_: None)["test_acc"] is not None
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir",
+                              "memory://caches"])
+    assert res.exit_code == 0 and "lives in this process only" in res.stderr
 
 
 def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monkeypatch):
