@@ -329,7 +329,14 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     if note:
         log(note)
     t0 = time.time()
-    where = ranks.gather(ranks.together(fill_units, group, p, blocks, todo, already, ranks.leader))
+    try:
+        where = ranks.gather(ranks.together(fill_units, group, p, blocks, todo, already, ranks.leader))
+    except KDCacheError as e:
+        if not str(e).startswith("cannot read image"):
+            raise
+        # Fixing or removing the file changes the folder's fingerprint, hence the key: this store is then no one's.
+        raise KDCacheError(f"{e} (that changes the data, so the next run makes a new cache; the partial store "
+                           f"{p.path} can then be deleted)") from None
 
     def finish():  # rank 0, once every rank's units are committed
         st.sync_store(group)  # on the disk before it is called complete; the time includes getting it there

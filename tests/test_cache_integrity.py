@@ -302,6 +302,7 @@ def test_bad_inputs(root, teacher_file):
     assert res.exit_code == 2 and len(errors) == 1 and errors == res.stderr.strip().splitlines()[-1:]
     assert "cannot read image" in errors[0] and "2.png" in errors[0]
     partial = next((root / "data" / "cache").glob("*.zarr"))   # the blocks before the bad file are kept ...
+    assert f"the partial store {partial} can then be deleted" in errors[0]
     with pytest.raises(KDCacheError, match="incomplete"):     # ... and the store never reads as complete
         st.open_store(partial)
     # a store of another format version
