@@ -196,6 +196,9 @@ def loader_alone(store: str, data: str, targets: list[str], batch: int, workers:
     return seen / (time.perf_counter() - t0)
 
 
+MIN_BATCHES = 16  # per epoch, for student-stage throughput that is not mostly start-up
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import data_root, default_transform, open_source
@@ -237,6 +240,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                      "device": torch.cuda.get_device_name(0) if device.type == "cuda" else
                      f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
                      "versions": versions(), "platform": platform.platform()}
+    if n // batch < MIN_BATCHES:  # the student rows time one epoch: a few batches time the loader's start
+        results["note"] = (f"{n // batch} batches per epoch: worker start-up and per-epoch costs dominate the student "
+                           f"rows, so their ratios mean little; use --samples {MIN_BATCHES * batch} or more")
+        log(f"note: {results['note']}")
     try:
         torch.manual_seed(0)
         teacher = build_model(p["teacher"], p["classes"], c, h).eval()
@@ -453,7 +460,8 @@ def main() -> None:
 def table(r: dict) -> str:
     repeat = r.get("repeat", 1)
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
-             f"samples, batch {r['batch']}, device {r['device']}, median of {repeat} interleaved rounds",
+             f"samples, batch {r['batch']}, device {r['device']}, median of {repeat} interleaved rounds"
+             + (f" (note: {r['note']})" if r.get("note") else ""),
              "| measurement | img/s | MB/s to (b, c) / from (e) the store | CPU cores busy (writers) |",
              "| --- | --- | --- | --- |"]
     for key, label in [("a_teacher_forward", "(a) teacher forward only"),

@@ -188,6 +188,7 @@ def test_bench_command_writes_table_and_json(root):
     e, f = ([x["img_s"] for x in r[k]["rounds"]] for k in ("e_student_kd", "f_online_kd"))
     assert abs(r["ratios"]["e/f"] - (e[0] / f[0] + e[1] / f[1]) / 2) < 1e-12
     assert r["device"].startswith("cpu") and r["versions"]["zarr"]
+    assert r["note"].startswith("2 batches per epoch") and "use --samples 16384 or more" in res.stdout  # too short
     assert [q["buffer_chunks"] for q in r["shuffle"]][-1] == "uniform"
     assert {q["workers"] for q in r["shuffle"]} == {1, 2, 4, None}   # the default buffer at several worker counts
     for k in ("e_student_kd", "e_student_fitnets"):  # stored bytes streamed per second, and the buffer it used
