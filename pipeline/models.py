@@ -316,6 +316,29 @@ def resolve_modules(model: nn.Module, names: list[str], flag: str = "") -> dict[
     return out
 
 
+class StopForward(Exception):
+    """Raised by `stop_after` once its module has run: the rest of the forward is not needed."""
+
+
+@contextmanager
+def stop_after(model: nn.Module, name: str | None):
+    """Cut every forward short right after module `name` (None: no cut). FitNets' hint stage trains the student up
+    to its guided layer only: the layers after it neither run (no compute spent) nor update their BatchNorm
+    statistics, as in Romero et al.'s stage 1. Hooks registered before this one (`capture`'s) still run."""
+    if name is None:
+        yield
+        return
+
+    def hook(_m, _inp, _out):
+        raise StopForward
+
+    handle = resolve_modules(model, [name])[name].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def capture(model: nn.Module, names: list[str], copy=None):
     """Forward hooks that store each named module's output in the yielded dict (keyed by the dotted path).

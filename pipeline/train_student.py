@@ -32,7 +32,8 @@ from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead
 from pipeline.ranks import Ranks
-from pipeline.models import build_model, capture, check_outputs, fingerprint_module, resolve_modules
+from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module,
+                             resolve_modules, stop_after)
 from pipeline.reader import CacheStream, check_rows, make_loader
 from pipeline.store import is_url, open_store, versions
 
@@ -484,6 +485,8 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
         if state is not None and epoch > first:  # resumed inside this stage: its optimizer and schedule go on
             opt.load_state_dict(state["opt"])
             step = int(state["step"])
+        # FitNets alone (the hint stage) needs the student only up to its guided layer: the forward stops there
+        cut = cfg.fitnets_guided if set(active) == {"fitnets"} else None
         for _ in range(stage_start - epoch):
             set_epoch(epoch)
             sums, seen, correct, t0 = {}, 0, 0, time.time()
@@ -497,15 +500,17 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                     x = x.contiguous(memory_format=torch.channels_last)
                 labels = batch["labels"].to(device, non_blocking=True) if s.use_labels else None
                 teacher = targets(batch, device)
-                with capture(student, s.student_layers) as sfeats, autocast:
+                with capture(student, s.student_layers) as sfeats, stop_after(student, cut), autocast:
                     try:
                         logits = student(x)
+                    except StopForward:
+                        logits = None
                     except ValueError as e:  # BatchNorm on a 1x1 map of a single sample: a worker with one row
                         raise KDCacheError(f"student {cfg.student} fails on a training batch of {len(x)} "
                                            f"({first_line(e)}); choose another --batch-size or --workers"
                                            ) from None
                 # Losses in float32 (soft targets at high T and RKD's normalisations are precision-sensitive).
-                b = Batch(student_logits=logits.float(), student_feats={k: v.float() for k, v in sfeats.items()},
+                b = Batch(student_logits=None if logits is None else logits.float(), student_feats={k: v.float() for k, v in sfeats.items()},
                           teacher=teacher, labels=labels)
                 parts = {}
                 for name, w in active.items():
@@ -521,7 +526,7 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                 # Sums stay on the device until the epoch ends: an .item() per step would wait for the GPU each step.
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach() * n
-                if labels is not None:
+                if labels is not None and logits is not None:
                     correct += (logits.argmax(1) == labels).sum()
             sums, seen, correct = ranks.sum_numbers(sums, seen, correct)  # over every rank's samples
             if not seen:
@@ -537,7 +542,7 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
             row = {"epoch": epoch + 1, "stage": stage + 1 if len(s.stages) > 1 else 1,
                    "losses": {k: v / seen for k, v in sums.items()},
                    "loss": sum(sums.values()) / seen,
-                   "train_acc": correct / seen if s.use_labels else None,
+                   "train_acc": correct / seen if s.use_labels and cut is None else None,
                    "test_acc": test_acc, "samples": seen, "samples_per_s": seen / dt, "seconds": dt}
             history.append(row)
             if metrics_path is not None:

@@ -403,15 +403,14 @@ def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file, monkeyp
     made, real_setup = [], ts.setup
 
     def spy(*a, **k):
-        made.append(real_setup(*a, **k))
-        regressor = made[-1].losses["fitnets"]
-        made.append(fingerprint_module(regressor, params_only=True))
-        return made[0]
+        s = real_setup(*a, **k)
+        made.append((s, fingerprint_module(s.losses["fitnets"], params_only=True)))
+        return s
 
     monkeypatch.setattr(ts, "setup", spy)
     run_train_student(StudentConfig(cache=path, loss="fitnets=1", fitnets_hint_epochs=1, epochs=1, batch_size=32,
                                     workers=0, out="run", test_data=SYN_TEST), log=lambda *_: None)
-    assert fingerprint_module(made[0].losses["fitnets"], params_only=True) != made[1]  # the regressor trained
+    assert fingerprint_module(made[0][0].losses["fitnets"], params_only=True) != made[0][1]  # regressor trained
 
     torch.manual_seed(0)
     init = build_model("default-student", 4, 1, 16).state_dict()
@@ -419,6 +418,16 @@ def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file, monkeyp
     assert not torch.equal(init["block2.0.weight"], trained["block2.0.weight"])  # guided layer moved
     assert torch.equal(init["fc.weight"], trained["fc.weight"])                  # head untouched
     assert torch.equal(init["embed.1.weight"], trained["embed.1.weight"])
+    # The forward stops at the guided layer: what follows neither trains nor moves its BatchNorm statistics, and
+    # the untrained classifier is given no training accuracy.
+    run_train_student(StudentConfig(cache=path, loss="fitnets=1", fitnets_hint_epochs=1, epochs=1, batch_size=32,
+                                    fitnets_hint="layer2", fitnets_guided="block1", workers=0, out="run1",
+                                    test_data=SYN_TEST), log=lambda *_: None)
+    trained = torch.load("run1/student.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(init["block1.1.running_mean"], trained["block1.1.running_mean"])
+    for k in ("block2.1.running_mean", "block2.1.running_var", "block2.0.weight"):
+        assert torch.equal(init[k], trained[k]), k
+    assert json.loads(Path("run1/metrics.jsonl").read_text())["train_acc"] is None
 
 
 def test_bad_inputs_give_one_line_errors(root, teacher_file):

@@ -19,7 +19,7 @@ from torch import nn
 
 @dataclass
 class Batch:
-    student_logits: torch.Tensor                 # (n, C)
+    student_logits: torch.Tensor | None          # (n, C); None in FitNets' hint stage (the forward stops early)
     student_feats: dict[str, torch.Tensor]       # module path -> output, e.g. "block2": (n, c, h, w)
     teacher: dict[str, torch.Tensor]             # array name -> float32 target, e.g. "logits": (n, C)
     labels: torch.Tensor | None                  # (n,) int64, None on unlabelled data or with --no-labels
