@@ -221,11 +221,13 @@ MAX_VIEWS = 1024  # FKD stores hundreds of crops per image; beyond this the per-
 
 
 def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], views: int | None = None,
-                 probe: int = 512) -> None:
+                 probe: int = 512, crop_fallback: bool = True) -> None:
     """Refuse a policy that cannot teach what it claims, from the parameters of the first `probe` samples (the same
     pure function every view is made with): views that lie entirely off the image (a translation larger than the
     crops), and with `views` (a view cache) views that are all the same input, or a single view that is the plain
-    input (`plain0`): a cache of the teacher on identical inputs K times over, or of no augmentation at all."""
+    input (`plain0`): a cache of the teacher on identical inputs K times over, or of no augmentation at all.
+    `crop_fallback`: also refuse crops that mostly take torchvision's fixed centre crop outside the crop range (a
+    check newer than some stores: a store made before it is still verified, repaired and resumed)."""
     if policy.identity:
         return
     H, W = native_hw
@@ -236,7 +238,7 @@ def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], v
     # a view cache's own view numbers; for online KD's fresh views, a few others (not view 0, which plain0 fixes)
     numbers = np.arange(views) if views else np.arange(1, 9)
     probe = min(probe, max(16, 2**16 // len(numbers)))  # the crop draws take ~160 B per (sample, view, try)
-    if policy.crop:
+    if policy.crop and crop_fallback:
         lo, hi = policy.crop
         *_, ch, cw, found = _crops(policy, seed, np.arange(probe)[:, None], numbers[None, :], native_hw)
         frac = (ch * cw / (H * W))[~found]

@@ -170,7 +170,8 @@ def refuse_one_class(source: "Source") -> None:
                            "class folder, or a flat folder of images for unlabelled data")
 
 
-def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-data") -> np.ndarray | None:
+def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-data",
+              owner: str = "the training data") -> np.ndarray | None:
     """Test labels -> the training data's class numbers, matched by class name (None: already the same).
 
     Image folders number their classes by sorted folder name, so a test folder lacking one class (or holding
@@ -181,8 +182,8 @@ def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-dat
     pos = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in test.classes if c not in pos]
     if unknown:
-        raise KDCacheError(f"test data {test.spec} has class(es) {', '.join(map(repr, unknown[:5]))} that the "
-                           f"training data lacks (it has {', '.join(map(repr, classes[:10]))}"
+        raise KDCacheError(f"test data {test.spec} has class(es) {', '.join(map(repr, unknown[:5]))} that "
+                           f"{owner} lacks (it has {', '.join(map(repr, classes[:10]))}"
                            f"{' ...' if len(classes) > 10 else ''}); pass a {flag} with the same classes")
     return np.asarray([pos[c] for c in test.classes], dtype=np.int64)
 

@@ -27,7 +27,8 @@ from pipeline.loops import batch_bounds
 from pipeline.models import capture, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
-from pipeline.train_student import StudentConfig, declared, fit, loss_weights, open_run_dir, setup, validate
+from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir, setup,
+                                    validate)
 
 FRESH_VIEW_BASE = 1_000_000
 # 2: the student starts from the weights a cached run of the same seed starts from (1 drew them after the
@@ -93,6 +94,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     if cfg.cache:
         raise KDCacheError("online KD runs the teacher on fresh views and reads no cache; drop cache= and give the "
                            "data, teacher and augment= to compare with")
+    check_out(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     source = open_source(cfg.data or "fashion-mnist:train")

@@ -85,6 +85,8 @@ def cache_seconds(manifest: dict) -> tuple[float | None, bool]:
         return None, False
     views = (manifest.get("views") or {}).get("count") or 1
     total = manifest["data"]["num_samples"] * views
+    if computed == 0 and total:  # finished by a run that only marked it complete: its time says nothing
+        return None, False
     if computed and computed < total:
         return seconds * total / computed, True
     return float(seconds), False

@@ -195,12 +195,15 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if policy.translate and policy.translate >= min(source.native_shape[1:]):
         raise KDCacheError(f"--augment translate={policy.translate} moves views off the {source.native_shape[1]}x"
                            f"{source.native_shape[2]} images entirely; use fewer pixels than the image's side")
-    check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]), views)
+    check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]), views, crop_fallback=False)
     # A chunk longer than the data holds only fill: clamp (the key sees the clamped value, so it is one cache).
     cfg = replace(cfg, chunk_samples=min(cfg.chunk_samples, n))
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
                                  cfg.num_classes or source.num_classes, probe_tf.channels, probe_tf.size[0])
+    if cfg.num_classes and meta.get("num_classes") and int(meta["num_classes"]) != cfg.num_classes:
+        raise KDCacheError(f"--num-classes {cfg.num_classes}, but the teacher's weights file records "
+                           f"{meta['num_classes']} outputs; drop --num-classes")
     tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
     resolve_modules(teacher, cfg.layers, "--layer")  # unknown names fail here, before anything is written
     teacher_fp = fingerprint_module(teacher)
@@ -227,6 +230,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         adopted = _adopt(older, identity, key, source, cfg.teacher)
         if adopted[1] != key:
             path, (identity, key) = older, adopted
+    if views and (cfg.force or not _holds(path, key)):  # a new store: the newer checks on its policy apply too
+        check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]), views)
 
     if hit_check and not cfg.force and st.is_complete(path, key):
         # A cache hit needs no output shapes, so the teacher is loaded (for its fingerprint) but never run.
@@ -352,6 +357,14 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     if top1 is not None:
         log(f"teacher top-1 accuracy on the cached {'views' if p.views else 'inputs'}: {100 * top1:.2f}%")
     return str(p.path)
+
+
+def _holds(path: str, key: str) -> bool:
+    """Whether `path` holds a store (complete or not) of this cache key."""
+    try:
+        return st.open_store(path, require_complete=False).manifest.get("key") == key
+    except KDCacheError:
+        return False
 
 
 def _adopt(path: str, identity: dict, key: str, source, teacher_spec: str) -> tuple[dict, str]:

@@ -224,7 +224,8 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     if test is not None and test.fingerprint() == source.fingerprint() and not cfg.test_data:
         test, test_spec = None, None  # e.g. a cache of fashion-mnist:test, whose default test split is itself
     classes = source.classes or teacher_classes
-    test_labels = class_map(test, classes) if test is not None else None
+    owner = "the training data" if source.classes else "the teacher"  # whose class names name the outputs
+    test_labels = class_map(test, classes, owner=owner) if test is not None else None
     if test is not None and classes is None:
         log(f"note: neither the training data nor the teacher names its classes, so {test_spec}'s classes "
             f"({', '.join(test.classes[:5])}{' ...' if len(test.classes) > 5 else ''}) are taken as the teacher's "
@@ -264,7 +265,8 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); use --overwrite instead of --resume to start over") from None
+        raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); use --overwrite instead of --resume "
+                           "to start over") from None
     saved, now = state.get("config", {}), _comparable(cfg, ranks)
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
         saved = saved | {"ranks": 1, "workers": cfg.workers}
@@ -287,17 +289,24 @@ def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> P
         raise KDCacheError(f"--out {run_dir} is a file, not a run directory; choose another --out")
     if (run_dir / "zarr.json").exists():
         raise KDCacheError(f"--out {run_dir} is a cache store; choose another --out for the run directory")
-    if not resuming and not cfg.overwrite:
-        held = [n for n in ("summary.json", "student.pt", CHECKPOINT) if (run_dir / n).exists()]
-        if held:
-            what = ("a finished run" if held[0] != CHECKPOINT else
-                    "an interrupted run's checkpoint (--resume continues it)")
-            raise KDCacheError(f"--out {run_dir} holds {what}; --overwrite replaces it, or choose another --out")
+    if not resuming:
+        check_out(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_OUTPUTS:
         if not (resuming and name == CHECKPOINT):
             (run_dir / name).unlink(missing_ok=True)
     return run_dir
+
+
+def check_out(cfg: StudentConfig) -> None:
+    """Refuse an --out that holds a run's work (a finished run, or an interrupted one's checkpoint) unless --resume
+    or --overwrite says what to do with it: checked before any set-up, and again when the directory is opened."""
+    if cfg.out is None or cfg.resume or cfg.overwrite:
+        return
+    held = [n for n in ("summary.json", "student.pt", CHECKPOINT) if (Path(cfg.out) / n).exists()]
+    if held:
+        what = "a finished run" if held[0] != CHECKPOINT else "an interrupted run's checkpoint (--resume continues it)"
+        raise KDCacheError(f"--out {cfg.out} holds {what}; --overwrite replaces it, or choose another --out")
 
 
 def _new_dir(base: Path) -> Path:
@@ -333,8 +342,28 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     ranks = Ranks.from_env()
     try:
         return _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)
+    except (KeyboardInterrupt, OSError) as e:
+        _advise_without_checkpoint(e, cfg)
+        raise
     finally:
         ranks.close()
+
+
+NO_CHECKPOINT = ("re-run the same command without --resume: no epoch had finished, so there is no checkpoint to "
+                 "continue from")
+
+
+def _advise_without_checkpoint(e: BaseException, cfg: StudentConfig) -> None:
+    """After an interrupt or a full disk the CLI advises --resume; where no checkpoint exists yet (during set-up, or
+    before the first epoch ended) that would fail: say to re-run without it. `fit` decides on rank 0, which knows its
+    run directory; elsewhere (set-up, other ranks) the named --out tells, and an unnamed one had no training yet."""
+    if getattr(e, "kdcache_checked", False):
+        return
+    if cfg.out is not None:
+        if not (Path(cfg.out) / CHECKPOINT).exists():
+            e.kdcache_then = NO_CHECKPOINT
+    elif not getattr(e, "kdcache_in_fit", False):
+        e.kdcache_then = NO_CHECKPOINT
 
 
 def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> dict:
@@ -363,6 +392,8 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
 
 def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
     """Open and check the store and data, build the student and its losses, the stream, the run directory (rank 0)."""
+    if ranks.leader:
+        check_out(cfg)  # before the store, the data and the student: a refusal that needs none of them
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = open_store(cfg.cache)
@@ -434,9 +465,11 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
     try:
         return _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, state)
     except (KeyboardInterrupt, OSError) as e:
-        if run_dir is not None and not (run_dir / CHECKPOINT).exists():  # the CLI's advice would be --resume
-            e.kdcache_then = ("re-run the same command without --resume: no epoch had finished, so there is no "
-                              "checkpoint to continue from")
+        e.kdcache_in_fit = True
+        if run_dir is not None:  # rank 0: its run directory says whether the CLI's --resume advice can work
+            e.kdcache_checked = True
+            if not (run_dir / CHECKPOINT).exists():
+                e.kdcache_then = NO_CHECKPOINT
         raise
 
 
@@ -510,7 +543,8 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                                            f"({first_line(e)}); choose another --batch-size or --workers"
                                            ) from None
                 # Losses in float32 (soft targets at high T and RKD's normalisations are precision-sensitive).
-                b = Batch(student_logits=None if logits is None else logits.float(), student_feats={k: v.float() for k, v in sfeats.items()},
+                b = Batch(student_logits=None if logits is None else logits.float(),
+                          student_feats={k: v.float() for k, v in sfeats.items()},
                           teacher=teacher, labels=labels)
                 parts = {}
                 for name, w in active.items():

@@ -52,7 +52,11 @@ class Report:
         """What a person reads: each problem once, the chunks of a never-committed unit (missing because never
         written, not damaged) folded into one count line with what to run, and at most `most` lines of the rest."""
         uncommitted = {p.unit() for p in self.problems if p.array == st.COMMIT}
-        shown = [p for p in self.problems if p.array == st.COMMIT or p.unit() not in uncommitted]
+
+        def unwritten(p: Problem) -> bool:  # index and labels are written by a block's first view's unit
+            return p.unit() in uncommitted or (p.view is None and (p.block, 0) in uncommitted)
+
+        shown = [p for p in self.problems if p.array == st.COMMIT or not unwritten(p)]
         lines = [p.line() for p in shown[:most]]
         if len(shown) > most:
             lines.append(f"... and {len(shown) - most} more (--json lists every one)")

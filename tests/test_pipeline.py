@@ -181,7 +181,7 @@ def test_unlabelled_flat_imagefolder(root):
     assert res.exit_code == 2 and "has no labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
-def test_own_teacher_on_unlabelled_data_and_its_class_names(root):
+def test_own_teacher_on_unlabelled_data_and_its_class_names(root, teacher_file):
     """On unlabelled data the teacher's output count comes from its weights (a bare state_dict records none), or
     --num-classes; its students are scored by the class names its weights file records, else by position (said)."""
     from pipeline.models import TeacherNet
@@ -197,6 +197,8 @@ def test_own_teacher_on_unlabelled_data_and_its_class_names(root):
     assert g["logits"].shape == (24, 5) and g.attrs["kdcache"]["teacher"]["classes"] is None
     res = runner.invoke(app, base + ["--num-classes", "7", "--out", "seven.zarr"])  # not what the weights hold
     assert res.exit_code == 2 and "size mismatch for fc.weight" in res.stderr and "--num-classes" in res.stderr
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--num-classes", "7"])
+    assert res.exit_code == 2 and "the teacher's weights file records 4 outputs; drop --num-classes" in res.stderr
     _write_images(root / "test" / "cat", 3, seed=1)
     _write_images(root / "test" / "ant", 3, seed=2)
     student = ["train-student", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--test-data",
@@ -219,7 +221,7 @@ def test_own_teacher_on_unlabelled_data_and_its_class_names(root):
     assert list(class_map(open_source(f"imagefolder:{root / 'test'}"), meta["classes"])) == [0, 2]  # ant, cat
     _write_images(root / "test" / "zebra", 2, seed=3)
     res = runner.invoke(app, student + ["--cache", "named.zarr", "--out", "run-zebra"])
-    assert res.exit_code == 2 and "class(es) 'zebra' that the training data lacks" in res.stderr
+    assert res.exit_code == 2 and "class(es) 'zebra' that the teacher lacks" in res.stderr
 
 
 def test_test_folder_classes_are_matched_by_name(root):
@@ -261,7 +263,8 @@ def test_test_folder_classes_are_matched_by_name(root):
     assert sum(scored["confusion"][2]) == 5 and scored["per_class"]["ant"] is None  # every test sample is a cat
     _write_images(root / "test" / "dog", 2)
     with pytest.raises(KDCacheError, match="class\\(es\\) 'dog' that the training data lacks"):
-        run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'test'}", **common), log=lambda *_: None)
+        run_train_student(StudentConfig(test_data=f"imagefolder:{root / 'test'}", overwrite=True, **common),
+                          log=lambda *_: None)
     with pytest.raises(KDCacheError, match="pass a --data with the same classes"):
         run_eval(EvalConfig(weights="run/student.pt", data=f"imagefolder:{root / 'test'}"), log=lambda *_: None)
     logs = []
@@ -510,6 +513,9 @@ def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teach
     assert res.exit_code == 2 and "holds an interrupted run's checkpoint (--resume continues it)" in res.stderr
     res = runner.invoke(app, ["train-student", "--cache", cfg.cache, "--out", "run", "--resume", "--overwrite"])
     assert res.exit_code == 2 and "pick one" in res.stderr
+    # refused before any set-up: nothing else (here a store that is not there) is looked at first
+    res = runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--out", "run"])
+    assert res.exit_code == 2 and "--out run holds an interrupted run's checkpoint" in res.stderr
 
 
 def test_incomplete_store_refused(root, teacher_file):
@@ -687,6 +693,16 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
             m.setattr(ts, "evaluate", ctrl_c_at(n))
             res = runner.invoke(app, args[:-1] + [f"r-int{n}"])
         assert res.exit_code == 130 and advice in res.stderr, res.output
+    # ... and during set-up: without a checkpoint in --out, without --resume; with one, with it
+    def set_up_interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ts, "_set_up", set_up_interrupted)
+        res = runner.invoke(app, args[:-1] + ["r-setup"])
+        assert res.exit_code == 130 and "without --resume: no epoch had finished" in res.stderr, res.output
+        res = runner.invoke(app, args[:-1] + ["r-int2", "--resume"])
+        assert res.exit_code == 130 and "with --resume --out" in res.stderr, res.output
     monkeypatch.setattr(ts, "run_train_student", interrupted)
     res = runner.invoke(app, args)
     assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,6 +442,9 @@ def test_results_tables_time_a_resumed_cache_for_the_whole_store(root, teacher_f
     whole = st.open_store(_cache(teacher_file, layers=[], out="w.zarr")).manifest
     assert cache_seconds(whole) == (whole["stats"]["seconds"], False)
     assert cache_seconds({"data": {"num_samples": 1}}) == (None, False)  # not recorded: unknown, not zero
+    # finished by a run that computed nothing (it only marked the store complete): unknown too
+    assert cache_seconds({"data": {"num_samples": 8}, "stats": {"seconds": 0.03, "samples_computed": 0}}) == (
+        None, False)
     row = {"arm": "a", "views": 4, "augment": None, "test_acc": [0.8], "train_seconds": 10.0, "bytes_per_sample": 1.0,
            "cache_seconds": 30.0, "cache_extrapolated": True}
     md = table({"seeds": [0], "loss": "kd=1", "epochs": 1, "machine": "m", "rows": [row], "temperature": 2.0,
@@ -507,3 +511,27 @@ def test_online_kd_targets_are_the_eval_teacher_on_the_view_and_its_student_star
         assert not any(grads)
     assert fingerprint_module(built[0][0]) == fingerprint_module(teacher)  # training never touched the teacher
     assert not built[0][0].training
+
+
+def test_a_store_made_before_the_crop_fallback_check_is_still_verified_repaired_and_hit(root, teacher_file,
+                                                                                        monkeypatch):
+    """A policy refused since (its crops fall back to a fixed centre crop on these wide images) made stores before
+    the check existed: those are still checked, repaired and hit; only a new store with it is refused."""
+    import pipeline.teacher_cache as tc
+
+    data, policy = "synthetic:64:1x8x32:4", "crop=0.5-1,flip"
+    flags = ["--data", data, "--weights", str(teacher_file), "--views", "2", "--augment", policy,
+             "--chunk-samples", "32"]
+    real = tc.check_policy
+    with monkeypatch.context() as m:  # the kdcache of before: no fallback check
+        m.setattr(tc, "check_policy", lambda *a, **k: real(*a, **{**k, "crop_fallback": False}))
+        assert runner.invoke(app, ["teacher-cache", *flags, "--out", "old.zarr"]).exit_code == 0
+    res = runner.invoke(app, ["verify", "old.zarr", "--recompute", "4"])
+    assert res.exit_code == 0, res.output
+    next(p for p in sorted(Path("old.zarr/logits/c").rglob("*")) if p.is_file()).unlink()
+    res = runner.invoke(app, ["repair", "old.zarr"])
+    assert res.exit_code == 0 and runner.invoke(app, ["verify", "old.zarr"]).exit_code == 0, res.output
+    res = runner.invoke(app, ["teacher-cache", *flags, "--out", "old.zarr"])
+    assert res.exit_code == 0 and "cache hit" in res.stderr, res.output
+    res = runner.invoke(app, ["teacher-cache", *flags, "--out", "new.zarr"])
+    assert res.exit_code == 2 and "fall back to a fixed centre crop" in res.stderr and not Path("new.zarr").exists()
