@@ -302,12 +302,14 @@ def _metrics(target: str) -> tuple[str, ...]:
 def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
     """Cache the teacher's outputs; return the complete store's path. Under torchrun every rank calls this with the
     same config and fills its share of the units (ranks.py); the call returns on every rank once it is complete."""
-    ranks = Ranks.from_env()
+    ranks, ok = Ranks.from_env(), False
     try:
         with ExitStack() as held:  # the store's writer lock, on rank 0, until the run ends
-            return _run(cfg, log if ranks.leader else (lambda *_: None), ranks, held)
+            path = _run(cfg, log if ranks.leader else (lambda *_: None), ranks, held)
+        ok = True
+        return path
     finally:
-        ranks.close()
+        ranks.close(clean=ok)
 
 
 def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:

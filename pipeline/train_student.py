@@ -339,14 +339,16 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     """Train a student from a store; under torchrun, one rank per process, each reading its share of the store."""
     weights = loss_weights(cfg)
     validate(cfg, weights)
-    ranks = Ranks.from_env()
+    ranks, ok = Ranks.from_env(), False
     try:
-        return _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)
+        summary = _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)
+        ok = True
+        return summary
     except (KeyboardInterrupt, OSError) as e:
         _advise_without_checkpoint(e, cfg)
         raise
     finally:
-        ranks.close()
+        ranks.close(clean=ok)
 
 
 NO_CHECKPOINT = ("re-run the same command without --resume: no epoch had finished, so there is no checkpoint to "

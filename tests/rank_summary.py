@@ -11,4 +11,7 @@ if __name__ == "__main__":
                                         fitnets_guided="block1", fitnets_schedule="single", epochs=2,
                                         batch_size=16, workers=int(sys.argv[4]), out=out, test_data=test),
                           log=lambda *_: None)
-    print(json.dumps(s))
+    # one write of the whole line: both ranks share torchrun's stdout pipe and now finish together (print writes the
+    # text and its newline separately, so two ranks' lines could interleave); a write under PIPE_BUF is atomic
+    sys.stdout.write(json.dumps(s) + "\n")
+    sys.stdout.flush()
