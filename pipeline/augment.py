@@ -220,6 +220,30 @@ def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np
 MAX_VIEWS = 1024  # FKD stores hundreds of crops per image; beyond this the per-view commit markers dominate
 
 
+def check_crop_fallback(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], numbers: np.ndarray,
+                        probe: int = 512) -> None:
+    """Refuse crops that mostly take torchvision's fixed centre crop outside the crop range, from the first `probe`
+    samples' views numbered `numbers` (a view cache's own, or a few fresh ones)."""
+    if not policy.crop:
+        return
+    H, W = native_hw
+    spec = policy.spec()
+    probe = min(probe, max(16, 2**16 // len(numbers)))  # the crop draws take ~160 B per (sample, view, try)
+    lo, hi = policy.crop
+    *_, ch, cw, found = _crops(policy, seed, np.arange(probe)[:, None], numbers[None, :], native_hw)
+    frac = (ch * cw / (H * W))[~found]
+    # torchvision's rule when no draw fits: a centre crop. Harmless when that crop is what the range asks for
+    # (a near-whole-image range); otherwise the manifest would record a policy the teacher did not see.
+    off_range = (frac < lo - 0.05) | (frac > hi + 0.05)
+    if off_range.sum() > 0.1 * found.size:
+        raise KDCacheError(
+            f"--augment '{spec}': on {H}x{W} images {1 - found.mean():.0%} of crops fit no draw of the crop and "
+            f"ratio ranges and fall back to a fixed centre crop (area {frac[off_range].mean():.2f} of the image, "
+            f"outside {lo:g}-{hi:g}); "
+            + ("raise the crop range (such crops round to nothing)" if frac[off_range].mean() > hi
+               else "widen ratio= or lower the crop range"))
+
+
 def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], views: int | None = None,
                  probe: int = 512, crop_fallback: bool = True) -> None:
     """Refuse a policy that cannot teach what it claims, from the parameters of the first `probe` samples (the same
@@ -238,20 +262,8 @@ def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], v
     # a view cache's own view numbers; for online KD's fresh views, a few others (not view 0, which plain0 fixes)
     numbers = np.arange(views) if views else np.arange(1, 9)
     probe = min(probe, max(16, 2**16 // len(numbers)))  # the crop draws take ~160 B per (sample, view, try)
-    if policy.crop and crop_fallback:
-        lo, hi = policy.crop
-        *_, ch, cw, found = _crops(policy, seed, np.arange(probe)[:, None], numbers[None, :], native_hw)
-        frac = (ch * cw / (H * W))[~found]
-        # torchvision's rule when no draw fits: a centre crop. Harmless when that crop is what the range asks for
-        # (a near-whole-image range); otherwise the manifest would record a policy the teacher did not see.
-        off_range = (frac < lo - 0.05) | (frac > hi + 0.05)
-        if off_range.sum() > 0.1 * found.size:
-            raise KDCacheError(
-                f"--augment '{spec}': on {H}x{W} images {1 - found.mean():.0%} of crops fit no draw of the crop and "
-                f"ratio ranges and fall back to a fixed centre crop (area {frac[off_range].mean():.2f} of the image, "
-                f"outside {lo:g}-{hi:g}); "
-                + ("raise the crop range (such crops round to nothing)" if frac[off_range].mean() > hi
-                   else "widen ratio= or lower the crop range"))
+    if crop_fallback:
+        check_crop_fallback(policy, seed, native_hw, numbers, probe)
     box, flip = sample_params(policy, seed, np.arange(probe), numbers, native_hw)
     top, left, h, w = (box[..., i].astype(np.int64) for i in range(4))
     off = (top >= H) | (left >= W) | (top + h <= 0) | (left + w <= 0)

@@ -171,10 +171,10 @@ def _cache_command(mode: str):
                 if json_out:
                     from pipeline.store import open_store
 
-                    man = open_store(path).manifest
-                    typer.echo(json.dumps({"path": path, "key": man["key"], "samples": man["data"]["num_samples"],
-                                           "views": (man.get("views") or {}).get("count", 0),
-                                           "arrays": sorted(man["arrays"]), "stats": man.get("stats")}))
+                    store = open_store(path)
+                    typer.echo(json.dumps({"path": path, "key": store.manifest["key"], "samples": store.num_samples,
+                                           "views": store.views, "arrays": sorted(store.arrays),
+                                           "stats": store.manifest.get("stats")}))
                 else:
                     typer.echo(path)
 

@@ -58,14 +58,12 @@ def run(epochs: int, seeds: list[int], views: list[int], policies: list[str], lo
                                 out=str(runs_dir / tag))
             runs.append(reuse_or_run(cfg, run_train_student, log))
             log(f"{name}  seed {seed}: test acc {runs[-1]['test_acc']:.4f}  ({runs[-1]['seconds']:.0f}s)")
-        shared.update(schedule=schedule(cfg), temperature=cfg.temperature)
         seconds, extrapolated = cache_seconds(man)
         return {"arm": name, "views": k, "augment": policy, "test_acc": [r["test_acc"] for r in runs],
                 "cache_seconds": seconds, "cache_extrapolated": extrapolated,
                 "train_seconds": statistics.mean(r["seconds"] for r in runs),
                 "bytes_per_sample": disk_bytes(Path(path)) / man["data"]["num_samples"]}
 
-    shared = {}
     rows = [cached_arm("(a) fixed cache: 1 view, no augmentation", 1, None)]
     for policy in policies:
         group = [cached_arm(f"(b) cache of K = {k} views of `{policy}`", k, policy) for k in views]
@@ -82,7 +80,7 @@ def run(epochs: int, seeds: list[int], views: list[int], policies: list[str], lo
                       "bytes_per_sample": 0.0})
         rows += group
     result = {"epochs": epochs, "seeds": seeds, "policies": policies, "loss": loss, "rows": rows,
-              **shared, "machine": machine()}
+              "temperature": StudentConfig().temperature, "schedule": schedule(StudentConfig()), "machine": machine()}
     (out_dir / "views.json").write_text(json.dumps(result, indent=2))
     (out_dir / "views.md").write_text(table(result))
     return result
@@ -101,8 +99,9 @@ def table(r: dict) -> str:
     online = {row["augment"]: mean[i] for i, row in enumerate(r["rows"]) if row["views"] is None}
     lines = [f"Fashion-MNIST test accuracy (%), mean ± std over seeds {', '.join(map(str, r['seeds']))}; "
              f"`default-student`, `--loss {r['loss']}` (T={r.get('temperature', 4):g}), {r['epochs']} epochs, "
-             f"{r.get('schedule', 'batch 128, SGD + cosine')}; machine: {r['machine']}. Total time = the cache's teacher-cache run + one student run (one cache "
-             "serves every seed and every later experiment). Δ: test accuracy points against (a) and against the "
+             f"{r.get('schedule', 'batch 128, SGD + cosine')}; machine: {r['machine']}. Total time = the cache's "
+             "teacher-cache run + one student run (one cache serves every seed and every later experiment). Δ: test "
+             "accuracy points against (a) and against the "
              "online KD (c) of the same augmentation; gap closed: (arm − (a)) / ((c) − (a))."
              + (" ≈: a cache whose run was resumed, its time scaled to the whole store." if any(
                  row.get("cache_extrapolated") for row in r["rows"]) else ""), "",

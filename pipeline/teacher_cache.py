@@ -32,7 +32,8 @@ import torch
 
 from pipeline import codecs as cd
 from pipeline import store as st
-from pipeline.augment import MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_policy, row_order, sample_params
+from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_crop_fallback, check_policy, row_order,
+                              sample_params)
 from pipeline.data import (Transform, absolute_spec, check_input_flags, data_differs, data_root, default_transform,
                            open_source, parse_normalize, paths_as_text, refuse_one_class, resolve_transform)
 from pipeline.errors import KDCacheError, first_line
@@ -230,8 +231,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         adopted = _adopt(older, identity, key, source, cfg.teacher)
         if adopted[1] != key:
             path, (identity, key) = older, adopted
-    if views and (cfg.force or not _holds(path, key)):  # a new store: the newer checks on its policy apply too
-        check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]), views)
+    if views and (cfg.force or not _holds(path, key)):  # a new store: the check newer than some stores applies too
+        check_crop_fallback(policy, cfg.aug_seed, tuple(source.native_shape[1:]), np.arange(views))
 
     if hit_check and not cfg.force and st.is_complete(path, key):
         # A cache hit needs no output shapes, so the teacher is loaded (for its fingerprint) but never run.
