@@ -13,7 +13,9 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain (click-style) help, not rich panels: in an 80-column terminal rich's option table truncated long flag
+# names ("--fitnets-hint-epo…") and tagged every switch "<bool>"; the plain layout prints each flag whole.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run the teacher once into a Zarr cache; distil students from it (KD, FitNets, RKD).")
 
 

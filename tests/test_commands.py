@@ -262,3 +262,20 @@ def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_f
     Path("online/config.json").write_text(json.dumps(saved))
     reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
     assert len(calls) == 2
+
+
+def test_help_is_instant_and_names_every_flag_whole():
+    """`kdcache --help` imports neither torch nor zarr (a subprocess, so this process's imports do not count), and
+    an 80-column help prints each flag's full name (rich's option table truncated the long ones)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+             "r = CliRunner().invoke(app, ['train-student', '--help'], terminal_width=80); "
+             "print(r.exit_code, sorted(m for m in ('torch', 'zarr', 'numpy') if m in sys.modules)); print(r.output)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "80"}).stdout
+    assert out.splitlines()[0] == "0 []", out[:200]
+    for flag in ("--fitnets-hint-epochs", "--rkd-distance-weight", "--no-labels", "--temperature"):
+        assert flag in out, flag
+    assert "…" not in out and "<bool>" not in out
