@@ -39,6 +39,25 @@ SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
 BUFFER_BYTES = 256 << 20      # the default shuffle buffer per worker (--buffer-chunks 0)
 
 
+def _settle_pending_reads(timeout: float = 30.0) -> None:
+    """Let zarr finish the reads still in flight before we raise. One failed chunk fails the whole slice read, but
+    its sibling chunks' reads stay queued on zarr's event loop; a process that exits on our error would then close
+    that loop under them, and asyncio prints dozens of "Task was destroyed" / "Event loop is closed" tracebacks
+    below the one-line error."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle():
+        me = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
+
+    try:
+        sync(settle(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - best effort: the error being raised is what matters
+        pass
+
+
 class SharedEpoch:
     """The epoch number in shared memory.
 
@@ -160,6 +179,7 @@ class CacheStream(IterableDataset):
         try:
             return np.asarray(arr[start:end] if view is None else arr[start:end, view])
         except Exception as e:  # crc32c mismatch or undecodable chunk
+            _settle_pending_reads()
             raise KDCacheError(f"cannot read {name} samples {start}-{end - 1} from {self.store.path} "
                                f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
 

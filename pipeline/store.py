@@ -23,7 +23,7 @@ Why this shape:
   units. Separate runs on one local store are kept apart by a lock file beside it (`<key>.zarr.lock`).
 - `complete` in the manifest is set only after every unit is committed; readers refuse a store without it.
 - Every array's fill value is one its writer never produces (NaN for floats, -1 or the dtype's minimum for
-  integers), so a chunk that was never written can never pass for data.
+  signed integers, the maximum for unsigned ones), so a chunk that was never written can never pass for data.
 - Codecs: zstd then crc32c over the compressed bytes, so a flipped byte on disk is detected on read.
 """
 

@@ -2,7 +2,7 @@
 
 verify reads every chunk of every array (one chunk = one block of rows, in one view for arrays with a view axis),
 so crc32c mismatches, undecodable chunks, missing chunks (each array's fill value: NaN for floats, -1 or the
-dtype's minimum for integers) and uncommitted units are each reported with the sample range they cover.
+dtype's minimum for signed integers, the maximum for unsigned ones) and uncommitted units are each reported with the sample range they cover.
 `--recompute N` re-runs the teacher on N random (sample, view) pairs, each input rebuilt exactly as train-student
 rebuilds it (from the stored view parameters), and reports the largest difference from what is stored, per target,
 against the target codec's tolerance.

@@ -184,6 +184,17 @@ def _flip_byte(path: Path) -> Path:
     return f
 
 
+def _zarr_reads_in_flight() -> int:
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def count():
+        return sum(not t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+    return sync(count())
+
+
 def test_verify_names_flipped_chunk_and_repair_fixes_only_it(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
     before = arrays_of(path)
@@ -199,6 +210,9 @@ def test_verify_names_flipped_chunk_and_repair_fixes_only_it(root, teacher_file)
         run_train_student(StudentConfig(cache=str(path), loss="fitnets=1", fitnets_hint="layer2",
                                         fitnets_schedule="single", fitnets_guided="block1", epochs=1, workers=0,
                                         out="run", test_data=SYN))
+    # ...and leaves none of zarr's sibling chunk reads in flight: a process exiting on the error would close zarr's
+    # loop under them, printing dozens of asyncio tracebacks below the one line.
+    assert _zarr_reads_in_flight() == 0
     # Also when a DataLoader worker meets it (the default): one line, not the worker's traceback.
     res = runner.invoke(app, ["train-student", "--cache", str(path), "--loss", "fitnets=1", "--fitnets-hint",
                               "layer2", "--fitnets-guided", "block1", "--fitnets-schedule", "single", "--epochs", "1",
