@@ -203,7 +203,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import data_root, default_transform, open_source
     from pipeline.errors import KDCacheError
-    from pipeline.loops import pick_device
+    from pipeline.loops import check_writable, pick_device
     from pipeline.models import build_model
     from pipeline.store import versions
     from pipeline.online import OnlineConfig, run_online_kd
@@ -222,7 +222,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if not sizes or min(sizes) < 1:
             raise KDCacheError(f"--scaling takes sample counts separated by commas, e.g. 10000,100000 "
                                f"(got '{cfg.scaling}')")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--workers", cfg.workers)):
+        if value is not None and value < (1 if flag == "--batch-size" else 0):
+            raise KDCacheError(f"{flag} must be at least {1 if flag == '--batch-size' else 0} (got {value})")
     p = dict(PRESETS[cfg.preset])
+    base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
+    out = Path(cfg.out) if cfg.out else base / f"bench-{cfg.preset}.json"
+    if out.is_dir():  # checked now, not after minutes of measuring
+        raise KDCacheError(f"--out {out} is a folder; give the JSON file's path, e.g. {out / 'bench.json'}")
+    check_writable(out.parent, "--out")
     n = cfg.samples or p["samples"]
     batch = cfg.batch_size or p["batch"]
     workers = p["workers"] if cfg.workers is None else cfg.workers
@@ -232,7 +240,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     test = f"synthetic:{max(batch, 256)}:{p['shape']}:{p['classes']}:1"
     source = open_source(data)
     tf = default_transform(source)
-    base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{cfg.preset}-", dir=base))
     results: dict = {"preset": cfg.preset, "samples": n, "batch": batch, "workers": workers, "repeat": cfg.repeat,
@@ -333,7 +340,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             results["scaling"] = scaling(cfg, [int(s) for s in cfg.scaling.split(",")], work, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(cfg.out) if cfg.out else base / f"bench-{cfg.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     log(table(results))

@@ -403,10 +403,15 @@ def bench_cmd(
 
         if preset not in PRESETS:
             raise KDCacheError(f"unknown --preset '{preset}'; use {', '.join(PRESETS)}")
+        if write_readme:
+            from pipeline.bench import END, START
+            from pipeline.results import check_readme
+
+            check_readme(START, END)  # now, not after minutes of measuring
         result = run_bench(BenchConfig(preset=preset, samples=samples, batch_size=batch_size, workers=workers,
                                        device=device, repeat=repeat, scaling=scaling, out=out), log=typer.echo)
         if write_readme:
-            from pipeline.bench import END, START, readme_section
+            from pipeline.bench import readme_section
             from pipeline.results import write_readme as write
 
             write(readme_section([result]), START, END)

@@ -159,11 +159,20 @@ def table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_readme(start: str = START, end: str = END, readme: Path = Path("README.md")) -> str:
+    """The README's text, refused (before a long run, not after it) when it lacks the section's markers."""
+    from pipeline.errors import KDCacheError
+
+    text = readme.read_text() if readme.is_file() else ""
+    if start not in text or end not in text:
+        raise KDCacheError(f"{readme.resolve()} has no {start} ... {end} markers; run from the project's folder, or "
+                           "leave out --write-readme")
+    return text
+
+
 def write_readme(md: str, start: str = START, end: str = END, readme: Path = Path("README.md")) -> None:
     """Replace what stands between the two markers in the README with `md`."""
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"README has no {start} ... {end} markers")
+    text = check_readme(start, end, readme)
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{md}{end}{tail}")
@@ -177,6 +186,8 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/results.json.")
     a = ap.parse_args()
+    if a.write_readme:
+        check_readme()
     if a.table_only:
         r = json.loads((data_root() / "results" / "results.json").read_text())
     else:

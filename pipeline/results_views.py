@@ -22,7 +22,8 @@ import statistics
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import _fmt, cache_seconds, fmt_seconds, machine, reuse_or_run, schedule, write_readme
+from pipeline.results import (_fmt, cache_seconds, check_readme, fmt_seconds, machine, reuse_or_run, schedule,
+                              write_readme)
 
 START, END = "<!-- views:start -->", "<!-- views:end -->"
 # Random-resized crops on top of the teacher's own training augmentation (translate=2,flip): the kind of policy
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/views.json.")
     a = ap.parse_args()
+    if a.write_readme:
+        check_readme(START, END)
     if a.table_only:
         r = json.loads((data_root() / "results" / "views.json").read_text())
     else:

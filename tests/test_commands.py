@@ -218,6 +218,22 @@ def test_bench_command_writes_table_and_json(root):
     assert bad.exit_code == 2 and "--repeat must be at least 1" in bad.output
 
 
+def test_bench_refuses_bad_flags_and_outputs_before_measuring(root):
+    import pipeline.bench as bench
+
+    Path("folder").mkdir()
+    with pytest.MonkeyPatch.context() as m:  # nothing may be measured before the refusal
+        m.setattr(bench, "teacher_forward", lambda *a, **k: pytest.fail("measured before refusing"))
+        for args, says in ((["--batch-size", "-5"], "--batch-size must be at least 1"),
+                           (["--workers", "-1"], "--workers must be at least 0"),
+                           (["--out", "folder"], "--out folder is a folder"),
+                           (["--write-readme"], "has no <!-- bench:start --> ... <!-- bench:end --> markers")):
+            res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "256", *args])
+            lines = res.stderr.strip().splitlines()
+            assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], \
+                (args, res.output)
+
+
 def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     from pipeline.results import reuse_or_run
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
