@@ -48,7 +48,12 @@ def paths_as_text(cfg, *names: str) -> None:
 
 def data_root() -> Path:
     """Root of everything the pipeline writes (datasets, teachers, caches, runs)."""
-    return Path(os.environ.get("KDCACHE_DATA", "data"))
+    root = Path(os.environ.get("KDCACHE_DATA", "data"))
+    if root.is_file():  # else every error downstream names a path under it and a flag the user never passed
+        raise KDCacheError(f"the data folder {root} is a file; set KDCACHE_DATA to a folder (default: data/)"
+                           if "KDCACHE_DATA" in os.environ else f"{root} is a file; kdcache keeps its data in a "
+                           "folder of that name: move the file, or set KDCACHE_DATA to another folder")
+    return root
 
 
 # --------------------------------------------------------------------------------------------- transform
@@ -95,9 +100,10 @@ def default_transform(source: "Source", size: int | None = None, channels: int |
 NORMALIZE_PRESETS = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}  # torchvision's trained weights
 
 
-def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]:
+def parse_normalize(spec: str, channels: int | None) -> tuple[list[float], list[float]]:
     """`--normalize`: a preset (`imagenet`) or `MEAN/STD`, each one value or one per channel (`0.5/0.25`,
-    `0.485,0.456,0.406/0.229,0.224,0.225`): the normalisation the teacher was trained with."""
+    `0.485,0.456,0.406/0.229,0.224,0.225`): the normalisation the teacher was trained with. `channels` None: the
+    syntax only (before the data says how many channels there are)."""
     fix = ("use imagenet or MEAN/STD with one value or one per channel, e.g. 0.5/0.25 or, per channel, "
            "0.485,0.456,0.406/0.229,0.224,0.225")
     if spec in NORMALIZE_PRESETS:
@@ -108,10 +114,12 @@ def parse_normalize(spec: str, channels: int) -> tuple[list[float], list[float]]
             mean, std = [float(v) for v in m.split(",")], [float(v) for v in s.split(",")]
         except ValueError:
             raise KDCacheError(f"cannot read --normalize '{spec}'; {fix}") from None
-    mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
-    if len(mean) != channels or len(std) != channels:
-        raise KDCacheError(f"--normalize '{spec}' gives {len(mean)} mean(s) and {len(std)} std(s) for "
-                           f"{channels}-channel inputs; {fix}")
+    given = len(mean), len(std)
+    n = channels or max(given)
+    mean, std = (v * n if len(v) == 1 else v for v in (mean, std))
+    if len(mean) != n or len(std) != n:
+        raise KDCacheError(f"--normalize '{spec}' gives {given[0]} mean(s) and {given[1]} std(s)"
+                           + (f" for {n}-channel inputs" if channels else "") + f"; {fix}")
     if not all(np.isfinite(mean)) or not all(np.isfinite(v) and v > 0 for v in std):
         raise KDCacheError(f"--normalize '{spec}': means must be finite and stds positive; {fix}")
     return list(mean), list(std)

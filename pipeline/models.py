@@ -228,6 +228,7 @@ class Outputs(dict):
     def __init__(self):
         super().__init__()
         self.calls: dict[str, int] = {}
+        self.first_of: dict[str, str] = {}  # name -> the type of the tuple/list output whose first element it holds
 
     def put(self, name: str, t: torch.Tensor) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -252,6 +253,8 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
             if t is not None:  # anything else: `check_outputs` names it
                 at_hook.put(name, t)
                 versions[name] = t._version
+                if isinstance(out, (tuple, list)):
+                    at_hook.first_of[name] = f"{type(out).__name__} of {len(out)}"
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():

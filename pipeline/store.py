@@ -455,8 +455,14 @@ class CacheStore:
         for name, who in names.items():
             if name in self.targets or name in self.arrays:
                 continue
-            if name.startswith("features/"):
-                fix = f"re-run teacher-cache with --layer {name[len('features/'):]}"
+            layer = name[len("features/"):] if name.startswith("features/") else None
+            if layer in ("", "logits"):  # no teacher-cache flag can produce these: say what the store offers
+                cached = sorted(t[len("features/"):] for t in self.targets if t.startswith("features/"))
+                raise KDCacheError(f"loss '{who}' names {'an empty layer' if not layer else 'the logits as a layer'}"
+                                   f"; set its layer flag (--fitnets-hint, --rkd-layer) to a cached teacher layer "
+                                   f"({', '.join(cached) or 'this store has none'})")
+            if layer is not None:
+                fix = f"re-run teacher-cache with --layer {layer}"
             elif name == "labels":
                 fix = "the cached data has no labels: use --no-labels or drop the label-based loss"
             else:

@@ -118,6 +118,7 @@ class Prepared:
     rows: np.ndarray                         # source index stored at each row
     hit: bool = False                        # a complete store with this key exists (prepare(hit_check=True))
     copy_layers: set | None = None           # hooked outputs a later in-place op changes (None: copy every one)
+    notes: tuple[str, ...] = ()              # said once before computing
 
     @property
     def units_per_block(self) -> int:
@@ -181,7 +182,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if not -7 <= cfg.compression_level <= 22:
         raise KDCacheError(f"--compression-level must be a zstd level from -7 to 22 (got {cfg.compression_level})")
     if cfg.normalize is not None:
-        parse_normalize(cfg.normalize, cfg.channels or 3)  # its syntax, before any data is opened
+        parse_normalize(cfg.normalize, cfg.channels)  # its syntax, before any data is opened
     policy = AugmentPolicy.parse(cfg.augment)
     if not 1 <= cfg.views <= MAX_VIEWS:
         raise KDCacheError(f"--views must be from 1 to {MAX_VIEWS} (got {cfg.views})")
@@ -222,6 +223,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
     folder = cfg.cache_dir or data_root() / "cache"
+    flag, where = ("--out", cfg.out) if cfg.out else ("--cache-dir", st.join(folder, "x"))
+    if not st.is_url(where) and Path(where).parent.is_file():  # else plan would name a store it can never write
+        raise KDCacheError(f"{flag}: {Path(where).parent} is a file, not a folder; choose another {flag}")
     path = cfg.out or st.join(folder, f"{key}.zarr")
     if cfg.out:  # the named store may hold this very cache under an older or a copy's key (resume, repair, verify)
         identity, key = _adopt(path, identity, key, source, cfg.teacher)
@@ -275,7 +279,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if source.labelled:  # the teacher's own accuracy on what it was shown: a wrong transform shows up here first
         stat_columns.append(st.TEACHER_TOP1)
     return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, targets, codecs, identity, key, path,
-                    arrays, stat_columns, row_order(n, cfg.row_order), copy_layers=copy_layers)
+                    arrays, stat_columns, row_order(n, cfg.row_order), copy_layers=copy_layers,
+                    notes=tuple(f"note: --layer {name} returns a {what}; its first element is cached"
+                                for name, what in feats.first_of.items()))
 
 
 LARGE_CHUNK_BYTES = 256 << 20
@@ -333,9 +339,9 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
         log(f"resuming {p.path}: {already}/{total} {what} already cached, {total - already} to go")
     if ranks.world > 1:
         log(f"{ranks.world} ranks fill {p.path}; progress shown for rank 0's share")
-    note = large_chunk_note(p)
-    if note:
-        log(note)
+    for note in (*p.notes, large_chunk_note(p)):
+        if note:
+            log(note)
     t0 = time.time()
     try:
         where = ranks.gather(ranks.together(fill_units, group, p, blocks, todo, already, ranks.leader))

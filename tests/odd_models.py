@@ -119,3 +119,23 @@ def dropout_student(num_classes=4, in_channels=1, image_size=16):
     """Random in training: resuming it reproduces a run only if the RNG state is resumed too."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 32), nn.ReLU(),
                          nn.Dropout(0.5), nn.Linear(32, num_classes))
+
+
+class _MapAndVector(nn.Module):
+    def forward(self, x):
+        return x, x.mean((2, 3))
+
+
+class _TupleLayerTeacher(nn.Module):
+    """Its `split` module returns (map, vector), as attention modules and some blocks return tuples."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv, self.split, self.fc = nn.Conv2d(in_channels, 4, 3, padding=1), _MapAndVector(), nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.split(self.conv(x))[1])
+
+
+def tuple_layer_teacher(num_classes=4, in_channels=1):
+    return _TupleLayerTeacher(num_classes, in_channels)

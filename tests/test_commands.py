@@ -90,6 +90,13 @@ def test_ls_and_inspect(root, teacher_file):
     text = runner.invoke(app, ["inspect", done]).stdout
     assert "B/sample" in text and "ratio" in text
     assert runner.invoke(app, ["inspect", "nowhere.zarr"]).exit_code == 2
+    Path("notes.txt").write_text("")  # KDCACHE_DATA at a file: said so, not errors naming flags never passed
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("KDCACHE_DATA", "notes.txt")
+        for args in (["ls"], [*base, "--layer", "avgpool"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2 and res.stderr.strip() == ("error: the data folder notes.txt is a file; set "
+                                                                "KDCACHE_DATA to a folder (default: data/)"), res.output
 
 
 def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):

@@ -87,3 +87,26 @@ def test_a_module_function_model_beside_the_user_is_found(root, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(root))])
     model = build_model("mymodels_here:tiny", 3, 1, 8)
     assert model(__import__("torch").zeros(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_a_layer_returning_a_tuple_caches_its_first_element_and_says_so(root):
+    import zarr
+
+    from pipeline.data import Transform, open_source
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from tests.odd_models import tuple_layer_teacher
+
+    torch.manual_seed(0)
+    net = tuple_layer_teacher().eval()
+    torch.save(net.state_dict(), root / "t.pt")
+    said = []
+    data = "synthetic:64:1x8x8:4"
+    path = run_teacher_cache(CacheConfig(data=data, teacher="tests.odd_models:tuple_layer_teacher",
+                                         weights=str(root / "t.pt"), layers=["split", "conv"], dtype="float32",
+                                         device="cpu"), log=said.append)
+    assert "note: --layer split returns a tuple of 2; its first element is cached" in said
+    assert not any("--layer conv" in line for line in said)
+    g = zarr.open_group(path, mode="r")
+    x = open_source(data).load(g["index"][:], Transform.from_dict(g.attrs["kdcache"]["transform"]))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(g["features/split"][:]), net.conv(x), rtol=1e-5, atol=1e-5)

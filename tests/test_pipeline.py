@@ -462,6 +462,9 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (cache + ["--normalize", "abc"], "cannot read --normalize"),
         (cache + ["--normalize", "imagenet"], "3 mean(s) and 3 std(s) for 1-channel inputs"),
         (cache + ["--normalize", "0.5/0"], "stds positive"),
+        (cache + ["--normalize", "0.5,0.5,0.5/0.2,0.2"], "gives 3 mean(s) and 2 std(s);"),
+        (cache + ["--normalize", "0.5,0.5/0.2"], "gives 2 mean(s) and 1 std(s) for 1-channel inputs"),
+        (cache + ["--cache-dir", "a-file"], "--cache-dir: a-file is a file, not a folder"),
         (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
         (["teacher-cache", "--data", "synthetic:64:1x16x16:9", "--weights", str(teacher_file)],
          "9 classes but the teacher has 4 outputs"),
@@ -480,6 +483,8 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--out", "a-file"], "is a file"),
         (train + ["--out", path], "is a cache store"),
         (train + ["--device", "tpu"], "--device"),
+        (train + ["--loss", "fitnets=1", "--fitnets-schedule", "single", "--fitnets-hint", ""], "an empty layer"),
+        (train + ["--loss", "rkd=1", "--rkd-layer", "logits"], "names the logits as a layer"),
         (["ls", "--cache-dir", "no-such-dir"], "not a folder"),
         (["verify", path, "--recompute", "-1"], "--recompute"),
     ]
