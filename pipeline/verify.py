@@ -191,10 +191,12 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
     p = _prepare(cfg)
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
         raise KDCacheError(f"teacher weights ({cfg.weights or 'default'}) are not the ones that made {cache.path} "
-                           f"(fingerprint {p.identity['teacher']} vs {man['teacher']['fingerprint']})")
+                           f"(fingerprint {p.identity['teacher']} vs {man['teacher']['fingerprint']}); pass "
+                           "--weights FILE with the weights that made it")
     differs = data_differs(p.source, man["data"])
     if differs:
-        raise KDCacheError(f"data {cfg.data} changed since {cache.path} was made ({differs}); re-run teacher-cache")
+        raise KDCacheError(f"data {cfg.data} is not the data {cache.path} was made from ({differs}); pass --data "
+                           "SPEC with the data that made it, or, if that data itself changed, re-run teacher-cache")
     group = cache.open_group()
     rng = np.random.default_rng(seed)
     among = np.arange(cache.num_samples) if among is None else among

@@ -408,6 +408,13 @@ def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teac
     assert res.exit_code == 2 and "pass --weights FILE" in res.stderr
     res = runner.invoke(app, ["verify", "../s.zarr", "--recompute", "4", "--weights", "../moved.pt"])
     assert res.exit_code == 0, res.output
+    save_teacher(root / "other.pt", seed=1)   # the wrong weights or data given: which flag to fix, in one line
+    res = runner.invoke(app, ["verify", "../s.zarr", "--recompute", "4", "--weights", "../other.pt"])
+    assert res.exit_code == 2 and "are not the ones that made" in res.stderr and "pass --weights FILE with the " \
+        "weights that made it" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    res = runner.invoke(app, ["verify", "../s.zarr", "--recompute", "4", "--weights", "../moved.pt", "--data",
+                              "synthetic:192:1x16x16:4:7"])
+    assert res.exit_code == 2 and "pass --data SPEC with the data that made it" in res.stderr, res.output
     st.open_group(str(root / "s.zarr"), "r+")[st.COMMIT][1, 0] = 0   # one unit to redo, with the moved teacher
     res = runner.invoke(app, ["repair", "../s.zarr", "--weights", "../moved.pt"])
     assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
