@@ -110,3 +110,21 @@ def test_a_layer_returning_a_tuple_caches_its_first_element_and_says_so(root):
     x = open_source(data).load(g["index"][:], Transform.from_dict(g.attrs["kdcache"]["transform"]))
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(g["features/split"][:]), net.conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_data_classes_unlike_the_teachers_recorded_ones_are_noted(root):
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from tests.conftest import save_teacher
+
+    w = save_teacher(root / "t.pt")
+    ckpt = torch.load(w, weights_only=True)
+    for names, noted in ((["0", "1", "2", "3"], False), (["b", "a", "c", "d"], True)):  # synthetic data: 0..3
+        ckpt["meta"]["classes"] = names
+        torch.save(ckpt, w)
+        said = []
+        run_teacher_cache(CacheConfig(data="synthetic:64:1x16x16:4", weights=str(w), device="cpu", force=True),
+                          log=said.append)  # class names are no part of the key: the same cache, rebuilt
+        notes = [line for line in said if "are not the teacher's" in line]
+        assert notes == ([("note: the data's classes (0, 1, 2, 3) are not the teacher's (b, a, c, d); label i is "
+                           "taken to mean the teacher's output i (its top-1 and KD's hard-label term pair them so): "
+                           "check the data's order, or use train-student --no-labels")] if noted else []), said
