@@ -265,6 +265,22 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     return out, at_hook, {n for n, t in at_hook.items() if t._version != versions[n]}
 
 
+def forward_failed(model_name: str, x: torch.Tensor, e: BaseException) -> KDCacheError:
+    """The one-line error for a model that raises on the data's input (e.g. a 3-channel torchvision model on
+    grayscale images): the input's shape, the model's own first line, and the flags that change the input."""
+    return KDCacheError(f"{model_name} fails on this data's {tuple(x.shape[1:])} input ({type(e).__name__}: "
+                        f"{first_line(e)}); set --channels and --image-size to what it expects")
+
+
+def check_logits(model_name: str, out) -> None:
+    """A classifier's forward must return one (batch, classes) tensor: a tuple (an auxiliary head beside the
+    scores) or a feature map can be neither trained with cross-entropy nor cached as logits."""
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        what = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise KDCacheError(f"{model_name} returns {what}, not logits of shape (batch, classes); wrap it in a "
+                           "module:function that returns the class scores")
+
+
 def check_outputs(model_name: str, names: list[str], feats: dict, flag: str) -> None:
     """Every named module must have given a tensor during the probe forward: a module that exists but that the
     forward never calls (an auxiliary head, unused in eval mode), or that returns no tensor, cannot be cached or

@@ -36,10 +36,10 @@ from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_cr
                               sample_params)
 from pipeline.data import (Transform, absolute_spec, check_input_flags, data_differs, data_root, default_transform,
                            open_source, parse_normalize, paths_as_text, refuse_one_class, resolve_transform)
-from pipeline.errors import KDCacheError, first_line
+from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
-from pipeline.models import (capture, check_outputs, default_teacher_weights, fingerprint_module, load_teacher,
-                             probe_forward, resolve_modules, teacher_classes)
+from pipeline.models import (capture, check_logits, check_outputs, default_teacher_weights, fingerprint_module,
+                             forward_failed, load_teacher, probe_forward, resolve_modules, teacher_classes)
 from pipeline.ranks import Ranks
 
 
@@ -248,13 +248,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     try:  # the same forward also finds which hooked outputs a later in-place op rewrites (copied when cached)
         logits, feats, copy_layers = probe_forward(teacher, cfg.layers, probe.to(device))
     except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on grayscale data
-        raise KDCacheError(f"teacher {cfg.teacher} fails on this data's {tuple(probe.shape[1:])} input "
-                           f"({type(e).__name__}: {first_line(e)}); set --channels and --image-size to what it "
-                           "expects") from None
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise KDCacheError(f"teacher {cfg.teacher} returns {what}, not logits of shape (batch, classes); wrap "
-                           "it in a module:function that returns the class scores")
+        raise forward_failed(f"teacher {cfg.teacher}", probe, e) from None
+    check_logits(f"teacher {cfg.teacher}", logits)
     check_outputs(f"teacher {cfg.teacher}", cfg.layers, feats, "--layer")
     shapes = {"logits": tuple(logits.shape[1:])}
     shapes.update({st.feature_array(k): tuple(v.shape[1:]) for k, v in feats.items()})

@@ -11,14 +11,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data import class_map, data_root, default_transform, open_source, refuse_one_class
+from pipeline.data import check_input_flags, class_map, data_root, default_transform, open_source, refuse_one_class
 from pipeline.errors import KDCacheError
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches)
-from pipeline.models import build_model, fingerprint_module
+from pipeline.models import build_model, check_logits, fingerprint_module, forward_failed
 
 
 @dataclass
@@ -33,6 +34,31 @@ class TeacherTrainConfig:
     seed: int = 0
     device: str = "auto"
     out: str | None = None                 # default: data/teachers/default.pt
+    image_size: int | None = None          # resize the inputs (default: the data's own size)
+    channels: int | None = None            # 1 or 3 (default: the data's own; an image folder's first image's)
+
+
+def probe(model: nn.Module, name: str, x: torch.Tensor, num_classes: int) -> None:
+    """One forward in training mode (as the training runs it) on a tiny batch: a model that fails on this input
+    or returns no (batch, classes) scores is refused in one line before any training, not with a traceback at its
+    first step. Leaves the model and the random numbers as they were (BatchNorm statistics, dropout draws)."""
+    before = {k: b.clone() for k, b in model.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        try:
+            out = model.train()(x)
+        except Exception as e:  # noqa: BLE001 - the user's model, e.g. a 3-channel torchvision model on grey data
+            raise forward_failed(name, x, e) from None
+    for k, b in model.named_buffers():
+        if k in before:
+            b.copy_(before[k])
+    check_logits(name, out)
+    if out.shape[1] != num_classes:
+        raise KDCacheError(f"{name} returns {out.shape[1]} class scores per sample, but the data has {num_classes} "
+                           f"classes; build it with num_classes={num_classes} (a module:function is passed "
+                           "num_classes= when it accepts it)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise KDCacheError(f"{name} has no trainable parameters, so there is nothing to train; give an "
+                           "architecture with weights")
 
 
 def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
@@ -43,6 +69,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
                     (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")]:
         if not ok:
             raise KDCacheError(msg)
+    check_input_flags(cfg.image_size, cfg.channels)
     out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
     if out.is_dir():
         raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
@@ -55,9 +82,10 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     held_out = cfg.test_data or src.test_spec()
     test = open_source(held_out or cfg.data)  # without a test split, accuracy on the training data (said so)
     test_labels = class_map(test, src.classes)
-    tf = default_transform(src)
+    tf = default_transform(src, cfg.image_size, cfg.channels)
     model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)
-    opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)
+    probe(model, f"teacher {cfg.arch}", src.load(np.arange(min(2, src.num_samples)), tf).to(device), src.num_classes)
+    opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)  # after the probe: a lazy module has its weights now
     steps_per_epoch = len(batch_bounds(src.num_samples, cfg.batch_size))
     total, step = cfg.epochs * steps_per_epoch, 0
     gen = torch.Generator().manual_seed(cfg.seed)

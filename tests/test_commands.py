@@ -42,6 +42,60 @@ def test_teacher_command_trains_and_saves_weights_with_transform(root):
     assert meta["test_accuracy"] == (pred == src.labels(np.arange(64))).mean()
 
 
+TINY = "synthetic:64:1x8x8:4"  # the teacher tests below that train: one epoch in about a second
+
+
+def _one_line_error(res, *wanted):
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert res.stderr.startswith("error: ") and "Traceback" not in res.output, res.output
+    for w in wanted:
+        assert w in res.stderr, res.stderr
+
+
+def test_teacher_probes_its_model_before_training(root, monkeypatch):
+    """A model that fails on the data's input, or returns no (batch, classes) scores, is refused in one line before
+    the first step; --channels makes a 3-channel torchvision model fit grayscale data."""
+    import pipeline.teacher_train as tt
+
+    base = ["teacher", "--data", TINY, "--epochs", "1", "--out", "t.pt"]
+    for arch, wanted in [("torchvision:resnet18", ("to have 3 channels", "set --channels")),
+                         ("tests.odd_models:tuple_student", ("returns tuple, not logits",)),
+                         ("tests.odd_models:feature_map_teacher", ("returns shape (2, 4, 8, 8), not logits",)),
+                         ("tests.odd_models:ten_class_student", ("returns 10 class scores per sample", "4 classes",
+                                                                 "num_classes=4")),
+                         ("tests.odd_models:weightless_model", ("has no trainable parameters",))]:
+        res = runner.invoke(app, base + ["--arch", arch])
+        _one_line_error(res, f"teacher {arch}", *wanted)
+        assert "teacher epoch" not in res.stderr and not Path("t.pt").exists()
+
+    def probed(*_a, **_k):
+        raise tt.KDCacheError("probed")
+
+    with monkeypatch.context() as m:  # the probe passes: training would start (the optimizer is built)
+        m.setattr(tt, "sgd", probed)
+        res = runner.invoke(app, base + ["--arch", "torchvision:resnet18", "--channels", "3"])
+    assert res.exit_code == 2 and res.stderr.strip() == "error: probed", res.output
+    # the input flags are recorded with the teacher: teacher-cache feeds it the same
+    res = runner.invoke(app, base + ["--channels", "3", "--image-size", "12"])
+    assert res.exit_code == 0, res.output
+    tf = torch.load("t.pt", weights_only=True)["meta"]["transform"]
+    assert tf["channels"] == 3 and tf["size"] == [12, 12]
+
+
+def test_teacher_probe_leaves_the_model_and_random_numbers_as_they_were():
+    """The probe runs in training mode (as the training does): BatchNorm statistics and the RNG are restored, so a
+    probed run trains the same weights as one without the probe."""
+    from pipeline.models import TeacherNet, fingerprint_module
+    from pipeline.teacher_train import probe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TeacherNet(num_classes=4), torch.nn.Dropout(0.5))
+    x = torch.randn(2, 1, 8, 8)
+    before, state = fingerprint_module(model), torch.get_rng_state()
+    probe(model, "teacher x", x, 4)
+    assert fingerprint_module(model) == before and torch.equal(torch.get_rng_state(), state)
+
+
 def test_plan_predicts_the_size_on_disk(root, teacher_file):
     args = ["--data", "synthetic:1024:1x16x16:4", "--weights", str(teacher_file), "--layer", "layer2",
             "--chunk-samples", "256", "--batch-size", "256"]
