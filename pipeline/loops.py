@@ -26,6 +26,19 @@ def check_writable(folder: Path, flag: str) -> None:
                            f"{flag}") from None
 
 
+def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int
+                    ) -> list[tuple[bool, str]]:
+    """(ok, message) for the numbers every training run takes (the teacher's and a student's), checked before any
+    data is opened: a NaN learning rate trains nonsense, a negative seed fails in numpy's generator after setup."""
+    return [(math.isfinite(lr), f"--lr must be a finite number (got {lr})"),
+            (math.isfinite(weight_decay), f"--weight-decay must be a finite number (got {weight_decay})"),
+            (0 <= seed < 2**32, f"--seed must be 0 or more, below 2**32 (got {seed})"),
+            (epochs >= 1, f"--epochs must be at least 1 (got {epochs})"),
+            (batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})"),
+            (lr > 0, f"--lr must be positive (got {lr})"),
+            (weight_decay >= 0, f"--weight-decay must be 0 or more (got {weight_decay})")]
+
+
 def save_whole(obj, path: Path, then: str) -> None:
     """torch.save to a temporary name, then rename: a kill or a full disk never leaves a truncated file under the
     real name. torch reports a full disk as a RuntimeError from its zip writer, not an OSError."""

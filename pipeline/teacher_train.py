@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.data import check_input_flags, class_map, data_root, default_transform, open_source, refuse_one_class
 from pipeline.errors import KDCacheError
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
-                            save_whole, sgd, source_batches)
+                            save_whole, sgd, source_batches, training_checks)
 from pipeline.models import build_model, check_logits, fingerprint_module, forward_failed
 
 
@@ -62,14 +62,12 @@ def probe(model: nn.Module, name: str, x: torch.Tensor, num_classes: int) -> Non
 
 
 def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    for ok, msg in [(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
-                    (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
-                    (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")]:
+    for ok, msg in training_checks(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed):
         if not ok:
             raise KDCacheError(msg)
     check_input_flags(cfg.image_size, cfg.channels)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
     if out.is_dir():
         raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
@@ -81,6 +79,9 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
                            "(imagefolder:DIR with one sub-folder per class)")
     held_out = cfg.test_data or src.test_spec()
     test = open_source(held_out or cfg.data)  # without a test split, accuracy on the training data (said so)
+    if not test.labelled:  # else found only after the training, when scoring it
+        raise KDCacheError(f"test data {held_out} has no labels; pass a labelled --test-data (imagefolder:DIR with "
+                           "one sub-folder per class)")
     test_labels = class_map(test, src.classes)
     tf = default_transform(src, cfg.image_size, cfg.channels)
     model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)

@@ -30,7 +30,8 @@ from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.data import Source, Transform, class_map, data_differs, data_root, open_source, paths_as_text
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
-from pipeline.loops import OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead
+from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
+                            training_checks)
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module,
                              resolve_modules, stop_after)
@@ -77,17 +78,13 @@ class StudentConfig:
 
 def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
     """Refuse settings that would train nonsense (a NaN loss, a stage that never runs) before anything is built."""
-    finite = {"--lr": cfg.lr, "--weight-decay": cfg.weight_decay, "--temperature": cfg.temperature,
-              "--alpha": cfg.alpha, "--rkd-distance-weight": cfg.rkd_distance_weight,
-              "--rkd-angle-weight": cfg.rkd_angle_weight, **{f"--loss {k}": w for k, w in weights.items()}}
-    checks = [(math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in finite.items()] + [
-        (0 <= cfg.seed < 2**32, f"--seed must be 0 or more, below 2**32 (got {cfg.seed})"),
+    finite = {"--temperature": cfg.temperature, "--alpha": cfg.alpha,
+              "--rkd-distance-weight": cfg.rkd_distance_weight, "--rkd-angle-weight": cfg.rkd_angle_weight,
+              **{f"--loss {k}": w for k, w in weights.items()}}
+    checks = training_checks(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed) + [
+        (math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in finite.items()] + [
         ("rkd" not in weights or cfg.rkd_distance_weight > 0 or cfg.rkd_angle_weight > 0,
          "RKD with --rkd-distance-weight 0 and --rkd-angle-weight 0 has nothing to match; give one a weight"),
-        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
-        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
-        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more (got {cfg.weight_decay})"),
         (cfg.workers >= 0, f"--workers must be 0 (load in this process) or more (got {cfg.workers})"),
         (cfg.buffer_chunks >= 0, f"--buffer-chunks must be 0 (automatic) or more (got {cfg.buffer_chunks})"),
         (cfg.temperature > 0, f"--temperature must be positive (got {cfg.temperature}); Hinton et al. use 1-20"),

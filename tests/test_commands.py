@@ -96,6 +96,31 @@ def test_teacher_probe_leaves_the_model_and_random_numbers_as_they_were():
     assert fingerprint_module(model) == before and torch.equal(torch.get_rng_state(), state)
 
 
+def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, monkeypatch):
+    import pipeline.teacher_train as tt
+    from tests.test_pipeline import _write_images
+
+    _write_images(root / "flat", 4)
+    built = []
+    monkeypatch.setattr(tt, "build_model", lambda *a: built.append(1))
+    base = ["teacher", "--data", TINY, "--epochs", "1", "--out", "t.pt"]
+    for extra, wanted in [(["--seed", "-1"], "--seed must be 0 or more, below 2**32 (got -1)"),
+                          (["--seed", str(2**32)], "--seed must be 0 or more"),
+                          (["--lr", "nan"], "--lr must be a finite number"),
+                          (["--lr", "inf"], "--lr must be a finite number"),
+                          (["--lr", "0"], "--lr must be positive"),
+                          (["--epochs", "0"], "--epochs must be at least 1"),
+                          (["--batch-size", "-3"], "--batch-size must be at least 1"),
+                          (["--channels", "2"], "--channels must be 1 or 3"),
+                          (["--image-size", "0"], "--image-size must be from 1 to 4096"),
+                          (["--test-data", f"imagefolder:{root / 'flat'}"],
+                           "has no labels; pass a labelled --test-data"),
+                          (["--data", f"imagefolder:{root / 'flat'}"], "has no labels, and training a teacher")]:
+        res = runner.invoke(app, base + extra)
+        _one_line_error(res, wanted)
+    assert not built and not Path("t.pt").exists()
+
+
 def test_plan_predicts_the_size_on_disk(root, teacher_file):
     args = ["--data", "synthetic:1024:1x16x16:4", "--weights", str(teacher_file), "--layer", "layer2",
             "--chunk-samples", "256", "--batch-size", "256"]
