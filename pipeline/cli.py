@@ -84,11 +84,14 @@ def teacher_cmd(
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    out: Optional[str] = typer.Option(None, help="Weights file (default data/teachers/default.pt)."),
+    out: Optional[str] = typer.Option(None, help="Weights file (default data/teachers/default.pt); its metadata "
+                                                 "goes beside it as <stem>.json."),
     image_size: Optional[int] = typer.Option(None, help="Resize inputs to this square size (recorded: teacher-cache "
                                                         "feeds the teacher the same)."),
     channels: Optional[int] = typer.Option(None, help="Convert inputs to 1 or 3 channels (recorded likewise), e.g. 3 "
                                                       "for a torchvision model on grayscale data."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out (caches made from it can then no longer "
+                                               "be verified with --recompute or repaired)."),
 ):
     """Train the default teacher (no weights can be downloaded, so kdcache trains its own)."""
     with user_errors("re-run `kdcache teacher` (its training starts over)"):
@@ -96,7 +99,7 @@ def teacher_cmd(
 
         meta = run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
                                                     batch_size=batch_size, lr=lr, seed=seed, device=device, out=out,
-                                                    image_size=image_size, channels=channels),
+                                                    image_size=image_size, channels=channels, overwrite=overwrite),
                                  log=log_err)
         typer.echo(meta["path"])  # the last line of stdout is the weights file, for scripts
 

@@ -36,6 +36,23 @@ class TeacherTrainConfig:
     out: str | None = None                 # default: data/teachers/default.pt
     image_size: int | None = None          # resize the inputs (default: the data's own size)
     channels: int | None = None            # 1 or 3 (default: the data's own; an image folder's first image's)
+    overwrite: bool = False                # replace an existing --out (else refused: caches key on its weights)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that would lose something, before the training: a folder, a name whose metadata sidecar
+    (<stem>.json) is the weights file itself, or an existing teacher. Every cache made from a teacher keys on its
+    weights' fingerprint and records its path; replaced, verify --recompute and repair of those caches fail."""
+    if out.is_dir():
+        raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
+    if out.suffix.lower() == ".json":
+        raise KDCacheError(f"--out {out} ends in .json, the name of the metadata written beside the weights "
+                           f"(<stem>.json), which would overwrite them; use e.g. {out.with_suffix('.pt')}")
+    if out.exists() and not overwrite:
+        raise KDCacheError(f"--out {out} already exists, and caches made from it key on its weights (a new teacher "
+                           "there leaves them unverifiable and unrepairable); choose another --out, or pass "
+                           "--overwrite to replace it")
+    check_writable(out.parent, "--out")
 
 
 def probe(model: nn.Module, name: str, x: torch.Tensor, num_classes: int) -> None:
@@ -69,9 +86,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
-    if out.is_dir():
-        raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
-    check_writable(out.parent, "--out")  # before the training, not after it
+    check_out(out, cfg.overwrite)  # before the training, not after it
     src = open_source(cfg.data)
     refuse_one_class(src)
     if not src.labelled:

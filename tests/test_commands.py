@@ -121,6 +121,29 @@ def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, m
     assert not built and not Path("t.pt").exists()
 
 
+def test_teacher_never_overwrites_weights_unasked(root):
+    """An existing teacher (caches key on its weights) is replaced only with --overwrite; an --out whose metadata
+    sidecar (<stem>.json) would be the weights file itself is refused."""
+    base = ["teacher", "--data", TINY, "--epochs", "1", "--batch-size", "32"]
+    res = runner.invoke(app, base + ["--out", "teacher.json"])
+    _one_line_error(res, "--out teacher.json ends in .json", "teacher.pt")
+    assert not Path("teacher.json").exists()
+    assert runner.invoke(app, base + ["--out", "t.pt"]).exit_code == 0
+    weights, meta = Path("t.pt").read_bytes(), Path("t.json").read_text()
+    res = runner.invoke(app, base + ["--out", "t.pt", "--seed", "1"])
+    _one_line_error(res, "--out t.pt already exists", "caches made from it key on its weights", "--overwrite")
+    assert Path("t.pt").read_bytes() == weights and Path("t.json").read_text() == meta
+    res = runner.invoke(app, base + ["--out", "t.pt", "--seed", "1", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert Path("t.pt").read_bytes() != weights and json.loads(Path("t.json").read_text())["config"]["seed"] == 1
+    # the default teacher, which `make teacher` makes only when it is missing, likewise
+    default = root / "data" / "teachers" / "default.pt"
+    default.parent.mkdir(parents=True)
+    default.write_bytes(b"weights")
+    _one_line_error(runner.invoke(app, base), f"--out {default} already exists")
+    assert default.read_bytes() == b"weights"
+
+
 def test_plan_predicts_the_size_on_disk(root, teacher_file):
     args = ["--data", "synthetic:1024:1x16x16:4", "--weights", str(teacher_file), "--layer", "layer2",
             "--chunk-samples", "256", "--batch-size", "256"]
