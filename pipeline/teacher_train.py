@@ -7,6 +7,7 @@ data/teachers/default.pt with the transform it was trained with; teacher-cache r
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,16 @@ def probe(model: nn.Module, name: str, x: torch.Tensor, num_classes: int) -> Non
                            "architecture with weights")
 
 
+def refuse_diverged(model: nn.Module, loss_sum: float, epoch: int, lr: float) -> None:
+    """Stop a diverged run before it saves anything: a teacher of NaN weights would cache NaN targets. The last
+    step's update is in no loss yet, so the weights are checked too."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not math.isfinite(loss_sum) or bad:
+        what = f"the loss became {loss_sum}" if not math.isfinite(loss_sum) else f"weight {bad[0]} became non-finite"
+        raise KDCacheError(f"training diverged in epoch {epoch + 1}: {what}; lower --lr (now {lr}); nothing was "
+                           "saved")
+
+
 def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     for ok, msg in training_checks(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed):
         if not ok:
@@ -109,6 +120,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     acc = 0.0
     for epoch in range(cfg.epochs):
         model.train()
+        losses = torch.zeros((), device=device)  # summed on the device: no .item() wait per step
         for _idx, x, y in source_batches(src, tf, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
             cosine_lr(opt, cfg.lr, step, total, warmup=steps_per_epoch // 2)
             x = random_crop_flip(x, gen)
@@ -116,7 +128,9 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            losses += loss.detach()
             step += 1
+        refuse_diverged(model, float(losses), epoch, cfg.lr)
         acc = evaluate(model, test, tf, device, test_labels)
         log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {loss.item():.4f}  {'test' if held_out else 'train'} acc {acc:.4f}  "
             f"({time.time() - t0:.0f}s)")

@@ -144,6 +144,28 @@ def test_teacher_never_overwrites_weights_unasked(root):
     assert default.read_bytes() == b"weights"
 
 
+def test_teacher_stops_when_training_diverges(root):
+    """A learning rate that blows the weights up stops with one line before saving: no NaN teacher, and a teacher
+    being replaced with --overwrite is kept."""
+    base = ["teacher", "--data", TINY, "--epochs", "2", "--batch-size", "32", "--lr", "1e30", "--out", "t.pt"]
+    res = runner.invoke(app, base)
+    _one_line_error(res, "training diverged in epoch 1", "lower --lr (now 1e+30)")
+    assert not Path("t.pt").exists() and not Path("t.json").exists()
+    Path("t.pt").write_bytes(b"old weights")
+    _one_line_error(runner.invoke(app, base + ["--overwrite"]), "training diverged")
+    assert Path("t.pt").read_bytes() == b"old weights" and not Path("t.json").exists()
+    # weights gone non-finite in the last step, whose update no loss has seen yet, are caught too
+    from pipeline.errors import KDCacheError
+    from pipeline.teacher_train import refuse_diverged
+
+    model = torch.nn.Linear(2, 2)
+    refuse_diverged(model, 1.0, 0, 0.1)
+    with torch.no_grad():
+        model.bias[0] = float("inf")
+    with pytest.raises(KDCacheError, match="diverged in epoch 3: weight bias became non-finite"):
+        refuse_diverged(model, 1.0, 2, 0.1)
+
+
 def test_plan_predicts_the_size_on_disk(root, teacher_file):
     args = ["--data", "synthetic:1024:1x16x16:4", "--weights", str(teacher_file), "--layer", "layer2",
             "--chunk-samples", "256", "--batch-size", "256"]
