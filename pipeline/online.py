@@ -12,7 +12,6 @@ benchmark; it is not a kdcache stage (it builds the teacher).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pipeline.models import capture, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
 from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir, setup,
-                                    validate)
+                                    validate, write_config)
 
 FRESH_VIEW_BASE = 1_000_000
 # 2: the student starts from the weights a cached run of the same seed starts from (1 drew them after the
@@ -119,9 +118,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
               teacher_classes(meta), log)
     teacher.to(s.device).eval()
     run_dir = open_run_dir(cfg, tag="online-")
-    (run_dir / "config.json").write_text(json.dumps({"config": asdict(cfg), "online": True, "augment": policy.spec(),
-                                                     "replay": REPLAY_VERSION, "student_init": STUDENT_INIT,
-                                                     "device": str(s.device)}, indent=2, default=str))
+    write_config(run_dir, {"config": asdict(cfg), "online": True, "augment": policy.spec(), "replay": REPLAY_VERSION,
+                           "student_init": STUDENT_INIT, "device": str(s.device)})
     stream = OnlineStream(source, tf, policy, cfg.batch_size, cfg.seed, cfg.aug_seed, use_labels)
     loader = make_loader(stream, cfg.workers)
     cuda = s.device.type == "cuda"

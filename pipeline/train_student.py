@@ -239,6 +239,27 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
 RUN_PLACE = ("out", "resume", "overwrite")  # where a run lies and how it was started: not what it trains
 RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
+# Settings every run's config.json records under "config" (train-student's and online KD's alike): the mark of a
+# run directory. A folder whose config.json lacks them is someone else's, and no run writes into it.
+RUN_MARK = ("loss", "student", "seed", "epochs")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a kdcache run: a config.json that a run wrote (it is written before anything else)."""
+    try:
+        saved = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):  # none, a folder, not JSON, not text
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("config"), dict) and all(
+        k in saved["config"] for k in RUN_MARK)
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """config.json, written whole then renamed: it marks the folder as a run's (`is_run_dir`), so a kill must never
+    leave it truncated, which would make the run's own folder look like someone else's."""
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, default=str))
+    tmp.replace(run_dir / "config.json")
 
 
 def _comparable(cfg: StudentConfig, ranks: int = 1) -> dict:
@@ -282,25 +303,36 @@ def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> P
     run_dir = run_dir_for(cfg, tag)
     if cfg.out is None:  # a fresh name: runs started in the same second (a sweep) must not share a directory
         return _new_dir(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise KDCacheError(f"--out {run_dir} is a file, not a run directory; choose another --out")
-    if (run_dir / "zarr.json").exists():
-        raise KDCacheError(f"--out {run_dir} is a cache store; choose another --out for the run directory")
-    if not resuming:
-        check_out(cfg)
+    check_out(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # config.json stays until the new run's replaces it (write_config): the folder never stops being a run's
     for name in RUN_OUTPUTS:
-        if not (resuming and name == CHECKPOINT):
+        if not (resuming and name == CHECKPOINT) and name != "config.json":
             (run_dir / name).unlink(missing_ok=True)
     return run_dir
 
 
 def check_out(cfg: StudentConfig) -> None:
-    """Refuse an --out that holds a run's work (a finished run, or an interrupted one's checkpoint) unless --resume
-    or --overwrite says what to do with it: checked before any set-up, and again when the directory is opened."""
-    if cfg.out is None or cfg.resume or cfg.overwrite:
+    """Refuse an --out that is no run directory (a file, a cache store, a folder of someone else's files: a run would
+    overwrite their config.json or metrics.jsonl, --overwrite delete them), or one that holds a run's work (a
+    finished run, or an interrupted one's checkpoint) unless --resume or --overwrite says what to do with it: checked
+    before any set-up, and again when the directory is opened."""
+    if cfg.out is None:
         return
-    held = [n for n in ("summary.json", "student.pt", CHECKPOINT) if (Path(cfg.out) / n).exists()]
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise KDCacheError(f"--out {out} is a file, not a run directory; choose another --out")
+    if (out / "zarr.json").exists():
+        raise KDCacheError(f"--out {out} is a cache store; choose another --out for the run directory")
+    # Hidden entries (.gitkeep, .DS_Store) are no one's work, and no run writes a hidden name.
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if foreign and not is_run_dir(out):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise KDCacheError(f"--out {out} is not empty and holds no kdcache run ({shown}); a run writes "
+                           f"{', '.join(RUN_OUTPUTS)} there, so choose a new or empty --out")
+    if cfg.resume or cfg.overwrite:
+        return
+    held = [n for n in ("summary.json", "student.pt", CHECKPOINT) if (out / n).exists()]
     if held:
         what = "a finished run" if held[0] != CHECKPOINT else "an interrupted run's checkpoint (--resume continues it)"
         raise KDCacheError(f"--out {cfg.out} holds {what}; --overwrite replaces it, or choose another --out")
@@ -440,7 +472,7 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
                 "transform": tf.to_dict(), "test_data": s.test_spec, "student_shapes": s.student_shapes,
                 "ranks": ranks.world, "versions": versions()}
     if run_dir is not None:
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        write_config(run_dir, resolved)
         if cfg.out is None:  # named here: say where, so an interrupted run can be resumed
             log(f"run directory: {run_dir}")
     return store, s, stream, state, run_dir

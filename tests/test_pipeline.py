@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -507,6 +507,7 @@ def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teach
     for name in ("summary.json", "student.pt", "metrics.jsonl"):
         Path("run", name).write_text("{}")  # an earlier run's results
     cfg = StudentConfig(cache=_cache(teacher_file, layers=[]), epochs=1, workers=0, out="run", test_data=SYN_TEST)
+    Path("run", "config.json").write_text(json.dumps({"config": asdict(cfg)}))  # ... and the settings it recorded
     with pytest.raises(KDCacheError, match="--out run holds a finished run; --overwrite replaces it"):
         open_run_dir(cfg)
     assert all(Path("run", n).exists() for n in ("summary.json", "student.pt", "metrics.jsonl"))
@@ -521,6 +522,38 @@ def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teach
     # refused before any set-up: nothing else (here a store that is not there) is looked at first
     res = runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--out", "run"])
     assert res.exit_code == 2 and "--out run holds an interrupted run's checkpoint" in res.stderr
+
+
+def test_a_folder_of_someone_elses_files_is_never_written_into(root, teacher_file):
+    """An --out that is not empty and holds no kdcache run (no config.json of a run's) is refused, --overwrite or
+    not, before any set-up, and nothing in it changes; in a run's own folder, --overwrite replaces the run's files
+    only."""
+    path = _cache(teacher_file, layers=[])
+    Path("myproj").mkdir()
+    Path("myproj/config.json").write_text('{"my": "settings"}')
+    Path("myproj/metrics.jsonl").write_text("my log\n")
+    args = ["train-student", "--cache", path, "--epochs", "1", "--workers", "0", "--out", "myproj"]
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        res = runner.invoke(app, args + extra)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(
+            "error: --out myproj is not empty and holds no kdcache run (config.json, metrics.jsonl)"), res.output
+        assert "choose a new or empty --out" in lines[0]
+    assert Path("myproj/config.json").read_text() == '{"my": "settings"}'
+    assert Path("myproj/metrics.jsonl").read_text() == "my log\n"
+    assert sorted(p.name for p in Path("myproj").iterdir()) == ["config.json", "metrics.jsonl"]
+    # refused before the store is looked at
+    res = runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--out", "myproj", "--overwrite"])
+    assert res.exit_code == 2 and "holds no kdcache run" in res.stderr, res.output
+    # a hidden file is no one's work; a run's folder with the user's notes added stays a run's, notes and all
+    Path("run").mkdir()
+    Path("run/.gitkeep").touch()
+    assert runner.invoke(app, args[:-1] + ["run"]).exit_code == 0
+    Path("run/notes.txt").write_text("mine")
+    res = runner.invoke(app, args[:-1] + ["run", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert Path("run/notes.txt").read_text() == "mine" and Path("run/.gitkeep").exists()
+    assert Path("run/summary.json").is_file()
 
 
 def test_incomplete_store_refused(root, teacher_file):
