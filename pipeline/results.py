@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 from pathlib import Path
@@ -44,32 +43,30 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
     a results command that was interrupted, or extended with new rows, resumes instead of starting over."""
     from dataclasses import MISSING, asdict, fields, replace
 
-    from pipeline.train_student import RUN_PLACE
-
-    from pipeline import store as st
-
-    def same_place(c: dict) -> dict:
-        # Where the run lies is no part of its config, and one store named relatively or absolutely is one store.
-        cache = c.get("cache")
-        c = {k: v for k, v in c.items() if k not in RUN_PLACE}
-        return c | {"cache": cache if not cache or st.is_url(cache) else os.path.realpath(cache)}
-
     from pipeline.augment import REPLAY_VERSION
+    from pipeline.errors import KDCacheError
     from pipeline.online import STUDENT_INIT
+    from pipeline.store import open_store
+    from pipeline.train_student import same_run
 
     out = Path(cfg.out)
     if (out / "summary.json").exists() and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
+        # The store by its key, as --resume compares it: wherever it lies now, and rerun when it was rebuilt since.
+        try:
+            key = open_store(cfg.cache).manifest["key"] if cfg.cache else None
+        except KDCacheError:  # no store there (any more): no key matches a cached run's, and rerunning says why
+            key = None
         # A setting added to kdcache after the run was made, at its default, is what that run did.
         added = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
-        recorded = same_place(added | (saved.get("config") or {}))
+        recorded = same_run(added | (saved.get("config") or {}), (saved.get("cache") or {}).get("key"))
         # Online runs draw fresh views with this kdcache's replay: one made by another replay saw other pixels.
         # (Cached runs carry it in their cache's key.)
         augmented_online = saved.get("online") and saved.get("augment") not in (None, "none")
         stale_views = augmented_online and saved.get("replay", 1) != REPLAY_VERSION
         # ... and one whose student started from other weights than the cached runs of its seed is no pair to them
         stale_views = stale_views or (saved.get("online") and saved.get("student_init", 1) != STUDENT_INIT)
-        if not stale_views and recorded == same_place(json.loads(json.dumps(asdict(cfg), default=str))):
+        if not stale_views and recorded == same_run(json.loads(json.dumps(asdict(cfg), default=str)), key):
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())
     return fn(replace(cfg, overwrite=True), log=lambda m: None)  # a stale or unfinished run there is redone

@@ -168,6 +168,7 @@ class Setup:
     test_labels: np.ndarray | None = None   # test class number -> the student's, when the two name them otherwise
     source_fingerprint: str | None = None   # of the data trained on
     classes: list[str] | None = None        # the training data's class names, in the student's output order
+    cache_key: str | None = None            # the store's key: which targets a checkpoint's run trained on
 
 
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
@@ -262,15 +263,28 @@ def write_config(run_dir: Path, config: dict) -> None:
     tmp.replace(run_dir / "config.json")
 
 
-def _comparable(cfg: StudentConfig, ranks: int = 1) -> dict:
-    """The settings a checkpoint must share with the run that resumes it (where it lies and `resume` aside). The
-    loader workers and the ranks count too: they decide which rows make each batch and how many batches an epoch
-    has, so another count would give other weights and overrun the learning-rate schedule."""
-    return {k: v for k, v in asdict(cfg).items() if k not in RUN_PLACE} | {"ranks": ranks}
+def same_run(config: dict, cache_key: str | None) -> dict:
+    """A run's settings as two runs must share them to train the same student (--resume, and results' reuse of a
+    finished run): where the run lies and how it was started aside, and the store by its manifest's key (its teacher,
+    data, transform, views and codecs), not by the path text: one store named relatively or absolutely, or moved, is
+    one store, and one rebuilt in place from another teacher is another."""
+    return {k: v for k, v in config.items() if k not in RUN_PLACE and k != "cache"} | {"cache_key": cache_key}
 
 
-def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
-    """The state `--resume` continues from, checked to come from a run with these very settings."""
+def _comparable(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None,
+                device: torch.device | None = None) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (`same_run`). The loader workers and the
+    ranks count too: they decide which rows make each batch and how many batches an epoch has, so another count
+    would give other weights and overrun the learning-rate schedule. The device counts by the kind it resolved to,
+    not the flag's text (--device auto is cpu on a machine without CUDA; bf16 autocast runs on CUDA only), nor its
+    index (each rank has its own GPU)."""
+    return same_run(asdict(cfg), cache_key) | {"ranks": ranks, "device": device.type if device else cfg.device}
+
+
+def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None,
+                        device: torch.device | None = None) -> dict | None:
+    """The state `--resume` continues from, checked to come from a run with these very settings, on the store with
+    this `cache_key`, on a `device` of the kind it was trained on."""
     if not cfg.resume:
         return None
     run_dir = Path(cfg.out)
@@ -285,9 +299,16 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1) -> dict | None:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); use --overwrite instead of --resume "
                            "to start over") from None
-    saved, now = state.get("config", {}), _comparable(cfg, ranks)
+    saved, now = state.get("config", {}), _comparable(cfg, ranks, cache_key, device)
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
         saved = saved | {"ranks": 1, "workers": cfg.workers}
+    if "cache_key" not in saved:  # from before kdcache compared the store's key and the device used: their flags
+        now = {k: v for k, v in now.items() if k != "cache_key"} | {"cache": cfg.cache, "device": cfg.device}
+    if saved.get("cache_key", now.get("cache_key")) != now.get("cache_key"):
+        raise KDCacheError(f"--resume: the run in {run_dir} was trained from the cache with key "
+                           f"{saved['cache_key']}, but {cfg.cache} holds key {now['cache_key']} (rebuilt, e.g. from "
+                           "another teacher, or another store); resume with the store it started from, or use "
+                           "--overwrite instead of --resume to start over")
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({', '.join(differ)}); "
@@ -450,10 +471,11 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
             "same files and bytes")
     tf = Transform.from_dict(man["transform"])
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
-    state = load_checkpoint_for(cfg, ranks.world)  # every rank reads it (a shared run directory)
-    ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built
+    device = ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built
+    state = load_checkpoint_for(cfg, ranks.world, man["key"], device)  # every rank reads it (a shared run directory)
     s = setup(cfg, weights, source, tf, store.targets["logits"]["shape"][0], teacher_shapes, use_labels,
               man["teacher"].get("classes"), log if ranks.leader else lambda *_: None)
+    s.cache_key = man["key"]
 
     targets = sorted(t for t in needs if t != "labels")
     stream = CacheStream(store, source, targets, cfg.batch_size, use_labels=use_labels,
@@ -616,7 +638,7 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
             if run_dir is not None:  # written whole, then renamed: a kill leaves the previous epoch's checkpoint
                 save_whole({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
                             "losses": {k: m.state_dict() for k, m in losses.items()}, "opt": opt.state_dict(),
-                            "history": history, "config": _comparable(cfg, ranks.world),
+                            "history": history, "config": _comparable(cfg, ranks.world, s.cache_key, device),
                             "seconds": time.time() - t_start,
                             # dropout and other random layers go on with the numbers they would have drawn
                             "rng": torch.get_rng_state(),

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.catalog import disk_bytes
 from pipeline.cli import app
-from tests.conftest import SYN, SYN_TEST
+from tests.conftest import SYN, SYN_TEST, save_teacher
 
 runner = CliRunner()
 
@@ -390,6 +390,11 @@ def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     adam = StudentConfig(**{**cfg.__dict__, "optimizer": "adamw"})
     reuse_or_run(adam, lambda c, log: calls.append(c) or {})
     assert calls[1:] == [replace(adam, overwrite=True)]
+    # the store rebuilt in place from another teacher holds other targets: the run made from the old one is rerun
+    run_teacher_cache(CacheConfig(data=SYN, weights=str(save_teacher(root / "other.pt", seed=1)), chunk_samples=64,
+                                  out=cache, force=True), log=lambda *_: None)
+    reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
+    assert calls[2:] == [replace(cfg, overwrite=True)]
 
 
 def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_file):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -869,6 +871,42 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
     cut = run_train_student(StudentConfig(out="cut", resume=True, **common), log=lambda *_: None)
     assert cut["params_fingerprint"] == whole["params_fingerprint"]
+
+
+def test_resume_knows_the_store_by_its_key_and_the_device_by_its_kind(root, teacher_file, monkeypatch):
+    """--resume compares the store by its manifest's key, not the --cache text: the same store spelled otherwise or
+    moved resumes, one rebuilt in place from another teacher is refused (its targets are another teacher's); and the
+    device by what it resolved to: a run started with --device auto on a machine without CUDA resumes with cpu."""
+    import pipeline.train_student as ts
+    from tests.conftest import save_teacher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine: auto is cpu
+    path = _cache(teacher_file, layers=[])
+    common = dict(loss="kd=1", epochs=2, batch_size=64, workers=0)
+    real = ts.save_whole
+
+    def stop_after_first(obj, at, then):
+        real(obj, at, then)
+        if at.name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ts, "save_whole", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_train_student(StudentConfig(cache=path, out="cut", device="auto", **common), log=lambda *_: None)
+    shutil.copytree("cut", "cut2")
+    assert os.path.isabs(path)  # the store moved, named relatively (as teacher-cache prints it), on cpu
+    shutil.copytree(path, "moved.zarr")
+    args = ["train-student", "--epochs", "2", "--batch-size", "64", "--workers", "0", "--resume"]
+    res = runner.invoke(app, args + ["--cache", "./moved.zarr", "--out", "cut", "--device", "cpu"])
+    assert res.exit_code == 0 and "resuming cut after epoch 1/2" in res.stderr, res.output
+    # the store rebuilt at its path from another teacher: refused, and the checkpoint kept
+    _cache(save_teacher(root / "other.pt", seed=1), layers=[], out=path, force=True)
+    res = runner.invoke(app, args + ["--cache", path, "--out", "cut2"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "was trained from the cache with key " in lines[0], res.output
+    assert f"but {path} holds key {open_store(path).manifest['key']}" in lines[0]
+    assert Path("cut2/checkpoint.pt").is_file() and not Path("cut2/summary.json").exists()
 
 
 def test_train_accuracy_is_the_share_of_training_samples_predicted_right(root, teacher_file):
