@@ -267,8 +267,9 @@ def same_run(config: dict, cache_key: str | None) -> dict:
     """A run's settings as two runs must share them to train the same student (--resume, and results' reuse of a
     finished run): where the run lies and how it was started aside, and the store by its manifest's key (its teacher,
     data, transform, views and codecs), not by the path text: one store named relatively or absolutely, or moved, is
-    one store, and one rebuilt in place from another teacher is another."""
-    return {k: v for k, v in config.items() if k not in RUN_PLACE and k != "cache"} | {"cache_key": cache_key}
+    one store, and one rebuilt in place from another teacher is another. Nor does --data count: it only says where
+    the store's data lies now (set-up refuses data other than the store's)."""
+    return {k: v for k, v in config.items() if k not in RUN_PLACE + ("cache", "data")} | {"cache_key": cache_key}
 
 
 def _comparable(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None,
@@ -300,6 +301,7 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | Non
         raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); use --overwrite instead of --resume "
                            "to start over") from None
     saved, now = state.get("config", {}), _comparable(cfg, ranks, cache_key, device)
+    saved = {k: v for k, v in saved.items() if k != "data"}  # older checkpoints recorded --data too (see same_run)
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
         saved = saved | {"ranks": 1, "workers": cfg.workers}
     if "cache_key" not in saved:  # from before kdcache compared the store's key and the device used: their flags
@@ -460,6 +462,11 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
                            "drop it from --loss (kd alone uses only the soft targets)")
     store.require(needs)
 
+    kind, _, folder = man["data"]["spec"].partition(":")
+    if cfg.data is None and kind == "imagefolder" and not Path(folder).is_dir():  # ImageFolder's error names no flag
+        raise KDCacheError(f"cache {store.path} was made from {man['data']['spec']}, which is no longer there; if the "
+                           "data moved, pass --data imagefolder:DIR with where it lies now (checked to be the same "
+                           "images)")
     source = open_source(cfg.data or man["data"]["spec"])
     differs = data_differs(source, man["data"])
     if differs:

@@ -183,6 +183,41 @@ def test_unlabelled_flat_imagefolder(root):
     assert res.exit_code == 2 and "has no labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_a_store_whose_image_folder_moved_says_to_pass_data(root, monkeypatch):
+    """The store records its image folder; moved, train-student names --data (not only the folder it looked in), and
+    a run interrupted before the move resumes with --data naming the new place (the same images)."""
+    import pipeline.train_student as ts
+    from tests.conftest import save_teacher
+
+    _write_images(root / "photos", 24)
+    w = save_teacher(root / "rgb_teacher.pt", in_channels=3, num_classes=5)
+    store = run_teacher_cache(CacheConfig(data="imagefolder:photos", weights=str(w), chunk_samples=8, device="cpu"),
+                              log=lambda *_: None)
+    real = ts.save_whole
+
+    def stop_after_first(obj, at, then):
+        real(obj, at, then)
+        if at.name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ts, "save_whole", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_train_student(StudentConfig(cache=store, epochs=2, batch_size=8, workers=0, out="run"),
+                              log=lambda *_: None)
+    (root / "photos").rename(root / "photos-moved")
+    args = ["train-student", "--cache", store, "--epochs", "2", "--batch-size", "8", "--workers", "0", "--out", "run",
+            "--resume"]
+    res = runner.invoke(app, args)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0] == (f"error: cache {store} was made from imagefolder:{root / 'photos'}, which is no longer there; "
+                        "if the data moved, pass --data imagefolder:DIR with where it lies now (checked to be the "
+                        "same images)")
+    res = runner.invoke(app, args + ["--data", "imagefolder:photos-moved"])
+    assert res.exit_code == 0 and "resuming run after epoch 1/2" in res.stderr, res.output
+
+
 def test_own_teacher_on_unlabelled_data_and_its_class_names(root, teacher_file):
     """On unlabelled data the teacher's output count comes from its weights (a bare state_dict records none), or
     --num-classes; its students are scored by the class names its weights file records, else by position (said)."""
