@@ -233,8 +233,11 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
 
 
 def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
+    # --loss "kd = 1" is kd=1 (parse_loss_spec strips around its separators, and accepts spaces nowhere else): no
+    # spaces in the name, which a shell would split
+    loss = "".join(cfg.loss.split()).replace("=", "").replace(",", "+")
     return Path(cfg.out) if cfg.out else data_root() / "runs" / (
-        time.strftime("%Y%m%d-%H%M%S") + f"-{tag}{cfg.loss.replace('=', '').replace(',', '+')}-s{cfg.seed}")
+        time.strftime("%Y%m%d-%H%M%S") + f"-{tag}{loss}-s{cfg.seed}")
 
 
 RUN_PLACE = ("out", "resume", "overwrite")  # where a run lies and how it was started: not what it trains

@@ -792,6 +792,8 @@ def test_runs_started_in_the_same_second_get_their_own_directories(root, teacher
     assert [d.name for d in dirs] == ["20260101-000000-kd1-s0", "20260101-000000-kd1-s0-2",
                                       "20260101-000000-kd1-s0-3"]
     assert all(d.is_dir() for d in dirs)
+    # a --loss written with spaces names its run without them
+    assert ts.run_dir_for(replace(cfg, loss=" kd = 1 , rkd=0.5 ")).name == "20260101-000000-kd1+rkd0.5-s0"
 
 
 def test_teacher_save_failure_and_interrupt_say_what_to_do(root, monkeypatch):
