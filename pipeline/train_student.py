@@ -262,8 +262,12 @@ def write_config(run_dir: Path, config: dict) -> None:
     """config.json, written whole then renamed: it marks the folder as a run's (`is_run_dir`), so a kill must never
     leave it truncated, which would make the run's own folder look like someone else's."""
     tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2, default=str))
-    tmp.replace(run_dir / "config.json")
+    try:
+        tmp.write_text(json.dumps(config, indent=2, default=str))
+        tmp.replace(run_dir / "config.json")
+    except OSError:  # a full disk: no half-written temporary left beside the run
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def same_run(config: dict, cache_key: str | None) -> dict:
