@@ -144,6 +144,23 @@ def test_student_learns_from_cache_alone(root):
     assert json.loads(Path("run-adamw/config.json").read_text())["config"]["optimizer"] == "adamw"
 
 
+def _interrupt_after_first_checkpoint(monkeypatch, cfg):
+    """Run train-student as if Ctrl-C came right after its first epoch's checkpoint was written."""
+    import pipeline.train_student as ts
+
+    real = ts.save_whole
+
+    def stop_after_first(obj, at, then):
+        real(obj, at, then)
+        if at.name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ts, "save_whole", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_train_student(cfg, log=lambda *_: None)
+
+
 def _write_images(folder, n, rgb=True, seed=0):
     from PIL import Image
 
@@ -186,25 +203,13 @@ def test_unlabelled_flat_imagefolder(root):
 def test_a_store_whose_image_folder_moved_says_to_pass_data(root, monkeypatch):
     """The store records its image folder; moved, train-student names --data (not only the folder it looked in), and
     a run interrupted before the move resumes with --data naming the new place (the same images)."""
-    import pipeline.train_student as ts
     from tests.conftest import save_teacher
 
     _write_images(root / "photos", 24)
     w = save_teacher(root / "rgb_teacher.pt", in_channels=3, num_classes=5)
     store = run_teacher_cache(CacheConfig(data="imagefolder:photos", weights=str(w), chunk_samples=8, device="cpu"),
                               log=lambda *_: None)
-    real = ts.save_whole
-
-    def stop_after_first(obj, at, then):
-        real(obj, at, then)
-        if at.name == "checkpoint.pt":
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(ts, "save_whole", stop_after_first)
-        with pytest.raises(KeyboardInterrupt):
-            run_train_student(StudentConfig(cache=store, epochs=2, batch_size=8, workers=0, out="run"),
-                              log=lambda *_: None)
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(cache=store, epochs=2, batch_size=8, workers=0, out="run"))
     (root / "photos").rename(root / "photos-moved")
     args = ["train-student", "--cache", store, "--epochs", "2", "--batch-size", "8", "--workers", "0", "--out", "run",
             "--resume"]
@@ -887,23 +892,12 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
     """The checkpoint keeps torch's RNG state (and the loader draws no numbers from it), so a student with dropout,
     read by a persistent loader worker, resumes to the weights of an uninterrupted run; another --workers (other
     batches, another schedule length) is refused."""
-    import pipeline.train_student as ts
 
     path = _cache(teacher_file, layers=[])
     common = dict(cache=path, student="tests.odd_models:dropout_student", loss="kd=1", epochs=3, batch_size=20,
                   workers=1, seed=0)
     whole = run_train_student(StudentConfig(out="whole", **common), log=lambda *_: None)
-    real = ts.save_whole
-
-    def stop_after_first(obj, path, then):
-        real(obj, path, then)
-        if path.name == "checkpoint.pt":
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(ts, "save_whole", stop_after_first)
-        with pytest.raises(KeyboardInterrupt):
-            run_train_student(StudentConfig(out="cut", **common), log=lambda *_: None)
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(out="cut", **common))
     with pytest.raises(KDCacheError, match="other settings \\(workers\\)"):
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
     cut = run_train_student(StudentConfig(out="cut", resume=True, **common), log=lambda *_: None)
@@ -914,23 +908,12 @@ def test_resume_knows_the_store_by_its_key_and_the_device_by_its_kind(root, teac
     """--resume compares the store by its manifest's key, not the --cache text: the same store spelled otherwise or
     moved resumes, one rebuilt in place from another teacher is refused (its targets are another teacher's); and the
     device by what it resolved to: a run started with --device auto on a machine without CUDA resumes with cpu."""
-    import pipeline.train_student as ts
     from tests.conftest import save_teacher
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine: auto is cpu
     path = _cache(teacher_file, layers=[])
     common = dict(loss="kd=1", epochs=2, batch_size=64, workers=0)
-    real = ts.save_whole
-
-    def stop_after_first(obj, at, then):
-        real(obj, at, then)
-        if at.name == "checkpoint.pt":
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(ts, "save_whole", stop_after_first)
-        with pytest.raises(KeyboardInterrupt):
-            run_train_student(StudentConfig(cache=path, out="cut", device="auto", **common), log=lambda *_: None)
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(cache=path, out="cut", device="auto", **common))
     shutil.copytree("cut", "cut2")
     assert os.path.isabs(path)  # the store moved, named relatively (as teacher-cache prints it), on cpu
     shutil.copytree(path, "moved.zarr")
