@@ -217,15 +217,16 @@ class Source:
     def labels(self, idx: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 
-    def _load(self, idx: np.ndarray) -> torch.Tensor:
-        """uint8 (n, C, H, W) at native size."""
+    def _load(self, idx: np.ndarray, channels: int | None = None) -> torch.Tensor:
+        """uint8 (n, C, H, W) at native size. `channels`: what the transform will convert to (a source that decodes
+        files may decode straight to it)."""
         raise NotImplementedError
 
     def load_raw(self, idx: np.ndarray, tf: Transform) -> torch.Tensor:
         """uint8 (n, C, H, W) at the transform's size and channels, not yet normalised (`tf(...)` finishes it)."""
         idx = np.asarray(idx, dtype=np.int64)
         self._check(idx)
-        return _fit(self._load(idx), tf)
+        return _fit(self._load(idx, tf.channels), tf)
 
     def load_view(self, idx: np.ndarray, tf: Transform, box: np.ndarray, flip: np.ndarray) -> torch.Tensor:
         """uint8 (n, C, h, w): the augmented views with parameters `box` (n, 4) and `flip` (n,) (see augment.py)."""
@@ -233,7 +234,7 @@ class Source:
 
         idx = np.asarray(idx, dtype=np.int64)
         self._check(idx)
-        return apply_views(_convert_channels(self._load(idx), tf), box, flip, tf.size).contiguous()
+        return apply_views(_convert_channels(self._load(idx, tf.channels), tf), box, flip, tf.size).contiguous()
 
     def _check(self, idx: np.ndarray) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
@@ -319,7 +320,7 @@ class FashionMNIST(Source):
     def labels(self, idx):
         return self._labels[np.asarray(idx, dtype=np.int64)]
 
-    def _load(self, idx):
+    def _load(self, idx, channels=None):
         return self._images[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
 
     def fingerprint(self):
@@ -382,7 +383,7 @@ class Synthetic(Source):
         with np.errstate(over="ignore"):
             return (splitmix64(self._key(idx)) % np.uint64(len(self.classes))).astype(np.int64)
 
-    def _load(self, idx):
+    def _load(self, idx, channels=None):
         idx = np.asarray(idx, dtype=np.int64)
         with np.errstate(over="ignore"):
             pick = (splitmix64(self._key(idx) ^ np.uint64(0x5DEECE66D)) % np.uint64(self.NOISE_POOL)).astype(np.int64)
@@ -470,10 +471,14 @@ class ImageFolder(Source):
     def labels(self, idx):
         return None if self._labels is None else self._labels[np.asarray(idx, dtype=np.int64)]
 
-    def _load(self, idx):
+    def _load(self, idx, channels=None):
         # Images may differ in size: decode each to the native size of the first one; `_fit` then resizes.
         size = self.native_shape[1:]
-        return torch.from_numpy(np.stack([self._decode(self.files[i], self._mode, size) for i in idx]))
+        # ... and in mode: the first one's, unless the model wants 3 channels, when each is decoded as RGB. Decoded
+        # grey and repeated to 3, a colour image in a folder whose first image is grey would lose its colour; a grey
+        # image comes out the same either way (PIL's L -> RGB repeats it), so grey folders are unchanged.
+        mode = "RGB" if channels == 3 else self._mode
+        return torch.from_numpy(np.stack([self._decode(self.files[i], mode, size) for i in idx]))
 
     def content_fingerprint(self, n: int | None = None):
         """Relative paths and the bytes of the first `n` files (a store made with --limit uses those alone; read in

@@ -172,6 +172,29 @@ def _write_images(folder, n, rgb=True, seed=0):
         Image.fromarray(arr).save(folder / f"img_{i:03d}.png")
 
 
+def test_a_colour_image_in_a_folder_whose_first_image_is_grey_keeps_its_colour(root):
+    """The folder's mode comes from its first image; asked for 3 channels, every image is decoded as RGB, so a
+    colour image after a grey one keeps its colour (it was decoded grey and repeated), and grey ones are unchanged."""
+    from PIL import Image
+
+    from pipeline.data import Transform, default_transform, open_source
+
+    (root / "mixed").mkdir()
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    colour = np.zeros((8, 8, 3), dtype=np.uint8)
+    colour[..., 0] = 200                                 # pure red
+    Image.fromarray(grey).save(root / "mixed" / "a.png")
+    Image.fromarray(colour).save(root / "mixed" / "b.png")
+    src = open_source("imagefolder:mixed")
+    assert default_transform(src).channels == 1          # the first image's
+    rgb = src.load_raw(np.array([0, 1]), Transform(size=[8, 8], channels=3))
+    assert rgb.shape == (2, 3, 8, 8)
+    assert (rgb[1, 0] == 200).all() and (rgb[1, 1:] == 0).all()   # still red
+    assert all((rgb[0, c].numpy() == grey).all() for c in range(3))  # grey, repeated
+    one = src.load_raw(np.array([0, 1]), Transform(size=[8, 8], channels=1))  # 1 channel: as it always was
+    assert (one[0, 0].numpy() == grey).all() and one[1, 0, 0, 0] == np.asarray(Image.fromarray(colour).convert("L"))[0, 0]
+
+
 def test_unlabelled_flat_imagefolder(root):
     from tests.conftest import save_teacher
 
