@@ -222,9 +222,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if not sizes or min(sizes) < 1:
             raise KDCacheError(f"--scaling takes sample counts separated by commas, e.g. 10000,100000 "
                                f"(got '{cfg.scaling}')")
-    for flag, value in (("--batch-size", cfg.batch_size), ("--workers", cfg.workers)):
-        if value is not None and value < (1 if flag == "--batch-size" else 0):
-            raise KDCacheError(f"{flag} must be at least {1 if flag == '--batch-size' else 0} (got {value})")
+    for flag, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
+        if value is not None and value < least:
+            raise KDCacheError(f"{flag} must be at least {least} (got {value})")
     p = dict(PRESETS[cfg.preset])
     base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
     out = Path(cfg.out) if cfg.out else base / f"bench-{cfg.preset}.json"

@@ -223,9 +223,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
     folder = cfg.cache_dir or data_root() / "cache"
-    flag, where = ("--out", cfg.out) if cfg.out else ("--cache-dir", st.join(folder, "x"))
-    if not st.is_url(where) and Path(where).parent.is_file():  # else plan would name a store it can never write
-        raise KDCacheError(f"{flag}: {Path(where).parent} is a file, not a folder; choose another {flag}")
+    flag, parent = ("--out", Path(cfg.out).parent) if cfg.out else ("--cache-dir", Path(folder))
+    if not st.is_url(cfg.out or folder) and parent.is_file():  # else plan would name a store it can never write
+        raise KDCacheError(f"{flag}: {parent} is a file, not a folder; choose another {flag}")
     path = cfg.out or st.join(folder, f"{key}.zarr")
     if cfg.out:  # the named store may hold this very cache under an older or a copy's key (resume, repair, verify)
         identity, key = _adopt(path, identity, key, source, cfg.teacher)
@@ -287,6 +287,7 @@ def _class_note(data: list[str] | None, teacher: list[str] | None) -> list[str]:
     Fashion-MNIST)."""
     if not data or not teacher or list(data) == teacher[:len(data)]:
         return []
+
     def show(names):
         return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
