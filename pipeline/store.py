@@ -218,9 +218,15 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
 _HELD: dict[str, int] = {}  # lock files this process holds, with how many nested holders (repair -> teacher-cache)
 
 
+def _lock_file(path) -> str:
+    """`<store>.lock` beside the store, named from its absolute path: `--out .` locks `../<folder>.lock`, not a
+    stray `..lock` in the current folder."""
+    return os.path.abspath(str(path)) + ".lock"
+
+
 def writer(path) -> str | None:
     """Who holds the store's writer lock now ('pid N on HOST'), or None: a store being written is not broken."""
-    lock = os.path.abspath(str(path).rstrip("/\\") + ".lock")
+    lock = _lock_file(path)
     if is_url(path) or not os.path.exists(lock) or _HELD.get(lock):
         return None
     try:
@@ -251,7 +257,7 @@ def writer_lock(path):
     except ImportError:  # not POSIX
         yield
         return
-    lock = os.path.abspath(str(path).rstrip("/\\") + ".lock")
+    lock = _lock_file(path)
     if _HELD.get(lock):
         _HELD[lock] += 1
         try:

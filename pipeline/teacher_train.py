@@ -42,7 +42,7 @@ class TeacherTrainConfig:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an --out that would lose something, before the training: a folder, a name whose metadata sidecar
-    (<stem>.json) is the weights file itself, or an existing teacher. Every cache made from a teacher keys on its
+    (<stem>.json) is the weights file itself, an existing teacher, or an existing <stem>.json of no teacher. Every cache made from a teacher keys on its
     weights' fingerprint and records its path; replaced, verify --recompute and repair of those caches fail."""
     if out.is_dir():
         raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
@@ -53,6 +53,12 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise KDCacheError(f"--out {out} already exists, and caches made from it key on its weights (a new teacher "
                            "there leaves them unverifiable and unrepairable); choose another --out, or pass "
                            "--overwrite to replace it")
+    sidecar = out.with_suffix(".json")
+    if sidecar.exists() and not (out.exists() and overwrite):
+        # --overwrite replaces a teacher and its own metadata; a .json of that name with no weights beside it is
+        # someone else's file, and is not written over.
+        raise KDCacheError(f"--out {out} would write its metadata to {sidecar}, which already exists; move that "
+                           "file away or choose another --out")
     check_writable(out.parent, "--out")
 
 

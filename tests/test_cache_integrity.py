@@ -489,6 +489,15 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
     # writer (repair verifies under it).
     with st.writer_lock(path):
         assert st.writer(path) is None
+    # The lock lies beside the store however the store is named: `.` or a trailing slash lock the folder itself.
+    Path("here").mkdir()
+    os.chdir("here")
+    try:
+        for name in (".", f"..{os.sep}here{os.sep}"):
+            with st.writer_lock(name):
+                assert Path("..", "here.lock").exists() and not Path("..lock").exists()
+    finally:
+        os.chdir("..")
     for name, v in arrays_of(path).items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)  # --force was refused: nothing rebuilt
     g = st.open_group(path, "r+")

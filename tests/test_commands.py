@@ -123,7 +123,7 @@ def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, m
 
 def test_teacher_never_overwrites_weights_unasked(root):
     """An existing teacher (caches key on its weights) is replaced only with --overwrite; an --out whose metadata
-    sidecar (<stem>.json) would be the weights file itself is refused."""
+    sidecar (<stem>.json) would be the weights file itself, or another existing file, is refused."""
     base = ["teacher", "--data", TINY, "--epochs", "1", "--batch-size", "32"]
     res = runner.invoke(app, base + ["--out", "teacher.json"])
     _one_line_error(res, "--out teacher.json ends in .json", "teacher.pt")
@@ -136,6 +136,11 @@ def test_teacher_never_overwrites_weights_unasked(root):
     res = runner.invoke(app, base + ["--out", "t.pt", "--seed", "1", "--overwrite"])
     assert res.exit_code == 0, res.output
     assert Path("t.pt").read_bytes() != weights and json.loads(Path("t.json").read_text())["config"]["seed"] == 1
+    # a <stem>.json that is no teacher's metadata is someone else's file: not written over, --overwrite or not
+    Path("u.json").write_text("notes")
+    for extra in ([], ["--overwrite"]):
+        _one_line_error(runner.invoke(app, base + ["--out", "u.pt"] + extra), "metadata to u.json, which already exists")
+    assert Path("u.json").read_text() == "notes" and not Path("u.pt").exists()
     # the default teacher, which `make teacher` makes only when it is missing, likewise
     default = root / "data" / "teachers" / "default.pt"
     default.parent.mkdir(parents=True)
