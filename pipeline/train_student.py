@@ -276,7 +276,19 @@ def same_run(config: dict, cache_key: str | None) -> dict:
     data, transform, views and codecs), not by the path text: one store named relatively or absolutely, or moved, is
     one store, and one rebuilt in place from another teacher is another. Nor does --data count: it only says where
     the store's data lies now (set-up refuses data other than the store's)."""
-    return {k: v for k, v in config.items() if k not in RUN_PLACE + ("cache", "data")} | {"cache_key": cache_key}
+    same = {k: v for k, v in config.items() if k not in RUN_PLACE + ("cache", "data")} | {"cache_key": cache_key}
+    return same | {"loss": _loss_as_trained(same["loss"])} if "loss" in same else same
+
+
+def _loss_as_trained(loss):
+    """--loss by what it trains, not its spelling: `kd` = `kd=1.0` = ` kd = 1 `, and `kd=1,rkd=0` = `kd=1`. The
+    order is kept (it is the order the parts are summed in)."""
+    if not isinstance(loss, str):
+        return loss  # already in this form (a checkpoint's)
+    try:
+        return [[name, w] for name, w in parse_loss_spec(loss).items() if w > 0]
+    except KDCacheError:
+        return loss  # as written: it differs from any valid spec
 
 
 def _comparable(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None,
@@ -309,6 +321,8 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | Non
                            "to start over") from None
     saved, now = state.get("config", {}), _comparable(cfg, ranks, cache_key, device)
     saved = {k: v for k, v in saved.items() if k != "data"}  # older checkpoints recorded --data too (see same_run)
+    if "loss" in saved:  # older checkpoints recorded --loss as written
+        saved["loss"] = _loss_as_trained(saved["loss"])
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
         saved = saved | {"ranks": 1, "workers": cfg.workers}
     if "cache_key" not in saved:  # from before kdcache compared the store's key and the device used: their flags

@@ -914,7 +914,7 @@ def test_a_lone_last_row_trains_a_batchnorm_student(root, teacher_file):
 def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_file, monkeypatch):
     """The checkpoint keeps torch's RNG state (and the loader draws no numbers from it), so a student with dropout,
     read by a persistent loader worker, resumes to the weights of an uninterrupted run; another --workers (other
-    batches, another schedule length) is refused."""
+    batches, another schedule length) or another --loss is refused, the same --loss spelled otherwise is not."""
 
     path = _cache(teacher_file, layers=[])
     common = dict(cache=path, student="tests.odd_models:dropout_student", loss="kd=1", epochs=3, batch_size=20,
@@ -923,7 +923,11 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
     _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(out="cut", **common))
     with pytest.raises(KDCacheError, match="other settings \\(workers\\)"):
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
-    cut = run_train_student(StudentConfig(out="cut", resume=True, **common), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="other settings \\(loss\\)"):
+        run_train_student(StudentConfig(out="cut", resume=True, **(common | {"loss": "kd=2"})), log=lambda *_: None)
+    # --loss compares by what it trains: kd=1 spelled otherwise, with a loss weighted 0 beside it, resumes
+    cut = run_train_student(StudentConfig(out="cut", resume=True, **(common | {"loss": "kd = 1.0, ce=0"})),
+                            log=lambda *_: None)
     assert cut["params_fingerprint"] == whole["params_fingerprint"]
 
 
