@@ -46,6 +46,12 @@ def test_int8_matches_hand_quantisation_and_never_wraps():
     assert v["v.scale"].shape == (1, 1) and v["v"].tolist() == [[64, -127, 32]]
     m = Int8Codec().encode("m", torch.tensor([[[[1.0]], [[-2.0]], [[0.5]]]]))   # a (3, 1, 1) map: the same
     assert m["m.scale"].shape == (1, 1) and m["m"].flatten().tolist() == [64, -127, 32]
+    # The clamp is what keeps the promise: a subnormal channel's absmax / 127 rounds to a coarser float32 scale, so
+    # x / scale reaches +-186 here; unclamped, int8 would wrap it to -70 / +70 (the sign flipped).
+    tiny = torch.tensor([[[[2.6e-43, -2.6e-43, 1e-43, 5e-44]]]])
+    s = np.float32(np.float32(2.6e-43) / np.float32(127))
+    assert abs(2.6e-43 / s) > 127.5                       # the case this checks: unclamped it would wrap
+    assert Int8Codec().encode("t", tiny)["t"].flatten().tolist() == [127, -127, 71, 36]
 
 
 def test_topk_keeps_top_logits_and_restores_tail_mass_exactly():
