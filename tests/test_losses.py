@@ -404,6 +404,20 @@ def test_rkd_module_applies_weights_25_and_50():
     close(only_d["rkd_distance"], 25.0 * dist)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_rkd_on_batches_of_one_and_two_is_zero_with_finite_gradients(n):
+    """One sample has no pair (mu's mean over i != j is over nothing), two have a single distance that normalises
+    to 1 and a single angle-free pair on both sides: nothing to transfer, so 0, and never NaN (0 / 0)."""
+    s = randn(n, 4, seed=45, dtype=torch.float32).requires_grad_(True)
+    t = randn(n, 6, seed=46, dtype=torch.float32)
+    parts = RKD()(Batch(None, {"embed": s}, {"features/avgpool": t}, None))
+    loss = sum(parts.values())
+    assert torch.isfinite(loss) and abs(float(loss.detach())) < 1e-6
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    assert torch.equal(distance_potential(t), torch.zeros(1, 1) if n == 1 else 1 - torch.eye(2))
+
+
 def test_rkd_teacher_gets_no_gradient():
     s = randn(5, 4, seed=43).requires_grad_(True)
     t = randn(5, 6, seed=44).requires_grad_(True)
