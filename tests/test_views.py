@@ -249,6 +249,13 @@ def test_view_store_layout_and_stored_outputs_match_the_teacher(root, teacher_fi
         stored = torch.from_numpy(g["logits"][r, v].astype(np.float32))
         # interpolation differs from roi_align by at most a grey level here and there: logits agree closely
         assert torch.allclose(stored, ref, atol=0.05, rtol=0.05), (r, v, stored, ref)
+    # The manifest's means run over every (sample, view) pair: 192 x 4 of them, not 192.
+    logits, labels = g["logits"][:].astype(np.float32), g["labels"][:]
+    top1 = float((logits.argmax(-1) == labels[:, None]).mean())  # float16 ties aside, the teacher's own argmax
+    assert man["teacher"]["accuracy"]["top1"] == pytest.approx(top1, abs=2 / 768)
+    d = man["distortion"]
+    assert 0.999 < d["features/layer3"]["cosine"] < 1 + 1e-6 and 0 < d["features/layer3"]["rel_err"] < 1e-3
+    assert d["logits"]["top1_agreement"] == pytest.approx(1.0, abs=2 / 768) and 0 <= d["logits"]["kl_t1"] < 1e-5
     res = runner.invoke(app, ["verify", path, "--recompute", "24", "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
