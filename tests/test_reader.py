@@ -241,3 +241,39 @@ def test_a_lone_last_row_joins_the_batch_before_it(n, batch):
     expect = {(129, 64): [64, 65], (130, 64): [64, 64, 2], (65, 64): [65], (1, 64): [1], (128, 1): [1] * 128}
     assert sizes == expect[(n, batch)]
     assert len(sizes) == stream.batches_per_epoch(1)
+
+
+@pytest.mark.parametrize("small_bytes", [0, 64 << 20])
+def test_a_lost_or_damaged_chunk_stops_the_stream_instead_of_training_on_it(root, teacher_file, monkeypatch,
+                                                                           small_bytes):
+    """A chunk deleted after the store was completed reads as the fill value; an int8 map's fill (-128) would decode
+    to plausible-looking numbers (-128 * scale), so the reader itself must refuse it, from memory and from disk. A
+    flipped byte fails the chunk's crc32c: refused too, naming the rows."""
+    import pipeline.reader as rd
+    from pipeline.errors import KDCacheError
+
+    monkeypatch.setattr(rd, "SMALL_ARRAY_BYTES", small_bytes)
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, layers=["layer2"],
+                                         feature_codec="int8", device="cpu"), log=lambda *_: None)
+    chunks = root / path / "features" / "layer2" / "c"
+
+    def stream():
+        return CacheStream(open_store(path), open_source(DATA), ["logits", "features/layer2"], 32, use_labels=True,
+                           buffer_chunks=2, seed=0)
+
+    assert len(list(stream())) > 0  # intact: streams
+    (chunks / "2" / "0" / "0" / "0").unlink()
+    with pytest.raises(KDCacheError, match=r"features/layer2 samples 128-191 in .* are missing"):
+        list(stream())
+    if small_bytes:  # read whole per worker: the other case's damage is the same array read chunk by chunk
+        return
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    assert CliRunner().invoke(app, ["repair", path]).exit_code == 0
+    f = chunks / "1" / "0" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(KDCacheError, match=r"cannot read features/layer2 samples 64-127 from .*kdcache verify"):
+        list(stream())
