@@ -116,6 +116,8 @@ def test_shuffle_quality_numbers():
     q = shuffle_quality(np.array([2, 0, 3, 1]), 2, 2)
     assert q["neighbour_spread"] == pytest.approx((7 / 3) / (5 / 3))
     assert q["distinct_chunks_per_batch"] == 2.0   # batches {2, 0} and {3, 1} each span chunks 0 and 1
+    # A last partial batch is left out: it would be compared with the expectation for a full one.
+    assert shuffle_quality(np.array([2, 0, 3, 1, 4]), 2, 2)["distinct_chunks_per_batch"] == 2.0
     # The reader sits in between, and a larger buffer is closer to uniform.
     qs = [shuffle_quality(CacheStream(_fake_store(n, c), None, [], b, use_labels=False, buffer_chunks=k,
                                       seed=0).epoch_rows(), c, b) for k in (1, 4, 16)]
@@ -208,6 +210,15 @@ def test_block_order_changes_every_epoch():
         orders.append(stream.block_order())
     assert all(sorted(o) == list(range(40)) for o in orders)
     assert orders[0] != orders[1] and orders[1] != orders[2]
+    # Rows move within their buffer anew each epoch too: a store of one chunk (one buffer, the same block order every
+    # epoch) is still read in a new order every epoch.
+    one = CacheStream(_fake_store(64, 64), None, [], 16, use_labels=False, seed=0)
+    rows = []
+    for epoch in range(3):
+        one.set_epoch(epoch)
+        rows.append(one.epoch_rows())
+    assert all(sorted(r) == list(range(64)) for r in rows)
+    assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[1], rows[2])
 
 
 @pytest.mark.parametrize("world,workers", [(2, 1), (3, 2), (4, 3)])
