@@ -69,6 +69,15 @@ def test_params_depend_only_on_seed_sample_and_view():
     # The boxes obey the policy: area fraction within [0.4, 1] before translation, shift within 2 pixels.
     area = box[:, 1:, 2] * box[:, 1:, 3] / 256
     assert area.min() >= 0.4 - 0.1 and area.max() <= 1.0 and 0.3 < flip[:, 1:].mean() < 0.7
+    # Each parameter is a draw of its own: crops alone change with the seed (above, translate and flip could hide
+    # it), and a translation's two shifts are independent, not one draw used twice.
+    c0, _ = sample_params(AugmentPolicy.parse("crop=0.3-1"), 0, np.arange(200), 2, (32, 32))
+    c1, _ = sample_params(AugmentPolicy.parse("crop=0.3-1"), 1, np.arange(200), 2, (32, 32))
+    assert (c0 != c1).any(-1).mean() > 0.9
+    shifts, _ = sample_params(AugmentPolicy.parse("translate=3"), 0, np.arange(2000), 1, (16, 16))
+    dy, dx = shifts[:, 0, 0], shifts[:, 0, 1]
+    assert set(dy) == set(dx) == set(range(-3, 4)) and (dy == dx).mean() < 0.2  # 1/7 when independent
+    assert abs(np.corrcoef(dy, dx)[0, 1]) < 0.1
     # On a large image (fine rounding), where every draw fits: the area fraction is uniform over the crop range
     # (square crops always fit), and the aspect ratio log-uniform over the ratio range (small crops always fit).
     box, _ = sample_params(AugmentPolicy.parse("crop=0.4-1,ratio=1-1"), 0, np.arange(4000), 1, (400, 400))
