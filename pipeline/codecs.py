@@ -130,11 +130,16 @@ class Int8Codec(Codec):
 class TopKCodec(Codec):
     name = "topk"
 
-    def __init__(self, k: int, dtype: str = "float16", classes: int | None = None):
-        self.k, self.dtype, self.classes = int(k), dtype, classes
+    # How the tail mass is computed, part of the codec's config and so of the cache key: 2 sums the other logits'
+    # mass (see `encode`); stores of tail 1 (recorded without the field) hold tails rounded to float32's resolution
+    # of the total, and a new key makes them no cache hit for a new run.
+    TAIL = 2
+
+    def __init__(self, k: int, dtype: str = "float16", classes: int | None = None, tail: int = TAIL):
+        self.k, self.dtype, self.classes, self.tail = int(k), dtype, classes, tail
 
     def config(self):
-        return {"name": self.name, "k": self.k, "dtype": self.dtype}
+        return {"name": self.name, "k": self.k, "dtype": self.dtype} | ({"tail": self.tail} if self.tail > 1 else {})
 
     def _index_dtype(self, classes: int) -> str:
         return "int16" if classes < 2 ** 15 else "int32"
@@ -189,7 +194,7 @@ def make_codec(config: dict, shape: tuple[int, ...] | None = None) -> Codec:
     if name == "int8":
         return Int8Codec()
     if name == "topk":
-        return TopKCodec(config["k"], config.get("dtype", "float16"), shape[0] if shape else None)
+        return TopKCodec(config["k"], config.get("dtype", "float16"), shape[0] if shape else None, config.get("tail", 1))
     raise KDCacheError(f"unknown codec '{name}' in the store; this kdcache knows float16, float32, bfloat16, "
                        "int8 and topk")
 
@@ -199,8 +204,8 @@ def choose(target: str, dtype: str, feature_codec: str, logits_topk: int) -> dic
     if dtype not in (*FLOATS, "bfloat16"):
         raise KDCacheError(f"unknown --dtype '{dtype}'; use float16, float32 or bfloat16")
     if target == "logits":
-        return {"name": "topk", "k": logits_topk, "dtype": dtype if dtype in FLOATS else "float16"} \
-            if logits_topk else {"name": dtype}
+        return TopKCodec(logits_topk, dtype if dtype in FLOATS else "float16").config() if logits_topk \
+            else {"name": dtype}
     if feature_codec not in ("float", "int8"):
         raise KDCacheError(f"unknown --feature-codec '{feature_codec}'; use float (the --dtype) or int8")
     return {"name": "int8", "scale": "channel"} if feature_codec == "int8" else {"name": dtype}

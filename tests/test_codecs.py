@@ -13,7 +13,7 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.codecs import BFloat16Codec, Int8Codec, TopKCodec, choose, distortion
+from pipeline.codecs import BFloat16Codec, Int8Codec, TopKCodec, choose, distortion, make_codec
 from pipeline.errors import KDCacheError
 from pipeline.losses.kd import kd_soft
 from pipeline.teacher_cache import CacheConfig, run_teacher_cache
@@ -118,7 +118,10 @@ def test_distortion_metrics_against_hand_computation():
 def test_codec_flags_are_checked():
     assert choose("logits", "float16", "int8", 0) == {"name": "float16"}
     assert choose("features", "float16", "int8", 5) == {"name": "int8", "scale": "channel"}
-    assert choose("logits", "bfloat16", "float", 5) == {"name": "topk", "k": 5, "dtype": "float16"}
+    assert choose("logits", "bfloat16", "float", 5) == {"name": "topk", "k": 5, "dtype": "float16", "tail": 2}
+    # a store of the first tail formula (its config has no "tail") reads back as such: its key stays its own
+    old = {"name": "topk", "k": 5, "dtype": "float16"}
+    assert make_codec(old, (10,)).config() == old and make_codec(choose("logits", "float16", "float", 5)).tail == 2
     for args, msg in ((("logits", "float8", "float", 0), "--dtype"), (("features", "float16", "int4", 0),
                                                                       "--feature-codec")):
         with pytest.raises(KDCacheError, match=msg):
@@ -133,7 +136,7 @@ def test_lossy_store_end_to_end_with_measured_distortion(root, teacher_file):
                               log=lambda *_: None)
     ge, gl = zarr.open_group(exact, mode="r"), zarr.open_group(lossy, mode="r")
     man = gl.attrs["kdcache"]
-    assert man["targets"]["logits"]["codec"] == {"name": "topk", "k": 2, "dtype": "float16"}
+    assert man["targets"]["logits"]["codec"] == {"name": "topk", "k": 2, "dtype": "float16", "tail": 2}
     assert man["targets"]["features/layer3"]["parts"] == ["features/layer3", "features/layer3.scale"]
     assert gl["features/layer3"].dtype == np.int8 and "logits" not in gl and gl["logits.topk_indices"].shape == (
         192, 2)
