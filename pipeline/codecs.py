@@ -194,7 +194,8 @@ def make_codec(config: dict, shape: tuple[int, ...] | None = None) -> Codec:
     if name == "int8":
         return Int8Codec()
     if name == "topk":
-        return TopKCodec(config["k"], config.get("dtype", "float16"), shape[0] if shape else None, config.get("tail", 1))
+        return TopKCodec(config["k"], config.get("dtype", "float16"), shape[0] if shape else None,
+                         config.get("tail", 1))
     raise KDCacheError(f"unknown codec '{name}' in the store; this kdcache knows float16, float32, bfloat16, "
                        "int8 and topk")
 
@@ -224,7 +225,7 @@ def distortion(target: str, ref: torch.Tensor, decoded: torch.Tensor) -> dict[st
         return out
     norm = ref.norm(dim=1)
     return {"rel_err": (ref - decoded).norm(dim=1) / norm.clamp_min(1e-12),
-            "cosine": F.cosine_similarity(ref, decoded, dim=1, eps=1e-12)}
+            "cosine": F.cosine_similarity(ref, decoded, dim=1, eps=1e-12).clamp(-1.0, 1.0)}  # no 1 + 1e-9 rounding
 
 
 def fill_value(dtype: str):

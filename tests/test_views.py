@@ -263,7 +263,7 @@ def test_view_store_layout_and_stored_outputs_match_the_teacher(root, teacher_fi
     top1 = float((logits.argmax(-1) == labels[:, None]).mean())  # float16 ties aside, the teacher's own argmax
     assert man["teacher"]["accuracy"]["top1"] == pytest.approx(top1, abs=2 / 768)
     d = man["distortion"]
-    assert 0.999 < d["features/layer3"]["cosine"] < 1 + 1e-6 and 0 < d["features/layer3"]["rel_err"] < 1e-3
+    assert 0.999 < d["features/layer3"]["cosine"] <= 1 and 0 < d["features/layer3"]["rel_err"] < 1e-3
     assert d["logits"]["top1_agreement"] == pytest.approx(1.0, abs=2 / 768) and 0 <= d["logits"]["kl_t1"] < 1e-5
     res = runner.invoke(app, ["verify", path, "--recompute", "24", "--json"])
     assert res.exit_code == 0, res.output
