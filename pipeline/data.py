@@ -1,8 +1,9 @@
 """Datasets as one spec string, and the declarative transform the teacher and the student share.
 
 Specs:
-- `fashion-mnist[:train|:test]`  Debian's dataset-fashion-mnist when present, else data/datasets/ (torchvision's
-  download), else a clear error saying how to get it.
+- `fashion-mnist[:train|:test]`  the folder KDCACHE_FASHION_MNIST_DIR names when set, else Debian's
+  dataset-fashion-mnist when present, else data/datasets/ (torchvision's download), else a clear error saying how
+  to get it.
 - `imagefolder:DIR`  class sub-folders give labels; a flat folder of images is unlabelled.
 - `synthetic:N:CxHxW[:CLASSES[:SEED]]`  deterministic, learnable images for tests and benchmarks.
 
@@ -273,10 +274,18 @@ def _read_idx_gz(path: Path) -> np.ndarray:
 
 
 def find_fashion_mnist() -> Path | None:
-    candidates = [os.environ.get("KDCACHE_FASHION_MNIST_DIR", ""), *FASHION_MNIST_DIRS,
-                  str(data_root() / "datasets" / "FashionMNIST" / "raw")]
-    for c in candidates:
-        if c and all((Path(c) / f).exists() for pair in FASHION_MNIST_FILES.values() for f in pair):
+    """The folder Fashion-MNIST's four IDX files are read from: KDCACHE_FASHION_MNIST_DIR when set (refused if it
+    lacks any of them, rather than silently reading another copy), else Debian's, else data/datasets/."""
+    files = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
+    chosen = os.environ.get("KDCACHE_FASHION_MNIST_DIR", "")
+    if chosen:
+        missing = [f for f in files if not (Path(chosen) / f).exists()]
+        if missing:
+            raise KDCacheError(f"KDCACHE_FASHION_MNIST_DIR={chosen} lacks {', '.join(missing)}; point it at a "
+                               "folder holding Fashion-MNIST's four IDX .gz files, or unset it")
+        return Path(chosen)
+    for c in [*FASHION_MNIST_DIRS, str(data_root() / "datasets" / "FashionMNIST" / "raw")]:
+        if all((Path(c) / f).exists() for f in files):
             return Path(c)
     return None
 

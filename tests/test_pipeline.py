@@ -195,6 +195,20 @@ def test_a_colour_image_in_a_folder_whose_first_image_is_grey_keeps_its_colour(r
     assert (one[0, 0].numpy() == grey).all() and one[1, 0, 0, 0] == np.asarray(Image.fromarray(colour).convert("L"))[0, 0]
 
 
+def test_fashion_mnist_dir_set_to_a_folder_without_its_files_is_refused(root, monkeypatch):
+    """KDCACHE_FASHION_MNIST_DIR names where the data is read from: set to a folder lacking the IDX files (a typo,
+    a partial copy), it is refused, naming the folder and the missing files, instead of silently reading another
+    copy (Debian's, data/datasets/, or a download)."""
+    import gzip
+
+    (root / "fm").mkdir()
+    with gzip.open(root / "fm" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"")
+    monkeypatch.setenv("KDCACHE_FASHION_MNIST_DIR", str(root / "fm"))
+    with pytest.raises(KDCacheError, match=r"KDCACHE_FASHION_MNIST_DIR.*fm.*train-labels-idx1-ubyte\.gz"):
+        open_source("fashion-mnist:test")
+
+
 def test_unlabelled_flat_imagefolder(root):
     from tests.conftest import save_teacher
 
