@@ -16,9 +16,10 @@ a shared machine's speed drifts by 10-25% over tens of seconds, so each number i
 each ratio the median of the rounds' ratios, each taken from measurements seconds apart.
 The shuffle table measures the reader's order against a uniform shuffle for several buffer sizes (no data read).
 
-Presets: `cpu` (default-teacher -> default-student, 28x28, minutes on 2 cores) and `gpu` (torchvision resnet50 ->
-resnet18 at 224x224, batch 256, layer3 hint). `--scaling 10000,100000,1000000` repeats (b) and (e) with tiny
-tensors to show the per-sample cost stays flat with dataset size. Weights are random: speed does not depend on them.
+Presets: `cpu` (default-teacher -> default-student, 28x28, minutes on 2 cores), `gpu` (torchvision resnet50 ->
+resnet18 at 224x224, batch 256, layer3 hint) and `tiny` (the default pair on 8x8 inputs: seconds, a smoke test).
+`--scaling 10000,100000,1000000` repeats (b) and (e) with tiny tensors to show the per-sample cost stays flat with
+dataset size. Weights are random: speed does not depend on them.
 """
 
 from __future__ import annotations

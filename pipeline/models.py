@@ -5,7 +5,8 @@ Model specs (teachers and students alike):
 - `default-student`   small CNN (`StudentNet`): two conv blocks, an embedding, a classifier
 - `mlp`               one hidden layer MLP
 - `torchvision:NAME`  any torchvision classification architecture, built without weights (`--weights FILE` loads yours)
-- `module:function`   your own: `function(num_classes=..., in_channels=...)` (only the kwargs it accepts) -> nn.Module
+- `module:function`   your own: `function(num_classes=..., in_channels=..., image_size=...)` (only the kwargs it
+  accepts) -> nn.Module
 Nothing downloads weights at run time.
 
 Module outputs are named by their dotted module path (`layer2`, `features.3`): the same string is the hook key, the

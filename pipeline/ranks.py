@@ -1,12 +1,15 @@
-"""Several processes on one store: `torchrun --nproc_per_node R -m pipeline teacher-cache ...`.
+"""Several processes on one store: `torchrun --nproc_per_node R -m pipeline teacher-cache ...` fills it, and
+`torchrun ... train-student ...` trains one student from it (`average_gradients`: one all-reduce a step).
 
 Why this is small: the store's design already does the hard part. Every unit of commit (a block of rows in one
 view) is one chunk per array plus its own `_commit` and `_stats` chunks, arrays are created at full size, and no
 counter is shared, so ranks that own disjoint units never touch the same file. What the ranks still have to agree
 on is who creates the store (rank 0, before anyone writes), which units each one owns (every R-th of the missing
 ones, a pure function of the store's commit markers read after that point), and that `complete` is set once, by
-rank 0, after every rank's units are committed. Those three meetings are all the communication there is: the
-data goes to the store, never between ranks, so the process group is gloo (CPU) even when the teachers run on GPUs.
+rank 0, after every rank's units are committed. Those three meetings are all the communication teacher-cache
+needs: the data goes to the store, never between ranks, so the process group is gloo (CPU) even when the teachers
+run on GPUs. A student's ranks each read their own share of the store's chunks; they start from rank 0's weights
+(`broadcast`), average their gradients before every step and sum each epoch's numbers, over the same gloo group.
 
 A failure on one rank (a KDCacheError, a full disk) reaches the others at the next meeting and every rank stops
 with the same one-line error; committed units stay, and re-running the command resumes.

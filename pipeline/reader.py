@@ -9,7 +9,8 @@
 - a worker reads `buffer_chunks` blocks at a time (one read per chunk per array), rebuilds their inputs from the data
   source by stored index with the transform from the manifest, shuffles rows inside that buffer, and cuts batches;
   while one buffer's batches are handed out, a thread loads the next (and after the last, the next epoch's first);
-- small arrays (index, labels, logits, view parameters) are read whole once per worker and kept in memory;
+- arrays under 64 MB (index, labels, logits and view parameters, in most stores) are read whole once per worker
+  and kept in memory; larger ones are read chunk by chunk with the buffer;
 - the store is opened lazily inside each worker (never shared across processes).
 Batches carry the stored parts of each target (`logits`, or `features/x` and `features/x.scale`, ...): the training
 loop decodes them on its device with the target's codec.

@@ -3,9 +3,10 @@
 verify reads every chunk of every array (one chunk = one block of rows, in one view for arrays with a view axis),
 so crc32c mismatches, undecodable chunks, missing chunks (each array's fill value: NaN for floats, -1 or the
 dtype's minimum for signed integers, the maximum for unsigned ones) and uncommitted units are each reported with the sample range they cover.
-`--recompute N` re-runs the teacher on N random (sample, view) pairs, each input rebuilt exactly as train-student
-rebuilds it (from the stored view parameters), and reports the largest difference from what is stored, per target,
-against the target codec's tolerance.
+`--recompute N` re-runs the teacher on every view of N random samples (rows whose chunks read back intact), each
+input rebuilt exactly as train-student rebuilds it (from the stored view parameters), and reports the largest
+difference from what is stored, per target, against the target codec's tolerance; it also checks those samples'
+stored labels against the data's labels of their index.
 
 repair clears the commit marker of every bad unit and runs teacher-cache on the same key, which recomputes only
 the units that are not committed.
