@@ -191,14 +191,15 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_ch
         weights = default_teacher_weights()
     return load_model(spec, Path(weights), num_classes, in_channels, image_size,
                       fix="check --teacher and --weights, and that the data has the classes and channels the teacher "
-                          "was trained on (--num-classes, --channels)")
+                          "was trained on (--num-classes, --channels)", arch_flag="--teacher")
 
 
 def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: int, image_size: int,
-               fix: str = "check --model and --weights") -> tuple[nn.Module, dict]:
+               fix: str = "check --model and --weights", arch_flag: str = "--model") -> tuple[nn.Module, dict]:
     """Build `spec` and load a weights file into it, in eval mode: (model, the file's meta). The file's meta
     (num_classes, in_channels), when it has one, wins over the arguments; without either, the output count is read
-    off the weights (`classifier_width`)."""
+    off the weights (`classifier_width`). Weights that do not fit `spec` but record another architecture (as
+    `kdcache teacher` and student.pt do) get that one named, with `arch_flag`, the flag that chooses it."""
     ckpt = load_checkpoint(weights)
     meta = ckpt.get("meta", {})
     try:
@@ -211,6 +212,9 @@ def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: i
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError, KeyError) as e:
+        recorded = meta.get("arch")
+        if isinstance(recorded, str) and recorded and recorded != spec:
+            fix = f"the file records its architecture as '{recorded}': pass {arch_flag} {recorded}"
         raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({_first_misfit(e)}); {fix}") from None
     return model.eval(), meta
 

@@ -128,3 +128,21 @@ def test_data_classes_unlike_the_teachers_recorded_ones_are_noted(root):
         assert notes == ([("note: the data's classes (0, 1, 2, 3) are not the teacher's (b, a, c, d); label i is "
                            "taken to mean the teacher's output i (its top-1 and KD's hard-label term pair them so): "
                            "check the data's order, or use train-student --no-labels")] if noted else []), said
+
+
+def test_weights_that_do_not_fit_name_the_architecture_their_file_records(root):
+    """`kdcache teacher --arch torchvision:resnet18 --out r18.pt` records the architecture in r18.pt; teacher-cache
+    given only `--weights r18.pt` builds the default teacher. The one-line error says which --teacher the file
+    was made for, instead of only listing missing keys."""
+    import pytest
+
+    from pipeline.errors import KDCacheError
+    from pipeline.models import MLP, load_teacher
+
+    torch.save({"state_dict": MLP(num_classes=4, in_channels=1, image_size=16).state_dict(),
+                "meta": {"arch": "mlp", "num_classes": 4, "in_channels": 1}}, root / "mlp.pt")
+    with pytest.raises(KDCacheError, match=r"do not fit 'default-teacher'.*records its architecture as 'mlp': "
+                                           r"pass --teacher mlp"):
+        load_teacher("default-teacher", root / "mlp.pt", None, 1, 16)
+    model, _ = load_teacher("mlp", root / "mlp.pt", None, 1, 16)  # the recorded one fits
+    assert isinstance(model, MLP)
