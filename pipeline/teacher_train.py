@@ -2,6 +2,8 @@
 
 No weights can be downloaded, so the pipeline trains its own teacher once and saves it to
 data/teachers/default.pt with the transform it was trained with; teacher-cache reuses that transform.
+`kdcache teacher --arch SPEC --data SPEC --out FILE` trains any other the same way (its architecture, class names
+and transform are recorded in FILE, and its metadata beside it as <stem>.json).
 """
 
 from __future__ import annotations
