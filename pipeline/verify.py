@@ -98,9 +98,11 @@ def _check_chunk(values: np.ndarray) -> str | None:
     return None
 
 
-def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | None = None) -> Report:
+def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | None = None,
+                 command: str = "verify") -> Report:
     """Check every chunk of a store; with `recompute`, re-run the teacher on that many samples. `moved` overrides
-    where the teacher's weights or the data lie now ({"weights": FILE, "data": SPEC}) for a store made elsewhere."""
+    where the teacher's weights or the data lie now ({"weights": FILE, "data": SPEC}) for a store made elsewhere.
+    `command`: the one a store still being written should be run again when that run has ended."""
     if recompute < 0:
         raise KDCacheError(f"--recompute takes a number of samples, 0 or more (got {recompute})")
     if seed < 0:
@@ -108,7 +110,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     cache = st.open_store(path, require_complete=False)
     who = None if cache.manifest.get("complete") else st.writer(path)
     if who is not None:  # its uncommitted chunks are work in progress, not damage
-        raise KDCacheError(f"{path} is being written now ({who}); verify it when that run has ended")
+        raise KDCacheError(f"{path} is being written now ({who}); {command} it when that run has ended")
     group = cache.open_group()
     report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
     blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
@@ -260,7 +262,7 @@ def _given(moved: dict | None) -> dict:
 
 def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
     """Recompute only the bad blocks of a store, then verify it again."""
-    report = verify_store(path)
+    report = verify_store(path, command="repair")
     gone = sorted({p.array for p in report.problems if p.what.startswith("array missing")})
     if gone:  # repair recomputes chunks into arrays that exist; a deleted array's metadata is not a chunk
         raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted), which "

@@ -479,6 +479,8 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
         g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # as while it is being written
         res = runner.invoke(app, ["verify", path])  # work in progress, not damage
         assert res.exit_code == 2 and f"{path} is being written now (pid {holder.pid} on" in res.stderr
+        res = runner.invoke(app, ["repair", path])  # says when to repair, not to verify
+        assert res.exit_code == 2 and "is being written now" in res.stderr and "repair it when" in res.stderr
         res = runner.invoke(app, ["train-student", "--cache", path, "--workers", "0"])  # not "killed: resume it"
         assert res.exit_code == 2 and "is being written now" in res.stderr and "train from it when" in res.stderr
         g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=True)
