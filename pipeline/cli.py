@@ -93,7 +93,7 @@ def teacher_cmd(
     overwrite: bool = typer.Option(False, help="Replace an existing --out (caches made from it can then no longer "
                                                "be verified with --recompute or repaired)."),
 ):
-    """Train the default teacher (no weights can be downloaded, so kdcache trains its own)."""
+    """Train a teacher: the default one (no weights can be downloaded, so kdcache trains its own), or --arch."""
     with user_errors("re-run `kdcache teacher` (its training starts over)"):
         from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
 
@@ -138,7 +138,7 @@ def _cache_command(mode: str):
                                                            "one value or one per channel (0.5,0.4,0.3/0.2,0.2,0.2) "
                                                            "(default: recorded with the teacher, else the data's own: "
                                                            "Fashion-MNIST 0.286/0.353, others 0.5/0.5)."),
-        limit: Optional[int] = typer.Option(None, help="Cache only the first N samples."),
+        limit: Optional[int] = typer.Option(None, help="Cache only the first N samples by index (a quick trial; an image folder's come class by class)."),
         device: str = typer.Option("auto"),
         # accepted by plan too (the same command line), where they change nothing: not listed in its --help
         writers: int = typer.Option(0, help="Writer threads (0: CPU cores - 3, from 2 to 16).", hidden=mode == "plan"),
