@@ -200,6 +200,15 @@ def loader_alone(store: str, data: str, targets: list[str], batch: int, workers:
 MIN_BATCHES = 16  # per epoch, for student-stage throughput that is not mostly start-up
 
 
+def _is_bench_json(path: Path) -> bool:
+    """Whether `path` holds results an earlier bench wrote (a JSON object naming its preset and pair)."""
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError):  # not readable, not text, not JSON
+        return False
+    return isinstance(r, dict) and "preset" in r and "pair" in r
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import data_root, default_transform, open_source
@@ -231,6 +240,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else base / f"bench-{cfg.preset}.json"
     if out.is_dir():  # checked now, not after minutes of measuring
         raise KDCacheError(f"--out {out} is a folder; give the JSON file's path, e.g. {out / 'bench.json'}")
+    if out.exists() and not _is_bench_json(out):  # a bench's own results are replaced; anyone else's file is not
+        raise KDCacheError(f"--out {out} exists and holds no bench results; choose another --out (bench replaces "
+                           "only a file an earlier bench wrote)")
     check_writable(out.parent, "--out")
     n = cfg.samples or p["samples"]
     batch = cfg.batch_size or p["batch"]

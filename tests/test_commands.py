@@ -358,16 +358,19 @@ def test_bench_refuses_bad_flags_and_outputs_before_measuring(root):
     import pipeline.bench as bench
 
     Path("folder").mkdir()
+    Path("weights.pt").write_bytes(b"someone's file")  # not a bench's results: never overwritten
     with pytest.MonkeyPatch.context() as m:  # nothing may be measured before the refusal
         m.setattr(bench, "teacher_forward", lambda *a, **k: pytest.fail("measured before refusing"))
         for args, says in ((["--batch-size", "-5"], "--batch-size must be at least 1"),
                            (["--workers", "-1"], "--workers must be at least 0"),
                            (["--out", "folder"], "--out folder is a folder"),
+                           (["--out", "weights.pt"], "--out weights.pt exists and holds no bench results"),
                            (["--write-readme"], "has no <!-- bench:start --> ... <!-- bench:end --> markers")):
             res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "256", *args])
             lines = res.stderr.strip().splitlines()
             assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], \
                 (args, res.output)
+    assert Path("weights.pt").read_bytes() == b"someone's file"
 
 
 def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
