@@ -49,10 +49,13 @@ def paths_as_text(cfg, *names: str) -> None:
 
 def data_root() -> Path:
     """Root of everything the pipeline writes (datasets, teachers, caches, runs)."""
-    root = Path(os.environ.get("KDCACHE_DATA", "data"))
+    # Set but empty (`make DATA=`, `KDCACHE_DATA= kdcache ...`) is unset: Path("") is the current folder, which
+    # would scatter cache/, runs/ and teachers/ through it.
+    named = os.environ.get("KDCACHE_DATA")
+    root = Path(named or "data")
     if root.is_file():  # else every error downstream names a path under it and a flag the user never passed
         raise KDCacheError(f"the data folder {root} is a file; set KDCACHE_DATA to a folder (default: data/)"
-                           if "KDCACHE_DATA" in os.environ else f"{root} is a file; kdcache keeps its data in a "
+                           if named else f"{root} is a file; kdcache keeps its data in a "
                            "folder of that name: move the file, or set KDCACHE_DATA to another folder")
     return root
 

@@ -226,6 +226,9 @@ def test_ls_and_inspect(root, teacher_file):
             res = runner.invoke(app, args)
             assert res.exit_code == 2 and res.stderr.strip() == ("error: the data folder notes.txt is a file; set "
                                                                 "KDCACHE_DATA to a folder (default: data/)"), res.output
+        m.setenv("KDCACHE_DATA", "")  # set but empty: the default data/ (here the root's), not the current folder
+        res = runner.invoke(app, ["ls"])
+        assert res.exit_code == 0 and Path(done).stem in res.stdout, res.output
 
 
 def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):
