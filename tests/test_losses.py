@@ -544,6 +544,13 @@ def test_parse_loss_spec_bad_weight():
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("spec", ["kd=", "kd=1,rkd =", "ce= "])
+def test_parse_loss_spec_equals_without_weight(spec):
+    """`kd=` is a weight left out (`--loss kd=$W` with W unset), not the bare name's weight 1."""
+    with pytest.raises(KDCacheError, match="has '=' but no weight"):
+        parse_loss_spec(spec)
+
+
 @pytest.mark.parametrize("spec", ["", ",", " , "])
 def test_parse_loss_spec_empty(spec):
     with pytest.raises(KDCacheError, match="empty"):

@@ -24,11 +24,14 @@ def parse_loss_spec(spec: str) -> dict[str, float]:
     stage leaves those losses out: `train_student.loss_weights`)."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = (x.strip() for x in part.partition("="))
+        name, eq, w = (x.strip() for x in part.partition("="))
         if name not in LOSSES:
             raise KDCacheError(f"unknown loss '{name}' in --loss; choose from {', '.join(LOSSES)}")
         if name in out:
             raise KDCacheError(f"loss '{name}' appears twice in --loss; give each loss once")
+        if eq and not w:  # `kd=`: a weight left out (often a shell variable that expanded to nothing), not 1
+            raise KDCacheError(f"loss '{name}' in --loss has '=' but no weight; write e.g. {name}=1, or {name} alone "
+                               "for weight 1")
         try:
             weight = float(w) if w else 1.0
         except ValueError:
