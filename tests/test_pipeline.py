@@ -545,6 +545,8 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (cache + ["--normalize", "0.5,0.5/0.2"], "gives 2 mean(s) and 1 std(s) for 1-channel inputs"),
         (cache + ["--cache-dir", "a-file"], "--cache-dir: a-file is a file, not a folder"),
         (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
+        (cache + ["--cache-dir", path], f"--cache-dir: {path} is a Zarr store"),  # a store nested in a store
+        (cache + ["--out", f"{path}/features/x.zarr"], f"--out: {path}/features is a Zarr store (or a group in one)"),
         (["teacher-cache", "--data", "synthetic:64:1x16x16:9", "--weights", str(teacher_file)],
          "9 classes but the teacher has 4 outputs"),
         (train + ["--temperature", "0"], "--temperature must be positive"),
@@ -575,6 +577,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
     assert not Path("run").exists() and Path(path, "zarr.json").exists()
+    assert not list(Path(path).glob("*.zarr")) and not list(Path(path, "features").glob("*.zarr"))
 
 
 def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teacher_file):
