@@ -46,6 +46,9 @@ def _cache_paths(cache_dir: str | None) -> list[str]:
     root = Path(cache_dir) if cache_dir else data_root() / "cache"
     if cache_dir and not root.is_dir():
         raise KDCacheError(f"--cache-dir {cache_dir} is not a folder; give the folder that holds the .zarr caches")
+    if cache_dir and (root / "zarr.json").exists():  # else "no caches in" a folder that is one
+        raise KDCacheError(f"--cache-dir {cache_dir} is a cache store, not a folder of caches; `kdcache inspect "
+                           f"{cache_dir}` shows it, `kdcache ls --cache-dir {root.resolve().parent}` lists its folder")
     return [str(p) for p in sorted(root.glob("*.zarr"))] if root.is_dir() else []
 
 

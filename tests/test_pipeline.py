@@ -567,6 +567,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--loss", "fitnets=1", "--fitnets-schedule", "single", "--fitnets-hint", ""], "an empty layer"),
         (train + ["--loss", "rkd=1", "--rkd-layer", "logits"], "names the logits as a layer"),
         (["ls", "--cache-dir", "no-such-dir"], "not a folder"),
+        (["ls", "--cache-dir", path], "is a cache store, not a folder of caches; `kdcache inspect"),
         (["verify", path, "--recompute", "-1"], "--recompute"),
     ]
     if not torch.cuda.is_available():
