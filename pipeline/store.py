@@ -513,10 +513,24 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     if fv != FORMAT_VERSION:
         raise KDCacheError(f"{path} has store format {fv}, this kdcache reads format {FORMAT_VERSION}; "
                            "rebuild it with `kdcache teacher-cache --force` or use a matching kdcache version")
-    lacking = [k for k in ("key", "data", "arrays", "targets", "transform", "chunk_samples") if k not in manifest]
-    if lacking or not isinstance(manifest.get("data"), dict) or "num_samples" not in manifest.get("data", {}):
-        raise KDCacheError(f"{path}: its manifest lacks {', '.join(lacking) or 'data.num_samples'}, so it cannot be "
-                           "trusted; rebuild it with `kdcache teacher-cache --force`")
+    # Each field every reader relies on, and whether its value is of the kind they assume: a hand-edited or damaged
+    # manifest would otherwise fail later as a bare TypeError or KeyError in ls, verify or train-student.
+    fields = {
+        "key": lambda v: isinstance(v, str),
+        "data": lambda v: isinstance(v, dict) and "num_samples" in v,
+        "arrays": lambda v: isinstance(v, dict),
+        "targets": lambda v: isinstance(v, dict) and "logits" in v and all(isinstance(t, dict) for t in v.values()),
+        "transform": lambda v: isinstance(v, dict) and {"size", "channels", "mean", "std"} <= set(v),
+        "chunk_samples": lambda v: isinstance(v, int) and v > 0,
+        "teacher": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v),
+        "views": lambda v: v is None or isinstance(v, dict),
+    }
+    lacking = [k for k in fields if k not in manifest and k != "views"]
+    malformed = [k for k, ok in fields.items() if k in manifest and not ok(manifest[k])]
+    if lacking or malformed:
+        what = f"lacks {', '.join(lacking)}" if lacking else f"has a malformed {', '.join(malformed)}"
+        raise KDCacheError(f"{path}: its manifest {what}, so it cannot be trusted; rebuild it with "
+                           "`kdcache teacher-cache --force`")
     if any(part not in manifest["arrays"] for t in manifest["targets"].values() for part in t.get("parts", [])):
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")

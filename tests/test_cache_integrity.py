@@ -699,10 +699,21 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
     assert not (path / "features" / "layer2").exists()
     # a manifest without the parts a reader needs is refused in one line
     g = st.open_group(str(path), "r+")
-    g.attrs[st.MANIFEST_KEY] = {k: v for k, v in g.attrs[st.MANIFEST_KEY].items() if k != "data"}
+    manifest = dict(g.attrs[st.MANIFEST_KEY])
+    g.attrs[st.MANIFEST_KEY] = {k: v for k, v in manifest.items() if k != "data"}
     for args in (["verify", str(path)], ["inspect", str(path)], ["train-student", "--cache", str(path)]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and "its manifest lacks data" in res.stderr, (args, res.output)
+    # ... and so is one whose fields hold the wrong kind of value (hand-edited), in ls too
+    for field, value in (("teacher", {}), ("targets", []), ("views", 7), ("chunk_samples", "x"), ("transform", {})):
+        g.attrs[st.MANIFEST_KEY] = dict(manifest, **{field: value})
+        for args in (["verify", str(path)], ["inspect", str(path)], ["train-student", "--cache", str(path)],
+                     ["ls", "--cache-dir", str(path.parent)]):
+            res = runner.invoke(app, args)
+            out = res.stderr if args[0] != "ls" else res.stdout
+            assert res.exception is None or isinstance(res.exception, SystemExit), (field, args, res.exception)
+            assert res.exit_code == (0 if args[0] == "ls" else 2), (field, args, res.output)
+            assert f"its manifest has a malformed {field}" in out, (field, args, res.output)
 
 
 def _one_line(res) -> str:
