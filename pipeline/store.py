@@ -517,7 +517,8 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     # manifest would otherwise fail later as a bare TypeError or KeyError in ls, verify or train-student.
     fields = {
         "key": lambda v: isinstance(v, str),
-        "data": lambda v: isinstance(v, dict) and "num_samples" in v,
+        "data": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v)
+        and isinstance(v.get("num_samples"), int) and v["num_samples"] > 0,
         "arrays": lambda v: isinstance(v, dict),
         "targets": lambda v: isinstance(v, dict) and "logits" in v and all(isinstance(t, dict) for t in v.values()),
         "transform": lambda v: isinstance(v, dict) and {"size", "channels", "mean", "std"} <= set(v),
@@ -531,6 +532,10 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
         what = f"lacks {', '.join(lacking)}" if lacking else f"has a malformed {', '.join(malformed)}"
         raise KDCacheError(f"{path}: its manifest {what}, so it cannot be trusted; rebuild it with "
                            "`kdcache teacher-cache --force`")
+    n = manifest["data"]["num_samples"]
+    if any(not isinstance(a, dict) or list(a.get("shape") or [None])[:1] != [n] for a in manifest["arrays"].values()):
+        raise KDCacheError(f"{path}: its manifest's sample count ({n}) is not the length of the arrays it lists, so "
+                           "it cannot be trusted; rebuild it with `kdcache teacher-cache --force`")
     if any(part not in manifest["arrays"] for t in manifest["targets"].values() for part in t.get("parts", [])):
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")

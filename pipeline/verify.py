@@ -190,7 +190,7 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
 
     man = cache.manifest
     check_replay(man, cache.path)
-    cfg = CacheConfig(**(man["config"] | {"out": cache.path, "device": "cpu"} | _given(moved)))
+    cfg = CacheConfig(**(_made_with(cache) | {"out": cache.path, "device": "cpu"} | _given(moved)))
     p = _prepare(cfg)
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
         raise KDCacheError(f"teacher weights ({cfg.weights or 'default'}) are not the ones that made {cache.path} "
@@ -256,6 +256,25 @@ def _prepare(cfg):
         raise KDCacheError(f"{e}; if the store's teacher or data moved, pass --weights FILE / --data SPEC") from None
 
 
+def _made_with(cache) -> dict:
+    """The teacher-cache settings the store records, which recompute and repair re-run. A store made by a kdcache
+    with settings this one lacks (or a damaged manifest) is refused in one line, not a TypeError from CacheConfig."""
+    from dataclasses import fields
+
+    from pipeline.teacher_cache import CacheConfig
+
+    config = cache.manifest.get("config")
+    if not isinstance(config, dict):
+        raise KDCacheError(f"{cache.path}: its manifest records no teacher-cache settings (config), so its teacher "
+                           "cannot be re-run; rebuild it with `kdcache teacher-cache --force`")
+    unknown = sorted(set(config) - {f.name for f in fields(CacheConfig)})
+    if unknown:
+        made_by = (cache.manifest.get("versions") or {}).get("kdcache", "another version")
+        raise KDCacheError(f"{cache.path} was made with teacher-cache settings this kdcache does not know "
+                           f"({', '.join(unknown)}); use the kdcache that made it ({made_by})")
+    return config
+
+
 def _given(moved: dict | None) -> dict:
     return {k: v for k, v in (moved or {}).items() if v}
 
@@ -280,7 +299,7 @@ def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
 def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
-    cfg = CacheConfig(**(cache.manifest["config"] | {"out": str(path), "force": False} | _given(moved)))
+    cfg = CacheConfig(**(_made_with(cache) | {"out": str(path), "force": False} | _given(moved)))
     # Teacher, data and key first: a repair that cannot run (weights or data moved, or changed) must fail before it
     # touches the store, not leave a complete store marked incomplete.
     p = _prepare(cfg)

@@ -716,6 +716,25 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
             assert f"its manifest has a malformed {field}" in out, (field, args, res.output)
 
 
+def test_a_manifest_at_odds_with_its_store_is_refused_in_one_line(root, teacher_file):
+    """A sample count its arrays do not have, or settings (config) from a kdcache with others, which verify
+    --recompute and repair re-run: one line, not a numpy or CacheConfig traceback."""
+    path = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64), log=lambda *_: None)
+    (Path(path) / "logits" / "c" / "1" / "0").unlink()  # something for repair to do
+    g = st.open_group(path, "r+")
+    manifest = dict(g.attrs[st.MANIFEST_KEY])
+    for change, says in (({"data": dict(manifest["data"], num_samples=5)}, "sample count (5) is not the length"),
+                         ({"config": dict(manifest["config"], newer_flag=1)}, "settings this kdcache does not know "
+                                                                              "(newer_flag)")):
+        g.attrs[st.MANIFEST_KEY] = dict(manifest, **change)
+        for args in (["verify", path, "--recompute", "4"], ["repair", path],
+                     *([["train-student", "--cache", path]] if "data" in change else [])):
+            res = runner.invoke(app, args)
+            assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
+            assert res.exit_code == 2 and says in res.stderr, (args, res.output)
+        assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"]  # repair refused before touching it
+
+
 def _one_line(res) -> str:
     lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
     assert res.exit_code == 2 and len(lines) == 1, res.output[-400:]
