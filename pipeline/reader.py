@@ -34,7 +34,7 @@ from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
 from pipeline.errors import KDCacheError
 from pipeline.loops import batch_bounds
-from pipeline.store import CacheStore, block_ranges
+from pipeline.store import CacheStore, block_ranges, metadata_damage
 
 SMALL_ARRAY_BYTES = 64 << 20  # arrays under this are loaded whole, per worker
 BUFFER_BYTES = 256 << 20      # the default shuffle buffer per worker (--buffer-chunks 0)
@@ -360,10 +360,14 @@ def check_rows(store: CacheStore, source: Source, use_labels: bool) -> None:
     group = store.open_group()
     for name in store.arrays:  # metadata only: an array deleted or damaged outright is beyond a chunk repair
         try:
-            group[name]
+            arr = group[name]
         except Exception as e:  # noqa: BLE001
             raise KDCacheError(f"array {name} of {store.path} is missing outright ({type(e).__name__}); rebuild "
                                "the store with `kdcache teacher-cache --force`") from None
+        damage = metadata_damage(arr, store.arrays[name])
+        if damage:  # else a numpy broadcast error (or wrong rows) part-way through an epoch
+            raise KDCacheError(f"array {name} of {store.path}: {damage}; rebuild the store with `kdcache "
+                               "teacher-cache --force`")
     blocks = block_ranges(store.num_samples, store.chunk_samples)
     expect = row_order(store.num_samples, store.manifest.get("row_order", "source"))
     checks = [("index", expect)]

@@ -493,6 +493,16 @@ def is_complete(path, key: str) -> bool:
             and bool(manifest.get("complete")) and whole)
 
 
+def metadata_damage(arr, spec: dict) -> str | None:
+    """How an opened array's own metadata differs from the manifest's spec of it (None: it does not). Edited or
+    damaged, its chunks read as another shape or dtype: beyond a chunk repair."""
+    shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+    if shape != tuple(spec["shape"]) or dtype != np.dtype(spec["dtype"]):
+        return (f"its metadata says shape {shape} {dtype}, the manifest {tuple(spec['shape'])} "
+                f"{np.dtype(spec['dtype'])}")
+    return None
+
+
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     """Open a store read-only and check it is a kdcache store of a format this version reads."""
     path = str(path)

@@ -129,6 +129,11 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
             report.problems += [Problem(name, b, start, end, f"array missing ({type(e).__name__}); rebuild the "
                                         "store with teacher-cache --force") for b, (start, end) in enumerate(blocks)]
             continue
+        damage = st.metadata_damage(arr, spec)
+        if damage:  # its chunks would read as another shape or dtype: no chunk of it can be checked or repaired
+            report.problems += [Problem(name, b, start, end, f"array damaged ({damage}); rebuild the store with "
+                                        "teacher-cache --force") for b, (start, end) in enumerate(blocks)]
+            continue
         for b, (start, end) in enumerate(blocks):
             for v in range(cache.views) if spec["view_axis"] else [None]:
                 sel = (slice(start, end), v) if v is not None else slice(start, end)
@@ -282,10 +287,10 @@ def _given(moved: dict | None) -> dict:
 def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
     """Recompute only the bad blocks of a store, then verify it again."""
     report = verify_store(path, command="repair")
-    gone = sorted({p.array for p in report.problems if p.what.startswith("array missing")})
+    gone = sorted({p.array for p in report.problems if p.what.startswith(("array missing", "array damaged"))})
     if gone:  # repair recomputes chunks into arrays that exist; a deleted array's metadata is not a chunk
-        raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted), which "
-                           "repair cannot recreate; rebuild the store with teacher-cache --force")
+        raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted or "
+                           "damaged), which repair cannot recreate; rebuild the store with teacher-cache --force")
     bad = report.bad_units()
     if not bad and report.complete:
         log(f"{path}: nothing to repair")

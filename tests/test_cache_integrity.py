@@ -735,6 +735,27 @@ def test_a_manifest_at_odds_with_its_store_is_refused_in_one_line(root, teacher_
         assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"]  # repair refused before touching it
 
 
+def test_an_array_whose_metadata_disagrees_with_the_manifest_is_damage(root, teacher_file):
+    """An array's zarr.json edited or damaged to another shape or dtype: its chunks read as something else. verify
+    reports it, repair and train-student refuse it in one line (they failed with numpy/torch tracebacks)."""
+    path = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64), log=lambda *_: None)
+    meta = Path(path) / "logits" / "zarr.json"
+    original = json.loads(meta.read_text())
+    for change in ({"shape": [100, original["shape"][1]]}, {"data_type": "float32"}):
+        meta.write_text(json.dumps(original | change))
+        res = runner.invoke(app, ["verify", path, "--recompute", "4"])
+        assert res.exception is None or isinstance(res.exception, SystemExit), (change, res.exception)
+        assert res.exit_code == 1 and "BAD  logits chunk 0 (rows 0-63): array damaged (its metadata says" in \
+            res.stdout, (change, res.output)
+        for args in (["repair", path], ["train-student", "--cache", path, "--workers", "0"]):
+            res = runner.invoke(app, args)
+            assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
+            lines = res.stderr.strip().splitlines()
+            assert res.exit_code == 2 and len(lines) == 1 and "rebuild the store with" in lines[0], (args, res.output)
+            assert "missing outright" in lines[0] or "its metadata says shape" in lines[0], (args, res.output)
+        assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"]  # repair refused before touching it
+
+
 def _one_line(res) -> str:
     lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
     assert res.exit_code == 2 and len(lines) == 1, res.output[-400:]
