@@ -56,7 +56,12 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
     out = []
     for p in _cache_paths(cache_dir):
         try:
-            man = st.open_store(p, require_complete=False).manifest
+            cache = st.open_store(p, require_complete=False)
+            man = cache.manifest
+            # An array deleted outright (its metadata gone) under a store marked complete: ls only reads metadata,
+            # so it names what is missing rather than read chunks (`verify` does that).
+            group = cache.open_group()
+            missing = [a for a in man["arrays"] if a not in group]
         except KDCacheError as e:
             out.append({"path": p, "error": str(e)})
             continue
@@ -66,7 +71,8 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
                     "samples": man["data"]["num_samples"], "views": (man.get("views") or {}).get("count", 0),
                     "targets": {t: v["codec"]["name"] for t, v in man.get("targets", {}).items()},
                     "arrays": sorted(man["arrays"]),
-                    "bytes": disk_bytes(p), "complete": bool(man.get("complete")), "created": man.get("created")})
+                    "bytes": disk_bytes(p), "complete": bool(man.get("complete")) and not missing,
+                    "missing_arrays": missing, "created": man.get("created")})
     return out
 
 

@@ -280,7 +280,8 @@ def ls_cmd(
             top1 = f" (top-1 {100 * c['teacher_top1']:.1f}%)" if c.get("teacher_top1") is not None else ""
             name = str(c["path"]).rstrip("/").rsplit("/", 1)[-1]
             named = f" ({name})" if name != f"{c['key']}.zarr" else ""  # a store made with --out
-            typer.echo(f"{c['key']}{named}  {'complete  ' if c['complete'] else 'INCOMPLETE'}  {c['teacher']}"
+            state = "DAMAGED   " if c["missing_arrays"] else "complete  " if c["complete"] else "INCOMPLETE"
+            typer.echo(f"{c['key']}{named}  {state}  {c['teacher']}"
                        f"@{c['teacher_fingerprint'][:8]}{top1}  {c['data']}  {c['samples']:,} samples{views}  "
                        f"{human(c['bytes'])}  [{', '.join(c['arrays'])}]")
 

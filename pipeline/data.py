@@ -425,6 +425,9 @@ class ImageFolder(Source):
     """`imagefolder:DIR`: DIR/<class>/<image> is labelled (classes sorted by name); DIR/<image> is unlabelled."""
 
     def __init__(self, spec: str, root: Path):
+        if root.exists() and not root.is_dir():
+            raise KDCacheError(f"imagefolder:{root} is a file, not a folder; pass imagefolder:DIR with the folder "
+                               "that holds the images (or their class folders)")
         if not root.is_dir():
             raise KDCacheError(f"image folder not found: {root}; pass imagefolder:DIR with an existing folder")
         self.spec, self.root = spec, root

@@ -51,6 +51,17 @@ def save_whole(obj, path: Path, then: str) -> None:
         raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
 
 
+def write_text_whole(path: Path, text: str, then: str) -> None:
+    """`save_whole` for a text file: written to a temporary name, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N; refused with one line when unusable."""
     if requested == "auto":

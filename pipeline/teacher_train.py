@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.data import check_input_flags, class_map, data_root, default_transform, open_source, refuse_one_class
 from pipeline.errors import KDCacheError
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
-                            save_whole, sgd, source_batches, training_checks)
+                            save_whole, sgd, source_batches, training_checks, write_text_whole)
 from pipeline.models import build_model, check_logits, fingerprint_module, forward_failed
 
 
@@ -147,6 +147,6 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
             "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc, "test_data": held_out,
             "train_seconds": time.time() - t0, "config": asdict(cfg), "fingerprint": fingerprint_module(model)}
     save_whole({"state_dict": model.state_dict(), "meta": meta}, out, "re-run `kdcache teacher`")
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    write_text_whole(out.with_suffix(".json"), json.dumps(meta, indent=2), "re-run `kdcache teacher --overwrite`")
     log(f"teacher {'test' if held_out else 'train (no test split)'} accuracy {acc:.4f}; saved {out}")
     return meta | {"path": str(out)}

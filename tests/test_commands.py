@@ -208,6 +208,12 @@ def test_ls_and_inspect(root, teacher_file):
     assert caches[done]["samples"] == 192 and caches[done]["bytes"] == disk_bytes(Path(done))
     text = runner.invoke(app, ["ls"]).stdout
     assert "INCOMPLETE" in text and "x 2 views" in text and "complete  " in text
+    # an array deleted outright under a store marked complete is not listed as complete
+    shutil.copytree(done, "gone.zarr")
+    shutil.rmtree(Path("gone.zarr", "features", "avgpool"))
+    gone = next(c for c in json.loads(runner.invoke(app, ["ls", "--json", "--cache-dir", "."]).stdout))
+    assert not gone["complete"] and gone["missing_arrays"] == ["features/avgpool"]
+    assert "DAMAGED" in runner.invoke(app, ["ls", "--cache-dir", "."]).stdout
     res = runner.invoke(app, ["inspect", done, "--json"])
     info = json.loads(res.stdout)
     assert info["manifest"]["key"] == Path(done).stem

@@ -522,6 +522,7 @@ def test_bad_inputs_give_one_line_errors(root, teacher_file):
         (["teacher-cache", "--data", SYN, "--teacher", "torchvision:resnet18"], "needs --weights"),
         (["train-student", "--cache", "nowhere.zarr"], "no cache at"),
         (["train-student", "--cache", str(root)], "not a kdcache"),
+        (["teacher-cache", "--data", f"imagefolder:{teacher_file}"], "is a file, not a folder"),
     ]
     for args, needle in cases:
         res = runner.invoke(app, args)
