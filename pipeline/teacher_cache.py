@@ -337,6 +337,9 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
 
 def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     p = ranks.together(prepare, cfg, ranks, True)
+    if ranks.world > 1 and str(p.path).startswith("memory://"):  # the same path on every rank: all refuse it
+        raise KDCacheError(f"{p.path}: a memory:// store lives in one process, so {ranks.world} ranks cannot fill "
+                           "it together; use a folder or a URL every rank reaches")
     # Rank 0 alone creates or reopens the store, before anyone writes, and says which units are committed: every
     # rank derives its share from that one answer (read later, it would already include other ranks' commits).
     # None: complete already (found by prepare, or by rank 0 under its lock).
@@ -344,7 +347,7 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     if done is None:
         log(f"cache hit: {p.path} (key {p.key}) is complete; nothing to compute (--force rebuilds)")
         return str(p.path)
-    group = st.open_group(p.path, "r+")
+    group = ranks.together(_open_created, p.path)
     p.stat_columns = list(group.attrs[st.MANIFEST_KEY]["stat_columns"])  # a resumed store keeps its own columns
     blocks = st.block_ranges(p.num_samples, p.cfg.chunk_samples)
     todo = ranks.share([(b, v) for b in range(len(blocks)) for v in range(p.units_per_block) if not done[b, v]])
@@ -382,6 +385,18 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     if top1 is not None:
         log(f"teacher top-1 accuracy on the cached {'views' if p.views else 'inputs'}: {100 * top1:.2f}%")
     return str(p.path)
+
+
+def _open_created(path: str):
+    """The store rank 0 created or reopened, opened for writing on this rank. One that cannot be opened (a rank on
+    another machine that sees another disk) is an error of that rank's, in one line, not a zarr traceback."""
+    try:
+        return st.open_group(path, "r+")
+    except KDCacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - GroupNotFoundError, FileNotFoundError ...
+        raise KDCacheError(f"cannot open {path}, which rank 0 created ({type(e).__name__}); every rank must reach "
+                           "the same store: a folder they all see, or a URL") from None
 
 
 def _holds(path: str, key: str) -> bool:

@@ -459,6 +459,19 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
         np.testing.assert_array_equal(v, a[name], err_msg=name)
 
 
+def test_ranks_cannot_share_a_memory_store(root, teacher_file):
+    """memory:// is one process's: under torchrun rank 0 would create the store where no other rank sees it, and
+    rank 1 died with zarr's GroupNotFoundError traceback. Every rank refuses it in one line."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "pipeline", "teacher-cache", "--data", SYN, "--weights", str(teacher_file),
+                          "--chunk-samples", "64", "--cache-dir", "memory://caches"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert res.stderr.count("a memory:// store lives in one process, so 2 ranks cannot fill it together") == 2
+    assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]
+
+
 def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file):
     """A second run on a store another process is writing gets one line and touches nothing; `complete` is never set
     with a unit missing; a unit marked committed whose chunk file is gone (a power cut) is recomputed on resume."""
