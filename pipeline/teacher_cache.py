@@ -437,7 +437,9 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
         return None
     if group is None:
-        if not st.is_url(p.path):
+        if st.is_url(p.path):
+            _refuse_foreign_url(p.path)
+        else:
             _refuse_foreign_folder(Path(p.path))
             _set_aside(Path(p.path))
             Path(p.path).parent.mkdir(parents=True, exist_ok=True)
@@ -464,6 +466,31 @@ def _set_aside(path: Path) -> None:
         aside = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(aside)
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _refuse_foreign_url(url: str) -> None:
+    """`_refuse_foreign_folder` for a URL: zarr creates a store there by deleting everything under it (a file://
+    folder of the user's own files included)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/") or root
+    try:
+        if fs.isfile(root):
+            raise KDCacheError(f"{url} exists and is a file, not a cache folder; choose another --out")
+        names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return
+    if not names:
+        return
+    try:
+        ours = "zarr.json" in names and st.MANIFEST_KEY in json.loads(
+            fs.cat_file(f"{root}/zarr.json") or b"{}").get("attributes", {})
+    except (ValueError, AttributeError, OSError):
+        ours = False  # unreadable metadata: not provably ours, so never emptied
+    if not (ours or names == ["zarr.json"]):
+        raise KDCacheError(f"{url} exists and is not a kdcache store; choose another --out (kdcache never "
+                           "overwrites a folder it did not create, even with --force)")
 
 
 def _refuse_foreign_folder(path: Path) -> None:

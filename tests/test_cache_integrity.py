@@ -339,6 +339,15 @@ def test_bad_inputs(root, teacher_file):
         with pytest.raises(KDCacheError, match="is not a kdcache store"):
             run_teacher_cache(cfg(teacher_file, out=str(mine), force=force), log=lambda *_: None)
     assert (mine / "notes.txt").read_text() == "precious"
+    # ... nor when named by a URL (zarr deleted every file under it to create the store)
+    (mine / "sub").mkdir()
+    (mine / "sub" / "more.txt").write_text("also precious")
+    for force in (False, True):
+        with pytest.raises(KDCacheError, match="is not a kdcache store"):
+            run_teacher_cache(cfg(teacher_file, out=f"file://{mine}/", force=force), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="is a file, not a cache folder"):
+        run_teacher_cache(cfg(teacher_file, out=f"file://{mine / 'notes.txt'}"), log=lambda *_: None)
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub" / "more.txt").is_file()
 
 
 def test_cache_dir_as_fsspec_url(root, teacher_file):
