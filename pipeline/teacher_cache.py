@@ -337,6 +337,11 @@ def run_teacher_cache(cfg: CacheConfig, log=print) -> str:
 
 def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     p = ranks.together(prepare, cfg, ranks, True)
+    if len(set(ranks.gather(p.hit))) > 1:
+        # Another run completed the store between the ranks' checks: a rank that returned on its hit would leave
+        # the others waiting for it at the next meeting. All prepare to write; rank 0 then finds it complete (under
+        # its lock) and every rank returns it as a hit.
+        p = ranks.together(prepare, cfg, ranks, False)
     if ranks.world > 1 and str(p.path).startswith("memory://"):  # the same path on every rank: all refuse it
         raise KDCacheError(f"{p.path}: a memory:// store lives in one process, so {ranks.world} ranks cannot fill "
                            "it together; use a folder or a URL every rank reaches")

@@ -468,6 +468,26 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
         np.testing.assert_array_equal(v, a[name], err_msg=name)
 
 
+def test_ranks_that_disagree_on_a_cache_hit_do_not_wait_for_each_other(root, teacher_file):
+    """Another run can complete the store between the ranks' hit checks: the rank that saw it complete returned
+    while the others waited for it at their next meeting, for hours. Now every rank goes on as rank 0 decides."""
+    script = root / "race.py"
+    script.write_text(
+        "import os, sys\nimport pipeline.store as st\nfrom pipeline.teacher_cache import CacheConfig, "
+        "run_teacher_cache\n"
+        "if os.environ['RANK'] == '1':  # as if another run completed it just before this rank's check\n"
+        "    st.is_complete = lambda path, key: True\n"
+        f"path = run_teacher_cache(CacheConfig(data={SYN!r}, weights={str(teacher_file)!r}, chunk_samples=64, "
+        "out=sys.argv[1], device='cpu'), log=lambda *_: None)\n"
+        "sys.stdout.write(path + '\\n')  # one write: the ranks share the pipe\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), "s.zarr"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["s.zarr", "s.zarr"]
+    assert st.open_store("s.zarr").manifest["stats"]["units_per_rank"] == [2, 1]
+
+
 def test_ranks_cannot_share_a_memory_store(root, teacher_file):
     """memory:// is one process's: under torchrun rank 0 would create the store where no other rank sees it, and
     rank 1 died with zarr's GroupNotFoundError traceback. Every rank refuses it in one line."""
