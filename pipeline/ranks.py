@@ -45,7 +45,12 @@ class Ranks:
 
         owns = not dist.is_initialized()
         if owns:
-            dist.init_process_group("gloo", timeout=MEETING_TIMEOUT)
+            try:
+                dist.init_process_group("gloo", timeout=MEETING_TIMEOUT)
+            except ValueError as e:  # WORLD_SIZE set without the rest of a launcher's variables (RANK, MASTER_ADDR)
+                raise KDCacheError(f"WORLD_SIZE={world}, but {first_line(e).rpartition(': ')[2] or first_line(e)}; "
+                                   "start the ranks with torchrun --nproc_per_node N, or unset WORLD_SIZE for one "
+                                   "process") from None
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0), owns)
 
     @property

@@ -886,6 +886,20 @@ def test_user_errors_name_the_commands_own_next_step(capsys, monkeypatch):
         raise RuntimeError("Connection closed by peer")
 
 
+def test_world_size_without_a_launcher_is_one_line(root, teacher_file, monkeypatch):
+    """WORLD_SIZE left set without torchrun's other variables: torch's rendezvous ValueError was a traceback."""
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)])
+    assert res.exit_code == 2 and res.stderr.startswith("error: WORLD_SIZE=2, but environment variable RANK "
+                                                        "expected") and "torchrun" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    monkeypatch.setenv("RANK", "0")
+    res = runner.invoke(app, ["train-student", "--cache", "x.zarr"])
+    assert res.exit_code == 2 and "but environment variable MASTER_ADDR expected" in res.stderr, res.output
+
+
 def test_teacher_checks_its_out_before_training(root, monkeypatch):
     import pipeline.teacher_train as tt
 
