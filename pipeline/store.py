@@ -74,15 +74,16 @@ def require_backend(url: str) -> None:
     install: say which one is missing instead of failing later as if the store were something else."""
     import fsspec
 
-    protocol = url.split("://", 1)[0]
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ImportError as e:
-        raise KDCacheError(f"{url}: {protocol}:// needs a package kdcache does not install "
-                           f"({first_line(e)}); pip install it into kdcache's environment") from None
-    except ValueError:
-        raise KDCacheError(f"{url}: fsspec knows no protocol '{protocol}://'; use a local path or a URL such as "
-                           "s3://bucket/folder or file:///folder") from None
+    for part in url.split("::"):  # a chained URL (simplecache::s3://...) needs every one of its protocols
+        protocol = part.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise KDCacheError(f"{url}: {protocol}:// needs a package kdcache does not install "
+                               f"({first_line(e)}); pip install it into kdcache's environment") from None
+        except ValueError:
+            raise KDCacheError(f"{url}: fsspec knows no protocol '{protocol}://'; use a local path or a URL such as "
+                               "s3://bucket/folder or file:///folder") from None
 
 
 def feature_array(layer: str) -> str:

@@ -364,6 +364,8 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     for name, v in arrays_of(local).items():
         np.testing.assert_array_equal(remote[name], v, err_msg=name)
     assert runner.invoke(app, ["verify", path]).exit_code == 0
+    res = runner.invoke(app, ["verify", f"simplecache::{path}"])  # a chained URL (was "fsspec knows no protocol")
+    assert res.exit_code == 0, res.output
     listed = json.loads(runner.invoke(app, ["ls", "--cache-dir", url_dir, "--json"]).stdout)
     on_disk = sum(f.stat().st_size for f in (root / "remote").rglob("*") if f.is_file())
     assert [c["path"] for c in listed] == [path] and listed[0]["bytes"] == on_disk and listed[0]["complete"]
@@ -395,7 +397,8 @@ def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monk
     monkeypatch.setattr(fsspec, "get_filesystem_class", no_s3fs)
     for args in (["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir", "s3://b/caches"],
                  ["verify", "s3://b/caches/x.zarr"], ["train-student", "--cache", "s3://b/caches/x.zarr"],
-                 ["ls", "--cache-dir", "s3://b/caches"], ["inspect", "s3://b/caches/x.zarr"]):
+                 ["ls", "--cache-dir", "s3://b/caches"], ["inspect", "s3://b/caches/x.zarr"],
+                 ["verify", "simplecache::s3://b/caches/x.zarr"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and "s3:// needs a package kdcache does not install (Install s3fs" in res.stderr, \
             (args, res.output)
