@@ -219,16 +219,22 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
 _HELD: dict[str, int] = {}  # lock files this process holds, with how many nested holders (repair -> teacher-cache)
 
 
-def _lock_file(path) -> str:
+def _lock_file(path) -> str | None:
     """`<store>.lock` beside the store, named from its absolute path: `--out .` locks `../<folder>.lock`, not a
-    stray `..lock` in the current folder."""
-    return os.path.abspath(str(path)) + ".lock"
+    stray `..lock` in the current folder. A file:// URL is the local folder it names (the same lock as that path);
+    other URLs (object stores) have none."""
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif is_url(path):
+        return None
+    return os.path.abspath(path) + ".lock"
 
 
 def writer(path) -> str | None:
     """Who holds the store's writer lock now ('pid N on HOST'), or None: a store being written is not broken."""
     lock = _lock_file(path)
-    if is_url(path) or not os.path.exists(lock) or _HELD.get(lock):
+    if lock is None or not os.path.exists(lock) or _HELD.get(lock):
         return None
     try:
         import fcntl
@@ -249,8 +255,9 @@ def writer_lock(path):
     """Hold the store's writer lock (`<path>.lock`, beside the store, so that creating the store cannot delete it)
     for the time one run writes. A second run on the same store would otherwise recreate it or clear the first's
     temporaries under it; it gets a one-line error instead. Released by the kernel however the holder ends, SIGKILL
-    included, so a killed run never leaves a stale lock. Object stores (URLs) have no such lock."""
-    if is_url(path):
+    included, so a killed run never leaves a stale lock. Object stores (URLs but file://) have no such lock."""
+    lock = _lock_file(path)
+    if lock is None:
         yield
         return
     try:
@@ -258,7 +265,6 @@ def writer_lock(path):
     except ImportError:  # not POSIX
         yield
         return
-    lock = _lock_file(path)
     if _HELD.get(lock):
         _HELD[lock] += 1
         try:

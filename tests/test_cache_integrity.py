@@ -367,7 +367,7 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     res = runner.invoke(app, ["verify", f"simplecache::{path}"])  # a chained URL (was "fsspec knows no protocol")
     assert res.exit_code == 0, res.output
     listed = json.loads(runner.invoke(app, ["ls", "--cache-dir", url_dir, "--json"]).stdout)
-    on_disk = sum(f.stat().st_size for f in (root / "remote").rglob("*") if f.is_file())
+    on_disk = sum(f.stat().st_size for f in (root / "remote").rglob("*") if f.is_file() and f.suffix != ".lock")
     assert [c["path"] for c in listed] == [path] and listed[0]["bytes"] == on_disk and listed[0]["complete"]
     info = json.loads(runner.invoke(app, ["inspect", path, "--json"]).stdout)
     assert info["bytes"] == on_disk and info["arrays"]["logits"]["stored_bytes"] == sum(
@@ -518,12 +518,18 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
         res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
                                   "--chunk-samples", "64", "--batch-size", "32", "--out", path, "--force"])
         assert res.exit_code == 2 and f"is writing {path}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        url = f"file://{Path(path).resolve()}/"  # the same folder by URL: the same lock (it had none, and rebuilt it)
+        res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
+                                  "--chunk-samples", "64", "--batch-size", "32", "--out", url, "--force"])
+        assert res.exit_code == 2 and f"(pid {holder.pid} on" in res.stderr and f"is writing {url}" in res.stderr
         res = runner.invoke(app, ["repair", path])
         assert res.exit_code == 0 and "nothing to repair" in res.output  # a complete store needs no lock to check
         g = st.open_group(path, "r+")
         g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # as while it is being written
         res = runner.invoke(app, ["verify", path])  # work in progress, not damage
         assert res.exit_code == 2 and f"{path} is being written now (pid {holder.pid} on" in res.stderr
+        res = runner.invoke(app, ["verify", url])
+        assert res.exit_code == 2 and f"{url} is being written now (pid {holder.pid} on" in res.stderr
         res = runner.invoke(app, ["repair", path])  # says when to repair, not to verify
         assert res.exit_code == 2 and "is being written now" in res.stderr and "repair it when" in res.stderr
         res = runner.invoke(app, ["train-student", "--cache", path, "--workers", "0"])  # not "killed: resume it"
