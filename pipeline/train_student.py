@@ -334,8 +334,13 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | Non
                            "--overwrite instead of --resume to start over")
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
-        raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({', '.join(differ)}); "
-                           "resume with the same flags, or use --overwrite instead of --resume to start over")
+        def shown(v):  # a setting's value, short enough for one line
+            text = json.dumps(v, default=str)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        was = "; ".join(f"{k}: {shown(saved.get(k))} there, {shown(now.get(k))} now" for k in differ)
+        raise KDCacheError(f"--resume: the run in {run_dir} was made with other settings ({was}); resume with the "
+                           "same flags, or use --overwrite instead of --resume to start over")
     return state
 
 

@@ -726,7 +726,7 @@ def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, mo
         with pytest.raises(KeyboardInterrupt):
             run_train_student(StudentConfig(out="cut", **common), log=lambda *_: None)
     assert not Path("cut/summary.json").exists() and Path("cut/checkpoint.pt").exists()
-    with pytest.raises(KDCacheError, match="other settings \\(lr\\)"):
+    with pytest.raises(KDCacheError, match="other settings \\(lr: 0.05 there, 0.01 now\\)"):
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"lr": 0.01})), log=lambda *_: None)
     res = runner.invoke(app, ["train-student", "--cache", path, "--loss", "kd=1,fitnets=1", "--fitnets-hint",
                               "layer2", "--fitnets-guided", "block1", "--fitnets-hint-epochs", "1", "--epochs", "4",
@@ -954,9 +954,9 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
                   workers=1, seed=0)
     whole = run_train_student(StudentConfig(out="whole", **common), log=lambda *_: None)
     _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(out="cut", **common))
-    with pytest.raises(KDCacheError, match="other settings \\(workers\\)"):
+    with pytest.raises(KDCacheError, match="other settings \\(workers: 1 there, 0 now\\)"):
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
-    with pytest.raises(KDCacheError, match="other settings \\(loss\\)"):
+    with pytest.raises(KDCacheError, match="other settings \\(loss: \\[\\[\"kd\", 1.0\\]\\] there, \\[\\[\"kd\", 2.0\\]\\] now\\)"):
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"loss": "kd=2"})), log=lambda *_: None)
     # --loss compares by what it trains: kd=1 spelled otherwise, with a loss weighted 0 beside it, resumes
     cut = run_train_student(StudentConfig(out="cut", resume=True, **(common | {"loss": "kd = 1.0, ce=0"})),
