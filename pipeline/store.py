@@ -54,6 +54,20 @@ def is_url(path) -> bool:
     return "://" in str(path)
 
 
+def local_root(group) -> str | None:
+    """The folder of a store on this machine's disk, or None for an object store. A file:// URL is such a folder
+    too (zarr opens it through fsspec's local file system): its chunks get the same temporary-then-rename writes,
+    fsyncs and lost-unit checks as a plain path's, so `complete` vouches for the same."""
+    store = group.store
+    root = getattr(store, "root", None)
+    if root is not None:
+        return str(root)
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = getattr(store, "fs", None)
+    return store.path if isinstance(getattr(fs, "sync_fs", fs), LocalFileSystem) else None
+
+
 def join(folder, name: str) -> str:
     """`folder/name` for a local folder or a URL."""
     return f"{str(folder).rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
@@ -183,7 +197,7 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
     each chunk file is written to a temporary name and renamed into place, so a killed writer never leaves a
     half-written chunk under a real name; the commit marker is written last.
     """
-    root = getattr(group.store, "root", None)
+    root = local_root(group)
     manifest = group.attrs[MANIFEST_KEY]
     specs = manifest["arrays"]
     if root is None:  # remote stores (fsspec): zarr's own write path
@@ -297,7 +311,7 @@ def remove_temporaries(group) -> int:
     """Delete the temporary chunk files a killed writer left behind (never under a real chunk name, so they hold
     no data anyone reads, only disk). Call it only while no writer runs: before the writers start (with several
     writer processes, rank 0 before they meet at a barrier). Returns how many were removed."""
-    root = getattr(group.store, "root", None)
+    root = local_root(group)
     if root is None:
         return 0
     stale = list(Path(root).rglob(".*.tmp"))
@@ -311,7 +325,7 @@ def uncommit_lost_units(group) -> int:
     cause this (a chunk is renamed into place before its marker is written), but a power cut can: each chunk's
     data is fsynced before its rename, but the folders (the renames) and the markers only once, at the end. Local
     stores only. Returns how many units were reset."""
-    root = getattr(group.store, "root", None)
+    root = local_root(group)
     if root is None:
         return 0
     specs = group.attrs[MANIFEST_KEY]["arrays"]
@@ -388,7 +402,7 @@ def _fsync(path: str) -> None:
 def sync_store(group) -> None:
     """fsync every file and folder of a local store: what `complete` vouches for is on the disk, not only in the
     page cache, so not even a power cut can leave a store marked complete with chunks missing."""
-    root = getattr(group.store, "root", None)
+    root = local_root(group)
     if root is None:
         return  # object stores: a finished PUT is durable
     for folder, _dirs, files in os.walk(root):
@@ -411,7 +425,7 @@ def mark_complete(group, extra: dict) -> None:
         manifest["teacher"] = dict(manifest["teacher"], accuracy={"top1": top1, "on": "the cached inputs, every view"})
     manifest.update(extra, complete=True, completed=now(), distortion=measured)
     group.attrs[MANIFEST_KEY] = manifest
-    root = getattr(group.store, "root", None)
+    root = local_root(group)
     if root is not None:
         _fsync(os.path.join(root, "zarr.json"))
 

@@ -351,7 +351,8 @@ def test_bad_inputs(root, teacher_file):
 
 
 def test_cache_dir_as_fsspec_url(root, teacher_file):
-    """A URL cache dir goes through fsspec and zarr's own write path; its arrays equal a local cache's."""
+    """A URL cache dir goes through fsspec; its arrays equal a local cache's. A file:// store is a folder on this
+    disk and is written as one: chunks renamed into place, fsynced, a lost chunk found and redone on resume."""
     url_dir = f"file://{root / 'remote'}"
     path = run_teacher_cache(cfg(teacher_file, cache_dir=url_dir), log=lambda *_: None)
     assert path.startswith(url_dir) and path.endswith(".zarr")
@@ -363,6 +364,16 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     remote = arrays_of(root / "remote" / Path(local).name)
     for name, v in arrays_of(local).items():
         np.testing.assert_array_equal(remote[name], v, err_msg=name)
+    folder = root / "remote" / Path(local).name
+    g = st.open_group(path, "r+")
+    assert st.local_root(g) == str(folder) and not list(folder.rglob("*.tmp"))
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # a power cut lost a chunk's rename
+    st.chunk_file(folder, "logits", g.attrs[st.MANIFEST_KEY]["arrays"]["logits"], 1, 0).unlink()
+    logs = []
+    assert run_teacher_cache(cfg(teacher_file, cache_dir=url_dir), log=logs.append) == path
+    assert any("1 unit(s)" in m for m in logs), logs
+    for name, v in arrays_of(local).items():
+        np.testing.assert_array_equal(arrays_of(folder)[name], v, err_msg=name)
     assert runner.invoke(app, ["verify", path]).exit_code == 0
     res = runner.invoke(app, ["verify", f"simplecache::{path}"])  # a chained URL (was "fsspec knows no protocol")
     assert res.exit_code == 0, res.output
