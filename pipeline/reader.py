@@ -24,6 +24,7 @@ even a small buffer draws batches from random samples of the data.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -85,6 +86,21 @@ class SharedEpoch:
 def worker_init(_worker_id: int) -> None:
     """Loader workers decode and index; one intra-op thread each leaves the cores to the training process."""
     torch.set_num_threads(1)
+    sys.excepthook = _quiet_lost_connection(sys.excepthook)
+
+
+def _quiet_lost_connection(hook):
+    """A worker hands its batches' tensors over by file descriptor, served from a thread (multiprocessing's resource
+    sharer) that reports any failure through sys.excepthook. A training process stopped mid-transfer (SIGINT sent
+    to it alone, e.g. `kill -INT`, while its workers go on) resets that connection, and each worker printed a
+    ConnectionResetError / BrokenPipeError traceback under the one-line 'interrupted' message. A lost connection
+    to the training process is no error of the worker's: nothing is left to serve."""
+    def hook_(kind, value, tb):
+        if issubclass(kind, (ConnectionError, EOFError)):
+            return
+        hook(kind, value, tb)
+
+    return hook_
 
 
 def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -288,3 +288,32 @@ def test_a_lost_or_damaged_chunk_stops_the_stream_instead_of_training_on_it(root
     f.write_bytes(bytes(data))
     with pytest.raises(KDCacheError, match=r"cannot read features/layer2 samples 64-127 from .*kdcache verify"):
         list(stream())
+
+
+def test_worker_is_quiet_when_the_training_process_drops_a_transfer():
+    """A loader worker serves its batches' file descriptors from multiprocessing's resource-sharer thread. A
+    training process stopped by SIGINT sent to it alone (`kill -INT PID`) drops the connection mid-handshake, and
+    each worker printed a BrokenPipeError / ConnectionResetError traceback under the one-line 'interrupted'. Here
+    the dropped connection is made by hand, in a process set up as worker_init sets up a loader worker."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import os, socket, time
+from multiprocessing import resource_sharer
+from pipeline.reader import worker_init
+worker_init(0)
+r, _ = os.pipe()
+address, _key = resource_sharer.DupFd(r)._id   # this process's resource-sharer server, as a batch handed over
+s = socket.socket(socket.AF_UNIX)
+s.connect(address)
+s.close()                                       # the training process gone mid-handshake
+time.sleep(0.5)                                 # the server thread meets the broken connection
+print("done")
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
