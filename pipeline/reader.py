@@ -169,12 +169,16 @@ class CacheStream(IterableDataset):
         learning-rate schedule counts every epoch's own). `everyone`: the fewest any rank gets (what every rank can
         step)."""
         def of_rank(rank: int) -> int:
-            total = 0
+            sizes = []  # each worker's batches, as row counts
             for w in range(max(1, num_workers)):
                 rows = sum(self.blocks[b][1] - self.blocks[b][0]
                            for b in self.block_order(w, max(1, num_workers), rank, epoch))
-                total += rows // self.batch_size if self.drop_last else len(batch_bounds(rows, self.batch_size))
-            return total
+                sizes.append([self.batch_size] * (rows // self.batch_size) if self.drop_last
+                             else [e - s for s, e in batch_bounds(rows, self.batch_size)])
+            delivered = []  # in the order the DataLoader takes them: from its workers in turn
+            while any(sizes):
+                delivered += [q.pop(0) for q in sizes if q]
+            return len(list(join_single_rows(delivered, self.batch_size, rows=int, merge=lambda a, b: a + b)))
 
         return min(of_rank(r) for r in range(self.world)) if everyone else of_rank(self.rank)
 
@@ -349,6 +353,43 @@ class CacheStream(IterableDataset):
         out["view"] = torch.from_numpy(picked)  # which view each row is (0 without views)
         out["x"] = x  # uint8: normalised on the device
         return out
+
+
+class SingleRowsJoined:
+    """The loader's batches, a batch of a single row joined to the next one (see `join_single_rows`): what the
+    student stage trains on. `CacheStream.batches_per_epoch` counts these."""
+
+    def __init__(self, loader: DataLoader, batch_size: int):
+        self.loader, self.batch_size = loader, batch_size
+
+    def __iter__(self):
+        return join_single_rows(self.loader, self.batch_size)
+
+
+def join_single_rows(batches, batch_size: int, rows=lambda b: len(b["index"]),
+                     merge=lambda a, b: {k: torch.cat([a[k], b[k]]) for k in a}):
+    """The batches, each one of a single row joined to the batch after it (the last one: to the batch before).
+    Each worker joins its own last single row to its own batch before (`_batches`), but a worker whose whole share
+    of an epoch is one row (a store's 1-row last chunk dealt to a worker with no other chunk) has none to join it
+    to: BatchNorm cannot train on it (torch raises on a 1x1 map), and the run stopped in whichever epoch dealt the
+    chunk so. A batch size of 1 is the user's choice and kept."""
+    if batch_size <= 1:
+        yield from batches
+        return
+    held = single = None
+    for b in batches:
+        if single is not None:
+            b, single = merge(single, b), None
+        if rows(b) == 1:
+            single = b
+            continue
+        if held is not None:
+            yield held
+        held = b
+    if single is not None:
+        held = single if held is None else merge(held, single)
+    if held is not None:
+        yield held
 
 
 def _place_rows(head: torch.Tensor | None, tail: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_w
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module,
                              resolve_modules, stop_after)
-from pipeline.reader import CacheStream, check_rows, make_loader
+from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
 from pipeline.store import is_url, open_store, versions
 
 
@@ -450,7 +450,7 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
     # Every rank sets up; a failure on any (a bad flag, data that differs) stops all with its one line, instead of
     # leaving the others to die waiting on the first gradient all-reduce.
     store, s, stream, state, run_dir = ranks.together(_set_up, cfg, weights, log, ranks)
-    loader = make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda")
+    loader = SingleRowsJoined(make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda"), cfg.batch_size)
     targets = stream.targets
     codecs = {t: store.codec(t) for t in targets}
 
