@@ -60,6 +60,10 @@ class Codec:
         """Per-element error of stored (decoded) values against a fresh float32 computation, as TOLERANCE means."""
         return (decoded - fresh).abs() / fresh.abs().clamp_min(1.0)
 
+    def max_abs(self, decoded: torch.Tensor, fresh: torch.Tensor) -> float:
+        """The largest absolute difference between the values the codec keeps and a fresh computation."""
+        return float((decoded - fresh).abs().max()) if fresh.numel() else 0.0
+
 
 class FloatCodec(Codec):
     def __init__(self, dtype: str):
@@ -183,6 +187,11 @@ class TopKCodec(Codec):
         p_dec, p_fresh = F.softmax(decoded, 1), F.softmax(fresh, 1)
         tail_err = (1 - p_dec.gather(1, k_idx).sum(1) - (1 - p_fresh.gather(1, k_idx).sum(1))).abs()
         return torch.cat([kept, tail_err[:, None]], 1)
+
+    def max_abs(self, decoded, fresh):
+        # Over the kept logits: the other classes share one logit by design, far from each of theirs.
+        k_idx = fresh.topk(self.k, dim=1).indices
+        return super().max_abs(decoded.gather(1, k_idx), fresh.gather(1, k_idx))
 
 
 def make_codec(config: dict, shape: tuple[int, ...] | None = None) -> Codec:
