@@ -486,6 +486,20 @@ def test_fitnets_vector_hint_uses_linear_regressor():
     close(parts["fitnets"], h_mse(u.numpy(), ref))
 
 
+@pytest.mark.parametrize("s_shape,t_shape", [((6,), (3, 1, 1)), ((6, 1, 1), (3,))])
+def test_fitnets_pooled_map_beside_a_vector_is_a_vector(s_shape, t_shape):
+    """A 1x1 map (a pooled layer, e.g. the teacher's avgpool) beside a vector layer (e.g. the student's embed): a
+    linear regressor on the flattened values, MSE against the flattened hint."""
+    n = 4
+    f = make_fitnets(s_shape, t_shape)
+    assert isinstance(f.regressor, torch.nn.Linear) and f.regressor.weight.shape == (3, 6)
+    v, u = randn(n, *s_shape, seed=57), randn(n, *t_shape, seed=58)
+    W, bias = f.regressor.weight.detach().numpy(), f.regressor.bias.detach().numpy()
+    ref = v.numpy().reshape(n, 6) @ W.T + bias
+    parts = f(Batch(None, {"block2": v}, {"features/layer3": u}, None))
+    close(parts["fitnets"], h_mse(u.numpy().reshape(n, 3), ref))
+
+
 def test_fitnets_loss_zero_when_projection_hits_hint_and_trains_regressor():
     f = make_fitnets((2, 4, 4), (3, 4, 4))
     v = randn(2, 2, 4, 4, seed=55)

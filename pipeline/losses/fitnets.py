@@ -6,7 +6,8 @@ summed; the mean over elements keeps the weight independent of the hint's size.)
 
 The regressor is a 3x3 convolution c_s -> c_t (padding 1: spatial size kept). When the spatial sizes differ, the
 student map is first resized to (h_t, w_t): adaptive average pooling when larger, bilinear upsampling when smaller.
-Hints that are vectors (n, d) use a linear regressor.
+Hints that are vectors (n, d) use a linear regressor; a 1x1 map (n, c, 1, 1), such as a pooled layer, counts as
+the vector (n, c) when the other side is a vector.
 
 Schedule (chosen in the student stage): `two-stage` trains the student up to the guided layer plus r on this loss
 alone for the hint epochs, then the whole student with the other losses (the paper); `single` adds this loss with
@@ -22,8 +23,15 @@ from pipeline.losses.base import Batch, DistillLoss
 from pipeline.store import feature_array
 
 
+def _vector_of(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(c, 1, 1) -> (c,): a pooled map holds one value per channel, as a vector does."""
+    return shape[:1] if len(shape) == 3 and tuple(shape[1:]) == (1, 1) else shape
+
+
 def make_regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
-    """Shapes exclude the batch axis: (c, h, w) maps or (d,) vectors."""
+    """Shapes exclude the batch axis: (c, h, w) maps or (d,) vectors; a 1x1 map beside a vector is a vector."""
+    if (len(student_shape) == 1) != (len(teacher_shape) == 1):
+        student_shape, teacher_shape = _vector_of(tuple(student_shape)), _vector_of(tuple(teacher_shape))
     if len(student_shape) == 3 and len(teacher_shape) == 3:
         return nn.Conv2d(student_shape[0], teacher_shape[0], kernel_size=3, padding=1)
     if len(student_shape) == 1 and len(teacher_shape) == 1:
@@ -50,7 +58,9 @@ class FitNets(DistillLoss):
         return [self.guided]
 
     def project(self, v):
-        """r(v) with the teacher hint's shape."""
+        """r(v) with the teacher hint's shape (a vector, for a linear regressor)."""
+        if isinstance(self.regressor, nn.Linear):
+            return self.regressor(v.flatten(1))
         if v.dim() == 4:
             th, tw = self.teacher_shape[1:]
             if v.shape[-2:] != (th, tw):
@@ -62,4 +72,5 @@ class FitNets(DistillLoss):
 
     def forward(self, batch: Batch):
         u = batch.teacher[self.hint_array]
-        return {"fitnets": F.mse_loss(self.project(batch.student_feats[self.guided]), u)}
+        r = self.project(batch.student_feats[self.guided])
+        return {"fitnets": F.mse_loss(r, u.flatten(1) if r.dim() == 2 else u)}
