@@ -185,7 +185,9 @@ class CacheStream(IterableDataset):
     def _open(self):
         if self._group is None:  # lazily, in the worker process that reads
             self._group = self.store.open_group()
-            for name in {"index", "labels", "aug/box", "aug/flip", *self.arrays} & set(self.store.arrays):
+            # labels only when used: --no-labels reads none (a damaged labels chunk cannot stop such a run)
+            wanted = {"index", "aug/box", "aug/flip", *self.arrays, *(["labels"] if self.use_labels else [])}
+            for name in wanted & set(self.store.arrays):
                 shape, itemsize = self.store.shape(name), np.dtype(self.store.arrays[name]["dtype"]).itemsize
                 if int(np.prod(shape)) * itemsize <= SMALL_ARRAY_BYTES:
                     self._memory[name] = self._fetch(name, 0, shape[0])

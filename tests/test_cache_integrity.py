@@ -841,6 +841,12 @@ def test_swapped_index_or_labels_chunks_are_refused_by_train_student(root, teach
     # --no-labels reads no labels, so swapped label chunks do not stop it
     (path / "labels" / "c" / "0").write_bytes((path / "labels" / "c" / "1").read_bytes())
     assert runner.invoke(app, train[:-1] + ["run2", "--no-labels"]).exit_code == 0
+    # ... nor does a labels chunk that fails its checksum: it is never read
+    raw = bytearray((path / "labels" / "c" / "0").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (path / "labels" / "c" / "0").write_bytes(bytes(raw))
+    res = runner.invoke(app, train[:-1] + ["run3", "--no-labels"])
+    assert res.exit_code == 0, res.output
 
 
 def test_verify_recompute_skips_damaged_chunks_and_reports_them(root, teacher_file):
