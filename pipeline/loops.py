@@ -150,7 +150,7 @@ def sgd(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
-def adamw(params, lr: float, weight_decay: float = 0.05) -> torch.optim.Optimizer:
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -167,7 +167,7 @@ def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int,
         g["lr"] = lr
 
 
-def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Batch augmentation for teacher training: random translation by up to `pad` pixels and horizontal flip."""
     n, _c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="constant", value=float(x.min()))
@@ -177,7 +177,6 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: 
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(-1, x.shape[1], h, -1)
     out = out.gather(3, cols)
-    if flip:
-        f = torch.rand(n, generator=gen) < 0.5
-        out[f] = out[f].flip(-1)
+    f = torch.rand(n, generator=gen) < 0.5
+    out[f] = out[f].flip(-1)
     return out

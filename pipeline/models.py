@@ -303,11 +303,6 @@ def check_outputs(model_name: str, names: list[str], feats: dict, flag: str) -> 
                            + (f", e.g. its parent '{parent}'" if parent else ""))
 
 
-def overwritten_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
-    """The named modules whose output a later in-place operation changes during a forward on `x`."""
-    return probe_forward(model, names, x)[2]
-
-
 def fingerprint_module(model: nn.Module, params_only: bool = False) -> str:
     """sha256 over the state_dict (names, shapes, dtypes and bytes): identifies the weights, not the file.
     `params_only`: the trainable parameters alone (not buffers such as BatchNorm's running statistics)."""
@@ -370,7 +365,7 @@ def capture(model: nn.Module, names: list[str], copy=None):
     The next module may change an output in place (torchvision's ResNets follow `bn1` with `ReLU(inplace=True)`,
     and add the shortcut into `bn2`'s output with `+=`), and the module's output is what was asked for: the outputs
     named in `copy` are stored as copies (differentiable, so hooked student layers still train); `copy=None` copies
-    all of them. `overwritten_outputs` finds which need it, so a teacher copies none it does not have to."""
+    all of them. `probe_forward` finds which need it, so a teacher copies none it does not have to."""
     outputs = Outputs()
     handles = []
     for name, mod in resolve_modules(model, names).items():

@@ -26,15 +26,15 @@ def test_capture_keeps_the_output_a_later_inplace_op_overwrites():
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
-def test_overwritten_outputs_finds_the_modules_an_inplace_op_rewrites():
-    from pipeline.models import overwritten_outputs
+def test_probe_forward_finds_the_modules_an_inplace_op_rewrites():
+    from pipeline.models import probe_forward
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3))
     x = torch.randn(5, 1, 8, 8)
     model(x)
     model.eval()
-    assert overwritten_outputs(model, ["0", "1", "4"], x) == {"1"}
+    assert probe_forward(model, ["0", "1", "4"], x)[2] == {"1"}  # the modules an in-place op rewrites
     with torch.no_grad():
         expected = model[1](model[0](x))
     with torch.no_grad(), capture(model, ["1"], copy=set()) as feats:  # a reference: rewritten by the ReLU
