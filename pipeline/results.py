@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 from pathlib import Path
+from typing import Callable
 
 from pipeline.data import data_root
 
@@ -175,6 +176,17 @@ def write_readme(md: str, start: str = START, end: str = END, readme: Path = Pat
     readme.write_text(f"{head}{start}\n{md}{end}{tail}")
 
 
+def publish(render: Callable[[], str], to_readme: bool, start: str = START, end: str = END) -> None:
+    """Print the table `render()` makes; with `to_readme` (--write-readme) also put it between the README's
+    markers, which are checked before `render()` runs: a README without them fails now, not after hours of runs."""
+    if to_readme:
+        check_readme(start, end)
+    md = render()
+    print(md)
+    if to_readme:
+        write_readme(md, start, end)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=15)
@@ -183,16 +195,13 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/results.json.")
     a = ap.parse_args()
-    if a.write_readme:
-        check_readme()
-    if a.table_only:
-        r = json.loads((data_root() / "results" / "results.json").read_text())
-    else:
-        r = run(a.epochs, [int(s) for s in a.seeds.split(",")], a.workers)
-    md = table(r)
-    print(md)
-    if a.write_readme:
-        write_readme(md)
+
+    def result() -> dict:
+        if a.table_only:
+            return json.loads((data_root() / "results" / "results.json").read_text())
+        return run(a.epochs, [int(s) for s in a.seeds.split(",")], a.workers)
+
+    publish(lambda: table(result()), a.write_readme)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import check_readme, machine, write_readme
+from pipeline.results import machine, publish
 
 START, END = "<!-- codecs:start -->", "<!-- codecs:end -->"
 CHOICES = [  # (label, teacher-cache flags)
@@ -70,12 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-readme", action="store_true")
     a = ap.parse_args()
-    if a.write_readme:
-        check_readme(START, END)
-    md = table(run())
-    print(md)
-    if a.write_readme:
-        write_readme(md, START, END)
+    publish(lambda: table(run()), a.write_readme, START, END)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ import statistics
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import (_fmt, cache_seconds, check_readme, fmt_seconds, machine, reuse_or_run, schedule,
-                              write_readme)
+from pipeline.results import _fmt, cache_seconds, fmt_seconds, machine, publish, reuse_or_run, schedule
 
 START, END = "<!-- views:start -->", "<!-- views:end -->"
 # Random-resized crops on top of the teacher's own training augmentation (translate=2,flip): the kind of policy
@@ -132,17 +131,14 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/views.json.")
     a = ap.parse_args()
-    if a.write_readme:
-        check_readme(START, END)
-    if a.table_only:
-        r = json.loads((data_root() / "results" / "views.json").read_text())
-    else:
-        r = run(a.epochs, [int(s) for s in a.seeds.split(",")], [int(v) for v in a.views.split(",")],
-                a.augment or POLICIES, a.loss, a.workers)
-    md = table(r)
-    print(md)
-    if a.write_readme:
-        write_readme(md, START, END)
+
+    def result() -> dict:
+        if a.table_only:
+            return json.loads((data_root() / "results" / "views.json").read_text())
+        return run(a.epochs, [int(s) for s in a.seeds.split(",")], [int(v) for v in a.views.split(",")],
+                   a.augment or POLICIES, a.loss, a.workers)
+
+    publish(lambda: table(result()), a.write_readme, START, END)
 
 
 if __name__ == "__main__":
