@@ -2,8 +2,8 @@
 
 Specs:
 - `fashion-mnist[:train|:test]`  the folder KDCACHE_FASHION_MNIST_DIR names when set, else Debian's
-  dataset-fashion-mnist when present, else data/datasets/ (torchvision's download), else a clear error saying how
-  to get it.
+  dataset-fashion-mnist when present, else data/datasets/ (downloaded there by torchvision when missing), else a
+  clear error saying how to get it.
 - `imagefolder:DIR`  class sub-folders give labels; a flat folder of images is unlabelled.
 - `synthetic:N:CxHxW[:CLASSES[:SEED]]`  deterministic, learnable images for tests and benchmarks.
 

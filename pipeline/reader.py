@@ -92,9 +92,9 @@ def worker_init(_worker_id: int) -> None:
 def _quiet_lost_connection(hook):
     """A worker hands its batches' tensors over by file descriptor, served from a thread (multiprocessing's resource
     sharer) that reports any failure through sys.excepthook. A training process stopped mid-transfer (SIGINT sent
-    to it alone, e.g. `kill -INT`, while its workers go on) resets that connection, and each worker printed a
+    to it alone, e.g. `kill -INT`, while its workers go on) resets that connection, and each worker would print a
     ConnectionResetError / BrokenPipeError traceback under the one-line 'interrupted' message. A lost connection
-    to the training process is no error of the worker's: nothing is left to serve."""
+    to the training process is no error of the worker's: nothing is left to serve, so this hook drops it."""
     def hook_(kind, value, tb):
         if issubclass(kind, (ConnectionError, EOFError)):
             return
@@ -373,8 +373,8 @@ def join_single_rows(batches, batch_size: int, rows=lambda b: len(b["index"]),
     """The batches, each one of a single row joined to the batch after it (the last one: to the batch before).
     Each worker joins its own last single row to its own batch before (`_batches`), but a worker whose whole share
     of an epoch is one row (a store's 1-row last chunk dealt to a worker with no other chunk) has none to join it
-    to: BatchNorm cannot train on it (torch raises on a 1x1 map), and the run stopped in whichever epoch dealt the
-    chunk so. A batch size of 1 is the user's choice and kept."""
+    to: BatchNorm cannot train on it (torch raises on a 1x1 map), and the run would stop in whichever epoch dealt
+    the chunk so. A batch size of 1 is the user's choice and kept."""
     if batch_size <= 1:
         yield from batches
         return
