@@ -23,7 +23,7 @@ from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
 from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text
 from pipeline.loops import batch_bounds
-from pipeline.models import capture, load_teacher, teacher_classes
+from pipeline.models import capture, fingerprint_module, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
 from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir, setup,
@@ -85,6 +85,25 @@ class OnlineStream(IterableDataset):
             yield out
 
 
+def _teacher(cfg: OnlineConfig) -> tuple[Source, torch.nn.Module, dict]:
+    """The data and the teacher (built on the CPU, its weights loaded, in eval mode) with its weights file's meta."""
+    source = open_source(cfg.data or "fashion-mnist:train")
+    probe_tf = default_transform(source)
+    teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
+                                 source.num_classes, probe_tf.channels, probe_tf.size[0])
+    return source, teacher, meta
+
+
+def identity(cfg: OnlineConfig, source: Source | None = None, teacher: torch.nn.Module | None = None) -> dict:
+    """What an online run's targets come from, by content: the teacher's weights and the data (their
+    fingerprints, as a cache key has them). Recorded with every run; results reuse a run only where both are still
+    the same: `make teacher` retrains the default teacher under the same file name, and the config names only it."""
+    if source is None or teacher is None:
+        with torch.random.fork_rng():  # building the teacher draws initial weights; leave the caller's numbers be
+            source, teacher, _ = _teacher(cfg)
+    return {"teacher": fingerprint_module(teacher), "data": source.fingerprint()}
+
+
 def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     weights = loss_weights(cfg)
     validate(cfg, weights)
@@ -96,11 +115,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     check_out(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    source = open_source(cfg.data or "fashion-mnist:train")
-    probe_tf = default_transform(source)
-    teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
-                                 source.num_classes, probe_tf.channels, probe_tf.size[0])
-    tf = Transform.from_dict(meta["transform"]) if "transform" in meta else probe_tf
+    source, teacher, meta = _teacher(cfg)
+    tf = Transform.from_dict(meta["transform"]) if "transform" in meta else default_transform(source)
     policy = AugmentPolicy.parse(cfg.augment)
     check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]))
     use_labels = source.labelled and not cfg.no_labels
@@ -119,7 +135,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     teacher.to(s.device).eval()
     run_dir = open_run_dir(cfg, tag="online-")
     write_config(run_dir, {"config": asdict(cfg), "online": True, "augment": policy.spec(), "replay": REPLAY_VERSION,
-                           "student_init": STUDENT_INIT, "device": str(s.device)})
+                           "student_init": STUDENT_INIT, "identity": identity(cfg, source, teacher),
+                           "device": str(s.device)})
     stream = OnlineStream(source, tf, policy, cfg.batch_size, cfg.seed, cfg.aug_seed, use_labels)
     loader = make_loader(stream, cfg.workers)
     cuda = s.device.type == "cuda"

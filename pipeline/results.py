@@ -67,10 +67,25 @@ def reuse_or_run(cfg, fn, log=print) -> dict:
         stale_views = augmented_online and saved.get("replay", 1) != REPLAY_VERSION
         # ... and one whose student started from other weights than the cached runs of its seed is no pair to them
         stale_views = stale_views or (saved.get("online") and saved.get("student_init", 1) != STUDENT_INIT)
-        if not stale_views and recorded == same_run(json.loads(json.dumps(asdict(cfg), default=str)), key):
+        if not stale_views and recorded == same_run(json.loads(json.dumps(asdict(cfg), default=str)), key) and (
+                # ... nor one taught by another teacher (retrained under the same name) or on other data: a cached
+                # run's store key covers both, an online run records them (`online.identity`)
+                not saved.get("online") or saved.get("identity") == _online_identity(cfg)):
             log(f"reusing the finished run in {out}")
             return json.loads((out / "summary.json").read_text())
     return fn(replace(cfg, overwrite=True), log=lambda m: None)  # a stale or unfinished run there is redone
+
+
+def _online_identity(cfg) -> dict | None:
+    """The teacher and data an online run with `cfg` would have now (None when they cannot be opened: the rerun
+    says why)."""
+    from pipeline.errors import KDCacheError
+    from pipeline.online import identity
+
+    try:
+        return identity(cfg)
+    except KDCacheError:
+        return None
 
 
 def cache_seconds(manifest: dict) -> tuple[float | None, bool]:

@@ -433,6 +433,33 @@ def test_results_rerun_an_online_run_made_by_another_view_replay(root, teacher_f
     assert len(calls) == 2
 
 
+def test_results_rerun_an_online_run_whose_teacher_or_data_changed(root, teacher_file):
+    """An online run's teacher is its targets: retrained under the same file name (as `make teacher` does on a
+    fresh machine), the finished run was taught by another teacher and is rerun, as the cached arms' new cache key
+    reruns theirs; so is one whose data changed under the same spec. The same teacher and data: reused."""
+    from pipeline.online import OnlineConfig, run_online_kd
+    from pipeline.results import reuse_or_run
+
+    cfg = OnlineConfig(data=SYN, weights=str(teacher_file), augment="crop=0.5-1,flip", epochs=1, batch_size=32,
+                       workers=0, test_data=SYN_TEST, out="online")
+    first = reuse_or_run(cfg, run_online_kd)
+    calls = []
+    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and not calls   # same teacher: reused
+    save_teacher(teacher_file, seed=1)                                                # retrained in place
+    reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
+    assert calls == [replace(cfg, overwrite=True)]
+    save_teacher(teacher_file, seed=0)                                                # the first one again
+    assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and len(calls) == 1
+    saved = json.loads(Path("online/config.json").read_text())
+    Path("online/config.json").write_text(json.dumps(saved | {"identity": {**saved["identity"], "data": "x"}}))
+    reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
+    assert len(calls) == 2
+    del saved["identity"]  # made before online runs recorded their teacher: which one taught it is unknown
+    Path("online/config.json").write_text(json.dumps(saved))
+    reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
+    assert len(calls) == 3
+
+
 def test_help_is_instant_and_names_every_flag_whole():
     """`kdcache --help` imports neither torch nor zarr (a subprocess, so this process's imports do not count), and
     an 80-column help prints each flag's full name (rich's option table truncated the long ones)."""
