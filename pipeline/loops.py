@@ -41,7 +41,8 @@ def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float
 
 def save_whole(obj, path: Path, then: str) -> None:
     """torch.save to a temporary name, then rename: a kill or a full disk never leaves a truncated file under the
-    real name. torch reports a full disk as a RuntimeError from its zip writer, not an OSError."""
+    real name, nor a half-written one under the temporary name. torch reports a full disk as a RuntimeError from its
+    zip writer, not an OSError."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
@@ -49,6 +50,9 @@ def save_whole(obj, path: Path, then: str) -> None:
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
         raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
+    except BaseException:  # Ctrl-C mid-write: no half-written file left behind under the temporary name either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_whole(path: Path, text: str, then: str) -> None:
@@ -60,6 +64,9 @@ def write_text_whole(path: Path, text: str, then: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -858,11 +858,23 @@ def test_teacher_save_failure_and_interrupt_say_what_to_do(root, monkeypatch):
         res.stderr, res.output
     assert not Path("t.pt").exists() and not Path("t.pt.tmp").exists()
 
+    def ctrl_c(obj, f, *a, **k):  # Ctrl-C while the weights are being written
+        Path(f).write_bytes(b"PK partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loops.torch, "save", ctrl_c)
+        res = runner.invoke(app, ["teacher", "--data", SYN, "--epochs", "1", "--out", "t.pt"])
+    assert res.exit_code == 130 and "its training starts over" in res.stderr, res.output
+    assert not Path("t.pt").exists() and not Path("t.pt.tmp").exists()  # no half-written weights under any name
+    res = runner.invoke(app, ["teacher", "--data", SYN, "--epochs", "1", "--out", "t.pt"])  # as it says: re-run
+    assert res.exit_code == 0 and Path("t.pt").is_file() and Path("t.json").is_file(), res.output
+
     def interrupted(cfg, log):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tt, "run_teacher_train", interrupted)
-    res = runner.invoke(app, ["teacher", "--data", SYN, "--out", "t.pt"])
+    res = runner.invoke(app, ["teacher", "--data", SYN, "--out", "t2.pt"])
     assert res.exit_code == 130 and "its training starts over" in res.stderr
 
 
