@@ -173,11 +173,12 @@ def table(r: dict) -> str:
 
 
 def check_readme(start: str = START, end: str = END, readme: Path = Path("README.md")) -> str:
-    """The README's text, refused (before a long run, not after it) when it lacks the section's markers."""
+    """The README's text, refused (before a long run, not after it) when it lacks the section's markers, the end
+    marker after the start marker (what `write_readme` replaces)."""
     from pipeline.errors import KDCacheError
 
     text = readme.read_text() if readme.is_file() else ""
-    if start not in text or end not in text:
+    if start not in text or end not in text.split(start, 1)[1]:
         raise KDCacheError(f"{readme.resolve()} has no {start} ... {end} markers; run from the project's folder, or "
                            "leave out --write-readme")
     return text

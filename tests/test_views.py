@@ -550,3 +550,22 @@ def test_a_store_made_before_the_crop_fallback_check_is_still_verified_repaired_
     assert res.exit_code == 0 and "cache hit" in res.stderr, res.output
     res = runner.invoke(app, ["teacher-cache", *flags, "--out", "new.zarr"])
     assert res.exit_code == 2 and "fall back to a fixed centre crop" in res.stderr and not Path("new.zarr").exists()
+
+
+def test_readme_tables_are_refused_before_the_run_unless_the_markers_enclose_a_section(root):
+    """check_readme (run before hours of results) refuses what write_readme (run after them) cannot use: markers
+    missing, or the end marker before the start marker. Markers in order: only the text between them changes."""
+    from pipeline.errors import KDCacheError
+    from pipeline.results import END, START, check_readme, write_readme
+
+    readme = Path("R.md")
+    for text in ("no markers\n", f"a\n{START}\nb\n", f"a\n{END}\nb\n{START}\nc\n"):
+        readme.write_text(text)
+        with pytest.raises(KDCacheError, match="markers"):
+            check_readme(START, END, readme)
+        with pytest.raises(KDCacheError, match="markers"):
+            write_readme("table\n", START, END, readme)
+        assert readme.read_text() == text
+    readme.write_text(f"a\n{END}\n{START}\nold\n{END}\nz\n")  # an end before the section is text like any other
+    write_readme("table\n", START, END, readme)
+    assert readme.read_text() == f"a\n{END}\n{START}\ntable\n{END}\nz\n"
