@@ -203,6 +203,20 @@ def publish(render: Callable[[], str], to_readme: bool, start: str = START, end:
         write_readme(md, start, end)
 
 
+def one_line_errors(main) -> None:
+    """Run a results command's `main` as the kdcache CLI runs a command: a refusal (KDCacheError) is one line on
+    stderr and exit 2, not a traceback. `make results*` run these modules directly, not through the CLI."""
+    import sys
+
+    from pipeline.errors import KDCacheError
+
+    try:
+        main()
+    except KDCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=15)
@@ -221,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

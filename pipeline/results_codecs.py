@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import machine, publish
+from pipeline.results import machine, one_line_errors, publish
 
 START, END = "<!-- codecs:start -->", "<!-- codecs:end -->"
 CHOICES = [  # (label, teacher-cache flags)
@@ -74,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -22,7 +22,8 @@ import statistics
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import _fmt, cache_seconds, fmt_seconds, machine, publish, reuse_or_run, schedule
+from pipeline.results import (_fmt, cache_seconds, fmt_seconds, machine, one_line_errors, publish, reuse_or_run,
+                              schedule)
 
 START, END = "<!-- views:start -->", "<!-- views:end -->"
 # Random-resized crops on top of the teacher's own training augmentation (translate=2,flip): the kind of policy
@@ -142,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -569,3 +569,20 @@ def test_readme_tables_are_refused_before_the_run_unless_the_markers_enclose_a_s
     readme.write_text(f"a\n{END}\n{START}\nold\n{END}\nz\n")  # an end before the section is text like any other
     write_readme("table\n", START, END, readme)
     assert readme.read_text() == f"a\n{END}\n{START}\ntable\n{END}\nz\n"
+
+
+def test_results_commands_refuse_in_one_line(root):
+    """`make results*` run these modules directly, not through the kdcache CLI: a refusal is still one line on
+    stderr and exit 2, not a traceback (here: run from a folder whose README has no markers)."""
+    import os
+    import subprocess
+    import sys
+
+    Path("README.md").write_text("no markers\n")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for module in ("pipeline.results", "pipeline.results_views", "pipeline.results_codecs"):
+        res = subprocess.run([sys.executable, "-m", module, "--write-readme"], capture_output=True, text=True,
+                             env=env, timeout=120)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "markers" in lines[0], \
+            (module, res.stderr)
