@@ -109,6 +109,8 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     validate(cfg, weights)
     if cfg.resume:
         raise KDCacheError("--resume continues a train-student run; online KD runs start over")
+    if not 0 <= cfg.aug_seed < 2**63:  # as teacher-cache: a negative seed would alias another (the hash wraps it)
+        raise KDCacheError(f"--aug-seed must be from 0 to 2**63-1 (got {cfg.aug_seed})")
     if cfg.cache:
         raise KDCacheError("online KD runs the teacher on fresh views and reads no cache; drop cache= and give the "
                            "data, teacher and augment= to compare with")

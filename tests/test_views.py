@@ -128,6 +128,9 @@ def test_policies_that_cannot_teach_are_refused(root, teacher_file):
     with pytest.raises(KDCacheError, match="entirely off the 16x16 images"):
         run_online_kd(OnlineConfig(data=SYN, weights=str(teacher_file), augment="crop=0.1-0.2,translate=12",
                                    epochs=1, workers=0), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="--aug-seed must be from 0 to 2\\*\\*63-1"):  # as teacher-cache says
+        run_online_kd(OnlineConfig(data=SYN, weights=str(teacher_file), augment="flip", aug_seed=-1, epochs=1,
+                                   workers=0), log=lambda *_: None)
     with pytest.raises(KDCacheError, match="online KD runs the teacher on fresh views and reads no cache"):
         run_online_kd(OnlineConfig(cache="some.zarr", data=SYN, weights=str(teacher_file)), log=lambda *_: None)
     # A near-whole-image range whose misfits fall back to the whole image is what it asks for: allowed
