@@ -589,3 +589,22 @@ def test_results_commands_refuse_in_one_line(root):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "markers" in lines[0], \
             (module, res.stderr)
+
+
+def test_results_tables_say_their_std_is_the_sample_std_and_use_it():
+    """mean ± std over 3 seeds: the sample standard deviation (n − 1), and each table's header says so."""
+    import math
+
+    from pipeline import results, results_views
+
+    accs = [0.90, 0.91, 0.95]   # in points 90, 91, 95: mean 92, squared deviations 4 + 1 + 9
+    sample, population = math.sqrt(14 / 2), math.sqrt(14 / 3)
+    assert results._fmt(accs) == f"92.00 ± {sample:.2f}" != f"92.00 ± {population:.2f}"
+    r = {"seeds": [0, 1, 2], "epochs": 1, "machine": "m", "cache": {"seconds": 1.0},
+         "teacher": {"epochs": 1, "test_acc": 0.9, "train_seconds": 1.0},
+         "rows": [{"method": "x", "test_acc": accs, "seconds": 1.0, "samples_per_s": 1.0}]}
+    views = {"seeds": [0, 1, 2], "loss": "kd=1", "epochs": 1, "machine": "m",
+             "rows": [{"arm": "a", "views": 1, "augment": None, "test_acc": accs, "cache_seconds": 1.0,
+                       "train_seconds": 1.0, "bytes_per_sample": 1.0}]}
+    for text in (results.table(r), results_views.table(views)):
+        assert "mean ± sample std (n − 1) over seeds 0, 1, 2" in text and f"92.00 ± {sample:.2f}" in text
