@@ -565,6 +565,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--out", "a-file"], "is a file"),
         (train + ["--out", path], "is a cache store"),
         (train + ["--device", "tpu"], "--device"),
+        (train + ["--device", "cpu:1"], "--device cpu:1 is not supported"),
         (train + ["--loss", "fitnets=1", "--fitnets-schedule", "single", "--fitnets-hint", ""], "an empty layer"),
         (train + ["--loss", "rkd=1", "--rkd-layer", "logits"], "names the logits as a layer"),
         (["ls", "--cache-dir", "no-such-dir"], "not a folder"),
