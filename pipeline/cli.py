@@ -82,6 +82,7 @@ def teacher_cmd(
     epochs: int = typer.Option(14, help="Training epochs."),
     batch_size: int = typer.Option(128),
     lr: float = typer.Option(0.1),
+    weight_decay: float = typer.Option(5e-4),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Optional[str] = typer.Option(None, help="Weights file (default data/teachers/default.pt); its metadata "
@@ -98,7 +99,8 @@ def teacher_cmd(
         from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
 
         meta = run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
-                                                    batch_size=batch_size, lr=lr, seed=seed, device=device, out=out,
+                                                    batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                                    seed=seed, device=device, out=out,
                                                     image_size=image_size, channels=channels, overwrite=overwrite),
                                  log=log_err)
         typer.echo(meta["path"])  # the last line of stdout is the weights file, for scripts

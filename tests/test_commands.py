@@ -109,6 +109,7 @@ def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, m
                           (["--lr", "nan"], "--lr must be a finite number"),
                           (["--lr", "inf"], "--lr must be a finite number"),
                           (["--lr", "0"], "--lr must be positive"),
+                          (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
                           (["--epochs", "0"], "--epochs must be at least 1"),
                           (["--batch-size", "-3"], "--batch-size must be at least 1"),
                           (["--channels", "2"], "--channels must be 1 or 3"),
@@ -133,9 +134,10 @@ def test_teacher_never_overwrites_weights_unasked(root):
     res = runner.invoke(app, base + ["--out", "t.pt", "--seed", "1"])
     _one_line_error(res, "--out t.pt already exists", "caches made from it key on its weights", "--overwrite")
     assert Path("t.pt").read_bytes() == weights and Path("t.json").read_text() == meta
-    res = runner.invoke(app, base + ["--out", "t.pt", "--seed", "1", "--overwrite"])
+    res = runner.invoke(app, base + ["--out", "t.pt", "--seed", "1", "--weight-decay", "0", "--overwrite"])
     assert res.exit_code == 0, res.output
-    assert Path("t.pt").read_bytes() != weights and json.loads(Path("t.json").read_text())["config"]["seed"] == 1
+    recorded = json.loads(Path("t.json").read_text())["config"]
+    assert Path("t.pt").read_bytes() != weights and recorded["seed"] == 1 and recorded["weight_decay"] == 0
     # a <stem>.json that is no teacher's metadata is someone else's file: not written over, --overwrite or not
     Path("u.json").write_text("notes")
     for extra in ([], ["--overwrite"]):
