@@ -139,10 +139,20 @@ def plan_cache(cfg) -> dict:
             per_array[name] = {"shape": p.arrays[name]["shape"], "dtype": str(values.dtype),
                                "raw_bytes_per_sample": int(values[0].nbytes) * per_view,
                                "bytes_per_sample": round(stored / k * per_view, 1)}
+        # What the store holds besides samples: the manifest and every array's metadata, and per unit (a block of
+        # rows in one view) its commit marker and its row of distortion sums. Small, but most of a small cache.
+        units = (len(st.block_ranges(p.num_samples, p.cfg.chunk_samples)), p.units_per_block)
+        skeleton = Path(tmp) / "store"
+        group = st.create_store(skeleton, p.manifest(content=False), p.arrays, units, p.stat_columns)
+        metadata = disk_bytes(skeleton)
+        group[st.COMMIT][0, 0] = 1
+        if p.stat_columns:
+            group[st.STATS][0, 0] = np.zeros(len(p.stat_columns))
+        overhead = metadata + (disk_bytes(skeleton) - metadata) * units[0] * units[1]
     per_sample = sum(a["bytes_per_sample"] for a in per_array.values())
     return {"key": p.key, "path": str(p.path), "samples": p.num_samples, "views": p.views, "probe_samples": k,
-            "arrays": per_array, "bytes_per_sample": round(per_sample, 1),
-            "total_bytes": int(per_sample * p.num_samples)}
+            "arrays": per_array, "bytes_per_sample": round(per_sample, 1), "overhead_bytes": overhead,
+            "total_bytes": int(per_sample * p.num_samples) + overhead}
 
 
 def human(n: float) -> str:

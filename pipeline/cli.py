@@ -168,7 +168,8 @@ def _cache_command(mode: str):
                     typer.echo(f"{name:<28} {str(a['shape']):<22} {a['dtype']:<8} "
                                f"{a['bytes_per_sample']:>10,.1f} B/sample  (raw {a['raw_bytes_per_sample']:,})")
                 views_txt = f" ({plan['views']} views each)" if plan["views"] else ""
-                typer.echo(f"{plan['samples']:,} samples{views_txt} x {plan['bytes_per_sample']:,.1f} B = "
+                typer.echo(f"{plan['samples']:,} samples{views_txt} x {plan['bytes_per_sample']:,.1f} B + "
+                           f"{human(plan['overhead_bytes'])} manifest, metadata and commit markers = "
                            f"{human(plan['total_bytes'])} on disk (measured on {plan['probe_samples']} samples)")
                 typer.echo(plan["path"])
                 return

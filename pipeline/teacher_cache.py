@@ -129,7 +129,9 @@ class Prepared:
         return {name: self.cfg.chunk_samples * int(np.prod(a["shape"][1 + bool(self.views and a["view_axis"]):])) *
                 np.dtype(a["dtype"]).itemsize for name, a in self.arrays.items()}
 
-    def manifest(self) -> dict:
+    def manifest(self, content: bool = True) -> dict:
+        """The manifest a new store starts with. `content=False` (plan, which only sizes it) puts the data's quick
+        fingerprint, of the same length, where the content fingerprint goes: that one reads every image file."""
         cfg = self.cfg
         views = ({"count": self.views, "augment": self.policy.to_dict(), "seed": cfg.aug_seed,
                   "replay": REPLAY_VERSION} if self.views else None)
@@ -141,7 +143,7 @@ class Prepared:
                             "classes": teacher_classes(self.teacher_meta)},
                 "data": self.source.describe() | {"num_samples": self.num_samples, "limit": cfg.limit,
                                                   "content_fingerprint": self.source.content_fingerprint(
-                                                      self.num_samples)},
+                                                      self.num_samples) if content else self.source.fingerprint()},
                 "transform": self.transform.to_dict(), "views": views, "row_order": cfg.row_order,
                 "layers": list(cfg.layers),
                 "dtype": cfg.dtype, "targets": self.targets, "codecs": self.identity["codecs"],

@@ -180,17 +180,32 @@ def test_plan_predicts_the_size_on_disk(root, teacher_file):
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
     assert plan["samples"] == 1024 and plan["probe_samples"] == 256
-    assert plan["total_bytes"] == int(plan["bytes_per_sample"] * 1024)
+    assert plan["total_bytes"] == int(plan["bytes_per_sample"] * 1024) + plan["overhead_bytes"]
     assert not Path(plan["path"]).exists()   # planning writes nothing
     res = runner.invoke(app, ["teacher-cache", *args])
     assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1] == plan["path"]
     actual = sum(disk_bytes(Path(plan["path"]) / name / "c") for name in plan["arrays"])
-    assert abs(plan["total_bytes"] - actual) / actual < 0.15, (plan["total_bytes"], actual)
+    predicted = plan["bytes_per_sample"] * 1024
+    assert abs(predicted - actual) / actual < 0.15, (predicted, actual)
+    assert abs(plan["total_bytes"] - disk_bytes(plan["path"])) / disk_bytes(plan["path"]) < 0.15
     text = runner.invoke(app, ["plan", *args]).stdout
     assert "on disk" in text and text.strip().splitlines()[-1] == plan["path"]
     made = json.loads(runner.invoke(app, ["teacher-cache", *args, "--json"]).stdout)  # a hit: what is there
     assert made["path"] == plan["path"] and made["key"] == Path(plan["path"]).stem and made["samples"] == 1024
     assert made["arrays"] == sorted(plan["arrays"]) and made["stats"]["samples_computed"] == 1024
+
+
+def test_plan_counts_what_the_store_holds_besides_samples(root, teacher_file):
+    """A small logits-only cache is mostly manifest, array metadata, commit markers and distortion sums: the plan's
+    total is what `ls` will show (it counted the samples' chunks alone: 0.4x here)."""
+    args = ["--data", "synthetic:256:1x8x8:4", "--weights", str(teacher_file), "--chunk-samples", "32",
+            "--batch-size", "64", "--views", "2", "--augment", "flip"]
+    plan = json.loads(runner.invoke(app, ["plan", *args, "--json"]).stdout)
+    assert runner.invoke(app, ["teacher-cache", *args]).exit_code == 0
+    actual = disk_bytes(plan["path"])
+    assert abs(plan["total_bytes"] - actual) / actual < 0.1, (plan["total_bytes"], actual)
+    assert plan["overhead_bytes"] > plan["bytes_per_sample"] * 256
+    assert "manifest, metadata and commit markers" in runner.invoke(app, ["plan", *args]).stdout
 
 
 def test_ls_and_inspect(root, teacher_file):
