@@ -380,6 +380,16 @@ def test_bench_command_writes_table_and_json(root):
     assert bad.exit_code == 2 and "--repeat must be at least 1" in bad.output
 
 
+def test_disk_write_bandwidth_is_in_the_same_megabytes_as_the_cache_rate(root, monkeypatch):
+    """(c)'s MB/s is 10^6 bytes per second; the disk probe's must be too, or c_write_vs_disk (and the c/a target's
+    bandwidth clause) is off by 2^20/10^6 (it gave MiB/s)."""
+    import pipeline.bench as bench
+
+    clock = iter([10.0, 12.0])  # the write takes 2 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.disk_write_bandwidth(root, 16) == 2 * (8 << 20) / 2 / 1e6
+
+
 def test_bench_refuses_bad_flags_and_outputs_before_measuring(root):
     import pipeline.bench as bench
 
