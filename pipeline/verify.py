@@ -3,6 +3,8 @@
 verify reads every chunk of every array (one chunk = one block of rows, in one view for arrays with a view axis),
 so crc32c mismatches, undecodable chunks, missing chunks (each array's fill value: NaN for floats, -1 or the
 dtype's minimum for signed integers, the maximum for unsigned ones) and uncommitted units are each reported with the sample range they cover.
+`index` and the view parameters (`aug/box`, `aug/flip`) are checked against what they must hold (the row order;
+the hash of --aug-seed, sample index and view), so chunks of them swapped between files are found too.
 `--recompute N` re-runs the teacher on every view of N random samples (rows whose chunks read back intact), each
 input rebuilt exactly as train-student rebuilds it (from the stored view parameters), and reports the largest
 difference from what is stored, per target, against the target codec's tolerance; it also checks those samples'
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import store as st
-from pipeline.augment import check_replay, row_order
+from pipeline.augment import AugmentPolicy, check_replay, row_order, sample_params
 from pipeline.codecs import TOLERANCE, fill_value
 from pipeline.errors import KDCacheError
 
@@ -117,6 +119,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     committed = st.committed_units(group)
     report.units = int(committed.size)
     rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))
+    expected_params = _params_of(cache.manifest) if cache.views else None
     for b, v in np.argwhere(~committed):
         start, end = blocks[b]
         report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
@@ -145,6 +148,9 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
                                           else f"unreadable ({type(e).__name__})")
                 if what is None and name == "index" and not np.array_equal(values, rows[start:end]):
                     what = "index does not match its rows"
+                if what is None and name in ("aug/box", "aug/flip") and not np.array_equal(
+                        values, expected_params(rows[start:end], v)[name]):
+                    what = "not this view's parameters (those of its --aug-seed, sample index and view)"
                 if what:
                     report.problems.append(Problem(name, b, start, end, what, v))
     if recompute:  # on intact rows only: a damaged chunk is already reported, and its values mean nothing
@@ -153,6 +159,21 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
                                 [np.zeros(0, dtype=np.int64)])
         report.recompute = recompute_check(cache, recompute, seed, moved, among=intact)
     return report
+
+
+def _params_of(manifest: dict):
+    """The view parameters a view store must hold: `aug/box` and `aug/flip` are a pure function of (--aug-seed,
+    sample index, view), so a chunk swapped with another view's or block's (every checksum passes) is found without
+    the teacher, and repair writes them back as they were."""
+    views = manifest["views"]
+    policy, seed = AugmentPolicy.from_dict(views["augment"]), int(views["seed"])
+    native_hw = tuple(manifest["data"]["native_shape"][1:])
+
+    def expected(index: np.ndarray, view: int) -> dict[str, np.ndarray]:
+        box, flip = sample_params(policy, seed, index, [view], native_hw)
+        return {"aug/box": box[:, 0], "aug/flip": flip[:, 0]}
+
+    return expected
 
 
 def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Problem]:

@@ -277,10 +277,37 @@ def test_view_store_layout_and_stored_outputs_match_the_teacher(root, teacher_fi
 def test_verify_recompute_catches_a_tampered_view(root, teacher_file):
     path = _cache(teacher_file, layers=[], dtype="float32")  # exact: a random teacher's logits barely move
     g = zarr.open_group(path, mode="r+")
-    g["aug/flip"][:, 2] = 1 - g["aug/flip"][:, 2]   # view 2's stored parameters no longer match its targets
-    # Two samples are enough: every view of each is recomputed, view 2 among them.
+    logits = g["logits"][:]
+    g["logits"][:, 1], g["logits"][:, 2] = logits[:, 2], logits[:, 1]  # views 1 and 2 swapped: every chunk valid
+    assert runner.invoke(app, ["verify", path]).exit_code == 0  # checksums cannot tell
+    # Two samples are enough: every view of each is recomputed, views 1 and 2 among them.
     res = runner.invoke(app, ["verify", path, "--recompute", "2"])
     assert res.exit_code == 1 and "BAD  recompute logits" in res.stdout
+
+
+def test_view_parameters_swapped_between_chunks_are_found_without_the_teacher_and_repaired(root, teacher_file):
+    """`aug/box` and `aug/flip` are a pure function of (--aug-seed, sample index, view): a chunk holding another
+    view's or block's parameters (every checksum passes) is named by plain verify and repair rewrites it, instead of
+    the student rebuilding inputs that do not match their targets."""
+    path = _cache(teacher_file, layers=[])
+    g = zarr.open_group(path, mode="r+")
+    before = {n: np.asarray(g[n][:]) for n in ("logits", "aug/box", "aug/flip")}
+    root_ = root / path
+    for name, (a, b) in {"aug/box": (("1", "1", "0"), ("1", "2", "0")), "aug/flip": (("2", "3"), ("0", "3"))}.items():
+        fa, fb = root_ / name / "c" / Path(*a), root_ / name / "c" / Path(*b)
+        raw_a, raw_b = fa.read_bytes(), fb.read_bytes()
+        fa.write_bytes(raw_b), fb.write_bytes(raw_a)
+    res = runner.invoke(app, ["verify", path, "--json"])
+    assert res.exit_code == 1, res.output
+    bad = {(p["array"], p["block"], p["view"]) for p in json.loads(res.stdout)["problems"]}
+    assert bad == {("aug/box", 1, 1), ("aug/box", 1, 2), ("aug/flip", 2, 3), ("aug/flip", 0, 3)}
+    assert "aug/box chunk 1 view 2 (rows 64-127): not this view's parameters" in runner.invoke(
+        app, ["verify", path]).stdout
+    res = runner.invoke(app, ["repair", path])
+    assert res.exit_code == 0 and "recomputing 4 bad chunk(s): 0/view 3, 1/view 1, 1/view 2, 2/view 3" in res.stderr
+    g = zarr.open_group(path, mode="r")
+    for n, v in before.items():
+        np.testing.assert_array_equal(g[n][:], v, err_msg=n)
 
 
 def test_flipped_byte_in_a_view_chunk_is_named_and_repaired(root, teacher_file):
