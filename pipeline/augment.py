@@ -217,6 +217,21 @@ def sample_params(policy: AugmentPolicy, seed: int, index: np.ndarray, views: np
     return box, flip.astype(np.uint8)
 
 
+def stored_params(manifest: dict):
+    """What a view store's `aug/box` and `aug/flip` must hold, as a function (index, view) -> {name: values}: they
+    are a pure function of (--aug-seed, sample index, view), so a chunk swapped with another view's or block's
+    (every checksum passes) is found without the teacher, and repair writes them back as they were."""
+    views = manifest["views"]
+    policy, seed = AugmentPolicy.from_dict(views["augment"]), int(views["seed"])
+    native_hw = tuple(manifest["data"]["native_shape"][1:])
+
+    def expected(index: np.ndarray, view: int) -> dict[str, np.ndarray]:
+        box, flip = sample_params(policy, seed, index, [view], native_hw)
+        return {"aug/box": box[:, 0], "aug/flip": flip[:, 0]}
+
+    return expected
+
+
 MAX_VIEWS = 1024  # FKD stores hundreds of crops per image; beyond this the per-view commit markers dominate
 
 

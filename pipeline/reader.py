@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import select_view
+from pipeline.augment import select_view, stored_params
 from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
 from pipeline.errors import KDCacheError
@@ -336,6 +336,7 @@ class CacheStream(IterableDataset):
         arrays: dict[str, np.ndarray] = {}
         picked = np.empty(total, dtype=np.int64)
         pos = 0
+        params = stored_params(self.store.manifest) if self.views else None
         for b in blocks:
             start, end = self.blocks[b]
             view = self.view_of(b, epoch)
@@ -345,6 +346,13 @@ class CacheStream(IterableDataset):
                 if name not in arrays:
                     arrays[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
                 arrays[name][pos:pos + end - start] = values
+            if self.views:  # a view-parameter chunk swapped with another's passes its checksum: the hash tells
+                want = params(arrays["index"][pos:pos + end - start], view)
+                for name, values in want.items():
+                    if not np.array_equal(arrays[name][pos:pos + end - start], values):
+                        raise KDCacheError(f"{name} samples {start}-{end - 1} (view {view}) in {self.store.path} "
+                                           "are not this view's parameters; run `kdcache verify` then `kdcache "
+                                           "repair`")
             pos += end - start
         index = arrays["index"]
         if self.views:  # the exact view the teacher saw, from its stored parameters

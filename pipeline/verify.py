@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import store as st
-from pipeline.augment import AugmentPolicy, check_replay, row_order, sample_params
+from pipeline.augment import check_replay, row_order, stored_params
 from pipeline.codecs import TOLERANCE, fill_value
 from pipeline.errors import KDCacheError
 
@@ -119,7 +119,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     committed = st.committed_units(group)
     report.units = int(committed.size)
     rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))
-    expected_params = _params_of(cache.manifest) if cache.views else None
+    expected_params = stored_params(cache.manifest) if cache.views else None
     for b, v in np.argwhere(~committed):
         start, end = blocks[b]
         report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
@@ -159,21 +159,6 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
                                 [np.zeros(0, dtype=np.int64)])
         report.recompute = recompute_check(cache, recompute, seed, moved, among=intact)
     return report
-
-
-def _params_of(manifest: dict):
-    """The view parameters a view store must hold: `aug/box` and `aug/flip` are a pure function of (--aug-seed,
-    sample index, view), so a chunk swapped with another view's or block's (every checksum passes) is found without
-    the teacher, and repair writes them back as they were."""
-    views = manifest["views"]
-    policy, seed = AugmentPolicy.from_dict(views["augment"]), int(views["seed"])
-    native_hw = tuple(manifest["data"]["native_shape"][1:])
-
-    def expected(index: np.ndarray, view: int) -> dict[str, np.ndarray]:
-        box, flip = sample_params(policy, seed, index, [view], native_hw)
-        return {"aug/box": box[:, 0], "aug/flip": flip[:, 0]}
-
-    return expected
 
 
 def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Problem]:

@@ -303,8 +303,16 @@ def test_view_parameters_swapped_between_chunks_are_found_without_the_teacher_an
     assert bad == {("aug/box", 1, 1), ("aug/box", 1, 2), ("aug/flip", 2, 3), ("aug/flip", 0, 3)}
     assert "aug/box chunk 1 view 2 (rows 64-127): not this view's parameters" in runner.invoke(
         app, ["verify", path]).stdout
+    # train-student refuses it in one line (each view's chunk is checked as it is read), not a run on wrong inputs
+    train = ["train-student", "--cache", path, "--epochs", "4", "--workers", "0", "--out", "run", "--test-data",
+             SYN_TEST]
+    res = runner.invoke(app, train)
+    lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
+    assert res.exit_code == 2 and len(lines) == 1 and "are not this view's parameters; run `kdcache verify`" in \
+        lines[0], res.output[-600:]
     res = runner.invoke(app, ["repair", path])
     assert res.exit_code == 0 and "recomputing 4 bad chunk(s): 0/view 3, 1/view 1, 1/view 2, 2/view 3" in res.stderr
+    assert runner.invoke(app, train + ["--overwrite"]).exit_code == 0
     g = zarr.open_group(path, mode="r")
     for n, v in before.items():
         np.testing.assert_array_equal(g[n][:], v, err_msg=n)
