@@ -352,21 +352,22 @@ def has_array(group, name: str) -> bool:
 
 def committed_units(group) -> np.ndarray:
     """(B, V) bool: which (block, view) units are written whole. A marker that cannot be read (an emptied or
-    damaged chunk file) or a `_commit` array that was never created (a creation cut short) counts as not
-    committed: the unit is recomputed, never trusted."""
+    damaged chunk file) or that holds any value but the 1 a writer writes (a flipped bit), or a `_commit` array that
+    was never created (a creation cut short), counts as not committed: the unit is recomputed, never trusted."""
     man = group.attrs[MANIFEST_KEY]
     shape = (len(block_ranges(man["data"]["num_samples"], man["chunk_samples"])),
              max(1, (man.get("views") or {}).get("count", 1)))
     if not has_array(group, COMMIT):
         return np.zeros(shape, dtype=bool)
     marks = group[COMMIT]
+    # A writer writes 1, nothing else: any other value is a damaged marker (a flipped bit), and the unit is redone.
     try:
-        return np.asarray(marks[:]).astype(bool)
+        return np.asarray(marks[:]) == 1
     except Exception:  # noqa: BLE001 - read them one by one: each unreadable marker is one unit to redo
         out = np.zeros(shape, dtype=bool)
         for b, v in np.ndindex(*shape):
             try:
-                out[b, v] = bool(marks[b, v])
+                out[b, v] = bool(marks[b, v] == 1)
             except Exception:  # noqa: BLE001
                 pass
         return out

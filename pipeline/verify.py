@@ -120,10 +120,13 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     report.units = int(committed.size)
     rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))
     expected_params = stored_params(cache.manifest) if cache.views else None
+    marks = _raw_markers(group) if (~committed).any() else None
     for b, v in np.argwhere(~committed):
         start, end = blocks[b]
-        report.problems.append(Problem(st.COMMIT, int(b), start, end, "not committed (writer stopped before it)",
-                                       int(v) if cache.views else None))
+        mark = None if marks is None else int(marks[b, v])
+        what = ("not committed (writer stopped before it)" if mark in (0, None) else
+                f"damaged marker (value {mark}, not the 1 a writer writes): counts as not committed")
+        report.problems.append(Problem(st.COMMIT, int(b), start, end, what, int(v) if cache.views else None))
     report.problems += _stats_problems(group, committed, blocks, cache.views)
     for name, spec in cache.arrays.items():
         try:
@@ -159,6 +162,15 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
                                 [np.zeros(0, dtype=np.int64)])
         report.recompute = recompute_check(cache, recompute, seed, moved, among=intact)
     return report
+
+
+def _raw_markers(group) -> np.ndarray | None:
+    """The `_commit` markers as stored, to tell a damaged one (any value but 0 and 1) from an unwritten one; None
+    when they cannot all be read (an unreadable marker is not committed, as `committed_units` says)."""
+    try:
+        return np.asarray(group[st.COMMIT][:])
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Problem]:

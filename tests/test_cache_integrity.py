@@ -884,6 +884,16 @@ def test_commit_markers_and_stats_that_are_lost_or_damaged(root, teacher_file):
     assert after["distortion"] == man["distortion"] and after["teacher"]["accuracy"] == man["teacher"]["accuracy"]
     for name, v in arrays_of(path).items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)
+    # a marker with a flipped bit (1 -> 254) is no commit either: verify names it, repair redoes the unit and writes 1
+    marker = path / st.COMMIT / "c" / "2" / "0"
+    marker.write_bytes(bytes([marker.read_bytes()[0] ^ 0xFF]))
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 1 and "_commit chunk 2 (rows 128-191): damaged marker (value 254" in res.stdout, res.output
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s): 2" in res.stderr, res.output
+    assert marker.read_bytes() == b"\x01"
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
     # the whole marker array gone (a creation cut short, or deleted): nothing is trusted, verify and repair say so
     import shutil
 
