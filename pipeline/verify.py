@@ -309,14 +309,43 @@ def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
     if gone:  # repair recomputes chunks into arrays that exist; a deleted array's metadata is not a chunk
         raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted or "
                            "damaged), which repair cannot recreate; rebuild the store with teacher-cache --force")
+    cache = st.open_store(path, require_complete=False)
+    # Labels are data: chunks of them swapped between files pass every checksum (train-student refuses them and
+    # sends you here), so repair compares them with the data's labels of their rows before deciding.
+    report.problems += _label_problems(cache, report, moved)
     bad = report.bad_units()
     if not bad and report.complete:
         log(f"{path}: nothing to repair")
         return report
-    cache = st.open_store(path, require_complete=False)
     check_replay(cache.manifest, path)  # recomputed views must match the ones already stored
     with st.writer_lock(path):  # no teacher-cache may be writing while units are un-committed and redone
         return _repair(path, cache, bad, log, moved)
+
+
+def _label_problems(cache, report: Report, moved: dict | None) -> list[Problem]:
+    """The blocks whose stored labels (those chunks that read back) are not the data's labels of their rows. Only
+    the data is opened; data that cannot be opened here, or is not the store's, checks nothing (a repair with units
+    to redo then stops on it with its own line)."""
+    from pipeline.data import data_differs, open_source
+
+    if not cache.labelled:
+        return []
+    try:
+        source = open_source((_given(moved).get("data") or _made_with(cache)["data"]))
+        if data_differs(source, cache.manifest["data"]):
+            return []
+    except KDCacheError:
+        return []
+    group = cache.open_group()
+    rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))
+    damaged = {p.block for p in report.problems if p.array == "labels"}
+    problems = []
+    for b, (start, end) in enumerate(st.block_ranges(cache.num_samples, cache.chunk_samples)):
+        if b in damaged:
+            continue
+        if not np.array_equal(np.asarray(group["labels"][start:end]), source.labels(rows[start:end])):
+            problems.append(Problem("labels", b, start, end, "differ from the data's labels of their index"))
+    return problems
 
 
 def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:

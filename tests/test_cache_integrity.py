@@ -849,6 +849,22 @@ def test_swapped_index_or_labels_chunks_are_refused_by_train_student(root, teach
     assert res.exit_code == 0, res.output
 
 
+def test_repair_mends_labels_chunks_swapped_between_files(root, teacher_file):
+    """train-student refuses swapped labels chunks and says to run verify then repair: repair compares the labels
+    with the data's and recomputes those blocks, rather than answer 'nothing to repair'."""
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    before = arrays_of(path)
+    a, b = path / "labels" / "c" / "0", path / "labels" / "c" / "2"
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(raw_b), b.write_bytes(raw_a)
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0 and "recomputing 2 bad chunk(s): 0, 2" in res.stderr, res.output
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0 and "nothing to repair" in res.output
+
+
 def test_verify_recompute_skips_damaged_chunks_and_reports_them(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
     f = path / "logits" / "c" / "1" / "0"
