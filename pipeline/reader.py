@@ -190,7 +190,13 @@ class CacheStream(IterableDataset):
             for name in wanted & set(self.store.arrays):
                 shape, itemsize = self.store.shape(name), np.dtype(self.store.arrays[name]["dtype"]).itemsize
                 if int(np.prod(shape)) * itemsize <= SMALL_ARRAY_BYTES:
-                    self._memory[name] = self._fetch(name, 0, shape[0])
+                    try:
+                        self._memory[name] = self._fetch(name, 0, shape[0])
+                    except KDCacheError:  # name the chunk that fails (and its view), not the whole array
+                        for start, end in self.blocks:
+                            for v in range(self.views) if self.store.arrays[name]["view_axis"] else [None]:
+                                self._fetch(name, start, end, v)
+                        raise
         return self._group
 
     def _fetch(self, name: str, start: int, end: int, view: int | None = None) -> np.ndarray:
@@ -203,7 +209,8 @@ class CacheStream(IterableDataset):
             return np.asarray(arr[start:end] if view is None else arr[start:end, view])
         except Exception as e:  # crc32c mismatch or undecodable chunk
             _settle_pending_reads()
-            raise KDCacheError(f"cannot read {name} samples {start}-{end - 1} from {self.store.path} "
+            where = f" (view {view})" if view is not None else ""
+            raise KDCacheError(f"cannot read {name} samples {start}-{end - 1}{where} from {self.store.path} "
                                f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
 
     def _read(self, name: str, start: int, end: int, view: int) -> np.ndarray:

@@ -336,6 +336,21 @@ def test_flipped_byte_in_a_view_chunk_is_named_and_repaired(root, teacher_file):
         np.testing.assert_array_equal(g[n][:], v)
 
 
+def test_train_student_names_the_damaged_chunk_of_an_array_it_holds_in_memory(root, teacher_file):
+    """Small arrays (logits here) are read whole when the stream opens: a chunk failing its checksum is named with
+    its own rows and view, as verify names it, not as the whole array's rows."""
+    path = _cache(teacher_file, layers=[])
+    f = root / path / "logits" / "c" / "1" / "2" / "0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    res = runner.invoke(app, ["train-student", "--cache", path, "--epochs", "1", "--workers", "0", "--out", "run",
+                              "--test-data", SYN_TEST])
+    lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
+    assert res.exit_code == 2 and len(lines) == 1, res.output[-600:]
+    assert "cannot read logits samples 64-127 (view 2) from" in lines[0], lines[0]
+
+
 def _epoch(path, workers, batch_size, epoch=0):
     store = st.open_store(path)
     stream = CacheStream(store, open_source(SYN), ["logits", "features/layer3"], batch_size, use_labels=True,
