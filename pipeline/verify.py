@@ -358,6 +358,10 @@ def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
     if p.key != cache.manifest.get("key"):
         raise KDCacheError(f"{path} was made from other data or another teacher than {cfg.data} and {cfg.weights} "
                            "(the cache key differs); pass --data SPEC / --weights FILE with the ones that made it")
+    # A sample-level array (index, labels) is written by its block's first unit alone (view 0): only that unit is
+    # redone, not every view of the block.
+    bad = sorted({(b, 0 if v is None and cache.views else v) for b, v in bad},
+                 key=lambda u: (u[0], -1 if u[1] is None else u[1]))
     group = st.open_group(path, "r+")
     manifest = dict(group.attrs[st.MANIFEST_KEY])
     group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)  # before any marker is cleared

@@ -336,6 +336,22 @@ def test_flipped_byte_in_a_view_chunk_is_named_and_repaired(root, teacher_file):
         np.testing.assert_array_equal(g[n][:], v)
 
 
+def test_repair_of_an_index_or_labels_chunk_redoes_view_0_alone(root, teacher_file):
+    """index and labels are written by a block's first unit (view 0): repair redoes that unit, not all K views."""
+    path = _cache(teacher_file, layers=[])
+    g = zarr.open_group(path, mode="r")
+    before = {n: np.asarray(g[n][:]) for n in ("index", "labels", "logits", "aug/box", "aug/flip")}
+    (root / path / "labels" / "c" / "1").unlink()
+    f = root / path / "index" / "c" / "2"
+    f.write_bytes(f.read_bytes()[:-3])
+    res = runner.invoke(app, ["repair", path])
+    assert res.exit_code == 0 and "recomputing 2 bad chunk(s): 1/view 0, 2/view 0" in res.stderr, res.output
+    assert "640/768 sample-views already cached" in res.stderr, res.stderr
+    g = zarr.open_group(path, mode="r")
+    for n, v in before.items():
+        np.testing.assert_array_equal(g[n][:], v, err_msg=n)
+
+
 def test_train_student_names_the_damaged_chunk_of_an_array_it_holds_in_memory(root, teacher_file):
     """Small arrays (logits here) are read whole when the stream opens: a chunk failing its checksum is named with
     its own rows and view, as verify names it, not as the whole array's rows."""
