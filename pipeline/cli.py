@@ -231,6 +231,10 @@ def verify_cmd(
                     typer.echo(f"{'ok ' if d['ok'] else 'BAD'}  recompute {name}: max |diff| {d['max_abs']:.3g}, "
                                f"max rel {d['max_rel']:.3g} (tolerance {d['tolerance']:g}, "
                                f"{report.recompute['samples']} samples{views})")
+                for problem in report.recompute.get("problems", []):
+                    typer.echo(f"BAD  recompute {problem.line()}")
+                if report.recompute.get("problems"):
+                    typer.echo(f"     (`kdcache repair {path} --recompute {recompute} --seed {seed}` redoes them)")
                 if "note" in report.recompute:
                     typer.echo(f"BAD  recompute: {report.recompute['note']}")
                 if "labels" in report.recompute:
@@ -247,12 +251,16 @@ def repair_cmd(
     path: str = typer.Argument(..., help="Store to repair."),
     data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved."),
     weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved."),
+    recompute: int = typer.Option(0, help="Also redo the chunks whose outputs differ from the teacher's on N "
+                                          "random samples (as verify --recompute N finds them)."),
+    seed: int = typer.Option(0, help="Seed choosing the recomputed samples (as verify's)."),
 ):
     """Recompute only the bad or missing chunks of a store (needs its teacher and data)."""
     with user_errors():
         from pipeline.verify import repair_store
 
-        report = repair_store(path, log=log_err, moved={"data": data, "weights": weights})
+        report = repair_store(path, log=log_err, moved={"data": data, "weights": weights}, recompute=recompute,
+                              seed=seed)
         typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
         if not report.ok:
             raise typer.Exit(1)

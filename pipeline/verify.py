@@ -80,7 +80,9 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "ok": self.ok, "complete": self.complete,
-                "problems": [p.__dict__ | {"message": p.line()} for p in self.problems], "recompute": self.recompute}
+                "problems": [p.__dict__ | {"message": p.line()} for p in self.problems],
+                "recompute": self.recompute and self.recompute | {
+                    "problems": [p.__dict__ | {"message": p.line()} for p in self.recompute.get("problems", [])]}}
 
 
 def _check_chunk(values: np.ndarray) -> str | None:
@@ -245,7 +247,8 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
         fresh = teacher_outputs(p, index, feats, box, flip)
     # A GPU-made cache (autocast) checked here on the CPU differs by more than fp32 rounding.
     gpu_made = str(man.get("device", "cpu")).startswith("cuda")
-    diffs = {}
+    diffs, problems = {}, []
+    blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
     for target, t in cache.targets.items():
         codec = cache.codec(target)
         tol = max(TOLERANCE[t["codec"]["name"]], 1e-2 if gpu_made else 0.0)
@@ -257,9 +260,17 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
         diffs[target] = {"max_abs": codec.max_abs(decoded, ref),
                          "max_rel": float(err.max()) if err.numel() else 0.0, "tolerance": tol,
                          "ok": finite and bool((err <= tol).all())}
+        # Which (chunk, view) units hold the entries beyond tolerance: outputs swapped between views or chunks pass
+        # every checksum, and this names them for `repair --recompute N` to redo.
+        n = err.shape[0]
+        wrong = ~torch.isfinite(decoded.reshape(n, -1)).all(1) | (err.reshape(n, -1) > tol).any(1)
+        for b, v in sorted({(int(rows[i // views]) // cache.chunk_samples, int(i % views) if cache.views else None)
+                            for i in np.flatnonzero(wrong.numpy())}, key=lambda u: (u[0], u[1] or 0)):
+            problems.append(Problem(target, b, *blocks[b], "the teacher recomputed on its inputs gives other "
+                                    "outputs (beyond the codec's tolerance)", v))
     out = {"samples": len(rows), "views": list(range(cache.views)) if cache.views else None,
            "tolerance": max(d["tolerance"] for d in diffs.values()), "arrays": diffs,
-           "ok": all(d["ok"] for d in diffs.values())}
+           "ok": all(d["ok"] for d in diffs.values()), "problems": problems}
     if cache.labelled:  # labels are data, not teacher output: they must be the data's labels of the stored index
         wrong = int((np.asarray(group["labels"].oindex[rows]) != p.source.labels(index[::views])).sum())
         out["labels"] = {"checked": len(rows), "mismatches": wrong, "ok": wrong == 0}
@@ -302,9 +313,12 @@ def _given(moved: dict | None) -> dict:
     return {k: v for k, v in (moved or {}).items() if v}
 
 
-def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
-    """Recompute only the bad blocks of a store, then verify it again."""
-    report = verify_store(path, command="repair")
+def repair_store(path: str, log=print, moved: dict | None = None, recompute: int = 0, seed: int = 0) -> Report:
+    """Recompute only the bad blocks of a store, then verify it again. With `recompute`, also the units whose
+    outputs `verify --recompute` (same number and seed) finds other than the teacher's."""
+    report = verify_store(path, recompute=recompute, seed=seed, moved=moved, command="repair")
+    if report.recompute:
+        report.problems += report.recompute.get("problems", [])
     gone = sorted({p.array for p in report.problems if p.what.startswith(("array missing", "array damaged"))})
     if gone:  # repair recomputes chunks into arrays that exist; a deleted array's metadata is not a chunk
         raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted or "
@@ -319,7 +333,7 @@ def repair_store(path: str, log=print, moved: dict | None = None) -> Report:
         return report
     check_replay(cache.manifest, path)  # recomputed views must match the ones already stored
     with st.writer_lock(path):  # no teacher-cache may be writing while units are un-committed and redone
-        return _repair(path, cache, bad, log, moved)
+        return _repair(path, cache, bad, log, moved, recompute, seed)
 
 
 def _label_problems(cache, report: Report, moved: dict | None) -> list[Problem]:
@@ -348,7 +362,7 @@ def _label_problems(cache, report: Report, moved: dict | None) -> list[Problem]:
     return problems
 
 
-def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
+def _repair(path: str, cache, bad, log, moved: dict | None, recompute: int = 0, seed: int = 0) -> Report:
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 
     cfg = CacheConfig(**(_made_with(cache) | {"out": str(path), "force": False} | _given(moved)))
@@ -375,4 +389,4 @@ def _repair(path: str, cache, bad, log, moved: dict | None) -> Report:
     names = [str(b) if v is None or not cache.views else f"{b}/view {v}" for b, v in bad]
     log(f"{path}: recomputing {len(bad)} bad chunk(s): {', '.join(names) or 'none (completing)'}")
     run_teacher_cache(cfg, log=log)
-    return verify_store(path)
+    return verify_store(path, recompute=recompute, seed=seed, moved=moved)  # checked as it was found

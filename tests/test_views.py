@@ -283,6 +283,17 @@ def test_verify_recompute_catches_a_tampered_view(root, teacher_file):
     # Two samples are enough: every view of each is recomputed, views 1 and 2 among them.
     res = runner.invoke(app, ["verify", path, "--recompute", "2"])
     assert res.exit_code == 1 and "BAD  recompute logits" in res.stdout
+    # Every sample recomputed names every unit that holds another view's outputs; repair --recompute redoes just
+    # those, and the store ends bitwise as it was made.
+    res = runner.invoke(app, ["verify", path, "--recompute", "192", "--json"])
+    found = {(p["array"], p["block"], p["view"]) for p in json.loads(res.stdout)["recompute"]["problems"]}
+    assert res.exit_code == 1 and found == {("logits", b, v) for b in range(3) for v in (1, 2)}, found
+    assert "BAD  recompute logits chunk 2 view 1 (rows 128-191)" in runner.invoke(
+        app, ["verify", path, "--recompute", "192"]).stdout
+    res = runner.invoke(app, ["repair", path, "--recompute", "192"])
+    assert res.exit_code == 0 and "recomputing 6 bad chunk(s): 0/view 1, 0/view 2, 1/view 1" in res.stderr, \
+        res.output
+    np.testing.assert_array_equal(zarr.open_group(path, mode="r")["logits"][:], logits)
 
 
 def test_view_parameters_swapped_between_chunks_are_found_without_the_teacher_and_repaired(root, teacher_file):
