@@ -39,15 +39,15 @@ def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float
             (weight_decay >= 0, f"--weight-decay must be 0 or more (got {weight_decay})")]
 
 
-def save_whole(obj, path: Path, then: str) -> None:
-    """torch.save to a temporary name, then rename: a kill or a full disk never leaves a truncated file under the
-    real name, nor a half-written one under the temporary name. torch reports a full disk as a RuntimeError from its
-    zip writer, not an OSError."""
+def write_whole(path: Path, write, then: str, errors: tuple = (OSError,)) -> None:
+    """`write(tmp)` to a temporary name, then rename: a kill or a full disk never leaves a truncated file under the
+    real name, nor a half-written one under the temporary name. `errors` (a full disk) become one line ending in
+    `then`, what to do once space is freed."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         tmp.replace(path)
-    except (OSError, RuntimeError) as e:
+    except errors as e:
         tmp.unlink(missing_ok=True)
         raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
     except BaseException:  # Ctrl-C mid-write: no half-written file left behind under the temporary name either
@@ -55,18 +55,15 @@ def save_whole(obj, path: Path, then: str) -> None:
         raise
 
 
+def save_whole(obj, path: Path, then: str) -> None:
+    """torch.save, written whole (`write_whole`). torch reports a full disk as a RuntimeError from its zip writer,
+    not an OSError."""
+    write_whole(path, lambda tmp: torch.save(obj, tmp), then, (OSError, RuntimeError))
+
+
 def write_text_whole(path: Path, text: str, then: str) -> None:
-    """`save_whole` for a text file: written to a temporary name, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise KDCacheError(f"cannot write {path} ({first_line(e)}); is the disk full? free space, then {then}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A text file, written whole (`write_whole`)."""
+    write_whole(path, lambda tmp: tmp.write_text(text), then)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -444,10 +444,8 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
         return None
     if group is None:
-        if st.is_url(p.path):
-            _refuse_foreign_url(p.path)
-        else:
-            _refuse_foreign_folder(Path(p.path))
+        _refuse_foreign(p.path)
+        if not st.is_url(p.path):
             _set_aside(Path(p.path))
             Path(p.path).parent.mkdir(parents=True, exist_ok=True)
         group = st.create_store(p.path, p.manifest(), p.arrays,
@@ -475,16 +473,16 @@ def _set_aside(path: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _refuse_foreign_url(url: str) -> None:
-    """`_refuse_foreign_folder` for a URL: zarr creates a store there by deleting everything under it (a file://
-    folder of the user's own files included)."""
+def _refuse_foreign(path: str) -> None:
+    """Creating a store empties its folder (zarr deletes everything under it): never do that to a folder that holds
+    anything but a kdcache store. One check for a local path and a URL alike (fsspec lists both)."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fsspec.core.url_to_fs(str(path))
     root = root.rstrip("/") or root
     try:
         if fs.isfile(root):
-            raise KDCacheError(f"{url} exists and is a file, not a cache folder; choose another --out")
+            raise KDCacheError(f"{path} exists and is a file, not a cache folder; choose another --out")
         names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return
@@ -495,24 +493,7 @@ def _refuse_foreign_url(url: str) -> None:
             fs.cat_file(f"{root}/zarr.json") or b"{}").get("attributes", {})
     except (ValueError, AttributeError, OSError):
         ours = False  # unreadable metadata: not provably ours, so never emptied
-    if not (ours or names == ["zarr.json"]):
-        raise KDCacheError(f"{url} exists and is not a kdcache store; choose another --out (kdcache never "
-                           "overwrites a folder it did not create, even with --force)")
-
-
-def _refuse_foreign_folder(path: Path) -> None:
-    """Creating a store empties its folder: never do that to a folder that holds anything but a kdcache store."""
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise KDCacheError(f"{path} exists and is a file, not a cache folder; choose another --out")
-    meta = path / "zarr.json"
-    try:
-        ours = meta.exists() and st.MANIFEST_KEY in json.loads(meta.read_text() or "{}").get("attributes", {})
-    except (ValueError, AttributeError):
-        ours = False  # unreadable metadata: not provably ours, so never emptied
-    empty_group = meta.exists() and not any(p for p in path.iterdir() if p.name != "zarr.json")
-    if any(path.iterdir()) and not (ours or empty_group):
+    if not (ours or names == ["zarr.json"]):  # a kdcache store, or an empty group
         raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out (kdcache never "
                            "overwrites a folder it did not create, even with --force)")
 
