@@ -512,6 +512,46 @@ def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file, monkeyp
     assert json.loads(Path("run1/metrics.jsonl").read_text())["train_acc"] is None
 
 
+def test_test_accuracy_is_taken_in_eval_mode_and_training_goes_on_in_train_mode(root, teacher_file, monkeypatch):
+    """`evaluate` scores the student in eval mode (BatchNorm's running statistics, no dropout) and hands it back in
+    the mode it had: every training step after the first epoch's evaluation runs in train mode. (Leaving the student
+    in eval mode after evaluating passed every test: later epochs trained with frozen BatchNorm statistics.)"""
+    import pipeline.train_student as ts
+    from pipeline.loops import evaluate
+
+    class ModeNet(torch.nn.Module):  # its answer says which mode it ran in: class 0 in train mode, 1 in eval mode
+        def forward(self, x):
+            out = torch.zeros(len(x), 4)
+            out[:, 0 if self.training else 1] = 1.0
+            return out
+
+    test = open_source(SYN_TEST)
+    tf = Transform.from_dict({"size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.5]})
+    labels = test.labels(np.arange(test.num_samples))
+    assert 0 < (labels == 1).mean() != (labels == 0).mean()  # the two modes score differently
+    for mode in (True, False):
+        net = ModeNet().train(mode)
+        assert evaluate(net, test, tf, torch.device("cpu")) == (labels == 1).mean()
+        assert net.training is mode
+
+    modes = []  # (inference mode, train mode) of every forward of the student during the run
+    real_setup = ts.setup
+
+    def spy(*a, **k):
+        s = real_setup(*a, **k)
+        s.student.register_forward_pre_hook(
+            lambda m, _inp: modes.append((torch.is_inference_mode_enabled(), m.training)))
+        return s
+
+    monkeypatch.setattr(ts, "setup", spy)
+    run_train_student(StudentConfig(cache=_cache(teacher_file, layers=[]), loss="kd=1", epochs=3, batch_size=64,
+                                    test_data=SYN_TEST, workers=0, out="run"), log=lambda *_: None)
+    steps = [training for inference, training in modes if not inference]
+    evals = [training for inference, training in modes if inference]
+    assert len(steps) == 3 * 3 and all(steps)  # 192 rows in batches of 64, 3 epochs: all in train mode
+    assert len(evals) == 3 and not any(evals)  # one batch of 64 test rows per epoch, in eval mode
+
+
 def test_bad_inputs_give_one_line_errors(root, teacher_file):
     cases = [
         (["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layr3"],
