@@ -454,6 +454,43 @@ def test_flags_reach_the_losses_and_the_student_sees_the_recorded_input(root, te
         assert b[k] == pytest.approx(w * a[k], rel=1e-5), k
 
 
+def test_metrics_rows_are_per_sample_means_of_the_weighted_parts(root, teacher_file):
+    """metrics.jsonl's parts against a hand computation over the whole epoch: each part as it enters the total
+    (--loss weight, KD's 1 - alpha and alpha, T^2), averaged over samples, not over batches (192 rows in batches of
+    80, 80 and 32), and train_acc over the samples. A student without BatchNorm (a linear classifier) and a learning
+    rate too small to move it make every sample's values independent of the batch it came in. Only the ratios of
+    two runs' parts were checked before: an average over batches instead of samples passed."""
+    path = _cache(teacher_file, layers=[])
+    T, alpha, w_kd, w_ce = 3.0, 0.3, 2.0, 0.5
+    run_train_student(StudentConfig(cache=path, student="tests.odd_models:idle_head_model", loss=f"kd={w_kd},ce={w_ce}",
+                                    temperature=T, alpha=alpha, epochs=1, batch_size=80, workers=0, lr=1e-12,
+                                    out="run"), log=lambda *_: None)
+    row = json.loads(Path("run/metrics.jsonl").read_text())
+    assert row["samples"] == 192 and set(row["losses"]) == {"kd_soft", "kd_hard", "ce"}
+
+    g = zarr.open_group(path, mode="r")
+    index, y = g["index"][:], g["labels"][:]
+    teacher = g["logits"][:].astype(np.float64)
+    config = json.loads(Path("run/config.json").read_text())
+    x = open_source(SYN).load(index, Transform.from_dict(config["transform"])).numpy().reshape(192, -1)
+    sd = torch.load("run/student.pt", weights_only=True)["state_dict"]
+    student = x.astype(np.float64) @ sd["body.1.weight"].double().numpy().T + sd["body.1.bias"].double().numpy()
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lt, ls = log_softmax(teacher / T), log_softmax(student / T)
+    kl = (np.exp(lt) * (lt - ls)).sum(1)                      # per sample KL(p_t || p_s) at T
+    ce = -log_softmax(student)[np.arange(192), y]             # per sample, at T = 1
+    want = {"kd_soft": w_kd * (1 - alpha) * T * T * kl.mean(), "kd_hard": w_kd * alpha * ce.mean(),
+            "ce": w_ce * ce.mean()}
+    for k, v in want.items():
+        assert row["losses"][k] == pytest.approx(v, rel=1e-5), k
+    assert row["loss"] == pytest.approx(sum(want.values()), rel=1e-5)
+    assert row["train_acc"] == (student.argmax(1) == y).mean()
+
+
 def test_missing_array_refused_before_training(root, teacher_file):
     path = _cache(teacher_file, layers=["avgpool"])
     with pytest.raises(KDCacheError, match=r"lacks array 'features/layer3' needed by loss 'fitnets'; "
