@@ -418,6 +418,30 @@ def test_rkd_on_batches_of_one_and_two_is_zero_with_finite_gradients(n):
     assert torch.equal(distance_potential(t), torch.zeros(1, 1) if n == 1 else 1 - torch.eye(2))
 
 
+def test_rkd_duplicate_samples_count_as_zero_distance_pairs():
+    """A sample twice in a batch (rows 1 and 3): Park et al.'s mu is the mean over every pair i != j, so the
+    duplicate pair counts with distance 0 (a mean over the positive distances alone would leave it out: 18 pairs
+    instead of 20 here); its distance potential is 0, and an angle with a vertex at one copy and an end at the other
+    has no direction (0, as on the diagonal). Gradients stay finite."""
+    n = 5
+    s, t = randn(n, 4, seed=47), randn(n, 6, seed=48)
+    s[3], t[3] = s[1], t[1]
+    ps = h_distance_potential(s)                      # mu over all 20 ordered pairs i != j, the zero pair included
+    got = distance_potential(s)
+    torch.testing.assert_close(got, torch.tensor(ps, dtype=DT), rtol=1e-7, atol=1e-6)
+    assert float(got[1, 3]) < 1e-6 and float(got[3, 1]) < 1e-6
+    d = h_dist_matrix(s)
+    positive_mu = sum(x for row in d for x in row if x > 1e-9) / (n * (n - 1) - 2)
+    assert abs(float(got[0, 2]) - d[0][2] / positive_mu) > 1e-2   # the two definitions differ here
+    a = angle_potential(s)
+    for k in range(n):
+        assert float(a[3, 1, k]) == 0.0 and float(a[k, 1, 3]) == 0.0 and float(a[1, 3, k]) == 0.0
+    sg = s.clone().float().requires_grad_(True)
+    loss = sum(RKD()(Batch(None, {"embed": sg}, {"features/avgpool": t.float()}, None)).values())
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sg.grad).all()
+
+
 def test_rkd_teacher_gets_no_gradient():
     s = randn(5, 4, seed=43).requires_grad_(True)
     t = randn(5, 6, seed=44).requires_grad_(True)
