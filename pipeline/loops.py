@@ -113,10 +113,12 @@ def evaluate(model: nn.Module, source: Source, tf: Transform, device: torch.devi
     model.eval()
     correct = 0
     lut = torch.from_numpy(label_map) if label_map is not None else None
-    for _idx, x, y in source_batches(source, tf, batch_size):
-        y = lut[y] if lut is not None else y
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-    model.train(was_training)
+    try:
+        for _idx, x, y in source_batches(source, tf, batch_size):
+            y = lut[y] if lut is not None else y
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    finally:  # a caller that catches an error here (a notebook, a retry) gets its model back in the mode it gave
+        model.train(was_training)
     return correct / source.num_samples
 
 

@@ -571,6 +571,15 @@ def test_test_accuracy_is_taken_in_eval_mode_and_training_goes_on_in_train_mode(
         assert evaluate(net, test, tf, torch.device("cpu")) == (labels == 1).mean()
         assert net.training is mode
 
+    class Fails(torch.nn.Module):  # an error part-way still hands the model back in the mode it came in
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    net = Fails().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate(net, test, tf, torch.device("cpu"))
+    assert net.training
+
     modes = []  # (inference mode, train mode) of every forward of the student during the run
     real_setup = ts.setup
 
