@@ -286,6 +286,9 @@ def check_policy(policy: AugmentPolicy, seed: int, native_hw: tuple[int, int], v
         raise KDCacheError(f"--augment '{spec}' puts {off.mean():.0%} of views entirely off the {H}x{W} images (a "
                            "translation larger than the crop); use a smaller translate or larger crops")
     if views and views > 1 and (box == box[:, :1]).all() and (flip == flip[:, :1]).all():
+        # crops that never fit their ranges are all one centre crop: name that reason, whatever `crop_fallback` says
+        # (this policy is refused either way), rather than advise a wider crop range that cannot help a ratio range
+        check_crop_fallback(policy, seed, native_hw, numbers, probe)
         raise KDCacheError(f"--augment '{spec}' makes every view of a sample the same input on {H}x{W} images (e.g. "
                            "crop=1-1 keeps the whole image); widen the crop range or add flip / translate")
 

@@ -120,6 +120,9 @@ def test_policies_that_cannot_teach_are_refused(root, teacher_file):
         (["--views", "4", "--augment", "crop=0.9-1,ratio=3-4,flip"],
          "100% of crops fit no draw of the crop and ratio ranges and fall back to a fixed centre crop (area 0.31"),
         (["--views", "4", "--augment", "crop=0.001-0.001,flip"], "raise the crop range"),
+        # the same without flip: every view is that one centre crop, and the fallback is the reason to name (not
+        # "widen the crop range", which cannot help a ratio range that never fits)
+        (["--views", "4", "--augment", "crop=0.9-1,ratio=3-4"], "fall back to a fixed centre crop (area 0.31"),
     ]:
         res = runner.invoke(app, base + args)
         assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
