@@ -303,7 +303,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             img_s = last_epoch_img_s(work / f"run-{tag}")
             reader = json.loads((work / f"run-{tag}" / "config.json").read_text())["reader"]
             # The stored (compressed) bytes of what the student streams, at the rate it consumes samples. Arrays
-            # under 64 MB (logits) are read once per worker and held in memory; feature chunks are read every epoch
+            # under 64 MiB (logits) are read once per worker and held in memory; feature chunks are read every epoch
             # (from the page cache when the store fits in RAM, as in any multi-epoch run).
             streamed = sum(disk_bytes(Path(store) / name) for name in reader["streamed_arrays"])
             return {"img_s": img_s, "MB_s": streamed / n * img_s / 1e6, "buffer_chunks": reader["buffer_chunks"]}

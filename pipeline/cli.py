@@ -348,7 +348,7 @@ def train_student_cmd(
     test_data: Optional[str] = typer.Option(None, help="Labelled test data (default: the data's test split)."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the one recorded in the cache)."),
     workers: int = typer.Option(1, help="DataLoader worker processes."),
-    buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MB per worker)."),
+    buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MiB per worker)."),
     device: str = typer.Option("auto"),
     out: Optional[str] = typer.Option(None, help="Run directory (default data/runs/...)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last finished epoch."),

@@ -9,7 +9,7 @@
 - a worker reads `buffer_chunks` blocks at a time (one read per chunk per array), rebuilds their inputs from the data
   source by stored index with the transform from the manifest, shuffles rows inside that buffer, and cuts batches;
   while one buffer's batches are handed out, a thread loads the next (and after the last, the next epoch's first);
-- arrays under 64 MB (index, labels, logits and view parameters, in most stores) are read whole once per worker
+- arrays under 64 MiB (index, labels, logits and view parameters, in most stores) are read whole once per worker
   and kept in memory; larger ones are read chunk by chunk with the buffer;
 - the store is opened lazily inside each worker (never shared across processes).
 Batches carry the stored parts of each target (`logits`, or `features/x` and `features/x.scale`, ...): the training
@@ -17,7 +17,7 @@ loop decodes them on its device with the target's codec.
 
 Shuffle quality trades against memory: a sample can only move within its buffer, so larger buffers are closer to a
 uniform shuffle (`shuffle_quality` measures it; see the README's performance section). The default buffer holds as
-many chunks as fit in 256 MB per worker (2 to 64); rows are stored in a fixed random order (`augment.row_order`), so
+many chunks as fit in 256 MiB per worker (2 to 64); rows are stored in a fixed random order (`augment.row_order`), so
 even a small buffer draws batches from random samples of the data.
 """
 

@@ -307,7 +307,7 @@ LARGE_CHUNK_BYTES = 256 << 20
 
 def large_chunk_note(p: Prepared) -> str | None:
     """A note when a chunk is so large that memory suffers: a writer holds whole units, and a student's loader
-    worker holds two shuffle buffers of at least two chunks each. Suggests --chunk-samples for ~128 MB chunks, in
+    worker holds two shuffle buffers of at least two chunks each. Suggests --chunk-samples for ~128 MiB chunks, in
     whole batches (a unit smaller than a batch would shrink the teacher's batches)."""
     name, size = max(p.chunk_bytes().items(), key=lambda kv: kv[1])
     if size <= LARGE_CHUNK_BYTES:
@@ -315,9 +315,9 @@ def large_chunk_note(p: Prepared) -> str | None:
     row = size / p.cfg.chunk_samples
     batch = p.cfg.batch_size
     suggest = max(batch, int((128 << 20) // row) // batch * batch)
-    return (f"note: each {name} chunk is {size / 2**20:,.0f} MB ({p.cfg.chunk_samples} rows of {row / 1e3:,.0f} kB, "
+    return (f"note: each {name} chunk is {size / 2**20:,.0f} MiB ({p.cfg.chunk_samples} rows of {row / 1e3:,.0f} kB, "
             f"uncompressed); writers and each of a student's loader workers hold several at once: --chunk-samples "
-            f"{suggest} would make them {suggest * row / 2**20:,.0f} MB (another cache)")
+            f"{suggest} would make them {suggest * row / 2**20:,.0f} MiB (another cache)")
 
 
 def _metrics(target: str) -> tuple[str, ...]:

@@ -66,7 +66,7 @@ class StudentConfig:
     test_data: str | None = None           # default: the cached data's test split, when it has one
     data: str | None = None                # default: the data spec in the manifest
     workers: int = 1                       # DataLoader worker processes
-    buffer_chunks: int = 0                 # chunks shuffled together; 0: as many as fit in 256 MB per worker
+    buffer_chunks: int = 0                 # chunks shuffled together; 0: as many as fit in 256 MiB per worker
     device: str = "auto"
     out: str | None = None                 # run directory; default data/runs/<time>-<loss>-s<seed>
     resume: bool = False                   # continue the run in --out from its last epoch's checkpoint.pt

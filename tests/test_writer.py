@@ -100,8 +100,8 @@ def test_teacher_cache_writer_pool_equals_one_writer(root, teacher_file):
 
 
 def test_a_chunk_too_large_for_memory_gets_a_note_with_a_chunk_size(root, teacher_file, monkeypatch):
-    """Chunks over the threshold (256 MB; lowered here) are named with their size and a --chunk-samples that would
-    make them ~128 MB (scaled down here too), in whole batches; smaller chunks get no note."""
+    """Chunks over the threshold (256 MiB; lowered here) are named with their size and a --chunk-samples that would
+    make them ~128 MiB (scaled down here too), in whole batches; smaller chunks get no note."""
     import pipeline.teacher_cache as tc
     from tests.conftest import SYN
 
@@ -122,4 +122,4 @@ def test_a_chunk_too_large_for_memory_gets_a_note_with_a_chunk_size(root, teache
     assert len(note) == 1 and note[0].startswith("note: each features/layer2 chunk is ") and "(64 rows of " in note[0]
     suggest = int(re.search(r"--chunk-samples (\d+) ", note[0]).group(1))
     row = chunk / 64  # bytes per row of the largest array, from the store's own metadata
-    assert suggest % 16 == 0 and suggest * row <= 128 << 20 < (suggest + 16) * row  # whole batches, ~128 MB
+    assert suggest % 16 == 0 and suggest * row <= 128 << 20 < (suggest + 16) * row  # whole batches, ~128 MiB
