@@ -361,6 +361,9 @@ def test_a_run_that_never_trains_the_classifier_says_so(root, teacher_file):
         run_train_student(StudentConfig(cache=path, loss=loss, workers=0, out="run", overwrite=True,
                                         **{"epochs": 1, **kw}), log=logs.append)
         assert any(m.startswith("note: no loss of the run") for m in logs) == noted, (loss, kw, logs)
+        epochs = [m for m in logs if m.startswith("epoch ")]
+        hint = kw.get("fitnets_hint_epochs", 0) if loss == "fitnets=1" else 0  # epoch lines that say hint stage
+        assert [("(hint stage:" in m) for m in epochs] == [i < hint for i in range(len(epochs))], (loss, kw, epochs)
 
 
 def test_normalize_sets_the_teachers_input_statistics(root, teacher_file):
