@@ -218,6 +218,19 @@ def test_view_selection_cycles_through_every_view():
         assert sorted(picks[:4]) == [0, 1, 2, 3] and picks[:4] == picks[4:]
     rand = [select_view("random", 0, e, 0, 4) for e in range(200)]
     assert set(rand) == {0, 1, 2, 3} and rand == [select_view("random", 0, e, 0, 4) for e in range(200)]
+    # Within one epoch the blocks read different views: the pick is per block (a per-sample pick in distribution),
+    # not one view for the whole epoch. Over 400 blocks each of the 4 views is picked about 100 times, by either
+    # policy, in every epoch; and two epochs' random picks are independent (agree on about 1/4 of the blocks).
+    blocks = range(400)
+    for policy in ("cycle", "random"):
+        for e in (0, 1, 5):
+            counts = np.bincount([select_view(policy, 0, e, b, 4) for b in blocks], minlength=4)
+            assert counts.min() > 60, (policy, e, counts)
+    r0, r1 = ([select_view("random", 0, e, b, 4) for b in blocks] for e in (0, 1))
+    assert 0.15 < np.mean(np.equal(r0, r1)) < 0.35
+    # --seed reaches the pick: another seed, other views for the same (epoch, block)
+    for policy in ("cycle", "random"):
+        assert np.mean([select_view(policy, 0, 3, b, 4) == select_view(policy, 1, 3, b, 4) for b in blocks]) < 0.4
     with pytest.raises(KDCacheError, match="view-policy"):
         select_view("round-robin", 0, 0, 0, 4)
 
