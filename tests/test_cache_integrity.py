@@ -251,6 +251,29 @@ def test_verify_recompute_passes_then_fails_on_tampered_values(root, teacher_fil
     assert res.exit_code == 1 and "BAD  recompute logits" in res.stdout
 
 
+def test_verify_recompute_names_the_chunk_of_a_tampered_row_among_a_few(root, teacher_file):
+    """With --recompute N < all rows, each tampered output is named by the chunk its row lies in (what repair
+    --recompute redoes), not by the row's position among the N samples drawn."""
+    from pipeline.verify import repair_store, verify_store
+
+    path = run_teacher_cache(cfg(teacher_file, dtype="float32", layers=[]), log=lambda *_: None)
+    before = arrays_of(path)
+    # the rows verify draws, computed independently: 20 of 192, sorted, from default_rng(seed)
+    seed = 3
+    drawn = np.sort(np.random.default_rng(seed).choice(192, 20, replace=False))
+    row = int(drawn[-1])  # the last drawn row: position 19 among the drawn, in chunk row // 64 of the store
+    assert row // 64 == 2, drawn  # far from its position's chunk (0), the case this test is about
+    g = zarr.open_group(path, mode="r+")
+    g["logits"][row] = g["logits"][row] + 1.0
+    rep = verify_store(path, recompute=20, seed=seed)
+    assert not rep.ok and rep.recompute["samples"] == 20
+    assert [(p.array, p.block, p.start, p.end, p.view) for p in rep.recompute["problems"]] == \
+        [("logits", 2, 128, 192, None)]
+    assert repair_store(path, log=lambda *_: None, recompute=20, seed=seed).ok
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
 def test_missing_chunk_reported_with_range(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
     (path / "logits" / "c" / "2" / "0").unlink()
