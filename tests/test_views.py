@@ -87,6 +87,13 @@ def test_params_depend_only_on_seed_sample_and_view():
     log_aspect = np.log(box[:, 0, 3] / box[:, 0, 2])
     assert np.quantile(log_aspect, 0.05) < np.log(0.55) and np.quantile(log_aspect, 0.95) > np.log(1.8)
     assert abs(np.median(log_aspect)) < 0.05 and 0.099 <= (box[:, 0, 2] * box[:, 0, 3] / 400 ** 2).min()  # rounding
+    # A crop's position is uniform over every place it fits, both edges included (torchvision: randint(0, H - h + 1)):
+    # 4x4 crops of an 8x8 image (area 1/4, square) start at rows and columns 0..4, each about 1/5 of the time.
+    box, _ = sample_params(AugmentPolicy.parse("crop=0.25-0.25,ratio=1-1"), 0, np.arange(2000), 2, (8, 8))
+    assert (box[..., 2:] == 4).all()
+    for pos in (box[..., 0].ravel(), box[..., 1].ravel()):
+        assert pos.min() == 0 and pos.max() == 4
+        assert (np.abs(np.bincount(pos, minlength=5) / pos.size - 0.2) < 0.03).all(), np.bincount(pos)
 
 
 def test_policy_parsing_and_errors():
