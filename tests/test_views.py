@@ -100,6 +100,13 @@ def test_policy_parsing_and_errors():
     p = AugmentPolicy.parse("flip, crop=0.5-1")
     assert p.spec() == "crop=0.5-1,ratio=0.75-1.33333,flip" and AugmentPolicy.parse(p.spec()).spec() == p.spec()
     assert AugmentPolicy.parse("none").identity and AugmentPolicy.parse(None).spec() == "none"
+    # The spec (part of the cache key) is one to one with the policy: every part and number reads back as it was, and
+    # policies that sample other views never share a spec.
+    specs = ["crop=0.3-0.9,ratio=0.5-2,translate=3,flip,plain0", "translate=1", "translate=4", "translate=4,flip",
+             "crop=0.5-1", "crop=0.6-1", "crop=0.5-1,ratio=0.5-2", "crop=0.5-1,flip", "flip", "flip,translate=2,plain0"]
+    policies = [AugmentPolicy.parse(s) for s in specs]
+    assert all(AugmentPolicy.parse(p.spec()) == p for p in policies)
+    assert len({p.spec() for p in policies}) == len({p for p in policies}) == len(specs)
     for bad in ("crop=2-3", "rotate=5", "translate=-1", "flip=1", "crop=0.5", "crop=0.5-1,ratio=0.5-inf"):
         with pytest.raises(KDCacheError, match="bad augmentation"):
             AugmentPolicy.parse(bad)
