@@ -94,6 +94,15 @@ def test_params_depend_only_on_seed_sample_and_view():
     for pos in (box[..., 0].ravel(), box[..., 1].ravel()):
         assert pos.min() == 0 and pos.max() == 4
         assert (np.abs(np.bincount(pos, minlength=5) / pos.size - 0.2) < 0.03).all(), np.bincount(pos)
+    # Each of the 10 tries is a fresh draw (torchvision's rule): with crop=0.5-1,ratio=0.5-2 on a square image a
+    # single draw fits less than half the time (Monte Carlo below), yet only (1 - p)^10 of the crops, about 0.2%,
+    # fall back to the centre crop (here the whole image).
+    rng = np.random.default_rng(0)
+    area, r = 64 * 64 * rng.uniform(0.5, 1, 10**6), np.exp(rng.uniform(np.log(0.5), np.log(2), 10**6))
+    fit = ((np.round(np.sqrt(area * r)) <= 64) & (np.round(np.sqrt(area / r)) <= 64)).mean()
+    assert 0.4 < fit < 0.5
+    box, _ = sample_params(AugmentPolicy.parse("crop=0.5-1,ratio=0.5-2"), 0, np.arange(4000), 2, (64, 64))
+    assert (box == [0, 0, 64, 64]).all(-1).mean() < 0.01
 
 
 def test_policy_parsing_and_errors():
