@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 def cfg(teacher_file, **kw):
     kw.setdefault("data", SYN)
     kw.setdefault("layers", ["layer2"])
-    return CacheConfig(weights=str(teacher_file), chunk_samples=64, batch_size=32, **kw)
+    kw.setdefault("chunk_samples", 64)
+    return CacheConfig(weights=str(teacher_file), batch_size=32, **kw)
 
 
 def arrays_of(path) -> dict[str, np.ndarray]:
@@ -71,9 +72,14 @@ def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, m
             # the same state_dict in another architecture (here: another forward) is another teacher
             Path(run_teacher_cache(cfg(teacher_file, teacher="tests.odd_models:loud_teacher"),
                                    log=lambda *_: None)).stem}
-    views = [Path(run_teacher_cache(cfg(teacher_file, layers=[], views=2, **kw), log=lambda *_: None)).stem
-             for kw in ({"augment": "flip"}, {"augment": "translate=2"}, {"augment": "flip", "aug_seed": 1})]
-    assert len(keys) == 9 and len(set(views)) == 3 and not keys & set(views)
+    views = [Path(run_teacher_cache(cfg(teacher_file, layers=[], **({"views": 2} | kw)), log=lambda *_: None)).stem
+             for kw in ({"augment": "flip"}, {"augment": "translate=2"}, {"augment": "flip", "aug_seed": 1},
+                        {"augment": "flip", "views": 3})]
+    # ... and how it is stored and laid out: the codec of each target with its settings, the rows' order, the chunks
+    layout = {Path(run_teacher_cache(cfg(teacher_file, layers=[], **kw), log=lambda *_: None)).stem
+              for kw in ({}, {"logits_topk": 2}, {"logits_topk": 3}, {"row_order": "source"}, {"chunk_samples": 32})}
+    assert len(keys) == 9 and len(set(views)) == 4 and not keys & set(views)
+    assert len(layout) == 5 and not layout & (keys | set(views))
     # --force rebuilds the same key.
     logs = []
     run_teacher_cache(cfg(teacher_file, force=True), log=logs.append)
