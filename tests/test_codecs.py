@@ -84,6 +84,19 @@ def test_topk_keeps_top_logits_and_restores_tail_mass_exactly():
     assert math.isclose(float(got), 16 * hand / 6, rel_tol=1e-5)
     with pytest.raises(KDCacheError, match="between 1 and the class count"):
         TopKCodec(20).parts("logits", (20,))
+    # Class indices past int16's range (a 40000-class teacher) are stored exactly: as int32, never wrapped negative;
+    # the stored dtype is what `parts` declares. Up to 32767 classes int16 holds every index.
+    for classes, want in ((32767, np.int16), (32768, np.int32), (40000, np.int32)):
+        z = torch.zeros(2, classes)
+        top = torch.tensor([[classes - 1, classes - 3], [0, classes - 2]])
+        z.scatter_(1, top, torch.tensor([[9.0, 8.0], [7.0, 6.0]]))
+        big = TopKCodec(2, "float32", classes=classes)
+        enc = big.encode("logits", z)
+        assert np.dtype(big.parts("logits", (classes,))["logits.topk_indices"][1]) == want
+        assert enc["logits.topk_indices"].numpy().dtype == want
+        np.testing.assert_array_equal(enc["logits.topk_indices"].numpy(), top.numpy())
+        rec = big.decode("logits", enc)
+        assert torch.equal(rec.gather(1, top), z.gather(1, top)) and torch.equal(rec.argmax(1), top[:, 0])
 
 
 def test_bfloat16_is_stored_as_its_bits():
