@@ -280,6 +280,27 @@ def test_verify_recompute_names_the_chunk_of_a_tampered_row_among_a_few(root, te
         np.testing.assert_array_equal(v, before[name], err_msg=name)
 
 
+def test_a_single_non_finite_output_stops_the_cache(root, teacher_file, monkeypatch):
+    """One sample's non-finite logit (a single overflow) is refused like a whole unit of them, with its unit's rows:
+    it would otherwise be stored, and verify's NaN check or the student's loss would meet it later."""
+    from pipeline.models import TeacherNet
+
+    real, calls = TeacherNet.forward, {"n": 0}
+
+    def one_inf(self, x):
+        out = real(self, x)
+        if len(x) == 32:  # teacher-cache's batches (not the 2-sample probe)
+            calls["n"] += 1
+            if calls["n"] == 4:  # the second batch of the second unit: rows 96-127
+                out = out.clone()
+                out[5, 1] = float("inf")
+        return out
+
+    monkeypatch.setattr(TeacherNet, "forward", one_inf)
+    with pytest.raises(KDCacheError, match="non-finite logits in rows 64-127; use --dtype float32"):
+        run_teacher_cache(cfg(teacher_file, layers=[], writers=1), log=lambda *_: None)
+
+
 def test_missing_chunk_reported_with_range(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
     (path / "logits" / "c" / "2" / "0").unlink()
