@@ -517,11 +517,18 @@ def is_complete(path, key: str) -> bool:
 
 def metadata_damage(arr, spec: dict) -> str | None:
     """How an opened array's own metadata differs from the manifest's spec of it (None: it does not). Edited or
-    damaged, its chunks read as another shape or dtype: beyond a chunk repair."""
+    damaged, its chunks read as another shape or dtype, or split at other rows; with another fill value a missing
+    chunk reads as data (zeros, say) that neither verify nor the student can tell from the teacher's: all beyond a
+    chunk repair."""
     shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
     if shape != tuple(spec["shape"]) or dtype != np.dtype(spec["dtype"]):
         return (f"its metadata says shape {shape} {dtype}, the manifest {tuple(spec['shape'])} "
                 f"{np.dtype(spec['dtype'])}")
+    if "chunks" in spec and tuple(arr.chunks) != tuple(spec["chunks"]):
+        return f"its metadata says chunks {tuple(arr.chunks)}, the manifest {tuple(spec['chunks'])}"
+    fill, want = arr.metadata.fill_value, fill_value(spec["dtype"])
+    if not np.array_equal(np.asarray(fill, dtype=dtype), np.asarray(want, dtype=dtype), equal_nan=dtype.kind == "f"):
+        return f"its metadata says fill value {fill}, not the {want} a missing chunk must read as"
     return None
 
 

@@ -868,6 +868,32 @@ def test_an_array_whose_metadata_disagrees_with_the_manifest_is_damage(root, tea
         assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"]  # repair refused before touching it
 
 
+def test_an_array_whose_fill_value_or_chunks_were_edited_is_damage(root, teacher_file):
+    """A fill value edited to 0 made a deleted chunk read as zeros: verify said OK, repair 'nothing to repair' and
+    train-student trained on them. Chunks edited to another row count read as garbage that repair never mended."""
+    path = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64, layers=["layer2"]),
+                             log=lambda *_: None)
+    for name, change in (("features/layer2", lambda m: dict(m, fill_value=0.0)),
+                         ("logits", lambda m: dict(m, chunk_grid={"name": "regular", "configuration": {
+                             "chunk_shape": [32, m["shape"][1]]}}))):
+        meta = Path(path, *name.split("/"), "zarr.json")
+        original = json.loads(meta.read_text())
+        meta.write_text(json.dumps(change(original)))
+        chunk = next(p for p in Path(path, *name.split("/"), "c").rglob("*") if p.is_file())
+        kept = chunk.read_bytes()
+        chunk.unlink()
+        res = runner.invoke(app, ["verify", path])
+        assert res.exit_code == 1 and f"BAD  {name} chunk 0 (rows 0-63): array damaged (its metadata says" in \
+            res.stdout, (name, res.output)
+        for args in (["repair", path], ["train-student", "--cache", path, "--workers", "0", "--epochs", "1",
+                                        "--test-data", SYN]):
+            line = _one_line(runner.invoke(app, args))
+            assert "rebuild the store with" in line, (name, args, line)
+        chunk.write_bytes(kept)
+        meta.write_text(json.dumps(original))
+    assert runner.invoke(app, ["verify", path]).exit_code == 0  # the store as made passes
+
+
 def _one_line(res) -> str:
     lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
     assert res.exit_code == 2 and len(lines) == 1, res.output[-400:]
