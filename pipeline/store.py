@@ -357,6 +357,14 @@ def committed_units(group) -> np.ndarray:
     man = group.attrs[MANIFEST_KEY]
     shape = (len(block_ranges(man["data"]["num_samples"], man["chunk_samples"])),
              max(1, (man.get("views") or {}).get("count", 1)))
+    # Their metadata edited to another shape: markers (and distortion rows) would pair with other units, or index
+    # past the end; no marker can be trusted, and neither array is a chunk repair.
+    for name, want in ((COMMIT, shape), (STATS, (*shape, len(man.get("stat_columns") or [])))):
+        got = tuple(group[name].shape) if has_array(group, name) else want
+        if got != want:
+            raise KDCacheError(f"{local_root(group) or group.store}: its {name} array's metadata says shape {got}, "
+                               f"not the {want} of its blocks and views, so no unit's state can be trusted; rebuild "
+                               "the store with `kdcache teacher-cache --force`")
     if not has_array(group, COMMIT):
         return np.zeros(shape, dtype=bool)
     marks = group[COMMIT]

@@ -1129,3 +1129,25 @@ def test_verify_folds_the_chunks_of_units_never_committed():
                                                    Problem("logits", 1, 32, 64, "missing", 1)])
     assert [x.split(" (")[0] for x in rep.summary_lines()] == ["_commit chunk 1 view 0", "_commit chunk 1 view 1",
                                                                "2 of 4 units were never committed"]
+
+
+def test_commit_or_stats_metadata_of_another_shape_is_one_line_not_a_traceback(root, teacher_file):
+    """_commit or _stats edited to another shape: verify and repair failed with IndexError/BoundsCheckError
+    tracebacks, and a resume indexed past the markers. Now one line saying to rebuild, which --force does."""
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))  # 3 blocks, 1 view
+    for name in (st.COMMIT, st.STATS):
+        meta = path / name / "zarr.json"
+        original = json.loads(meta.read_text())
+        for rows in (2, 4):
+            meta.write_text(json.dumps(dict(original, shape=[rows, *original["shape"][1:]])))
+            for args in (["verify", str(path)], ["repair", str(path)]):
+                line = _one_line(runner.invoke(app, args))
+                assert f"its {name} array's metadata says shape ({rows}, 1" in line and "--force" in line, line
+        g = st.open_group(str(path), "r+")
+        g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # a resume reads the markers
+        line = _one_line(runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file),
+                                             "--layer", "layer2", "--chunk-samples", "64", "--out", str(path)]))
+        assert f"its {name} array's metadata says shape" in line, line
+        res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer",
+                                  "layer2", "--chunk-samples", "64", "--out", str(path), "--force"])
+        assert res.exit_code == 0 and runner.invoke(app, ["verify", str(path)]).exit_code == 0, res.output

@@ -23,7 +23,7 @@ def _make(path: Path):
               "logits": rng.standard_normal((N, 7)).astype(np.float16),
               "features/x": rng.integers(-127, 128, (N, 3, 5, 5)).astype(np.int8),
               "features/v": rng.standard_normal((N, K, 2, 3)).astype(np.float32)}
-    manifest = {"chunk_samples": ROWS, "codecs": st.codecs_config(1), "data": {"num_samples": N}}
+    manifest = {"chunk_samples": ROWS, "codecs": st.codecs_config(1), "data": {"num_samples": N}, "views": {"count": K}}
     group = st.create_store(path, manifest, specs, (len(st.block_ranges(N, ROWS)), K), [])
     return group, values
 
