@@ -1058,11 +1058,19 @@ def test_small_store_troubles_read_clearly(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file, out="data/cache/mine.zarr"), log=lambda *_: None))
     res = runner.invoke(app, ["ls"])
     assert res.exit_code == 0 and "(mine.zarr)" in res.stdout, res.output
+    original = json.loads((path / "logits" / "zarr.json").read_text())
     (path / "logits" / "zarr.json").write_text("{bad")
     res = runner.invoke(app, ["inspect", str(path), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["arrays"]["logits"]["missing"], res.output
     line = _one_line(runner.invoke(app, ["train-student", "--cache", str(path), "--workers", "0", "--epochs", "1"]))
     assert "array logits of" in line and "missing outright" in line and "--force" in line
+    # metadata that is JSON but not an array zarr reads (an unknown codec, another zarr format, a group's):
+    # `ls` failed with UnknownCodecError / MetadataValidationError / TypeError tracebacks
+    for change in ({"codecs": [{"name": "nosuch"}]}, {"zarr_format": 2}, {"node_type": "group"}):
+        (path / "logits" / "zarr.json").write_text(json.dumps(original | change))
+        res = runner.invoke(app, ["ls"])
+        assert res.exception is None and res.exit_code == 0, (change, res.exception)
+        assert "(mine.zarr)  DAMAGED" in res.stdout, (change, res.output)
     meta = json.loads((path / "zarr.json").read_text())
     meta["attributes"][st.MANIFEST_KEY]["format_version"] = 99
     (path / "zarr.json").write_text(json.dumps(meta))
