@@ -77,6 +77,26 @@ class Transform:
     def from_dict(cls, d: dict) -> "Transform":
         return cls(size=list(d["size"]), channels=int(d["channels"]), mean=list(d["mean"]), std=list(d["std"]))
 
+    @staticmethod
+    def problem(d) -> str | None:
+        """What makes a recorded transform (a weights file's meta) not one (None: nothing), so that a hand-edited or
+        damaged record is refused by name instead of failing as a TypeError, or feeding a model a 1x6 input
+        (size "16") or one divided by a std of 0."""
+        if not isinstance(d, dict) or not {"size", "channels", "mean", "std"} <= set(d):
+            return f"is not a {{size, channels, mean, std}} record (it is {str(d)[:60]!r})"
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+        size, channels, mean, std = d["size"], d["channels"], d["mean"], d["std"]
+        if channels not in (1, 3) or isinstance(channels, bool):
+            return f"has channels {channels!r}, not 1 or 3"
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in size)):
+            return f"has size {size!r}, not [height, width] in pixels"
+        if not all(isinstance(v, (list, tuple)) and len(v) == channels and all(map(number, v)) for v in (mean, std)) \
+                or min(std) <= 0:
+            return f"has mean {mean!r} and std {std!r}, not {channels} finite number(s) each with stds positive"
+        return None
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # Works on any device: the student stage ships uint8 to the GPU (4x fewer bytes) and normalises there.
         x = images.float().div_(255.0)

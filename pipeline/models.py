@@ -160,6 +160,14 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:
         raise KDCacheError(f"cannot load weights from {path}: {type(e).__name__}; pass a torch state_dict file") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        meta = ckpt.get("meta")
+        if isinstance(meta, dict) and "transform" in meta:  # the input the model was trained on, fed to it again
+            from pipeline.data import Transform
+
+            problem = Transform.problem(meta["transform"])
+            if problem:
+                raise KDCacheError(f"{path}: the transform its meta records {problem}; fix it or save the weights "
+                                   "without one (then --image-size, --channels and --normalize say what to feed)")
         return ckpt
     if isinstance(ckpt, dict):
         return {"state_dict": ckpt}

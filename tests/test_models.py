@@ -146,3 +146,26 @@ def test_weights_that_do_not_fit_name_the_architecture_their_file_records(root):
         load_teacher("default-teacher", root / "mlp.pt", None, 1, 16)
     model, _ = load_teacher("mlp", root / "mlp.pt", None, 1, 16)  # the recorded one fits
     assert isinstance(model, MLP)
+
+
+def test_a_malformed_transform_in_a_weights_files_meta_is_one_line(root):
+    """A weights file whose meta's transform was hand-edited or damaged: 'x' failed with a TypeError traceback in
+    teacher-cache and eval; size "16" fed the teacher 1x6 inputs and a std of 0 infinite ones, without a word."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.conftest import save_teacher
+
+    good = torch.load(save_teacher(root / "t.pt"))
+    tf = {"size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.5]}
+    for bad, says in (("x", "is not a {size, channels, mean, std} record"), (tf | {"size": "16"}, "has size '16'"),
+                      (tf | {"std": [0.0]}, "std [0.0], not 1 finite number(s) each with stds positive"),
+                      (tf | {"channels": 2}, "has channels 2, not 1 or 3")):
+        torch.save({"state_dict": good["state_dict"], "meta": good["meta"] | {"transform": bad}}, root / "bad.pt")
+        for args in (["teacher-cache", "--data", "synthetic:64:1x16x16:4", "--weights", "bad.pt"],
+                     ["eval", "bad.pt", "--data", "synthetic:64:1x16x16:4"]):
+            res = CliRunner().invoke(app, args)
+            lines = res.stderr.strip().splitlines()
+            assert res.exit_code == 2 and len(lines) == 1, (bad, args, res.exception, res.output)
+            assert "bad.pt: the transform its meta records " in lines[0] and says in lines[0], (bad, args, lines)
+    assert not (root / "data" / "cache").exists()
