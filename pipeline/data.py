@@ -79,9 +79,9 @@ class Transform:
 
     @staticmethod
     def problem(d) -> str | None:
-        """What makes a recorded transform (a weights file's meta) not one (None: nothing), so that a hand-edited or
-        damaged record is refused by name instead of failing as a TypeError, or feeding a model a 1x6 input
-        (size "16") or one divided by a std of 0."""
+        """What makes a recorded transform (a weights file's meta, a store's manifest) not one (None: nothing), so
+        that a hand-edited or damaged record is refused by name instead of failing as a TypeError, or feeding a
+        model a 1x6 input (size "16") or one divided by a std of 0."""
         if not isinstance(d, dict) or not {"size", "channels", "mean", "std"} <= set(d):
             return f"is not a {{size, channels, mean, std}} record (it is {str(d)[:60]!r})"
         def number(v):

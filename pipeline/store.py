@@ -562,13 +562,28 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
                            "rebuild it with `kdcache teacher-cache --force` or use a matching kdcache version")
     # Each field every reader relies on, and whether its value is of the kind they assume: a hand-edited or damaged
     # manifest would otherwise fail later as a bare TypeError or KeyError in ls, verify or train-student.
+    from pipeline.data import Transform
+
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+    def array_ok(a) -> bool:  # each array's spec: what every reader indexes by (shape, dtype, chunks, view axis)
+        if not (isinstance(a, dict) and ints(a.get("shape")) and ints(a.get("chunks"))
+                and len(a["chunks"]) == len(a["shape"]) and isinstance(a.get("view_axis"), bool)
+                and isinstance(a.get("dtype"), str)):
+            return False
+        try:
+            return bool(np.dtype(a["dtype"]))
+        except TypeError:
+            return False
+
     fields = {
         "key": lambda v: isinstance(v, str),
         "data": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v)
         and isinstance(v.get("num_samples"), int) and v["num_samples"] > 0,
-        "arrays": lambda v: isinstance(v, dict),
+        "arrays": lambda v: isinstance(v, dict) and all(map(array_ok, v.values())),
         "targets": lambda v: isinstance(v, dict) and "logits" in v and all(isinstance(t, dict) for t in v.values()),
-        "transform": lambda v: isinstance(v, dict) and {"size", "channels", "mean", "std"} <= set(v),
+        "transform": lambda v: Transform.problem(v) is None,
         "chunk_samples": lambda v: isinstance(v, int) and v > 0,
         "teacher": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v),
         "views": lambda v: v is None or isinstance(v, dict),

@@ -817,7 +817,14 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and "its manifest lacks data" in res.stderr, (args, res.output)
     # ... and so is one whose fields hold the wrong kind of value (hand-edited), in ls too
-    for field, value in (("teacher", {}), ("targets", []), ("views", 7), ("chunk_samples", "x"), ("transform", {})):
+    # (a transform of size "16" or std 0, an array's spec without its view axis or with a dtype numpy lacks:
+    # train-student failed with a TypeError/KeyError traceback, or trained on infinite inputs until it diverged)
+    for field, value in (("teacher", {}), ("targets", []), ("views", 7), ("chunk_samples", "x"), ("transform", {}),
+                         ("transform", dict(manifest["transform"], size="16")),
+                         ("transform", dict(manifest["transform"], std=[0.0])),
+                         ("arrays", dict(manifest["arrays"], logits=dict(manifest["arrays"]["logits"], dtype="x"))),
+                         ("arrays", dict(manifest["arrays"], logits={k: v for k, v in manifest["arrays"]["logits"]
+                                                                     .items() if k != "view_axis"}))):
         g.attrs[st.MANIFEST_KEY] = dict(manifest, **{field: value})
         for args in (["verify", str(path)], ["inspect", str(path)], ["train-student", "--cache", str(path)],
                      ["ls", "--cache-dir", str(path.parent)]):
