@@ -519,8 +519,14 @@ def is_complete(path, key: str) -> bool:
         raise  # e.g. a URL whose fsspec backend is not installed
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong
         return False
-    return (manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
-            and bool(manifest.get("complete")) and whole)
+    if not (manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
+            and bool(manifest.get("complete")) and whole):
+        return False
+    try:  # a manifest every reader refuses is no hit: teacher-cache then says what is wrong with it
+        check_manifest(str(path), manifest)
+    except KDCacheError:
+        return False
+    return True
 
 
 def metadata_damage(arr, spec: dict) -> str | None:
@@ -540,28 +546,10 @@ def metadata_damage(arr, spec: dict) -> str | None:
     return None
 
 
-def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
-    """Open a store read-only and check it is a kdcache store of a format this version reads."""
-    path = str(path)
-    if not is_url(path) and not Path(path).exists():
-        raise KDCacheError(f"no cache at {path}; run `kdcache teacher-cache` first (or `kdcache ls` to list caches)")
-    try:
-        group = open_group(path, "r")
-        manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
-    except KDCacheError:
-        raise
-    except Exception as e:  # FileNotFoundError, a v2 store, bad JSON ...
-        raise KDCacheError(f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "
-                           "pass the .zarr folder that teacher-cache printed") from None
-    if not manifest:
-        raise KDCacheError(f"{path} is a Zarr group but not a kdcache store (no '{MANIFEST_KEY}' manifest); "
-                           "pass the .zarr folder that teacher-cache printed")
-    fv = manifest.get("format_version")
-    if fv != FORMAT_VERSION:
-        raise KDCacheError(f"{path} has store format {fv}, this kdcache reads format {FORMAT_VERSION}; "
-                           "rebuild it with `kdcache teacher-cache --force` or use a matching kdcache version")
-    # Each field every reader relies on, and whether its value is of the kind they assume: a hand-edited or damaged
-    # manifest would otherwise fail later as a bare TypeError or KeyError in ls, verify or train-student.
+def check_manifest(path: str, manifest: dict) -> None:
+    """Refuse, in one line, a manifest (of this format) that no reader can trust. Each field every reader relies on,
+    and whether its value is of the kind they assume: a hand-edited or damaged manifest would otherwise fail later
+    as a bare TypeError or KeyError in ls, verify or train-student (or pass as a cache hit in teacher-cache)."""
     from pipeline.data import Transform
 
     def ints(v) -> bool:
@@ -601,6 +589,29 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     if any(part not in manifest["arrays"] for t in manifest["targets"].values() for part in t.get("parts", [])):
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")
+
+
+def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
+    """Open a store read-only and check it is a kdcache store of a format this version reads."""
+    path = str(path)
+    if not is_url(path) and not Path(path).exists():
+        raise KDCacheError(f"no cache at {path}; run `kdcache teacher-cache` first (or `kdcache ls` to list caches)")
+    try:
+        group = open_group(path, "r")
+        manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
+    except KDCacheError:
+        raise
+    except Exception as e:  # FileNotFoundError, a v2 store, bad JSON ...
+        raise KDCacheError(f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "
+                           "pass the .zarr folder that teacher-cache printed") from None
+    if not manifest:
+        raise KDCacheError(f"{path} is a Zarr group but not a kdcache store (no '{MANIFEST_KEY}' manifest); "
+                           "pass the .zarr folder that teacher-cache printed")
+    fv = manifest.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise KDCacheError(f"{path} has store format {fv}, this kdcache reads format {FORMAT_VERSION}; "
+                           "rebuild it with `kdcache teacher-cache --force` or use a matching kdcache version")
+    check_manifest(path, manifest)
     if require_complete and not manifest.get("complete"):
         who = writer(path)
         if who is not None:

@@ -515,6 +515,7 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         log(f"--force: rebuilding {path}")
         return None
     if manifest.get("key") == key and manifest.get("format_version") == st.FORMAT_VERSION:
+        st.check_manifest(path, manifest)  # hand-edited or damaged: no hit, no resume (every reader refuses it)
         if st.has_array(group, st.COMMIT):  # created last: its presence means every array was created
             gone = [name for name in manifest.get("arrays", {}) if not st.has_array(group, name)]
             if gone:  # deleted since: writing chunks without the array's metadata would complete nothing

@@ -1166,3 +1166,22 @@ def test_commit_or_stats_metadata_of_another_shape_is_one_line_not_a_traceback(r
         res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer",
                                   "layer2", "--chunk-samples", "64", "--out", str(path), "--force"])
         assert res.exit_code == 0 and runner.invoke(app, ["verify", str(path)]).exit_code == 0, res.output
+
+
+def test_teacher_cache_is_no_hit_on_a_manifest_every_reader_refuses(root, teacher_file):
+    """A complete store whose manifest was hand-edited (a field of the wrong kind): teacher-cache answered 'cache
+    hit ... is complete; nothing to compute' on a store verify, train-student and repair refuse; now it refuses it
+    likewise, and --force rebuilds it."""
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
+    args = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2", "--chunk-samples",
+            "64", "--out", path]
+    g = st.open_group(path, "r+")
+    manifest = dict(g.attrs[st.MANIFEST_KEY])
+    for field, value in (("data", dict(manifest["data"], num_samples="192")), ("teacher", {})):
+        g.attrs[st.MANIFEST_KEY] = dict(manifest, **{field: value})
+        for complete in (True, False):  # a hit, and a resume
+            g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=complete)
+            line = _one_line(runner.invoke(app, args))
+            assert f"its manifest has a malformed {field}" in line and "--force" in line, (field, complete, line)
+    res = runner.invoke(app, [*args, "--force"])
+    assert res.exit_code == 0 and runner.invoke(app, ["verify", path]).exit_code == 0, res.output
