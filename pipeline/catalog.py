@@ -71,7 +71,7 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
                     "samples": man["data"]["num_samples"], "views": (man.get("views") or {}).get("count", 0),
                     "targets": {t: v["codec"]["name"] for t, v in man.get("targets", {}).items()},
                     "arrays": sorted(man["arrays"]),
-                    "bytes": disk_bytes(p), "complete": bool(man.get("complete")) and not missing,
+                    "bytes": disk_bytes(p), "complete": st.marked_complete(man) and not missing,
                     "missing_arrays": missing, "created": man.get("created")})
     return out
 

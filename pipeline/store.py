@@ -507,6 +507,13 @@ class CacheStore:
                                f"(it has: {', '.join(sorted(self.targets))})")
 
 
+def marked_complete(manifest: dict) -> bool:
+    """Whether the manifest says complete: exactly `true`, as mark_complete writes it. Anything else ("false", "yes",
+    1, a hand edit) is not complete, as a damaged marker is not committed: a resume or repair completes it, while a
+    truthy "false" would have passed an interrupted store for a complete one."""
+    return manifest.get("complete") is True
+
+
 def is_complete(path, key: str) -> bool:
     """Whether a complete store of this format with cache key `key` is at `path` (anything else: False)."""
     if not is_url(path) and not (Path(path) / "zarr.json").is_file():
@@ -520,7 +527,7 @@ def is_complete(path, key: str) -> bool:
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong
         return False
     if not (manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
-            and bool(manifest.get("complete")) and whole):
+            and marked_complete(manifest) and whole):
         return False
     try:  # a manifest every reader refuses is no hit: teacher-cache then says what is wrong with it
         check_manifest(str(path), manifest)
@@ -612,7 +619,7 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
         raise KDCacheError(f"{path} has store format {fv}, this kdcache reads format {FORMAT_VERSION}; "
                            "rebuild it with `kdcache teacher-cache --force` or use a matching kdcache version")
     check_manifest(path, manifest)
-    if require_complete and not manifest.get("complete"):
+    if require_complete and not marked_complete(manifest):
         who = writer(path)
         if who is not None:
             raise KDCacheError(f"cache {path} is being written now ({who}); train from it when that run has ended")

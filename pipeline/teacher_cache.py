@@ -441,7 +441,7 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     which (block, view) units it already holds. Takes the store's writer lock first: one run writes it at a time."""
     held.enter_context(st.writer_lock(p.path))
     group = _open_existing(p.path, p.key, p.cfg, log)
-    if group is not None and group.attrs[st.MANIFEST_KEY].get("complete"):
+    if group is not None and st.marked_complete(group.attrs[st.MANIFEST_KEY]):
         return None
     if group is None:
         _refuse_foreign(p.path)

@@ -112,11 +112,11 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     if seed < 0:
         raise KDCacheError(f"--seed must be 0 or more (got {seed})")
     cache = st.open_store(path, require_complete=False)
-    who = None if cache.manifest.get("complete") else st.writer(path)
+    who = None if st.marked_complete(cache.manifest) else st.writer(path)
     if who is not None:  # its uncommitted chunks are work in progress, not damage
         raise KDCacheError(f"{path} is being written now ({who}); {command} it when that run has ended")
     group = cache.open_group()
-    report = Report(path=str(path), complete=bool(cache.manifest.get("complete")))
+    report = Report(path=str(path), complete=st.marked_complete(cache.manifest))
     blocks = st.block_ranges(cache.num_samples, cache.chunk_samples)
     committed = st.committed_units(group)
     report.units = int(committed.size)

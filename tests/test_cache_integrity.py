@@ -1185,3 +1185,22 @@ def test_teacher_cache_is_no_hit_on_a_manifest_every_reader_refuses(root, teache
             assert f"its manifest has a malformed {field}" in line and "--force" in line, (field, complete, line)
     res = runner.invoke(app, [*args, "--force"])
     assert res.exit_code == 0 and runner.invoke(app, ["verify", path]).exit_code == 0, res.output
+
+
+def test_complete_is_exactly_true(root, teacher_file):
+    """An interrupted store whose manifest says complete: "false" (a hand edit; any truthy value) passed for
+    complete: ls said complete and teacher-cache 'cache hit ... nothing to compute' over a unit never written. Only
+    true is complete; the same command resumes it."""
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
+    g = st.open_group(path, "r+")
+    g[st.COMMIT][1, 0] = 0  # a unit the writer never reached
+    (Path(path) / "logits" / "c" / "1" / "0").unlink()
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete="false")
+    res = runner.invoke(app, ["ls", "--cache-dir", str(root)])
+    assert res.exit_code == 0 and "(s.zarr)  INCOMPLETE" in res.stdout, res.output
+    assert "is incomplete" in _one_line(runner.invoke(app, ["train-student", "--cache", path, "--workers", "0"]))
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
+                              "--chunk-samples", "64", "--out", path])
+    assert res.exit_code == 0 and "resuming" in res.stderr, res.output
+    assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"] is True
+    assert runner.invoke(app, ["verify", path]).exit_code == 0
