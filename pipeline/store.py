@@ -206,6 +206,7 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
                 start, start + len(values))
             group[name][sel] = values
     else:
+        refuse_folders(group, block, view, list(arrays))
         for name, values in arrays.items():
             spec = specs[name]
             path = chunk_file(Path(root), name, spec, block, view)
@@ -228,6 +229,23 @@ def write_unit(group, block: int, view: int, start: int, arrays: dict[str, np.nd
     if stats is not None:
         group[STATS][block, view] = stats
     group[COMMIT][block, view] = 1
+
+
+def refuse_folders(group, block: int, view: int, names: list[str]) -> None:
+    """Refuse a folder where a file of unit (block, view) belongs (put there by hand): the writer's rename failed
+    with "Is a directory" naming a temporary file, and zarr deletes a folder under a chunk it clears. Such a folder
+    is never written into, nor deleted: it may hold someone's files. Local stores only."""
+    root = local_root(group)
+    if root is None:
+        return
+    specs = group.attrs[MANIFEST_KEY]["arrays"]
+    own = [(chunk_file(Path(root), name, specs[name], block, view), f"chunk {block} of {name}") for name in names]
+    own += [(Path(root, COMMIT, "c", str(block), str(view)), f"the commit marker of unit {block}/{view}"),
+            (Path(root, STATS, "c", str(block), str(view), "0"), f"the _stats row of unit {block}/{view}")]
+    for path, what in own:
+        if path.is_dir():
+            raise KDCacheError(f"{path} is a folder where {what} belongs (a file); move it out of the store, then "
+                               "re-run the same command")
 
 
 _HELD: dict[str, int] = {}  # lock files this process holds, with how many nested holders (repair -> teacher-cache)

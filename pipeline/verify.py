@@ -378,6 +378,9 @@ def _repair(path: str, cache, bad, log, moved: dict | None, recompute: int = 0, 
                  key=lambda u: (u[0], -1 if u[1] is None else u[1]))
     group = st.open_group(path, "r+")
     manifest = dict(group.attrs[st.MANIFEST_KEY])
+    for b, v in bad:  # a folder in a chunk's place stops the writer: say so before the store is touched
+        for view in range(max(1, cache.views)) if v is None else [v]:
+            st.refuse_folders(group, b, view, [n for n, spec in cache.arrays.items() if spec["view_axis"] or view == 0])
     group.attrs[st.MANIFEST_KEY] = dict(manifest, complete=False)  # before any marker is cleared
     if st.has_array(group, st.COMMIT):  # without it teacher-cache recreates the store: no marker can be trusted
         for b, v in bad:

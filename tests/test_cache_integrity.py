@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1204,3 +1205,23 @@ def test_complete_is_exactly_true(root, teacher_file):
     assert res.exit_code == 0 and "resuming" in res.stderr, res.output
     assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"] is True
     assert runner.invoke(app, ["verify", path]).exit_code == 0
+
+
+def test_a_folder_where_a_chunk_file_belongs_is_named_and_kept(root, teacher_file):
+    """A chunk file replaced by a folder (by hand): repair failed with 'Is a directory: .../.0.<pid>.<tid>.tmp; check
+    the path, or choose another --out / --cache-dir', naming a temporary file and the wrong fix. It names the folder
+    now, before touching the store, leaves it and its files alone, and repairs once it is moved out."""
+    path = Path(run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None))
+    for chunk in (path / "logits" / "c" / "1" / "0", path / st.STATS / "c" / "2" / "0" / "0",
+                  path / st.COMMIT / "c" / "0" / "0"):  # (zarr deleted this one, with its files, on un-committing)
+        chunk.unlink()
+        chunk.mkdir()
+        (chunk / "notes.txt").write_text("mine")
+        line = _one_line(runner.invoke(app, ["repair", str(path)]))
+        assert line.startswith(f"error: {chunk} is a folder where ") and "move it out of the store" in line, line
+        assert (chunk / "notes.txt").read_text() == "mine"
+        assert st.open_group(str(path), "r").attrs[st.MANIFEST_KEY]["complete"]  # refused before touching it
+        shutil.move(chunk, root / "moved")
+        res = runner.invoke(app, ["repair", str(path)])
+        assert res.exit_code == 0 and runner.invoke(app, ["verify", str(path)]).exit_code == 0, res.output
+        shutil.rmtree(root / "moved")
