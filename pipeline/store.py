@@ -100,6 +100,21 @@ def require_backend(url: str) -> None:
                                "s3://bucket/folder or file:///folder") from None
 
 
+def enclosing_store(path) -> Path | None:
+    """The Zarr store at or above local `path` (the top of the run of folders holding a zarr.json that begins
+    nearest it: a group or an array is inside its store): whatever is written inside it, that store's `--force`
+    rebuild deletes with it. None when there is none."""
+    p = Path(path).absolute()
+    folders = (p, *p.parents)
+    nearest = next((i for i, f in enumerate(folders) if (f / "zarr.json").exists()), None)
+    if nearest is None:
+        return None
+    top = nearest
+    while top + 1 < len(folders) and (folders[top + 1] / "zarr.json").exists():
+        top += 1
+    return folders[top]
+
+
 def feature_array(layer: str) -> str:
     """The one name a cached module output has everywhere: hook key `layer2` -> array `features/layer2`."""
     return f"features/{layer}"

@@ -228,10 +228,14 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     flag, parent = ("--out", Path(cfg.out).parent) if cfg.out else ("--cache-dir", Path(folder))
     if not st.is_url(cfg.out or folder) and parent.is_file():  # else plan would name a store it can never write
         raise KDCacheError(f"{flag}: {parent} is a file, not a folder; choose another {flag}")
-    if not st.is_url(cfg.out or folder) and (parent / "zarr.json").exists():
+    inside = None if st.is_url(cfg.out or folder) else st.enclosing_store(parent)
+    if inside is not None and (parent / "zarr.json").exists():
         # a store nested in another: that one's --force or repair would delete it with its own folder
         raise KDCacheError(f"{flag}: {parent} is a Zarr store (or a group in one), not a folder of caches; choose "
                            f"another {flag}, e.g. the folder that holds it")
+    if inside is not None:  # ... as deeper inside it
+        raise KDCacheError(f"{flag}: {parent} is inside the Zarr store {inside}, whose --force rebuild would delete "
+                           f"it; choose another {flag} outside that store")
     path = cfg.out or st.join(folder, f"{key}.zarr")
     if cfg.out:  # the named store may hold this very cache under an older or a copy's key (resume, repair, verify)
         identity, key = _adopt(path, identity, key, source, cfg.teacher)

@@ -637,6 +637,9 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
         (cache + ["--cache-dir", path], f"--cache-dir: {path} is a Zarr store"),  # a store nested in a store
         (cache + ["--out", f"{path}/features/x.zarr"], f"--out: {path}/features is a Zarr store (or a group in one)"),
+        (cache + ["--out", f"{path}/sub/x.zarr"], f"--out: {path}/sub is inside the Zarr store {Path(path).absolute()}"),
+        (train + ["--out", f"{path}/logits/run"], f"is inside the cache store {Path(path).absolute()}, whose --force"),
+        (["teacher", "--data", SYN, "--out", f"{path}/t.pt"], f"is inside the cache store {Path(path).absolute()}"),
         (["teacher-cache", "--data", "synthetic:64:1x16x16:9", "--weights", str(teacher_file)],
          "9 classes but the teacher has 4 outputs"),
         (train + ["--temperature", "0"], "--temperature must be positive"),
@@ -670,6 +673,8 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
     assert not Path("run").exists() and Path(path, "zarr.json").exists()
     assert not list(Path(path).glob("*.zarr")) and not list(Path(path, "features").glob("*.zarr"))
+    assert sorted(p.name for p in Path(path).iterdir()) == ["_commit", "_stats", "features", "index", "labels",
+                                                             "logits", "zarr.json"]  # nothing written inside it
 
 
 def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teacher_file):
