@@ -590,7 +590,21 @@ def check_manifest(path: str, manifest: dict) -> None:
     """Refuse, in one line, a manifest (of this format) that no reader can trust. Each field every reader relies on,
     and whether its value is of the kind they assume: a hand-edited or damaged manifest would otherwise fail later
     as a bare TypeError or KeyError in ls, verify or train-student (or pass as a cache hit in teacher-cache)."""
+    from pipeline.augment import AugmentPolicy
     from pipeline.data import Transform
+
+    def count(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    def views_ok(v) -> bool:  # the views' count, policy and seed rebuild every view's input
+        if v is None:
+            return True
+        if not (isinstance(v, dict) and count(v.get("count"), 1) and count(v.get("seed"), 0)):
+            return False
+        try:
+            return AugmentPolicy.from_dict(v["augment"]) is not None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return False
 
     def ints(v) -> bool:
         return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
@@ -614,7 +628,7 @@ def check_manifest(path: str, manifest: dict) -> None:
         "transform": lambda v: Transform.problem(v) is None,
         "chunk_samples": lambda v: isinstance(v, int) and v > 0,
         "teacher": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v),
-        "views": lambda v: v is None or isinstance(v, dict),
+        "views": views_ok,
     }
     lacking = [k for k in fields if k not in manifest and k != "views"]
     malformed = [k for k, ok in fields.items() if k in manifest and not ok(manifest[k])]
@@ -626,6 +640,11 @@ def check_manifest(path: str, manifest: dict) -> None:
     if any(not isinstance(a, dict) or list(a.get("shape") or [None])[:1] != [n] for a in manifest["arrays"].values()):
         raise KDCacheError(f"{path}: its manifest's sample count ({n}) is not the length of the arrays it lists, so "
                            "it cannot be trusted; rebuild it with `kdcache teacher-cache --force`")
+    k = (manifest.get("views") or {}).get("count")
+    if {a["shape"][1] if len(a["shape"]) > 1 else None for a in manifest["arrays"].values() if a["view_axis"]} != \
+            ({k} if k else set()):
+        raise KDCacheError(f"{path}: its manifest's view count ({k or 'no views'}) is not the view axis of the arrays "
+                           "it lists, so it cannot be trusted; rebuild it with `kdcache teacher-cache --force`")
     if any(part not in manifest["arrays"] for t in manifest["targets"].values() for part in t.get("parts", [])):
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")

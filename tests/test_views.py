@@ -229,6 +229,25 @@ def test_a_view_cache_from_another_replay_is_refused(root, teacher_file):
         run_train_student(cfg, log=lambda *_: None)
 
 
+def test_a_view_store_whose_manifest_views_were_edited_is_refused_in_one_line(root, teacher_file):
+    """The views' record hand-edited: a seed or policy of the wrong kind failed verify, train-student and repair
+    with KeyError/ValueError/AttributeError tracebacks, a count unlike the arrays' view axis with an IndexError
+    mid-epoch, and views: null trained on view 0 of a view store. Each is refused like any malformed field."""
+    path = _cache(teacher_file, layers=[])
+    g = zarr.open_group(path, mode="r+")
+    man = dict(g.attrs["kdcache"])
+    for views, says in ((man["views"] | {"seed": "x"}, "has a malformed views"),
+                        ({k: v for k, v in man["views"].items() if k != "seed"}, "has a malformed views"),
+                        (man["views"] | {"augment": "junk"}, "has a malformed views"),
+                        (man["views"] | {"count": 3}, "view count (3) is not the view axis"),
+                        (None, "view count (no views) is not the view axis")):
+        g.attrs["kdcache"] = man | {"views": views}
+        for args in (["verify", path], ["repair", path], ["train-student", "--cache", path, "--workers", "0"]):
+            res = runner.invoke(app, args)
+            lines = res.stderr.strip().splitlines()
+            assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], (views, args, res.exception, lines)
+
+
 def test_rebuilt_view_is_independent_of_its_batch():
     rng = np.random.default_rng(1)
     imgs = torch.from_numpy(rng.integers(0, 256, (40, 1, 16, 16), dtype=np.uint8))
