@@ -621,10 +621,11 @@ def check_manifest(path: str, manifest: dict) -> None:
 
     fields = {
         "key": lambda v: isinstance(v, str),
-        "data": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v)
-        and isinstance(v.get("num_samples"), int) and v["num_samples"] > 0,
+        "data": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v) and count(v.get("num_samples"), 1)
+        and ints(v.get("native_shape")) and len(v["native_shape"]) == 3,  # the views' boxes are drawn in it
         "arrays": lambda v: isinstance(v, dict) and all(map(array_ok, v.values())),
-        "targets": lambda v: isinstance(v, dict) and "logits" in v and all(isinstance(t, dict) for t in v.values()),
+        "targets": lambda v: isinstance(v, dict) and "logits" in v
+        and all(isinstance(t, dict) and ints(t.get("shape")) for t in v.values()),  # the student is built from these
         "transform": lambda v: Transform.problem(v) is None,
         "chunk_samples": lambda v: isinstance(v, int) and v > 0,
         "teacher": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v),

@@ -242,10 +242,18 @@ def test_a_view_store_whose_manifest_views_were_edited_is_refused_in_one_line(ro
                         (man["views"] | {"count": 3}, "view count (3) is not the view axis"),
                         (None, "view count (no views) is not the view axis")):
         g.attrs["kdcache"] = man | {"views": views}
-        for args in (["verify", path], ["repair", path], ["train-student", "--cache", path, "--workers", "0"]):
-            res = runner.invoke(app, args)
-            lines = res.stderr.strip().splitlines()
-            assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], (views, args, res.exception, lines)
+        _one_line_each(path, says)
+    # the data's native shape, in which the views' boxes are drawn: KeyError / ValueError tracebacks
+    for data in ({k: v for k, v in man["data"].items() if k != "native_shape"}, man["data"] | {"native_shape": "x"}):
+        g.attrs["kdcache"] = man | {"data": data}
+        _one_line_each(path, "has a malformed data")
+
+
+def _one_line_each(path, says):
+    for args in (["verify", path], ["repair", path], ["train-student", "--cache", path, "--workers", "0"]):
+        res = runner.invoke(app, args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], (args, res.exception, lines)
 
 
 def test_rebuilt_view_is_independent_of_its_batch():
