@@ -594,8 +594,9 @@ def open_source(spec: str) -> Source:
             if n <= 0 or min(c, h, w) <= 0 or classes <= 1 or seed < 0 or len(parts) > 4:
                 raise ValueError
         except (ValueError, IndexError):
-            raise KDCacheError(f"bad synthetic spec '{spec}'; use synthetic:N:CxHxW[:CLASSES[:SEED]], "
-                               "e.g. synthetic:512:1x28x28:10") from None
+            raise KDCacheError(f"bad synthetic spec '{spec}': N, C, H and W must be whole numbers from 1, CLASSES "
+                               "from 2 (default 10), SEED from 0; use synthetic:N:CxHxW[:CLASSES[:SEED]], e.g. "
+                               "synthetic:512:1x28x28:10") from None
         return Synthetic(spec, n, (c, h, w), classes, seed)
     raise KDCacheError(f"unknown data spec '{spec}'; use fashion-mnist[:train|:test], imagefolder:DIR "
                        "or synthetic:N:CxHxW[:CLASSES]")

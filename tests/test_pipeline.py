@@ -607,6 +607,10 @@ def test_bad_inputs_give_one_line_errors(root, teacher_file):
          "no module 'layr3' in TeacherNet (from --layer); nearest: layer3"),
         (["teacher-cache", "--data", "nonsense:1"], "unknown data spec"),
         (["teacher-cache", "--data", "synthetic:abc"], "synthetic:N:CxHxW"),
+        *((["teacher-cache", "--data", spec], f"bad synthetic spec '{spec}': N, C, H and W must be whole numbers "
+           "from 1, CLASSES from 2 (default 10), SEED from 0")
+          for spec in ("synthetic:0:1x8x8", "synthetic:10:0x8x8", "synthetic:10:1x8", "synthetic:10:1x8x8:1",
+                       "synthetic:10:1x8x8:4:-1")),
         (["teacher-cache", "--data", SYN, "--weights", "missing.pt"], "weights file not found"),
         (["teacher-cache", "--data", SYN, "--teacher", "torchvision:resnet18"], "needs --weights"),
         (["train-student", "--cache", "nowhere.zarr"], "no cache at"),
