@@ -100,11 +100,22 @@ def require_backend(url: str) -> None:
                                "s3://bucket/folder or file:///folder") from None
 
 
+def local_path(path) -> str | None:
+    """The folder on this disk that `path` names: itself, or a file:// URL's path; None for other URLs."""
+    path = str(path)
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if is_url(path) else path
+
+
 def enclosing_store(path) -> Path | None:
-    """The Zarr store at or above local `path` (the top of the run of folders holding a zarr.json that begins
-    nearest it: a group or an array is inside its store): whatever is written inside it, that store's `--force`
-    rebuild deletes with it. None when there is none."""
-    p = Path(path).absolute()
+    """The Zarr store at or above `path` (the top of the run of folders holding a zarr.json that begins nearest
+    it: a group or an array is inside its store): whatever is written inside it, that store's `--force` rebuild
+    deletes with it. None when there is none, and for a URL other than file:// (an object store)."""
+    local = local_path(path)
+    if local is None:
+        return None
+    p = Path(local).absolute()
     folders = (p, *p.parents)
     nearest = next((i for i, f in enumerate(folders) if (f / "zarr.json").exists()), None)
     if nearest is None:
@@ -270,12 +281,8 @@ def _lock_file(path) -> str | None:
     """`<store>.lock` beside the store, named from its absolute path: `--out .` locks `../<folder>.lock`, not a
     stray `..lock` in the current folder. A file:// URL is the local folder it names (the same lock as that path);
     other URLs (object stores) have none."""
-    path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif is_url(path):
-        return None
-    return os.path.abspath(path) + ".lock"
+    path = local_path(path)
+    return None if path is None else os.path.abspath(path) + ".lock"
 
 
 def writer(path) -> str | None:

@@ -228,13 +228,15 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     flag, parent = ("--out", Path(cfg.out).parent) if cfg.out else ("--cache-dir", Path(folder))
     if not st.is_url(cfg.out or folder) and parent.is_file():  # else plan would name a store it can never write
         raise KDCacheError(f"{flag}: {parent} is a file, not a folder; choose another {flag}")
-    inside = None if st.is_url(cfg.out or folder) else st.enclosing_store(parent)
-    if inside is not None and (parent / "zarr.json").exists():
+    local = st.local_path(cfg.out or folder)  # a file:// URL names a folder on this disk too
+    here = None if local is None else Path(local).parent if cfg.out else Path(local)
+    inside = None if here is None else st.enclosing_store(here)
+    if inside is not None and (here / "zarr.json").exists():
         # a store nested in another: that one's --force or repair would delete it with its own folder
-        raise KDCacheError(f"{flag}: {parent} is a Zarr store (or a group in one), not a folder of caches; choose "
+        raise KDCacheError(f"{flag}: {here} is a Zarr store (or a group in one), not a folder of caches; choose "
                            f"another {flag}, e.g. the folder that holds it")
     if inside is not None:  # ... as deeper inside it
-        raise KDCacheError(f"{flag}: {parent} is inside the Zarr store {inside}, whose --force rebuild would delete "
+        raise KDCacheError(f"{flag}: {here} is inside the Zarr store {inside}, whose --force rebuild would delete "
                            f"it; choose another {flag} outside that store")
     path = cfg.out or st.join(folder, f"{key}.zarr")
     if cfg.out:  # the named store may hold this very cache under an older or a copy's key (resume, repair, verify)

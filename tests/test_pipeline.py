@@ -641,7 +641,9 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
         (cache + ["--cache-dir", path], f"--cache-dir: {path} is a Zarr store"),  # a store nested in a store
         (cache + ["--out", f"{path}/features/x.zarr"], f"--out: {path}/features is a Zarr store (or a group in one)"),
-        (cache + ["--out", f"{path}/sub/x.zarr"], f"--out: {path}/sub is inside the Zarr store {Path(path).absolute()}"),
+        (cache + ["--out", f"{path}/sub/x.zarr"],
+         f"--out: {path}/sub is inside the Zarr store {Path(path).absolute()}"),
+        (cache + ["--out", f"file://{Path(path).absolute()}/sub/x.zarr"], "is inside the Zarr store"),  # a URL too
         (train + ["--out", f"{path}/logits/run"], f"is inside the cache store {Path(path).absolute()}, whose --force"),
         (["teacher", "--data", SYN, "--out", f"{path}/t.pt"], f"is inside the cache store {Path(path).absolute()}"),
         (["teacher-cache", "--data", "synthetic:64:1x16x16:9", "--weights", str(teacher_file)],
