@@ -69,8 +69,15 @@ def local_root(group) -> str | None:
 
 
 def join(folder, name: str) -> str:
-    """`folder/name` for a local folder or a URL."""
-    return f"{str(folder).rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
+    """`folder/name` for a local folder or a URL (a protocol's root too: memory:// gives memory://name)."""
+    if not is_url(folder):
+        return str(Path(folder) / name)
+    base = str(folder).rstrip("/")
+    if base.endswith(":"):  # the slashes taken were the protocol's: memory:/name was a local folder "memory:"
+        if str(folder) == "file://":  # (file:/// is the root folder, file://x a relative one)
+            raise KDCacheError(f"{folder} names no folder; give one, e.g. file:///data/caches")
+        base += "/"
+    return f"{base}/{name}"
 
 
 def open_group(path, mode: str, **kw):

@@ -443,6 +443,11 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir",
                               "memory://caches"])
     assert res.exit_code == 0 and "lives in this process only" in res.stderr
+    # a protocol's root: `--cache-dir memory://` made a local folder named "memory:" and printed memory:/KEY.zarr
+    assert run_teacher_cache(cfg(teacher_file, cache_dir="memory://"), log=lambda *_: None).startswith("memory://")
+    assert not Path("memory:").exists()
+    with pytest.raises(KDCacheError, match="file:// names no folder"):  # ... and file:// a folder named "file:"
+        run_teacher_cache(cfg(teacher_file, cache_dir="file://"), log=lambda *_: None)
 
 
 def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monkeypatch):
