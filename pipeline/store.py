@@ -568,7 +568,9 @@ def is_complete(path, key: str) -> bool:
     try:
         group = open_group(str(path), "r")
         manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
-        whole = all(name in group for name in manifest.get("arrays", {}))  # an array deleted since: no hit
+        # an array deleted since, or its metadata edited (another shape, dtype, chunking or fill): no hit
+        whole = all(has_array(group, name) and metadata_damage(group[name], spec) is None
+                    for name, spec in manifest.get("arrays", {}).items())
     except KDCacheError:
         raise  # e.g. a URL whose fsspec backend is not installed
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong

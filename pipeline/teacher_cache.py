@@ -527,6 +527,10 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
             if gone:  # deleted since: writing chunks without the array's metadata would complete nothing
                 raise KDCacheError(f"{path}: array {gone[0]} is missing outright (its metadata deleted); rebuild "
                                    "the store with --force")
+            for name, spec in manifest["arrays"].items():  # its chunks would be written under other metadata
+                damage = st.metadata_damage(group[name], spec)
+                if damage:
+                    raise KDCacheError(f"array {name} of {path}: {damage}; rebuild the store with --force")
             return group
         log(f"{path}: its creation was interrupted before any data; creating it again")
         return None

@@ -900,7 +900,9 @@ def test_an_array_whose_fill_value_or_chunks_were_edited_is_damage(root, teacher
         assert res.exit_code == 1 and f"BAD  {name} chunk 0 (rows 0-63): array damaged (its metadata says" in \
             res.stdout, (name, res.output)
         for args in (["repair", path], ["train-student", "--cache", path, "--workers", "0", "--epochs", "1",
-                                        "--test-data", SYN]):
+                                        "--test-data", SYN],
+                     ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
+                      "--chunk-samples", "64", "--out", path]):  # (it answered 'cache hit ... complete')
             line = _one_line(runner.invoke(app, args))
             assert "rebuild the store with" in line, (name, args, line)
         chunk.write_bytes(kept)
