@@ -646,6 +646,7 @@ def check_manifest(path: str, manifest: dict) -> None:
         "chunk_samples": lambda v: isinstance(v, int) and v > 0,
         "teacher": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v),
         "views": views_ok,
+        "stat_columns": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),  # _stats' columns
     }
     lacking = [k for k in fields if k not in manifest and k != "views"]
     malformed = [k for k, ok in fields.items() if k in manifest and not ok(manifest[k])]
