@@ -19,6 +19,7 @@ import functools
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import resize, splitmix64
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -287,12 +288,27 @@ class Source:
                 "fingerprint": self.fingerprint()}
 
 
-def _read_idx_gz(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic = int.from_bytes(raw[0:4], "big")
-    ndim = magic & 0xFF
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+def _read_idx_gz(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes with `ndim` dimensions (3: images, 1: labels). A truncated, damaged or swapped
+    file is one line naming it: a truncated gzip's EOFError read as 'interrupted' (click takes EOFError for Ctrl-D),
+    others failed as numpy tracebacks."""
+    why = None
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        why = f"{type(e).__name__}: {first_line(e)}"
+    else:
+        magic = int.from_bytes(raw[0:4], "big")
+        dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        if magic != 0x0800 + ndim:
+            why = f"no IDX header of {ndim}-D unsigned bytes (magic {magic:#x}, not {0x0800 + ndim:#x})"
+        elif len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
+            why = f"{len(raw) - 4 - 4 * ndim} bytes of data where its header says {dims}"
+    if why:
+        raise KDCacheError(f"cannot read Fashion-MNIST file {path} ({why}); replace it with an intact copy, e.g. "
+                           "`apt-get install --reinstall dataset-fashion-mnist`, or point KDCACHE_FASHION_MNIST_DIR "
+                           "at one")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -324,8 +340,12 @@ class FashionMNIST(Source):
         self.spec = f"fashion-mnist:{split}"
         self.split = split
         self._files = [root / img_file, root / lbl_file]
-        self._images = torch.from_numpy(_read_idx_gz(self._files[0]).copy()).unsqueeze(1)  # (n,1,28,28)
-        self._labels = _read_idx_gz(self._files[1]).astype(np.int64)
+        self._images = torch.from_numpy(_read_idx_gz(self._files[0], 3).copy()).unsqueeze(1)  # (n,1,28,28)
+        self._labels = _read_idx_gz(self._files[1], 1).astype(np.int64)
+        if self._images.shape[1:] != (1, 28, 28) or len(self._images) != len(self._labels):
+            raise KDCacheError(f"Fashion-MNIST files {self._files[0]} and {self._files[1]} hold {len(self._images)} "
+                               f"images of {tuple(self._images.shape[2:])} pixels and {len(self._labels)} labels, not "
+                               "one 28x28 image per label; replace them with an intact pair (mixed train/test?)")
         self.num_samples = len(self._labels)
         self.native_shape = (1, 28, 28)
         self.classes = list(FASHION_MNIST_CLASSES)

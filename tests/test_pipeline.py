@@ -209,6 +209,38 @@ def test_fashion_mnist_dir_set_to_a_folder_without_its_files_is_refused(root, mo
         open_source("fashion-mnist:test")
 
 
+def test_a_damaged_fashion_mnist_file_is_named_in_one_line(root, monkeypatch):
+    """A truncated .gz was reported as 'interrupted' with exit 130 (its EOFError is click's Ctrl-D); a file of
+    another kind, or the labels in the images' place, failed with numpy tracebacks; a test split's images beside
+    the train split's labels with another. Each names the file now."""
+    import gzip
+
+    def idx(name, dims):
+        header = (0x0800 + len(dims)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+        with gzip.open(root / "fm" / name, "wb") as f:
+            f.write(header + bytes(int(np.prod(dims))))
+        return (root / "fm" / name).read_bytes()
+
+    (root / "fm").mkdir()
+    for split, n in (("train", 6), ("t10k", 4)):
+        images = idx(f"{split}-images-idx3-ubyte.gz", [n, 28, 28])
+        labels = idx(f"{split}-labels-idx1-ubyte.gz", [n])
+    monkeypatch.setenv("KDCACHE_FASHION_MNIST_DIR", str(root / "fm"))
+    assert open_source("fashion-mnist:test").num_samples == 4  # intact
+    cases = [("t10k-images-idx3-ubyte.gz", images[: len(images) // 2], "t10k-images-idx3-ubyte.gz (EOFError"),
+             ("t10k-labels-idx1-ubyte.gz", gzip.compress(b"garbage"), "(no IDX header of 1-D unsigned bytes"),
+             ("t10k-images-idx3-ubyte.gz", labels, "(no IDX header of 3-D unsigned bytes (magic 0x801, not 0x803)"),
+             ("t10k-labels-idx1-ubyte.gz", (root / "fm" / "train-labels-idx1-ubyte.gz").read_bytes(),
+              "hold 4 images of (28, 28) pixels and 6 labels")]
+    for name, content, says in cases:
+        (root / "fm" / name).write_bytes(content)
+        res = runner.invoke(app, ["plan", "--data", "fashion-mnist:test", "--weights", "none.pt"])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], (name, res.exception, res.output)
+        idx("t10k-images-idx3-ubyte.gz", [4, 28, 28])  # intact again for the next case
+        idx("t10k-labels-idx1-ubyte.gz", [4])
+
+
 def test_unlabelled_flat_imagefolder(root):
     from tests.conftest import save_teacher
 
