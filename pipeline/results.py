@@ -127,8 +127,8 @@ def run(epochs: int, seeds: list[int], workers: int, log=print) -> dict:
 
     out_dir = data_root() / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher_meta = json.loads((data_root() / "teachers" / "default.json").read_text())
     cache = run_teacher_cache(CacheConfig(data="fashion-mnist:train", layers=["layer3", "avgpool"]), log=log)
+    teacher_meta = json.loads(saved(data_root() / "teachers" / "default.json", "run `make teacher`"))
     from pipeline.store import open_store
 
     seconds, extrapolated = cache_seconds(open_store(cache).manifest)
@@ -203,6 +203,39 @@ def publish(render: Callable[[], str], to_readme: bool, start: str = START, end:
         write_readme(md, start, end)
 
 
+def numbers(flag: str, text: str, least: int) -> list[int]:
+    """A comma-separated list of whole numbers from `least` (--seeds 0,1,2, --views 4,16), refused in one line
+    before any run: it was int()'s ValueError traceback, or (-1) a refusal after the teacher-cache run."""
+    from pipeline.errors import KDCacheError
+
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        raise KDCacheError(f"{flag} takes whole numbers from {least} separated by commas, e.g. {least},{least + 1} "
+                           f"(got '{text}')")
+    return values
+
+
+def check_counts(epochs: int, workers: int) -> None:
+    """--epochs and --workers, before any run (each student run would refuse them, after the teacher-cache run)."""
+    from pipeline.errors import KDCacheError
+
+    if epochs < 1 or workers < 0:
+        raise KDCacheError(f"--epochs must be at least 1 and --workers at least 0 (got {epochs} and {workers})")
+
+
+def saved(path: Path, then: str) -> str:
+    """The text of a file an earlier step wrote (a run's results for --table-only, the teacher's metadata): its
+    absence is one line saying which step makes it, not a FileNotFoundError traceback."""
+    from pipeline.errors import KDCacheError
+
+    if not path.is_file():
+        raise KDCacheError(f"{path} does not exist; {then}")
+    return path.read_text()
+
+
 def one_line_errors(main) -> None:
     """Run a results command's `main` as the kdcache CLI runs a command: a refusal (KDCacheError) is one line on
     stderr and exit 2, not a traceback. `make results*` run these modules directly, not through the CLI."""
@@ -225,11 +258,14 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/results.json.")
     a = ap.parse_args()
+    if not a.table_only:  # before the README's markers are checked and any run starts
+        seeds = numbers("--seeds", a.seeds, 0)
+        check_counts(a.epochs, a.workers)
 
     def result() -> dict:
         if a.table_only:
-            return json.loads((data_root() / "results" / "results.json").read_text())
-        return run(a.epochs, [int(s) for s in a.seeds.split(",")], a.workers)
+            return json.loads(saved(data_root() / "results" / "results.json", "run without --table-only first"))
+        return run(a.epochs, seeds, a.workers)
 
     publish(lambda: table(result()), a.write_readme)
 

@@ -22,8 +22,8 @@ import statistics
 from pathlib import Path
 
 from pipeline.data import data_root
-from pipeline.results import (_fmt, cache_seconds, fmt_seconds, machine, one_line_errors, publish, reuse_or_run,
-                              schedule)
+from pipeline.results import (_fmt, cache_seconds, check_counts, fmt_seconds, machine, numbers, one_line_errors,
+                              publish, reuse_or_run, saved, schedule)
 
 START, END = "<!-- views:start -->", "<!-- views:end -->"
 # Random-resized crops on top of the teacher's own training augmentation (translate=2,flip): the kind of policy
@@ -132,12 +132,14 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="Re-render the table from data/results/views.json.")
     a = ap.parse_args()
+    if not a.table_only:  # before the README's markers are checked and any run starts
+        seeds, views = numbers("--seeds", a.seeds, 0), numbers("--views", a.views, 1)
+        check_counts(a.epochs, a.workers)
 
     def result() -> dict:
         if a.table_only:
-            return json.loads((data_root() / "results" / "views.json").read_text())
-        return run(a.epochs, [int(s) for s in a.seeds.split(",")], [int(v) for v in a.views.split(",")],
-                   a.augment or POLICIES, a.loss, a.workers)
+            return json.loads(saved(data_root() / "results" / "views.json", "run without --table-only first"))
+        return run(a.epochs, seeds, views, a.augment or POLICIES, a.loss, a.workers)
 
     publish(lambda: table(result()), a.write_readme, START, END)
 

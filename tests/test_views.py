@@ -738,6 +738,33 @@ def test_results_commands_refuse_in_one_line(root):
             (module, res.stderr)
 
 
+def test_results_commands_refuse_bad_numbers_and_a_missing_table_before_any_run(root, monkeypatch, capsys):
+    """--seeds abc failed with int()'s ValueError traceback, --seeds -1 or --epochs 0 only at the first student run
+    (after the teacher-cache run), --table-only before any run with a FileNotFoundError traceback."""
+    import sys
+
+    import pipeline.results as r
+    import pipeline.results_views as rv
+
+    def no_run(*a, **k):
+        raise AssertionError("refused before any run")
+
+    monkeypatch.setattr(r, "run", no_run)
+    monkeypatch.setattr(rv, "run", no_run)
+    for module, args, says in ((r, ["--seeds", "abc"], "--seeds takes whole numbers from 0 separated by commas"),
+                               (r, ["--seeds", "-1"], "(got '-1')"),
+                               (r, ["--epochs", "0"], "--epochs must be at least 1"),
+                               (r, ["--table-only"], "results.json does not exist; run without --table-only first"),
+                               (rv, ["--views", "4,0"], "--views takes whole numbers from 1"),
+                               (rv, ["--workers", "-1"], "--workers at least 0"),
+                               (rv, ["--table-only"], "views.json does not exist; run without --table-only first")):
+        monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+        with pytest.raises(SystemExit) as exit_:
+            r.one_line_errors(module.main)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and says in lines[0], (module.__name__, args, lines)
+
+
 def test_results_tables_say_their_std_is_the_sample_std_and_use_it():
     """mean ± std over 3 seeds: the sample standard deviation (n − 1), and each table's header says so."""
     import math
