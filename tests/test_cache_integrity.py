@@ -346,6 +346,9 @@ def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkey
         st.open_store("full.zarr")
     missing = int((~st.committed_units(st.open_group("full.zarr", "r"))).sum())
     assert 0 < missing < 3
+    # A temporary left by a writer killed mid-chunk (SIGKILL skips the cleanup above) is removed on resume.
+    stale = Path("full.zarr", "logits", "c", ".0.99999.1.tmp")
+    stale.write_bytes(b"half a chunk")
     computed = []
     real = tc.teacher_outputs_async
     monkeypatch.setattr(tc, "teacher_outputs_async", lambda p, idx, *a, **k: computed.append(len(idx)) or real(
@@ -353,6 +356,7 @@ def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkey
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and "already cached" in res.stderr
     assert computed == [64] * missing  # the teacher ran on the missing units alone
+    assert not stale.exists() and not list(Path("full.zarr").rglob(".*.tmp"))
     clean = run_teacher_cache(cfg(teacher_file, out="clean.zarr"), log=lambda *_: None)
     for name, v in arrays_of(clean).items():
         np.testing.assert_array_equal(v, arrays_of("full.zarr")[name])
