@@ -962,6 +962,41 @@ def test_repair_mends_labels_chunks_swapped_between_files(root, teacher_file):
     assert res.exit_code == 0 and "nothing to repair" in res.output
 
 
+def test_verify_names_values_no_writer_writes_in_chunks_that_pass_their_checksum(root, teacher_file):
+    """A chunk rewritten whole (its crc32c valid) can still hold what no writer writes: one NaN or an infinity
+    among float data, the int8 fill (-128) in a few rows, a non-finite distortion sum, or another block's index.
+    Each is named by plain verify (train-student refuses them too), and repair redoes those units alone."""
+    path = Path(run_teacher_cache(cfg(teacher_file, feature_codec="int8"), log=lambda *_: None))
+    before = arrays_of(path)
+    assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
+    g = zarr.open_group(str(path), mode="r+")
+    logits = g["logits"][:]
+    logits[5, 1], logits[70, 2] = np.nan, np.inf          # block 0: one NaN; block 1: one infinity
+    g["logits"][:] = logits
+    q = g["features/layer2"][130:132]
+    q[0, 0, 0, 0] = q[1, 3, 1, 2] = -128                   # block 2: two int8 fill values among data
+    g["features/layer2"][130:132] = q
+    stats = g[st.STATS][:]
+    stats[2, 0, 0] = np.nan
+    g[st.STATS][:] = stats
+    a, b = path / "index" / "c" / "0", path / "index" / "c" / "1"
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(raw_b), b.write_bytes(raw_a)
+    res = runner.invoke(app, ["verify", str(path), "--json"])
+    assert res.exit_code == 1, res.output
+    found = {(p["array"], p["block"], p["what"]) for p in json.loads(res.stdout)["problems"]}
+    assert found == {("logits", 0, "1 NaN values"), ("logits", 1, "infinite values"),
+                     ("features/layer2", 2, "missing rows"),
+                     (st.STATS, 2, "missing or non-finite distortion sums"),
+                     ("index", 0, "index does not match its rows"), ("index", 1, "index does not match its rows")}, \
+        found
+    res = runner.invoke(app, ["repair", str(path)])
+    assert res.exit_code == 0 and "recomputing 3 bad chunk(s): 0, 1, 2" in res.stderr, res.output
+    assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
 def test_verify_recompute_skips_damaged_chunks_and_reports_them(root, teacher_file):
     path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
     f = path / "logits" / "c" / "1" / "0"
