@@ -202,18 +202,24 @@ def test_topk_tail_of_a_confident_teacher_keeps_its_mass():
     """A teacher sure of its class (as on its own training data) leaves a tail mass far below float32's resolution of
     the total: it must still be stored to its own precision, or KD at T = 4 sees no tail at all."""
     rng = np.random.default_rng(3)
-    z = rng.standard_normal((4, 100))
-    z[:, 0] += [8.0, 14.0, 18.0, 24.0]
+    z = rng.standard_normal((5, 100))
+    z[:4, 0] += [8.0, 14.0, 18.0, 24.0]
+    z[4] *= 0.1                                             # and a nearly flat teacher: almost all mass in the tail
     codec = TopKCodec(5, "float32", classes=100)
     parts = codec.encode("logits", torch.from_numpy(z).float())
     zf = z.astype(np.float32).astype(np.float64)
     rec = codec.decode("logits", parts).double().numpy()
-    for i in range(4):
+    for i in range(5):
         rest = np.sort(zf[i])[:-5]
         e = np.exp(zf[i] - zf[i].max())
-        tail = np.exp(rest - zf[i].max()).sum() / e.sum()    # 0.28 down to ~1e-8
+        tail = np.exp(rest - zf[i].max()).sum() / e.sum()    # 0.28 down to ~4e-9, and 0.95 for the flat one
         assert math.isclose(float(parts["logits.tail"][i]), tail, rel_tol=1e-4), (i, tail)
+        # decoding restores that mass at T = 1, however small or large it is (no clamp moves it)
+        q1 = np.exp(rec[i] - rec[i].max())
+        q1 /= q1.sum()
+        assert math.isclose(q1[np.argsort(-zf[i])[5:]].sum(), tail, rel_tol=1e-3), (i, tail)
         # ... so the KL at T = 4 between the teacher and its top-k reconstruction stays that of a flat tail
         p, q = (np.exp(a / 4 - (a / 4).max()) for a in (zf[i], rec[i]))
         p, q = p / p.sum(), q / q.sum()
         assert (p * np.log(p / q)).sum() < 0.05, i
+
