@@ -223,3 +223,31 @@ def test_topk_tail_of_a_confident_teacher_keeps_its_mass():
         p, q = p / p.sum(), q / q.sum()
         assert (p * np.log(p / q)).sum() < 0.05, i
 
+
+def test_recompute_errors_against_hand_computation():
+    """What `verify --recompute` compares with each codec's tolerance: int8 errors relative to their own channel's
+    absmax (a small channel next to a large one is checked at its own scale), top-k errors of the kept logits plus
+    the tail mass decoding restores."""
+    from pipeline.codecs import TOLERANCE
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 3, 2, 2)) * np.array([1.0, 100.0, 1e-3])[None, :, None, None]
+    dec = x + rng.standard_normal(x.shape) * 1e-3
+    err = Int8Codec().error(torch.from_numpy(dec), torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(err, np.abs(dec - x) / np.abs(x).max(axis=(2, 3), keepdims=True), rtol=1e-9)
+    assert err[:, 2].max() > TOLERANCE["int8"] > err[:, 1].max()   # the small channel's values are off
+    z = rng.standard_normal((4, 10)) * 0.5                 # tails of 0.4 to 0.6
+    codec = TopKCodec(3, "float32", classes=10)
+    parts = codec.encode("logits", torch.from_numpy(z).float())
+    parts["logits.tail"] = parts["logits.tail"] * 0.5      # the top 3 logits intact, half the tail's mass
+    err = codec.error(codec.decode("logits", parts).double(), torch.from_numpy(z)).numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top = np.argsort(-z, 1)[:, :3]
+    tail = 1 - np.take_along_axis(p, top, 1).sum(1)
+    assert err.shape == (4, 4)
+    np.testing.assert_allclose(err[:, :3], np.abs(np.take_along_axis(z.astype(np.float32), top, 1) -
+                                                  np.take_along_axis(z, top, 1)) / np.maximum(
+        1, np.abs(np.take_along_axis(z, top, 1))), atol=1e-12)  # float32 storage, nothing more
+    np.testing.assert_allclose(err[:, 3], tail / 2, rtol=1e-5)
+    assert (err[:, 3] > TOLERANCE["topk"]).all(), tail   # verify --recompute flags a store that halved the tail
