@@ -945,6 +945,12 @@ def test_swapped_index_or_labels_chunks_are_refused_by_train_student(root, teach
     (path / "labels" / "c" / "0").write_bytes(bytes(raw))
     res = runner.invoke(app, train[:-1] + ["run3", "--no-labels"])
     assert res.exit_code == 0, res.output
+    # ... but swapped index chunks still are: they pair inputs with other samples' targets, labels or not
+    a, b = path / "index" / "c" / "0", path / "index" / "c" / "1"
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(raw_b), b.write_bytes(raw_a)
+    line = _one_line(runner.invoke(app, train[:-1] + ["run4", "--no-labels"]))
+    assert "index rows 0-63 (chunk 0) do not hold the samples they should" in line and "kdcache repair" in line
 
 
 def test_repair_mends_labels_chunks_swapped_between_files(root, teacher_file):
