@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -76,6 +77,15 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
     return out
 
 
+def _fill_shown(value):
+    """An array's fill value as its metadata says (JSON has no NaN: non-finite floats as text). What the metadata
+    says, not what kdcache writes, so a hand-edited fill shows (verify reports it as damage)."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("nan", "NaN")
+    return value
+
+
 def inspect_cache(path: str) -> dict:
     cache = st.open_store(path, require_complete=False)
     group = cache.open_group()
@@ -90,7 +100,7 @@ def inspect_cache(path: str) -> dict:
         raw = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
         stored = disk_bytes(st.join(path, f"{name}/c"))  # chunk data only, not the array metadata
         arrays[name] = {"shape": meta["shape"], "dtype": meta["dtype"], "chunks": list(arr.chunks),
-                        "fill": arr.metadata.fill_value if np.dtype(meta["dtype"]).kind != "f" else "NaN",
+                        "fill": _fill_shown(arr.metadata.fill_value),
                         "codecs": [type(c).__name__ for c in arr.metadata.codecs], "stored_bytes": stored,
                         "raw_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None,
                         "bytes_per_sample": round(stored / max(n, 1), 1)}

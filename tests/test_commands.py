@@ -239,6 +239,12 @@ def test_ls_and_inspect(root, teacher_file):
     assert f["stored_bytes"] == stored and f["raw_bytes"] == 192 * 64 * 2
     assert f["compression_ratio"] == round(f["raw_bytes"] / stored, 3)
     assert f["codecs"] == ["BytesCodec", "ZstdCodec", "Crc32cCodec"] and f["chunks"] == [64, 64, 1, 1]
+    assert f["fill"] == "NaN" and info["arrays"]["index"]["fill"] == -1, info["arrays"]["index"]
+    meta_file = Path(done, "features", "avgpool", "zarr.json")  # a fill edited by hand shows as it reads
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, fill_value=0.0)))
+    assert json.loads(runner.invoke(app, ["inspect", done, "--json"]).stdout)["arrays"]["features/avgpool"]["fill"] == 0
+    meta_file.write_text(json.dumps(meta))
     text = runner.invoke(app, ["inspect", done]).stdout
     assert "B/sample" in text and "ratio" in text
     assert runner.invoke(app, ["inspect", "nowhere.zarr"]).exit_code == 2
