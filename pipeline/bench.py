@@ -213,7 +213,7 @@ def _is_bench_json(path: Path) -> bool:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
-    from pipeline.data import data_root, default_transform, open_source
+    from pipeline.data import data_root, default_transform, local_output, open_source
     from pipeline.errors import KDCacheError
     from pipeline.loops import check_writable, pick_device
     from pipeline.models import build_model
@@ -238,8 +238,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if value is not None and value < least:
             raise KDCacheError(f"{flag} must be at least {least} (got {value})")
     p = dict(PRESETS[cfg.preset])
-    base = Path(cfg.work_dir) if cfg.work_dir else data_root() / "bench"
-    out = Path(cfg.out) if cfg.out else base / f"bench-{cfg.preset}.json"
+    base = Path(local_output(cfg.work_dir, "work_dir")) if cfg.work_dir else data_root() / "bench"
+    out = Path(local_output(cfg.out, "--out")) if cfg.out else base / f"bench-{cfg.preset}.json"
     if out.is_dir():  # checked now, not after minutes of measuring
         raise KDCacheError(f"--out {out} is a folder; give the JSON file's path, e.g. {out / 'bench.json'}")
     if out.exists() and not _is_bench_json(out):  # a bench's own results are replaced; anyone else's file is not

@@ -48,12 +48,24 @@ def paths_as_text(cfg, *names: str) -> None:
             setattr(cfg, name, os.fspath(value))
 
 
+def local_output(path: str, flag: str) -> str:
+    """The folder or file on this disk that a command's own output `path` names (run folders, teacher weights, bench
+    results, the data root): the path itself, or a file:// URL's. Only caches live on object storage: any other URL is
+    refused, since Path() would fold memory://x or s3://b/x into a local folder named "memory:" or "s3:"."""
+    if "://" not in str(path):
+        return str(path)
+    if str(path).startswith("file://") and len(str(path)) > len("file://"):
+        return str(path)[len("file://"):]
+    raise KDCacheError(f"{flag} {path}: only caches (teacher-cache --cache-dir / --out) can be an fsspec URL; give a "
+                       "folder on this machine")
+
+
 def data_root() -> Path:
     """Root of everything the pipeline writes (datasets, teachers, caches, runs)."""
     # Set but empty (`make DATA=`, `KDCACHE_DATA= kdcache ...`) is unset: Path("") is the current folder, which
     # would scatter cache/, runs/ and teachers/ through it.
     named = os.environ.get("KDCACHE_DATA")
-    root = Path(named or "data")
+    root = Path(local_output(named, "KDCACHE_DATA") if named else "data")
     if root.is_file():  # else every error downstream names a path under it and a flag the user never passed
         raise KDCacheError(f"the data folder {root} is a file; set KDCACHE_DATA to a folder (default: data/)"
                            if named else f"{root} is a file; kdcache keeps its data in a "

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data import check_input_flags, class_map, data_root, default_transform, open_source, refuse_one_class
+from pipeline.data import (check_input_flags, class_map, data_root, default_transform, local_output, open_source,
+                           refuse_one_class)
 from pipeline.errors import KDCacheError
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
@@ -109,7 +110,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     check_input_flags(cfg.image_size, cfg.channels)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    out = Path(cfg.out) if cfg.out else data_root() / "teachers" / "default.pt"
+    out = Path(local_output(cfg.out, "--out")) if cfg.out else data_root() / "teachers" / "default.pt"
     check_out(out, cfg.overwrite)  # before the training, not after it
     src = open_source(cfg.data)
     refuse_one_class(src)

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
-from pipeline.data import Source, Transform, class_map, data_differs, data_root, open_source, paths_as_text
+from pipeline.data import (Source, Transform, class_map, data_differs, data_root, local_output, open_source,
+                           paths_as_text)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
@@ -421,6 +422,8 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     """Train a student from a store; under torchrun, one rank per process, each reading its share of the store."""
     weights = loss_weights(cfg)
     validate(cfg, weights)
+    if cfg.out is not None:
+        cfg = replace(cfg, out=local_output(cfg.out, "--out"))
     ranks, ok = Ranks.from_env(), False
     try:
         summary = _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)

@@ -1280,3 +1280,25 @@ def test_a_folder_where_a_chunk_file_belongs_is_named_and_kept(root, teacher_fil
         res = runner.invoke(app, ["repair", str(path)])
         assert res.exit_code == 0 and runner.invoke(app, ["verify", str(path)]).exit_code == 0, res.output
         shutil.rmtree(root / "moved")
+
+
+def test_outputs_other_than_caches_refuse_a_url(root, teacher_file, monkeypatch):
+    """Only caches live on object storage. A run folder, teacher weights or KDCACHE_DATA named by a memory:// or
+    s3:// URL was written to a local folder named "memory:" or "s3:" (Path folds the slashes) and reported as the
+    URL's; now one line, nothing written. A file:// URL names its folder on this disk, as for a cache."""
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
+    train = ["train-student", "--cache", path, "--epochs", "1", "--workers", "0"]
+    for url in ("memory://runs/r1", "s3://b/runs/r1"):
+        res = runner.invoke(app, train + ["--out", url])
+        assert res.exit_code == 2 and f"--out {url}: only caches" in res.stderr, res.output
+    res = runner.invoke(app, ["teacher", "--data", SYN, "--epochs", "1", "--out", "memory://t/t.pt"])
+    assert res.exit_code == 2 and "--out memory://t/t.pt: only caches" in res.stderr, res.output
+    with monkeypatch.context() as m:
+        m.setenv("KDCACHE_DATA", "memory://kd")
+        for args in (["ls"], ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2 and "KDCACHE_DATA memory://kd: only caches" in res.stderr, res.output
+    assert not [p.name for p in root.iterdir() if p.name.endswith(":")]
+    res = runner.invoke(app, train + ["--out", f"file://{root / 'run-f'}"])
+    assert res.exit_code == 0 and (root / "run-f" / "summary.json").is_file(), res.output
+    assert not Path("file:").exists()
