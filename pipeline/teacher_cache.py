@@ -451,9 +451,10 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
         return None
     if group is None:
         _refuse_foreign(p.path)
-        if not st.is_url(p.path):
-            _set_aside(Path(p.path))
-            Path(p.path).parent.mkdir(parents=True, exist_ok=True)
+        local = st.local_path(p.path)  # a file:// URL names a folder on this disk too: the same one-rename
+        if local is not None:
+            _set_aside(Path(local))
+            Path(local).parent.mkdir(parents=True, exist_ok=True)
         group = st.create_store(p.path, p.manifest(), p.arrays,
                                 (len(st.block_ranges(p.num_samples, p.cfg.chunk_samples)), p.units_per_block),
                                 p.stat_columns)

@@ -1302,3 +1302,23 @@ def test_outputs_other_than_caches_refuse_a_url(root, teacher_file, monkeypatch)
     res = runner.invoke(app, train + ["--out", f"file://{root / 'run-f'}"])
     assert res.exit_code == 0 and (root / "run-f" / "summary.json").is_file(), res.output
     assert not Path("file:").exists()
+
+
+def test_force_on_a_file_url_sets_the_old_store_aside_like_its_path(root, teacher_file):
+    """--force on a store named by a file:// URL deleted it in place through zarr (a kill mid-deletion left a
+    half-deleted store under its name), and never removed what a killed deletion had left beside it: it now moves
+    the old store aside with one rename, as for the same folder named by its path."""
+    url = f"file://{root / 'remote' / 's.zarr'}"
+    path = run_teacher_cache(cfg(teacher_file, out=url), log=lambda *_: None)
+    before = arrays_of(root / "remote" / "s.zarr")
+    stale = root / "remote" / ".s.zarr.old-1"  # what a deletion killed half way leaves
+    (stale / "logits").mkdir(parents=True)
+    renamed = []
+    real = Path.rename
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "rename", lambda self, target: renamed.append(Path(target).name) or real(self, target))
+        assert run_teacher_cache(cfg(teacher_file, out=url, force=True), log=lambda *_: None) == path
+    assert renamed == [f".s.zarr.old-{os.getpid()}"] and not stale.exists()
+    assert sorted(p.name for p in (root / "remote").iterdir()) == ["s.zarr", "s.zarr.lock"]
+    for name, v in arrays_of(root / "remote" / "s.zarr").items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
