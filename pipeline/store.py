@@ -107,6 +107,18 @@ def require_backend(url: str) -> None:
                                "s3://bucket/folder or file:///folder") from None
 
 
+# Errors reaching a store rather than reading it (no credentials, access denied, the network): fsspec backends raise
+# these (s3fs: AccessDenied -> PermissionError), and they say nothing about what the store holds.
+ACCESS_ERRORS = (PermissionError, ConnectionError, TimeoutError)
+
+
+def access_error(path, e: BaseException) -> KDCacheError:
+    """One line for a store that could not be reached: never reported as "not a kdcache store" (teacher-cache would
+    then say to choose another --out for a bucket it may not read)."""
+    return KDCacheError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); check that this machine may read "
+                        "and write it (for a URL: its credentials, permissions and network)")
+
+
 def local_path(path) -> str | None:
     """The folder on this disk that `path` names: itself, or a file:// URL's path; None for other URLs."""
     path = str(path)
@@ -678,6 +690,8 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
         manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
     except KDCacheError:
         raise
+    except ACCESS_ERRORS as e:
+        raise access_error(path, e) from None
     except Exception as e:  # FileNotFoundError, a v2 store, bad JSON ...
         raise KDCacheError(f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "
                            "pass the .zarr folder that teacher-cache printed") from None

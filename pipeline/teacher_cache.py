@@ -516,6 +516,8 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
         return None
     except KDCacheError:
         raise
+    except st.ACCESS_ERRORS as e:  # not "not a kdcache store": nothing is known of what it holds
+        raise st.access_error(path, e) from None
     except Exception:
         group, manifest = None, {}
     if cfg.force:

@@ -1322,3 +1322,27 @@ def test_force_on_a_file_url_sets_the_old_store_aside_like_its_path(root, teache
     assert sorted(p.name for p in (root / "remote").iterdir()) == ["s.zarr", "s.zarr.lock"]
     for name, v in arrays_of(root / "remote" / "s.zarr").items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
+def test_a_url_that_cannot_be_read_is_not_called_a_foreign_store(root, teacher_file):
+    """An object store this machine may not read (no credentials, access denied: s3fs raises PermissionError) was
+    reported by teacher-cache as "exists and is not a kdcache store; choose another --out", and by verify and
+    train-student as "not a kdcache Zarr v3 store". Now each says it cannot read it, and why, in one line."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Denied(MemoryFileSystem):
+        protocol, store, pseudo_dirs = "kdcache-denied", {}, [""]
+
+        def _deny(self, *a, **k):
+            raise PermissionError(13, "Access Denied")
+
+        cat_file = ls = info = _open = pipe_file = rm = mkdir = exists = isfile = isdir = find = _deny
+
+    fsspec.register_implementation("kdcache-denied", Denied, clobber=True)
+    url = "kdcache-denied://b/caches/x.zarr"
+    for args in (["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", url],
+                 ["verify", url], ["train-student", "--cache", url, "--epochs", "1"], ["inspect", url]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and f"cannot read {url} (PermissionError: [Errno 13] Access Denied)" in res.stderr \
+            and len(res.stderr.strip().splitlines()) == 1, (args, res.output)
