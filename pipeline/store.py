@@ -680,10 +680,24 @@ def check_manifest(path: str, manifest: dict) -> None:
                            "`kdcache teacher-cache --force`")
 
 
+def _exists(path: str) -> bool:
+    """Whether anything is at a local path or an fsspec URL."""
+    if not is_url(path):
+        return Path(path).exists()
+    import fsspec
+
+    require_backend(path)
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        return fs.exists(root)
+    except ACCESS_ERRORS as e:
+        raise access_error(path, e) from None
+
+
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     """Open a store read-only and check it is a kdcache store of a format this version reads."""
     path = str(path)
-    if not is_url(path) and not Path(path).exists():
+    if not _exists(path):  # a URL too: a mistyped bucket or key is not "not a kdcache store"
         raise KDCacheError(f"no cache at {path}; run `kdcache teacher-cache` first (or `kdcache ls` to list caches)")
     try:
         group = open_group(path, "r")

@@ -1346,3 +1346,13 @@ def test_a_url_that_cannot_be_read_is_not_called_a_foreign_store(root, teacher_f
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and f"cannot read {url} (PermissionError: [Errno 13] Access Denied)" in res.stderr \
             and len(res.stderr.strip().splitlines()) == 1, (args, res.output)
+
+
+def test_a_url_with_no_store_says_no_cache(root):
+    """A URL where nothing is (a mistyped bucket or key) was "not a kdcache Zarr v3 store (GroupNotFoundError); pass
+    the .zarr folder that teacher-cache printed"; now the same line as a local path where nothing is."""
+    for url in ("memory://nothing/x.zarr", f"file://{root / 'nothing' / 'x.zarr'}"):
+        for args in (["verify", url], ["inspect", url], ["repair", url], ["train-student", "--cache", url]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2 and f"no cache at {url}; run `kdcache teacher-cache` first" in res.stderr, \
+                (args, res.output)
