@@ -379,22 +379,39 @@ def remove_temporaries(group) -> int:
     return len(stale)
 
 
+def _object_keys(group, names) -> set[str]:
+    """The chunk keys an object store holds under each named array: one listing per array, not one request per
+    chunk."""
+    from zarr.core.sync import sync
+
+    async def keys(prefix: str) -> list[str]:
+        return [k async for k in group.store.list_prefix(prefix)]
+
+    base = f"{group.path}/" if group.path else ""
+    return {k[len(base):] for n in names for k in sync(keys(f"{base}{n}/c/"))}
+
+
 def uncommit_lost_units(group) -> int:
     """Un-commit the units whose chunk files are missing or empty, so a resumed run recomputes them. A kill cannot
     cause this (a chunk is renamed into place before its marker is written), but a power cut can: each chunk's
-    data is fsynced before its rename, but the folders (the renames) and the markers only once, at the end. Local
-    stores only. Returns how many units were reset."""
+    data is fsynced before its rename, but the folders (the renames) and the markers only once, at the end. On an
+    object store (each chunk one object, put whole) a chunk deleted by hand or by a lifecycle rule under its
+    marker would otherwise read as fill values in a store marked complete: there one listing per array finds the
+    missing ones. Returns how many units were reset."""
     root = local_root(group)
-    if root is None:
-        return 0
     specs = group.attrs[MANIFEST_KEY]["arrays"]
     done = committed_units(group)
+    present = _object_keys(group, specs) if root is None and done.any() else None
     lost = 0
     for b, v in np.argwhere(done):
         # a unit owns its view's chunk of every view array, and (as view 0) the sample-level arrays' chunk
         names = [n for n, spec in specs.items() if spec["view_axis"] or v == 0]
-        files = [chunk_file(Path(root), n, specs[n], int(b), int(v)) for n in names]
-        if not all(f.is_file() and f.stat().st_size > 0 for f in files):
+        if present is not None:
+            whole = all(chunk_file(Path(), n, specs[n], int(b), int(v)).as_posix() in present for n in names)
+        else:
+            files = [chunk_file(Path(root), n, specs[n], int(b), int(v)) for n in names]
+            whole = all(f.is_file() and f.stat().st_size > 0 for f in files)
+        if not whole:
             group[COMMIT][b, v] = 0
             lost += 1
     return lost
