@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from contextlib import contextmanager
 from typing import List, Optional
@@ -233,8 +234,11 @@ def verify_cmd(
                                f"{report.recompute['samples']} samples{views})")
                 for problem in report.recompute.get("problems", []):
                     typer.echo(f"BAD  recompute {problem.line()}")
-                if report.recompute.get("problems"):
-                    typer.echo(f"     (`kdcache repair {path} --recompute {recompute} --seed {seed}` redoes them)")
+                if report.recompute.get("problems"):  # with the --data / --weights this check needed
+                    moved = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in
+                                    (("data", data), ("weights", weights)) if value)
+                    typer.echo(f"     (`kdcache repair {shlex.quote(path)} --recompute {recompute} --seed {seed}"
+                               f"{moved}` redoes them)")
                 if "note" in report.recompute:
                     typer.echo(f"BAD  recompute: {report.recompute['note']}")
                 if "labels" in report.recompute:

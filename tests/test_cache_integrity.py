@@ -516,6 +516,28 @@ def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teac
     assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
 
 
+def test_verify_names_a_repair_that_works_with_the_moved_teacher(root, teacher_file):
+    """verify --recompute --weights (the teacher moved) that finds outputs other than the teacher's prints the repair
+    command that redoes them: with that --weights (and --data), or the repair fails to find the teacher."""
+    import shlex
+
+    Path("t.pt").write_bytes(teacher_file.read_bytes())
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", "t.pt", "--chunk-samples", "64",
+                              "--out", "s.zarr"])
+    assert res.exit_code == 0, res.output
+    Path("t.pt").rename("moved.pt")
+    g = zarr.open_group("s.zarr", mode="r+")
+    g["logits"][5] = (g["logits"][5].astype(np.float32) + 1.0).astype(np.float16)  # a valid chunk, wrong values
+    res = runner.invoke(app, ["verify", "s.zarr", "--recompute", "192", "--seed", "3", "--weights", "moved.pt"])
+    assert res.exit_code == 1 and "BAD  recompute logits" in res.stdout, res.output
+    hint = next(line for line in res.stdout.splitlines() if "redoes them" in line)
+    command = shlex.split(hint.split("`")[1])
+    assert command == ["kdcache", "repair", "s.zarr", "--recompute", "192", "--seed", "3", "--weights", "moved.pt"]
+    res = runner.invoke(app, command[1:])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
+    assert runner.invoke(app, ["verify", "s.zarr", "--recompute", "192", "--weights", "moved.pt"]).exit_code == 0
+
+
 def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_file):
     """torchrun ranks own disjoint units of one store (no shared file, no resize): the result equals a single
     process's, bit for bit, each rank computed a share, and a resumed multi-rank run redoes only what is missing.
