@@ -455,8 +455,16 @@ def readme_section(results: list[dict]) -> str:
     parts = []
     for r in results:
         sizes = ",".join(str(x["samples"]) for x in r.get("scaling") or [])
-        repeat = f" --repeat {r.get('repeat', 1)}" if r.get("repeat", 1) != BenchConfig.repeat else ""
-        parts += [f"`kdcache bench --preset {r['preset']}{repeat}" + (f" --scaling {sizes}" if sizes else "") +
+        # the flags that made these numbers: each one whose value is not the preset's (or BenchConfig's) default
+        preset = PRESETS.get(r["preset"], {})
+        # (a JSON from before bench recorded its rounds had 1, as `table` says)
+        used = {"samples": r.get("samples"), "batch": r.get("batch"), "workers": r.get("workers"),
+                "repeat": r.get("repeat", 1)}
+        given = "".join(f" {flag} {used[key]}" for flag, key, default in (
+            ("--samples", "samples", preset.get("samples")), ("--batch-size", "batch", preset.get("batch")),
+            ("--workers", "workers", preset.get("workers")), ("--repeat", "repeat", BenchConfig.repeat))
+            if used[key] is not None and used[key] != default)
+        parts += [f"`kdcache bench --preset {r['preset']}{given}" + (f" --scaling {sizes}" if sizes else "") +
                   f"` on {r['device']}, {r['platform']}:", "", table(r), "", *target_lines(r), ""]
     return "\n".join(parts)
 

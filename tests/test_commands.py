@@ -379,7 +379,11 @@ def test_bench_command_writes_table_and_json(root):
     assert [x["samples"] for x in r["scaling"]] == [1024, 2048]
     assert all(abs(x["student_us_per_sample"] * x["student_kd_img_s"] - 1e6) < 1e-3 for x in r["scaling"])
     from pipeline.bench import readme_section
-    assert "`kdcache bench --preset tiny --repeat 2 --scaling 1024,2048` on cpu" in readme_section([r])
+    # the command the README shows is the one that measured: the flags given, those left at the preset's default not
+    assert "`kdcache bench --preset tiny --samples 2048 --workers 0 --repeat 2 --scaling 1024,2048` on cpu" in \
+        readme_section([r])
+    assert "`kdcache bench --preset tiny` on cpu" in readme_section([r | {"samples": 10000, "workers": 1,
+                                                                          "repeat": 3, "scaling": None}])
     assert "| b/a | " in res.stdout and "median of 2 interleaved rounds" in res.stdout
     assert not list(Path("data/bench").glob("bench-tiny-*"))   # its scratch caches are removed
     bad = runner.invoke(app, ["bench", "--preset", "tiny", "--repeat", "0"])
