@@ -114,7 +114,9 @@ def _cache_command(mode: str):
         data: str = typer.Option("fashion-mnist:train", help="fashion-mnist[:train|:test], imagefolder:DIR, "
                                                                "synthetic:N:CxHxW[:CLASSES[:SEED]]."),
         teacher: str = typer.Option("default-teacher", help="default-teacher, torchvision:NAME or module:function."),
-        weights: Optional[str] = typer.Option(None, help="Teacher weights file (state_dict)."),
+        weights: Optional[str] = typer.Option(None, help="Teacher weights: a file from `kdcache teacher` (weights "
+                                              "and metadata) or a bare state_dict; default-teacher reads "
+                                              "data/teachers/default.pt when omitted."),
         layer: List[str] = typer.Option([], "--layer", help="Module path whose output to cache; repeatable."),
         dtype: str = typer.Option("float16", help="float16, float32 (exact) or bfloat16 (stored as its uint16 "
                                                     "bits; with --logits-topk the top-k values are float16)."),
@@ -352,7 +354,7 @@ def train_student_cmd(
     test_data: Optional[str] = typer.Option(None, help="Labelled test data (default: the data's test split)."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the one recorded in the cache)."),
     workers: int = typer.Option(1, help="DataLoader worker processes."),
-    buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MiB per worker)."),
+    buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MiB per worker, 2 to 64)."),
     device: str = typer.Option("auto"),
     out: Optional[str] = typer.Option(None, help="Run directory (default data/runs/...)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last finished epoch."),
