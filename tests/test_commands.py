@@ -390,6 +390,81 @@ def test_bench_command_writes_table_and_json(root):
     assert bad.exit_code == 2 and "--repeat must be at least 1" in bad.output
 
 
+def test_bench_numbers_are_medians_and_each_ratio_pairs_its_own_rows(root, monkeypatch):
+    """Every README ratio from scripted rates, against a hand computation: b/a, c/a, e/d (KD), e/d (FitNets) and
+    e/f each divide their own two rows' rates of the same round, each row's number and each ratio is the median of
+    3 rounds (which here differs from the mean and from the ratio of the medians), and c's write rate is compared
+    with the disk's. The real bench test runs 2 rounds (where the median is the mean) and checks b/a and e/f alone:
+    c/a over b, e/d (FitNets) taking KD's rate, e/d (KD) over f, or means instead of medians each passed it."""
+    import statistics
+    from types import SimpleNamespace
+
+    import pipeline.bench as bench
+    import pipeline.catalog as catalog
+    import pipeline.online as online
+    import pipeline.store as store
+    import pipeline.teacher_cache as tc
+    import pipeline.train_student as ts
+
+    n = 2048
+    rates = {"a": [100.0, 400.0, 130.0], "b": [90.0, 200.0, 128.0], "c": [50.0, 380.0, 60.0],
+             "alone": [10.0, 40.0, 13.0], "kd": [9.0, 11.0, 12.0], "fitnets": [5.0, 39.0, 6.0],
+             "online": [4.0, 30.0, 11.0]}
+    queue = {k: list(v) for k, v in rates.items()}
+    disk = 7.0                 # MB/s of the disk probe
+    size = 3_000_000           # bytes of every store folder or array
+    monkeypatch.setattr(bench, "disk_write_bandwidth", lambda *a, **k: disk)
+    monkeypatch.setattr(bench, "teacher_forward", lambda *a, **k: queue["a"].pop(0))
+    monkeypatch.setattr(bench, "student_step", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "loader_alone", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "store_read_bandwidth", lambda p: {"cold_MB_s": 1.0, "warm_MB_s": 1.0, "bytes": 1})
+    monkeypatch.setattr(bench, "shuffle_table", lambda *a, **k: [])
+    monkeypatch.setattr(catalog, "disk_bytes", lambda p: size)
+    monkeypatch.setattr(tc, "run_teacher_cache", lambda ccfg, log: ccfg.out)
+    cache_secs = {}
+
+    def fake_open_store(path):  # a store whose manifest times its run at the scripted rate
+        tag = "b" if Path(path).name == "logits.zarr" else "c"
+        secs = n / queue[tag].pop(0)
+        cache_secs.setdefault(tag, []).append(secs)
+        return SimpleNamespace(manifest={"stats": {"seconds": secs, "writer_seconds": secs / 2}})
+
+    monkeypatch.setattr(store, "open_store", fake_open_store)
+
+    def fake_student(cfg, log):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        Path(cfg.out, "config.json").write_text(json.dumps({"reader": {"streamed_arrays": ["logits"],
+                                                                       "buffer_chunks": 2}}))
+
+    monkeypatch.setattr(ts, "run_train_student", fake_student)
+    monkeypatch.setattr(online, "run_online_kd", lambda cfg, log: None)
+    monkeypatch.setattr(bench, "last_epoch_img_s", lambda run_dir: queue[run_dir.name[len("run-"):]].pop(0))
+    r = bench.run_bench(bench.BenchConfig(preset="tiny", samples=n, workers=0, repeat=3, out="bench.json"),
+                        log=lambda *_: None)
+    assert not any(queue.values())  # every scripted measurement taken, once
+    assert json.loads(Path("bench.json").read_text())["ratios"] == r["ratios"]
+    rows = {"a": "a_teacher_forward", "b": "b_cache_logits", "c": "c_cache_logits_hint", "alone": "d_student_alone",
+            "kd": "e_student_kd", "fitnets": "e_student_fitnets", "online": "f_online_kd"}
+    for k, key in rows.items():
+        assert [x["img_s"] for x in r[key]["rounds"]] == pytest.approx(rates[k], rel=1e-12), key
+        assert r[key]["img_s"] == pytest.approx(statistics.median(rates[k]), rel=1e-12), key
+        assert statistics.median(rates[k]) != statistics.mean(rates[k])  # the scripted rates tell them apart
+    pairs = {"b/a": ("b", "a"), "c/a": ("c", "a"), "e/d (KD)": ("kd", "alone"), "e/d (FitNets)": ("fitnets", "alone"),
+             "e/f": ("kd", "online")}
+    for ratio, (num, den) in pairs.items():
+        per_round = [u / v for u, v in zip(rates[num], rates[den])]
+        assert r["ratio_rounds"][ratio] == pytest.approx(per_round, rel=1e-12), ratio
+        assert r["ratios"][ratio] == pytest.approx(statistics.median(per_round), rel=1e-12), ratio
+        assert statistics.median(per_round) not in (statistics.mean(per_round), pytest.approx(
+            statistics.median(rates[num]) / statistics.median(rates[den]), rel=1e-9)), ratio
+    write = [size / s / 1e6 / disk for s in cache_secs["c"]]
+    assert r["ratio_rounds"]["c_write_vs_disk"] == pytest.approx(write, rel=1e-12)
+    assert r["ratios"]["c_write_vs_disk"] == pytest.approx(statistics.median(write), rel=1e-12)
+    # a target is met at exactly its value, missed just below it
+    at = {"preset": "cpu", "ratios": {"b/a": 0.9, "e/d (KD)": 0.8999, "c_write_vs_disk": 0.0}}
+    assert bench.target_lines(at) == ["- b/a = 0.90, target ≥ 0.9: met", "- e/d (KD) = 0.90, target ≥ 0.9: missed"]
+
+
 def test_disk_write_bandwidth_is_in_the_same_megabytes_as_the_cache_rate(root, monkeypatch):
     """(c)'s MB/s is 10^6 bytes per second; the disk probe's must be too, or c_write_vs_disk (and the c/a target's
     bandwidth clause) is off by 2^20/10^6 (it gave MiB/s)."""
