@@ -552,6 +552,25 @@ def test_online_views_are_fresh_every_epoch_with_persistent_workers():
     assert (epochs[0] != epochs[1]).flatten(1).any(1).float().mean() > 0.9  # new views, not epoch 0's again
 
 
+def test_online_loader_workers_share_an_epoch_each_sample_once():
+    """Online KD with several loader workers: each worker takes its own batches, so an epoch still gives every
+    sample once, in the same batches and views as one worker gives (each worker yielding every batch passed every
+    test: the online reference trained on each batch once per worker)."""
+    from pipeline.data import default_transform
+    from pipeline.online import OnlineStream
+
+    src = open_source(SYN)
+    stream = OnlineStream(src, default_transform(src), AugmentPolicy.parse(POLICY), 40, 0, 0, True)
+    ref = {int(b["index"][0]): b for b in make_loader(stream, 0)}
+    assert sorted(len(b["index"]) for b in ref.values()) == [32, 40, 40, 40, 40]  # 192 rows in batches of 40
+    batches = list(make_loader(stream, 2))  # 5 batches: one worker takes 3, the other 2
+    order = torch.cat([b["index"] for b in batches])
+    assert sorted(order.tolist()) == list(range(192))
+    for b in batches:
+        assert torch.equal(b["index"], ref[int(b["index"][0])]["index"])
+        assert torch.equal(b["x"], ref[int(b["index"][0])]["x"])
+
+
 def test_views_on_unlabelled_data(root):
     from PIL import Image
 
