@@ -570,6 +570,11 @@ def test_results_rerun_an_online_run_whose_teacher_or_data_changed(root, teacher
     Path("online/config.json").write_text(json.dumps(saved))
     reuse_or_run(cfg, lambda c, log: calls.append(c) or {})
     assert len(calls) == 3
+    # the identity follows the data itself: the same teacher on another sample of the same shape is another run
+    from pipeline.online import identity
+
+    ours, other = identity(cfg), identity(replace(cfg, data="synthetic:192:1x16x16:4:5"))
+    assert ours["teacher"] == other["teacher"] and ours["data"] != other["data"]
 
 
 def test_help_is_instant_and_names_every_flag_whole():

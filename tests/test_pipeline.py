@@ -1151,3 +1151,69 @@ def test_train_accuracy_is_the_share_of_training_samples_predicted_right(root, t
         pred = model.eval()(src.load(np.arange(192), Transform.from_dict(saved["meta"]["transform"]))).argmax(1)
     want = (pred.numpy() == src.labels(np.arange(192))).mean()
     assert row["samples"] == 192 and 0 < want < 1 and row["train_acc"] == pytest.approx(want, abs=1 / 192)
+
+
+def test_each_stages_cosine_schedule_spans_its_own_steps_and_a_resumed_run_goes_on_where_it_stopped(
+        root, teacher_file, monkeypatch):
+    """The learning rate of every step, against the cosine computed by hand: FitNets' hint stage (1 epoch, 6 steps)
+    decays over its 6 steps alone, stage 2 (2 epochs) restarts at --lr and decays over its own 12; a run resumed
+    after its first epoch goes on at step 6 of 18, not at 0 nor over a schedule of other length."""
+    import math
+
+    import pipeline.train_student as ts
+
+    real, seen = ts.cosine_lr, []
+
+    def spy(opt, base_lr, step, total, *a, **k):
+        real(opt, base_lr, step, total, *a, **k)
+        seen.append((step, total, opt.param_groups[0]["lr"]))
+
+    def want(steps_total, start=0):
+        return [(i, steps_total, 0.5 * 0.1 * (1 + math.cos(math.pi * i / steps_total)))
+                for i in range(start, steps_total)]
+
+    monkeypatch.setattr(ts, "cosine_lr", spy)
+    path = _cache(teacher_file, layers=["layer2"])
+    run_train_student(StudentConfig(cache=path, loss="kd=1,fitnets=1", fitnets_hint="layer2", fitnets_guided="block1",
+                                    fitnets_hint_epochs=1, epochs=3, batch_size=32, lr=0.1, workers=0, out="two"),
+                      log=lambda *_: None)
+    assert [(s, t) for s, t, _ in seen] == [(s, t) for s, t, _ in want(6) + want(12)]  # 192 rows / 32 a step
+    assert [lr for *_, lr in seen] == pytest.approx([lr for *_, lr in want(6) + want(12)], rel=1e-12)
+    common = dict(cache=path, loss="kd=1", epochs=3, batch_size=32, lr=0.1, workers=0, out="cut")
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(**common))
+    seen.clear()
+    run_train_student(StudentConfig(resume=True, **common), log=lambda *_: None)
+    assert [(s, t) for s, t, _ in seen] == [(s, t) for s, t, _ in want(18, start=6)]
+    assert [lr for *_, lr in seen] == pytest.approx([lr for *_, lr in want(18, start=6)], rel=1e-12)
+
+
+def test_every_training_setting_counts_for_resume_and_reuse_and_only_those_do():
+    """`same_run` (what --resume and the results' reuse of a finished run compare) changes with every StudentConfig
+    field but where the run lies, how it was started, and the store's and data's paths (the store counts by its key);
+    `_comparable` adds the ranks and the device kind. A field left out would let a run made with another setting (say
+    --no-labels or --view-policy) be resumed or reused as this one."""
+    from dataclasses import fields
+
+    from pipeline.train_student import RUN_PLACE, _comparable, same_run
+
+    base = StudentConfig(cache="a.zarr", out="run")
+    ref = same_run(asdict(base), "key")
+
+    def other(v):
+        if isinstance(v, bool):
+            return not v
+        if isinstance(v, (int, float)):
+            return v * 2 + 1
+        return "kd=1,ce=1" if v == base.loss else (v or "") + "x"
+
+    for f in fields(StudentConfig):
+        changed = same_run(asdict(base) | {f.name: other(getattr(base, f.name))}, "key")
+        if f.name in RUN_PLACE + ("cache", "data"):
+            assert changed == ref, f.name
+        else:
+            assert changed != ref, f.name
+    assert same_run(asdict(base), "other key") != ref
+    cpu = torch.device("cpu")
+    assert _comparable(base, 1, "key", cpu) != _comparable(base, 2, "key", cpu)
+    assert _comparable(base, 1, "key", cpu) != _comparable(base, 1, "key", torch.device("cuda"))
+    assert _comparable(base, 1, "key", torch.device("cuda", 0)) == _comparable(base, 1, "key", torch.device("cuda", 1))

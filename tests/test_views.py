@@ -555,7 +555,7 @@ def test_online_views_are_fresh_every_epoch_with_persistent_workers():
 def test_online_loader_workers_share_an_epoch_each_sample_once():
     """Online KD with several loader workers: each worker takes its own batches, so an epoch still gives every
     sample once, in the same batches and views as one worker gives (each worker yielding every batch passed every
-    test: the online reference trained on each batch once per worker)."""
+    test: the online reference trained on each batch once per worker); the next epoch is shuffled anew (the order of epoch 0 every epoch passed too)."""
     from pipeline.data import default_transform
     from pipeline.online import OnlineStream
 
@@ -569,6 +569,9 @@ def test_online_loader_workers_share_an_epoch_each_sample_once():
     for b in batches:
         assert torch.equal(b["index"], ref[int(b["index"][0])]["index"])
         assert torch.equal(b["x"], ref[int(b["index"][0])]["x"])
+    stream.set_epoch(1)  # the next epoch: another shuffle (and other views)
+    assert not torch.equal(torch.cat([b["index"] for b in make_loader(stream, 0)]), torch.cat(
+        [b["index"] for b in ref.values()]))
 
 
 def test_views_on_unlabelled_data(root):
