@@ -1185,3 +1185,35 @@ def test_each_stages_cosine_schedule_spans_its_own_steps_and_a_resumed_run_goes_
     run_train_student(StudentConfig(resume=True, **common), log=lambda *_: None)
     assert [(s, t) for s, t, _ in seen] == [(s, t) for s, t, _ in want(18, start=6)]
     assert [lr for *_, lr in seen] == pytest.approx([lr for *_, lr in want(18, start=6)], rel=1e-12)
+
+
+def test_every_training_setting_counts_for_resume_and_reuse_and_only_those_do():
+    """`same_run` (what --resume and the results' reuse of a finished run compare) changes with every StudentConfig
+    field but where the run lies, how it was started, and the store's and data's paths (the store counts by its key);
+    `_comparable` adds the ranks and the device kind. A field left out would let a run made with another setting (say
+    --no-labels or --view-policy) be resumed or reused as this one."""
+    from dataclasses import fields
+
+    from pipeline.train_student import RUN_PLACE, _comparable, same_run
+
+    base = StudentConfig(cache="a.zarr", out="run")
+    ref = same_run(asdict(base), "key")
+
+    def other(v):
+        if isinstance(v, bool):
+            return not v
+        if isinstance(v, (int, float)):
+            return v * 2 + 1
+        return "kd=1,ce=1" if v == base.loss else (v or "") + "x"
+
+    for f in fields(StudentConfig):
+        changed = same_run(asdict(base) | {f.name: other(getattr(base, f.name))}, "key")
+        if f.name in RUN_PLACE + ("cache", "data"):
+            assert changed == ref, f.name
+        else:
+            assert changed != ref, f.name
+    assert same_run(asdict(base), "other key") != ref
+    cpu = torch.device("cpu")
+    assert _comparable(base, 1, "key", cpu) != _comparable(base, 2, "key", cpu)
+    assert _comparable(base, 1, "key", cpu) != _comparable(base, 1, "key", torch.device("cuda"))
+    assert _comparable(base, 1, "key", torch.device("cuda", 0)) == _comparable(base, 1, "key", torch.device("cuda", 1))
