@@ -691,6 +691,9 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--optimizer", "lbfgs"], "unknown --optimizer"),
         (train + ["--loss", "kd=1,fitnets=1", "--epochs", "2", "--fitnets-hint-epochs", "2"], "no epoch for stage 2"),
         (train + ["--loss", "fitnets=1", "--fitnets-hint-epochs", "0"], "no hint stage"),
+        # FitNets alone: more hint epochs than --epochs would train past --epochs (the hint stage is taken out of it)
+        (train + ["--loss", "fitnets=1", "--epochs", "1", "--fitnets-hint-epochs", "2"],
+         "--epochs 1 leaves no epoch for stage 2 (kd) after --fitnets-hint-epochs 2"),
         (train + ["--student", "torchvision:resnet18"], "fails on the cached input"),  # 3-channel net, 1-channel data
         (train + ["--out", "a-file"], "is a file"),
         (train + ["--out", path], "is a cache store"),
