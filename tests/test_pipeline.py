@@ -1078,6 +1078,10 @@ def test_synthetic_data_is_pinned_and_named_canonically():
     fp = open_source("synthetic:64:1x28x28:10").fingerprint()
     assert open_source("synthetic:64:1X28x28:10:0").fingerprint() == fp
     assert open_source("synthetic:64:1x28x28:10:1").fingerprint() != fp
+    # every number counts: the sample count, the shape and the class count
+    for other in ("synthetic:65:1x28x28:10", "synthetic:64:1x28x27:10", "synthetic:64:3x28x28:10",
+                  "synthetic:64:1x28x28:9"):
+        assert open_source(other).fingerprint() != fp, other
     assert not torch.equal(open_source("synthetic:8:1x8x8:2")._noise, open_source("synthetic:8:1x8x8:2:1")._noise)
 
 
