@@ -144,6 +144,40 @@ def test_a_copy_of_an_image_folder_is_the_same_data(root):
         run_train_student(StudentConfig(cache=path, data=f"imagefolder:{copy}", workers=0, out="run2"))
 
 
+def test_renaming_or_moving_an_image_changes_the_data_fingerprints(root):
+    """The data fingerprint covers each file's relative path, size and modification time (issue #3), and the content
+    fingerprint each file's relative path and bytes: an image renamed, or moved into another class folder, with its
+    bytes, size and modification time kept and the files' order unchanged, is other data (a moved image has another
+    label), so both fingerprints change, and a store made before the move no longer matches it."""
+    from pipeline.data import data_differs, open_source
+
+    folder = root / "imgs"
+    _labelled_folder(folder)
+    spec = f"imagefolder:{folder}"
+    for f in folder.rglob("*.png"):  # one time for all: only a path can tell the files apart by their metadata
+        os.utime(f, ns=(10**18, 10**18))
+    before = open_source(spec)
+    recorded = before.describe() | {"content_fingerprint": before.content_fingerprint()}
+    quick, content, labels = before.fingerprint(), before.content_fingerprint(), before.labels(np.arange(12))
+    data = [f.read_bytes() for f in before.files]
+    # a/5.png, the last of class a, becomes b/-.png, the first of class b ("-" sorts before "0"): the same bytes in
+    # the same order, one label changed
+    os.rename(folder / "a" / "5.png", folder / "b" / "-.png")
+    moved = open_source(spec)
+    assert [f.read_bytes() for f in moved.files] == data
+    assert [f.stat().st_mtime_ns for f in moved.files] == [10**18] * 12
+    assert moved.labels(np.arange(12)).tolist() == labels.tolist()[:5] + [1] * 7
+    assert moved.fingerprint() != quick and moved.content_fingerprint() != content
+    assert data_differs(moved, recorded) is not None
+    # renamed within its class, keeping its place in the order: the same bytes and labels, another file's name
+    os.rename(folder / "b" / "-.png", folder / "a" / "5.png")
+    assert open_source(spec).fingerprint() == quick and open_source(spec).content_fingerprint() == content
+    os.rename(folder / "a" / "5.png", folder / "a" / "5x.png")
+    renamed = open_source(spec)
+    assert renamed.labels(np.arange(12)).tolist() == labels.tolist()
+    assert renamed.fingerprint() != quick and renamed.content_fingerprint() != content
+
+
 def _commits(path: Path) -> int:
     d = path / st.COMMIT / "c"
     return len([f for f in d.iterdir() if not f.name.startswith(".")]) if d.exists() else 0  # not temporaries
