@@ -190,29 +190,36 @@ def classifier_width(state_dict: dict) -> int | None:
     return int(mats[-1].shape[0]) if mats else None
 
 
-def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_channels: int, image_size: int
-                 ) -> tuple[nn.Module, dict]:
-    """Build the teacher and load its weights. Only the teacher-cache stage (and `verify`) may call this."""
+def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_channels: int, image_size: int,
+                 recorded_size: bool = True) -> tuple[nn.Module, dict]:
+    """Build the teacher and load its weights. Only the teacher-cache stage (and `verify`) may call this.
+    `recorded_size`: the image size the file's transform records (the input the teacher is fed, unless --image-size
+    says otherwise) builds it, not `image_size`: an architecture sized by its input (`mlp`, `default-student`, a
+    module:function using image_size) trained with `kdcache teacher --image-size` fits its weights only at that size."""
     if weights is None:
         if spec != "default-teacher":
             raise KDCacheError(f"teacher '{spec}' needs --weights FILE (kdcache never downloads weights)")
         weights = default_teacher_weights()
-    return load_model(spec, Path(weights), num_classes, in_channels, image_size,
+    return load_model(spec, Path(weights), num_classes, in_channels, image_size, recorded_size=recorded_size,
                       fix="check --teacher and --weights, and that the data has the classes and channels the teacher "
                           "was trained on (--num-classes, --channels)", arch_flag="--teacher")
 
 
 def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: int, image_size: int,
-               fix: str = "check --model and --weights", arch_flag: str = "--model") -> tuple[nn.Module, dict]:
+               fix: str = "check --model and --weights", arch_flag: str = "--model", recorded_size: bool = False
+               ) -> tuple[nn.Module, dict]:
     """Build `spec` and load a weights file into it, in eval mode: (model, the file's meta). The file's meta
     (num_classes, in_channels), when it has one, wins over the arguments; without either, the output count is read
     off the weights (`classifier_width`). Weights that do not fit `spec` but record another architecture (as
-    `kdcache teacher` and student.pt do) get that one named, with `arch_flag`, the flag that chooses it."""
+    `kdcache teacher` and student.pt do) get that one named, with `arch_flag`, the flag that chooses it.
+    `recorded_size`: the size the file's transform records, when it records one, wins over `image_size`."""
     ckpt = load_checkpoint(weights)
     meta = ckpt.get("meta", {})
     try:
         num_classes = int(meta.get("num_classes") or num_classes or classifier_width(ckpt["state_dict"]) or 1000)
         in_channels = int(meta.get("in_channels", in_channels))
+        if recorded_size and isinstance(meta.get("transform"), dict):  # load_checkpoint checked it
+            image_size = int(meta["transform"]["size"][0])
     except (TypeError, ValueError, AttributeError):
         raise KDCacheError(f"{weights}: its meta (num_classes, in_channels) is not a pair of numbers; save the "
                            "weights as a state_dict or as {'state_dict': ..., 'meta': {...}}") from None

@@ -52,6 +52,41 @@ def _one_line_error(res, *wanted):
         assert w in res.stderr, res.stderr
 
 
+def test_a_teachers_file_records_its_arch_classes_channels_and_test_accuracy(root):
+    """`kdcache teacher --arch mlp --channels 3` on grey class folders, scored on a test folder holding only its
+    last class: the file records the architecture (eval builds it from that alone), the class names (a test folder
+    is matched by name, the cache records them), 3 input channels (teacher-cache on the grey data, without
+    --channels, builds and feeds it 3) and the accuracy of its final weights with the test labels matched by name."""
+    from pipeline.data import Transform, open_source
+    from pipeline.models import MLP
+    from tests.test_pipeline import _write_images
+
+    for i, c in enumerate(("ant", "bee", "cat")):
+        _write_images(root / "train" / c, 6, rgb=False, seed=i)
+    _write_images(root / "test" / "cat", 6, rgb=False, seed=2)  # the training cats' own images: some come out cat
+    res = runner.invoke(app, ["teacher", "--data", f"imagefolder:{root / 'train'}", "--test-data",
+                              f"imagefolder:{root / 'test'}", "--arch", "mlp", "--channels", "3", "--image-size",
+                              "8", "--epochs", "3", "--batch-size", "6", "--lr", "0.05", "--out", "t.pt"])
+    assert res.exit_code == 0, res.output
+    meta = torch.load("t.pt", weights_only=True)["meta"]
+    assert meta["arch"] == "mlp" and meta["num_classes"] == 3 and meta["in_channels"] == 3
+    assert meta["data"]["classes"] == ["ant", "bee", "cat"] and meta["transform"]["channels"] == 3
+    model = MLP(num_classes=3, in_channels=3, image_size=8)
+    model.load_state_dict(torch.load("t.pt", weights_only=True)["state_dict"])
+    test = open_source(f"imagefolder:{root / 'test'}")
+    with torch.no_grad():
+        pred = model.eval()(test.load(np.arange(6), Transform.from_dict(meta["transform"]))).argmax(1).numpy()
+    assert meta["test_accuracy"] == (pred == 2).mean() != (pred == 0).mean()  # cat is class 2, not the folder's 0
+    res = runner.invoke(app, ["eval", "t.pt", "--data", f"imagefolder:{root / 'test'}", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["top1"] == meta["test_accuracy"]
+    res = runner.invoke(app, ["teacher-cache", "--data", f"imagefolder:{root / 'train'}", "--teacher", "mlp",
+                              "--weights", "t.pt", "--out", "c.zarr"])
+    assert res.exit_code == 0, res.output
+    recorded = zarr.open_group("c.zarr", mode="r").attrs["kdcache"]
+    assert recorded["teacher"]["classes"] == ["ant", "bee", "cat"] and recorded["transform"]["channels"] == 3
+
+
 def test_teacher_probes_its_model_before_training(root, monkeypatch):
     """A model that fails on the data's input, or returns no (batch, classes) scores, is refused in one line before
     the first step; --channels makes a 3-channel torchvision model fit grayscale data."""
