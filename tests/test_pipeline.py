@@ -546,6 +546,12 @@ def test_two_stage_fitnets_runs_hint_then_kd(root, teacher_file):
     assert [r["stage"] for r in rows] == [1, 2, 2]
     assert set(rows[0]["losses"]) == {"fitnets"}
     assert set(rows[1]["losses"]) == {"kd_soft", "kd_hard"}
+    # FitNets with other losses: the hint alone, then those others without the hint (Romero et al.'s stage 2)
+    run_train_student(StudentConfig(cache=path, loss="kd=1,rkd=1,fitnets=1", fitnets_hint_epochs=1, epochs=2,
+                                    batch_size=32, test_data=SYN_TEST, workers=0, out="run-mixed"), log=lambda *_: None)
+    rows = [json.loads(x) for x in open("run-mixed/metrics.jsonl")]
+    assert [r["stage"] for r in rows] == [1, 2] and set(rows[0]["losses"]) == {"fitnets"}
+    assert set(rows[1]["losses"]) == {"kd_soft", "kd_hard", "rkd_distance", "rkd_angle"}
 
 
 def test_hint_stage_only_updates_layers_up_to_guided(root, teacher_file, monkeypatch):
