@@ -697,6 +697,8 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--optimizer", "lbfgs"], "unknown --optimizer"),
         (train + ["--loss", "kd=1,fitnets=1", "--epochs", "2", "--fitnets-hint-epochs", "2"], "no epoch for stage 2"),
         (train + ["--loss", "fitnets=1", "--fitnets-hint-epochs", "0"], "no hint stage"),
+        # every loss but the hint weighted 0: the second stage would train KD, which --loss gave weight 0
+        (train + ["--loss", "fitnets=1,kd=0"], "weights every loss but fitnets 0, so FitNets' second stage"),
         # FitNets alone: more hint epochs than --epochs would train past --epochs (the hint stage is taken out of it)
         (train + ["--loss", "fitnets=1", "--epochs", "1", "--fitnets-hint-epochs", "2"],
          "--epochs 1 leaves no epoch for stage 2 (kd) after --fitnets-hint-epochs 2"),
