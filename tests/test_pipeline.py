@@ -384,6 +384,73 @@ def test_test_folder_classes_are_matched_by_name(root):
     assert any("is the data the student trains on; its accuracy is no test" in m for m in logs)
 
 
+def _fake_fashion_mnist(folder, n_train=24, n_test=20, seed=0):
+    """A tiny Fashion-MNIST folder (the four IDX .gz files, 28x28 images, labels 0..9) for KDCACHE_FASHION_MNIST_DIR."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind, dims, data in (("images", [n, 28, 28], rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                                 ("labels", [n], rng.integers(0, 10, n, dtype=np.uint8))):
+            header = (0x0800 + len(dims)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+            with gzip.open(folder / f"{split}-{kind}-idx{len(dims)}-ubyte.gz", "wb") as f:
+                f.write(header + data.tobytes())
+    return folder
+
+
+def test_the_data_the_student_trains_on_is_no_test_split(root, monkeypatch):
+    """A cache of fashion-mnist:test: its automatic test split (fashion-mnist:test) is the training data itself, so
+    it is dropped (no test accuracy, none recorded, no note about it); the same split named by --test-data is kept
+    and scored (the accuracy of student.pt on those images, counted here by hand) with a note that it is no test.
+    A cache of fashion-mnist:train keeps its automatic test split. (Keeping the automatic split,
+    ts_test_equal_train_kept, passed every test.)"""
+    from pipeline.models import build_model
+    from tests.conftest import save_teacher
+
+    monkeypatch.setenv("KDCACHE_FASHION_MNIST_DIR", str(_fake_fashion_mnist(root / "fm")))
+    teacher = save_teacher(root / "t10.pt", num_classes=10)
+    caches = {split: run_teacher_cache(CacheConfig(data=f"fashion-mnist:{split}", weights=str(teacher),
+                                                   chunk_samples=8, batch_size=8, device="cpu"), log=lambda *_: None)
+              for split in ("test", "train")}
+    common = dict(loss="kd=1", epochs=2, batch_size=8, workers=0, device="cpu")
+
+    def by_hand(run, spec):  # student.pt's accuracy on `spec`, with its own transform, without kdcache's evaluate
+        saved = torch.load(f"{run}/student.pt", weights_only=True)
+        model = build_model("default-student", 10, 1, saved["meta"]["transform"]["size"][0])
+        model.load_state_dict(saved["state_dict"])
+        src = open_source(spec)
+        idx = np.arange(src.num_samples)
+        with torch.no_grad():
+            pred = model.eval()(src.load(idx, Transform.from_dict(saved["meta"]["transform"]))).argmax(1).numpy()
+        return float((pred == src.labels(idx)).mean())
+
+    # the automatic test split of a cache of the test split: itself, dropped
+    logs = []
+    auto = run_train_student(StudentConfig(cache=caches["test"], out="auto", **common), log=logs.append)
+    rows = [json.loads(x) for x in Path("auto/metrics.jsonl").read_text().splitlines()]
+    assert auto["test_acc"] is None and [r["test_acc"] for r in rows] == [None, None]
+    assert json.loads(Path("auto/config.json").read_text())["test_data"] is None
+    assert any("student trained (no labelled test split)" in m for m in logs), logs
+    assert not any("its accuracy is no test" in m for m in logs), logs
+
+    # named by --test-data: kept, scored, and said to be no test
+    logs = []
+    named = run_train_student(StudentConfig(cache=caches["test"], out="named", test_data="fashion-mnist:test",
+                                            **common), log=logs.append)
+    assert named["test_acc"] == pytest.approx(by_hand("named", "fashion-mnist:test"), abs=1e-12)
+    assert json.loads(Path("named/config.json").read_text())["test_data"] == "fashion-mnist:test"
+    said = [m for m in logs if "is the data the student trains on; its accuracy is no test" in m]
+    assert said == ["note: --test-data fashion-mnist:test is the data the student trains on; its accuracy is no test"]
+
+    # a cache of the train split: its automatic test split is other data, kept and scored, no note
+    logs = []
+    other = run_train_student(StudentConfig(cache=caches["train"], out="train", **common), log=logs.append)
+    assert other["test_acc"] == pytest.approx(by_hand("train", "fashion-mnist:test"), abs=1e-12)
+    assert json.loads(Path("train/config.json").read_text())["test_data"] == "fashion-mnist:test"
+    assert not any("its accuracy is no test" in m for m in logs), logs
+
+
 def test_a_run_that_never_trains_the_classifier_says_so(root, teacher_file):
     path = _cache(teacher_file, layers=["avgpool", "layer3"])
     hint_only = dict(epochs=2, fitnets_hint_epochs=2)  # two-stage, every epoch in the hint stage: KD never runs
