@@ -957,6 +957,72 @@ def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, mo
     assert res.exit_code == 2 and "holds a finished run" in res.stderr
 
 
+def test_a_resumed_run_has_one_metrics_row_per_epoch_and_a_summary_of_them(root, teacher_file, monkeypatch):
+    """metrics.jsonl of a resumed run holds epochs 1..E once each, equal (timings aside) to an uninterrupted run's:
+    killed while writing epoch 2's checkpoint (its metrics row already written, the checkpoint still epoch 1's), the
+    resumed run rewrites metrics.jsonl from the checkpoint's history and redoes epoch 2 (neither a duplicate row nor a
+    lost one); killed while writing student.pt (every epoch in the checkpoint), it trains nothing and writes the
+    same. summary.json counts the epochs trained and gives the mean of the rows' samples/s. (Leaving metrics.jsonl
+    as it was, ts_metrics_not_rewritten, and samples/s of the first epoch alone, ts_summary_sps_first, passed every
+    test.)"""
+    import pipeline.train_student as ts
+
+    path = _cache(teacher_file, layers=[])
+    common = dict(cache=path, loss="kd=1", epochs=3, batch_size=32, workers=0, test_data=SYN_TEST)
+    timing = ("samples_per_s", "seconds")
+
+    def rows_of(run):
+        return [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines()]
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    def check_summary(run, rows):
+        summary = json.loads(Path(run, "summary.json").read_text())
+        assert summary["epochs"] == len(rows) == 3
+        assert summary["test_acc"] == rows[-1]["test_acc"] is not None
+        assert len({r["samples_per_s"] for r in rows}) == 3  # measured: no two epochs alike, so first != mean
+        assert summary["samples_per_s"] == pytest.approx(sum(r["samples_per_s"] for r in rows) / 3, rel=1e-12)
+        assert summary["seconds"] >= sum(r["seconds"] for r in rows)
+        return summary
+
+    run_train_student(StudentConfig(out="whole", **common), log=lambda *_: None)
+    whole_rows = rows_of("whole")
+    assert [r["epoch"] for r in whole_rows] == [1, 2, 3]
+    whole = check_summary("whole", whole_rows)
+
+    real = ts.save_whole
+
+    def killed_saving(name, nth):
+        calls = []
+
+        def save(obj, at, then):
+            if Path(at).name == name:
+                calls.append(1)
+                if len(calls) == nth:
+                    raise KeyboardInterrupt  # before anything is written: the previous file stays
+            real(obj, at, then)
+        return save
+
+    for run, name, nth, was in (("cut", "checkpoint.pt", 2, 1), ("last", "student.pt", 1, 3)):
+        with monkeypatch.context() as m:
+            m.setattr(ts, "save_whole", killed_saving(name, nth))
+            with pytest.raises(KeyboardInterrupt):
+                run_train_student(StudentConfig(out=run, **common), log=lambda *_: None)
+        assert torch.load(f"{run}/checkpoint.pt", weights_only=True)["epoch"] == was
+        before = rows_of(run)
+        assert [r["epoch"] for r in before] == [1, 2, 3][:max(was, 2)]  # cut: epoch 2's row but epoch 1's checkpoint
+        logs = []
+        run_train_student(StudentConfig(out=run, resume=True, **common), log=logs.append)
+        assert f"resuming {run} after epoch {was}/3" in logs
+        rows = rows_of(run)
+        assert [r["epoch"] for r in rows] == [1, 2, 3], (run, rows)
+        assert untimed(rows) == untimed(whole_rows), run
+        assert rows[:was] == before[:was]  # the checkpoint's epochs keep their own rows, timings included
+        summary = check_summary(run, rows)
+        assert summary["params_fingerprint"] == whole["params_fingerprint"] and summary["test_acc"] == whole["test_acc"]
+
+
 def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, teacher_file, monkeypatch):
     """torch.save reports a full disk as a RuntimeError: one line that says to resume, no .tmp left behind, the
     previous epoch's checkpoint kept and resumable; Ctrl-C says the same, not that the run starts over."""
