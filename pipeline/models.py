@@ -181,12 +181,16 @@ def teacher_classes(meta: dict) -> list[str] | None:
 
 
 def classifier_width(state_dict: dict) -> int | None:
-    """Outputs of the last 2-D weight in a state_dict: the classifier in torchvision's models (`fc`,
-    `classifier.N`, `heads.head`) and in most others. Lets a teacher run on unlabelled data, whose classes say
-    nothing about its output count."""
+    """Outputs (dim 0) of the last classifier-shaped weight in a state_dict (whose order is the modules'): a 2-D
+    Linear weight, or a 4-D 1x1 convolution's, the classifier of conv-only nets such as torchvision's SqueezeNet
+    (`classifier.1`, a 1x1 Conv2d), which has no 2-D weight at all. In torchvision's models (`fc`, `classifier.N`,
+    `heads.head`) and most others the classifier is registered last, so the 1x1 convolutions before it (ResNet's
+    downsampling, MobileNet's pointwise and squeeze-excitation layers) do not count. Lets a teacher run on
+    unlabelled data, whose classes say nothing about its output count. None when no weight has either shape."""
     if not isinstance(state_dict, dict):
         return None
-    mats = [v for k, v in state_dict.items() if str(k).endswith("weight") and isinstance(v, torch.Tensor) and v.ndim == 2]
+    mats = [v for k, v in state_dict.items() if str(k).endswith("weight") and isinstance(v, torch.Tensor) and (
+        v.ndim == 2 or (v.ndim == 4 and tuple(v.shape[2:]) == (1, 1)))]
     return int(mats[-1].shape[0]) if mats else None
 
 

@@ -169,3 +169,36 @@ def test_a_malformed_transform_in_a_weights_files_meta_is_one_line(root):
             assert res.exit_code == 2 and len(lines) == 1, (bad, args, res.exception, res.output)
             assert "bad.pt: the transform its meta records " in lines[0] and says in lines[0], (bad, args, lines)
     assert not (root / "data" / "cache").exists()
+
+
+def test_classifier_width_reads_the_output_count_off_the_last_classifier_weight(root):
+    """A bare state_dict (no meta) says its output count only through its classifier's weight, the last Linear (or,
+    in a conv-only net like SqueezeNet, the last 1x1 convolution): rows of that weight, not of the first matrix (an
+    embedding, a hidden layer, MobileNet's first classifier layer) nor its columns. SqueezeNet used to give None (no
+    2-D weight), so its bare weights were built with 1000 outputs and failed to load. (Taking the first matrix,
+    mo_classifier_width_first, passed every test.)"""
+    import torchvision
+
+    from pipeline.models import build_model, classifier_width, load_model
+
+    cases = [("torchvision:resnet18", 7, 3), ("torchvision:mobilenet_v3_small", 5, 3),
+             ("torchvision:squeezenet1_1", 3, 3), ("default-teacher", 6, 1), ("default-student", 5, 1),
+             ("mlp", 9, 1)]
+    for i, (spec, classes, channels) in enumerate(cases):
+        torch.manual_seed(i)
+        model = build_model(spec, classes, channels, 32)
+        sd = model.state_dict()
+        # the output count, counted independently: the model's own output on an input
+        with torch.no_grad():
+            assert model.eval()(torch.zeros(1, channels, 32, 32)).shape == (1, classes), spec
+        assert classifier_width(sd) == classes, spec
+        # a bare state_dict file loads with that many outputs, the weights as saved
+        torch.save(sd, root / f"bare{i}.pt")
+        loaded, meta = load_model(spec, root / f"bare{i}.pt", None, channels, 32)
+        assert meta == {} and all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items()), spec
+    # the only 2-D weight of a ResNet is its fc: the width is its rows (7), not its columns (512)
+    fc = torchvision.models.resnet18(num_classes=7).state_dict()["fc.weight"]
+    assert fc.shape == (7, 512)
+    assert classifier_width({"fc.weight": fc, "fc.bias": torch.zeros(7)}) == 7
+    assert classifier_width({"bn.weight": torch.ones(4), "conv.weight": torch.ones(4, 3, 3, 3)}) is None
+    assert classifier_width(None) is None
