@@ -178,6 +178,47 @@ def test_renaming_or_moving_an_image_changes_the_data_fingerprints(root):
     assert renamed.fingerprint() != quick and renamed.content_fingerprint() != content
 
 
+def test_an_image_moved_into_another_class_folder_under_its_own_name_is_other_data(root):
+    """`mv cat/x.png dog/` relabels an image and keeps its name, bytes, size and modification time. Where it was
+    the last of its old class and sorts first in its new one, the files' order, names, sizes and times are all
+    unchanged: only the class folder in its path tells. Both fingerprints change, and teacher-cache makes a new
+    store holding the new labels instead of taking the old store (with the old label) as a cache hit."""
+    import zarr
+    from PIL import Image
+
+    from pipeline.data import data_differs, open_source
+
+    folder, rng = root / "imgs", np.random.default_rng(0)
+    for c, names in (("a", ["a0", "a1", "m"]), ("b", ["n0", "n1", "n2"])):  # "m" sorts last in a, first in b
+        (folder / c).mkdir(parents=True)
+        for name in names:
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / c / f"{name}.png")
+    for f in folder.rglob("*.png"):
+        os.utime(f, ns=(10**18, 10**18))
+    spec = f"imagefolder:{folder}"
+    before = open_source(spec)
+    recorded = before.describe() | {"content_fingerprint": before.content_fingerprint()}
+    names, data = [f.name for f in before.files], [f.read_bytes() for f in before.files]
+    assert before.labels(np.arange(6)).tolist() == [0, 0, 0, 1, 1, 1]
+    w = save_teacher(root / "t.pt", num_classes=2)
+    old = run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=lambda *_: None)
+
+    os.rename(folder / "a" / "m.png", folder / "b" / "m.png")
+    moved = open_source(spec)
+    assert [f.name for f in moved.files] == names and [f.read_bytes() for f in moved.files] == data
+    assert [f.stat().st_mtime_ns for f in moved.files] == [10**18] * 6
+    assert moved.labels(np.arange(6)).tolist() == [0, 0, 1, 1, 1, 1]
+    assert moved.fingerprint() != before.fingerprint()
+    assert moved.content_fingerprint() != before.content_fingerprint()
+    assert data_differs(moved, recorded) is not None
+    said = []
+    new = run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=said.append)
+    assert new != old and not any("cache hit" in str(line) for line in said), said
+    for store, labels in ((new, [0, 0, 1, 1, 1, 1]), (old, [0, 0, 0, 1, 1, 1])):  # rows in the store's order
+        g = zarr.open_group(store, mode="r")
+        assert g["labels"][:].tolist() == [labels[i] for i in g["index"][:]]
+
+
 def _commits(path: Path) -> int:
     d = path / st.COMMIT / "c"
     return len([f for f in d.iterdir() if not f.name.startswith(".")]) if d.exists() else 0  # not temporaries
