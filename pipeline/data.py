@@ -589,12 +589,18 @@ class ImageFolder(Source):
 def data_differs(source: Source, recorded: dict) -> str | None:
     """None when `source` holds the data a manifest's `recorded` data section was made from; else how it differs.
     The fingerprints first; where only an image folder's (file times) differs, its content decides, when the store
-    recorded its content fingerprint."""
+    recorded its content fingerprint: the content of the samples the store holds (its first `num_samples`), and
+    only where teacher-cache, with the store's --limit, would take as many from this data. A folder grown by an
+    image that sorts last still begins with the store's files, but a store of all of it no longer holds all of it."""
     if source.fingerprint() == recorded["fingerprint"]:
         return None
-    content = recorded.get("content_fingerprint")
+    content, n, limit = recorded.get("content_fingerprint"), recorded.get("num_samples"), recorded.get("limit")
+    taken = min(source.num_samples, limit) if limit else source.num_samples
+    if n is not None and taken != n:
+        return (f"{source.num_samples} samples{f' (the first {taken} with --limit {limit})' if limit else ''} where "
+                f"the cache holds {n}")
     if (content and content != recorded["fingerprint"]
-            and source.content_fingerprint(recorded.get("num_samples")) == content):
+            and source.content_fingerprint(n) == content):
         return None
     return f"fingerprint {source.fingerprint()} vs {recorded['fingerprint']}"
 

@@ -144,6 +144,52 @@ def test_a_copy_of_an_image_folder_is_the_same_data(root):
         run_train_student(StudentConfig(cache=path, data=f"imagefolder:{copy}", workers=0, out="run2"))
 
 
+def test_an_image_folder_grown_by_an_image_is_other_data_but_not_for_a_store_of_its_first_images(root):
+    """A store of a whole folder holds every image in it: an image added since, even one sorting last (so the folder
+    still begins with the store's files, in their order), is data the store lacks, and train-student refuses it
+    instead of saying 'the same files and bytes' and training without it. A store made with --limit 8 holds the
+    first 8 images alone: the grown folder, and a copy of it made without file times, still hold those, and are
+    accepted; a copy with one of those 8 edited is not."""
+    import shutil
+
+    import zarr
+    from PIL import Image
+
+    from pipeline.data import data_differs, open_source
+
+    folder = root / "imgs"
+    _labelled_folder(folder)
+    spec = f"imagefolder:{folder}"
+    w = save_teacher(root / "t.pt", num_classes=2)
+    whole = run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=lambda *_: None)
+    first = run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4, limit=8), log=lambda *_: None)
+    files = open_source(spec).files
+    Image.fromarray(np.full((12, 12), 7, dtype=np.uint8)).save(folder / "b" / "9.png")  # sorts last: b/0..5, 9
+    grown = open_source(spec)
+    assert grown.num_samples == 13 and grown.files[:12] == files
+    man = zarr.open_group(whole, mode="r").attrs["kdcache"]["data"]
+    assert grown.content_fingerprint(12) == man["content_fingerprint"]  # its first 12 are the store's
+    assert data_differs(grown, man) == "13 samples where the cache holds 12"
+    with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from \(13 samples where the cache "
+                                           r"holds 12\); re-run teacher-cache"):
+        run_train_student(StudentConfig(cache=whole, workers=0, epochs=1, out="run"))
+
+    logs = []
+    run_train_student(StudentConfig(cache=first, workers=0, epochs=1, out="run1"), log=logs.append)
+    assert json.loads(Path("run1/summary.json").read_text())["epochs"] == 1
+    copy = root / "elsewhere"
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # bytes only: new modification times
+    for f in copy.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    logs = []
+    run_train_student(StudentConfig(cache=first, data=f"imagefolder:{copy}", workers=0, epochs=1, out="run2"),
+                      log=logs.append)
+    assert any("the same files and bytes" in m for m in logs), logs
+    (copy / "b" / "1.png").write_bytes((copy / "b" / "2.png").read_bytes())  # the 8th image: another's bytes
+    with pytest.raises(KDCacheError, match=r"differs from what cache .* was made from .*re-run teacher-cache"):
+        run_train_student(StudentConfig(cache=first, data=f"imagefolder:{copy}", workers=0, out="run3"))
+
+
 def test_renaming_or_moving_an_image_changes_the_data_fingerprints(root):
     """The data fingerprint covers each file's relative path, size and modification time (issue #3), and the content
     fingerprint each file's relative path and bytes: an image renamed, or moved into another class folder, with its
