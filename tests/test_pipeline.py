@@ -241,6 +241,44 @@ def test_a_damaged_fashion_mnist_file_is_named_in_one_line(root, monkeypatch):
         idx("t10k-labels-idx1-ubyte.gz", [4])
 
 
+def test_fashion_mnist_fingerprint_is_its_images_and_labels_wherever_they_lie(root, monkeypatch):
+    """Fashion-MNIST's fingerprint hashes its content: the same four files in another folder are the same data, and
+    a labels file changed under the same images (a relabelled copy) is other data, so a store or run made from the
+    old labels is not taken for it."""
+    import gzip
+
+    from pipeline.data import data_differs
+
+    rng = np.random.default_rng(0)
+
+    def idx(folder, name, values):
+        header = (0x0800 + values.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in values.shape)
+        with gzip.open(folder / name, "wb") as f:
+            f.write(header + values.astype(np.uint8).tobytes())
+
+    fm = root / "fm"
+    fm.mkdir()
+    labels = rng.integers(0, 10, 6)
+    for split, n in (("train", 6), ("t10k", 4)):
+        idx(fm, f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        idx(fm, f"{split}-labels-idx1-ubyte.gz", labels if split == "train" else rng.integers(0, 10, n))
+    monkeypatch.setenv("KDCACHE_FASHION_MNIST_DIR", str(fm))
+    before = open_source("fashion-mnist:train")
+    recorded = before.describe()
+    assert before.labels(np.arange(6)).tolist() == labels.tolist()
+    shutil.copytree(fm, root / "fm2")
+    monkeypatch.setenv("KDCACHE_FASHION_MNIST_DIR", str(root / "fm2"))
+    assert open_source("fashion-mnist:train").fingerprint() == before.fingerprint()
+    assert open_source("fashion-mnist:test").fingerprint() != before.fingerprint()
+    relabelled = labels.copy()
+    relabelled[3] = (relabelled[3] + 1) % 10
+    idx(root / "fm2", "train-labels-idx1-ubyte.gz", relabelled)
+    after = open_source("fashion-mnist:train")
+    assert torch.equal(after.load_raw(np.arange(6), Transform([28, 28], 1)),
+                       before.load_raw(np.arange(6), Transform([28, 28], 1)))
+    assert after.fingerprint() != before.fingerprint() and data_differs(after, recorded) is not None
+
+
 def test_unlabelled_flat_imagefolder(root):
     from tests.conftest import save_teacher
 
