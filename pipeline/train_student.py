@@ -507,8 +507,11 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
                            "re-run teacher-cache on this data")
     check_rows(store, source, use_labels)
     if source.fingerprint() != man["data"]["fingerprint"]:
-        log(f"note: {source.spec} has other file times than the data cache {store.path} was made from, but the "
-            "same files and bytes")
+        n = man["data"]["num_samples"]
+        held = (f"its first {n} images, the ones the store holds (--limit {n}), are the same files and bytes"
+                if source.num_samples > n else "the same files and bytes")
+        log(f"note: {source.spec} is not exactly the data cache {store.path} was made from (other file times"
+            f"{' or images added since' if source.num_samples > n else ''}), but {held}")
     tf = Transform.from_dict(man["transform"])
     teacher_shapes = {k: tuple(v["shape"]) for k, v in store.targets.items()}
     device = ranks.device(pick_device(cfg.device))  # one GPU per rank (LOCAL_RANK) before the student is built

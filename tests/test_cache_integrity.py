@@ -177,6 +177,8 @@ def test_an_image_folder_grown_by_an_image_is_other_data_but_not_for_a_store_of_
     logs = []
     run_train_student(StudentConfig(cache=first, workers=0, epochs=1, out="run1"), log=logs.append)
     assert json.loads(Path("run1/summary.json").read_text())["epochs"] == 1
+    assert any("(other file times or images added since), but its first 8 images, the ones the store holds "
+               "(--limit 8), are the same files and bytes" in m for m in logs), logs
     copy = root / "elsewhere"
     shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # bytes only: new modification times
     for f in copy.rglob("*.png"):
