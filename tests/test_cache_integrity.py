@@ -267,6 +267,46 @@ def test_an_image_moved_into_another_class_folder_under_its_own_name_is_other_da
         assert g["labels"][:].tolist() == [labels[i] for i in g["index"][:]]
 
 
+def test_labels_changed_under_the_same_fingerprint_are_refused_naming_both_causes(root):
+    """A class folder with no images in it (mkdir b_extra between a/ and c/) shifts every later class's index, so
+    the data's labels change, but no image's path, size, time or bytes do: both fingerprints, hence the cache key,
+    are unchanged and the data passes data_differs. train-student's row check is then what refuses it, and its one
+    line names both causes it cannot tell apart, each with its fix: the store's labels damaged or swapped (verify,
+    then repair) or the data's labels changed under the same fingerprint (rebuild with teacher-cache --force), not
+    verify/repair alone, which do not tell that the data changed."""
+    from PIL import Image
+
+    from pipeline.data import data_differs, open_source
+
+    folder, rng = root / "imgs", np.random.default_rng(0)
+    for c in ("a", "c"):
+        (folder / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    spec = f"imagefolder:{folder}"
+    before = open_source(spec)
+    w = save_teacher(root / "t.pt", num_classes=3)
+    path = run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=lambda *_: None)
+    recorded = zarr.open_group(str(path), mode="r").attrs[st.MANIFEST_KEY]["data"]
+
+    (folder / "b_extra").mkdir()  # no images: not a sample, but a class
+    after = open_source(spec)
+    assert after.labels(np.arange(8)).tolist() == [0, 0, 0, 0, 2, 2, 2, 2] != before.labels(np.arange(8)).tolist()
+    assert after.fingerprint() == before.fingerprint() and data_differs(after, recorded) is None
+    train = ["train-student", "--cache", str(path), "--workers", "0", "--epochs", "1", "--out", "run",
+             "--test-data", spec]
+    line = _one_line(runner.invoke(app, train))
+    assert "labels rows " in line and "differ from the data's labels" in line, line
+    assert f"kdcache verify {path}` then `kdcache repair {path}`" in line, line
+    assert "data's labels changed" in line and "kdcache teacher-cache --force" in line, line
+    said = []  # the fix it names works: a plain teacher-cache is a hit (same key), --force rebuilds with the new labels
+    assert run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=said.append) == path
+    assert any("cache hit" in str(x) for x in said), said
+    run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4, force=True), log=lambda *_: None)
+    res = runner.invoke(app, train)
+    assert res.exit_code == 0, res.output
+
+
 def _commits(path: Path) -> int:
     d = path / st.COMMIT / "c"
     return len([f for f in d.iterdir() if not f.name.startswith(".")]) if d.exists() else 0  # not temporaries
