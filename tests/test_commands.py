@@ -674,6 +674,51 @@ def test_results_rerun_an_online_run_whose_teacher_or_data_changed(root, teacher
     assert ours["teacher"] == other["teacher"] and ours["data"] != other["data"]
 
 
+def test_results_rerun_a_finished_run_made_with_any_other_training_setting(root, teacher_file):
+    """reuse_or_run reuses a finished run only where every setting that trains it is the same: the epoch count,
+    the view policy, the views' augmentation policy and their seed, ... A setting its comparison dropped would put a
+    run made with it (say 5 epochs, or another augmentation) in a README table that says another. Only where the
+    run lies and how it was started do not count, nor a cached run's store or data path (the store counts by its
+    key); an online run's data counts by its content (`online.identity`)."""
+    from dataclasses import fields
+
+    from pipeline.online import OnlineConfig, run_online_kd
+    from pipeline.results import reuse_or_run
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import RUN_PLACE, StudentConfig, run_train_student
+
+    def other(v):
+        if isinstance(v, bool):
+            return not v
+        if isinstance(v, (int, float)):
+            return v * 2 + 1
+        return "kd=1,ce=1" if v == "kd=1" else (v or "") + "x"
+
+    cache = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64), log=lambda *_: None)
+    cached = StudentConfig(cache=cache, epochs=1, batch_size=32, workers=0, test_data=SYN_TEST, out="run")
+    online = OnlineConfig(data=SYN, weights=str(teacher_file), augment="translate=2,flip", epochs=1, batch_size=32,
+                          workers=0, test_data=SYN_TEST, out="online")
+    for cfg, fn, same in ((cached, run_train_student, ("cache", "data")), (online, run_online_kd, ("cache",))):
+        first = reuse_or_run(cfg, fn)
+        calls = []
+        assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and not calls, cfg.out
+        for f in fields(cfg):
+            if f.name in RUN_PLACE + same:
+                continue
+            changed = replace(cfg, **{f.name: other(getattr(cfg, f.name))})
+            reuse_or_run(changed, lambda c, log: calls.append(c) or {})
+            assert calls[-1:] == [replace(changed, overwrite=True)], (cfg.out, f.name)
+        assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first, cfg.out  # the run is still there
+    # an online run's views are drawn by the view replay of the kdcache that made it, whatever its policy (not only
+    # crops): one made by an older replay, or before runs recorded theirs (replay 1), saw other pixels
+    saved = json.loads(Path("online/config.json").read_text())
+    for stale in (saved | {"replay": 1}, {k: v for k, v in saved.items() if k != "replay"}):
+        Path("online/config.json").write_text(json.dumps(stale))
+        calls = []
+        reuse_or_run(online, lambda c, log: calls.append(c) or {})
+        assert calls == [replace(online, overwrite=True)], stale.get("replay")
+
+
 def test_help_is_instant_and_names_every_flag_whole():
     """`kdcache --help` imports neither torch nor zarr (a subprocess, so this process's imports do not count), and
     an 80-column help prints each flag's full name (rich's option table truncated the long ones)."""
