@@ -97,6 +97,13 @@ def _labelled_folder(folder: Path, n_per_class=6):
             Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / c / f"{i}.png")
 
 
+def _copy_without_times(folder: Path, copy: Path) -> None:
+    """A copy of an image folder as cp/scp/git make it: the same bytes, other modification times."""
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)
+    for f in copy.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+
+
 def test_changed_dataset_is_refused(root):
     folder = root / "imgs"
     _labelled_folder(folder)
@@ -121,8 +128,6 @@ def test_changed_dataset_is_refused(root):
 def test_a_copy_of_an_image_folder_is_the_same_data(root):
     """A copy made without keeping file times (cp, scp, git) has another quick fingerprint but the same content:
     train-student and verify --recompute accept it (with a note); the same copy with one file edited is refused."""
-    import shutil
-
     from pipeline.verify import verify_store
 
     folder = root / "imgs"
@@ -131,9 +136,7 @@ def test_a_copy_of_an_image_folder_is_the_same_data(root):
     path = run_teacher_cache(CacheConfig(data=f"imagefolder:{folder}", weights=str(w), chunk_samples=4),
                              log=lambda *_: None)
     copy = root / "elsewhere"
-    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # bytes only: new modification times
-    for f in copy.rglob("*.png"):
-        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    _copy_without_times(folder, copy)
     logs = []
     run_train_student(StudentConfig(cache=path, data=f"imagefolder:{copy}", workers=0, epochs=1, out="run"),
                       log=logs.append)
@@ -150,8 +153,6 @@ def test_an_image_folder_grown_by_an_image_is_other_data_but_not_for_a_store_of_
     instead of saying 'the same files and bytes' and training without it. A store made with --limit 8 holds the
     first 8 images alone: the grown folder, and a copy of it made without file times, still hold those, and are
     accepted; a copy with one of those 8 edited is not."""
-    import shutil
-
     import zarr
     from PIL import Image
 
@@ -180,9 +181,7 @@ def test_an_image_folder_grown_by_an_image_is_other_data_but_not_for_a_store_of_
     assert any("(other file times or images added since), but its first 8 images, the ones the store holds "
                "(--limit 8), are the same files and bytes" in m for m in logs), logs
     copy = root / "elsewhere"
-    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # bytes only: new modification times
-    for f in copy.rglob("*.png"):
-        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    _copy_without_times(folder, copy)
     logs = []
     run_train_student(StudentConfig(cache=first, data=f"imagefolder:{copy}", workers=0, epochs=1, out="run2"),
                       log=logs.append)
@@ -1303,9 +1302,7 @@ def test_repair_checks_its_teacher_and_data_before_touching_the_store(root):
     assert "not found" in line and "--weights FILE" in line
     assert st.open_store(path, require_complete=False).manifest["complete"]  # untouched
     copy = root / "copy"
-    shutil.copytree(folder, copy, copy_function=shutil.copyfile)
-    for f in copy.rglob("*.png"):
-        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    _copy_without_times(folder, copy)
     shutil.rmtree(folder)
     res = runner.invoke(app, ["repair", str(path), "--data", f"imagefolder:{copy}", "--weights", "moved.pt"])
     assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
