@@ -28,6 +28,7 @@ import torch
 
 from pipeline.augment import resize, splitmix64
 from pipeline.errors import KDCacheError, first_line
+from pipeline.store import is_url, local_path
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -52,10 +53,9 @@ def local_output(path: str, flag: str) -> str:
     """The folder or file on this disk that a command's own output `path` names (run folders, teacher weights, bench
     results, the data root): the path itself, or a file:// URL's. Only caches live on object storage: any other URL is
     refused, since Path() would fold memory://x or s3://b/x into a local folder named "memory:" or "s3:"."""
-    if "://" not in str(path):
-        return str(path)
-    if str(path).startswith("file://") and len(str(path)) > len("file://"):
-        return str(path)[len("file://"):]
+    local = local_path(path)
+    if local or not is_url(path):  # (a bare file:// names no folder)
+        return local
     raise KDCacheError(f"{flag} {path}: only caches (teacher-cache --cache-dir / --out) can be an fsspec URL; give a "
                        "folder on this machine")
 
@@ -608,7 +608,7 @@ def data_differs(source: Source, recorded: dict) -> str | None:
 def absolute_spec(spec: str) -> str:
     """The spec with a local folder made absolute, so a store's manifest names its data from any working directory."""
     kind, _, rest = spec.partition(":")
-    if kind == "imagefolder" and rest and "://" not in rest:
+    if kind == "imagefolder" and rest and not is_url(rest):
         return f"imagefolder:{os.path.abspath(rest)}"
     return spec
 
