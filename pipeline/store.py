@@ -145,6 +145,16 @@ def enclosing_store(path) -> Path | None:
     return folders[top]
 
 
+def refuse_inside_store(out, what: str, folder=None) -> None:
+    """Refuse an --out (a run directory, teacher weights) anywhere inside a cache store: that store's
+    `teacher-cache --force` rebuild would delete `what` with its own folder. `folder`: where `out` lies, when that is
+    not `out` itself (a file's parent)."""
+    inside = enclosing_store(out if folder is None else folder)
+    if inside is not None:
+        raise KDCacheError(f"--out {out} is inside the cache store {inside}, whose --force rebuild would delete the "
+                           f"{what}; choose another --out outside that store")
+
+
 def feature_array(layer: str) -> str:
     """The one name a cached module output has everywhere: hook key `layer2` -> array `features/layer2`."""
     return f"features/{layer}"

@@ -24,7 +24,7 @@ from pipeline.errors import KDCacheError
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
 from pipeline.models import build_model, check_logits, fingerprint_module, forward_failed
-from pipeline.store import enclosing_store
+from pipeline.store import refuse_inside_store
 
 
 @dataclass
@@ -50,10 +50,7 @@ def check_out(out: Path, overwrite: bool) -> None:
     weights' fingerprint and records its path; replaced, verify --recompute and repair of those caches fail."""
     if out.is_dir():
         raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
-    inside = enclosing_store(out.parent)
-    if inside is not None:  # that store's teacher-cache --force would delete the weights every cache keys on
-        raise KDCacheError(f"--out {out} is inside the cache store {inside}, whose --force rebuild would delete the "
-                           "teacher; choose another --out outside that store")
+    refuse_inside_store(out, "teacher", out.parent)  # the weights every cache of it keys on
     if out.suffix.lower() == ".json":
         raise KDCacheError(f"--out {out} ends in .json, the name of the metadata written beside the weights "
                            f"(<stem>.json), which would overwrite them; use e.g. {out.with_suffix('.pt')}")

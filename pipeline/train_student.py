@@ -37,7 +37,7 @@ from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module,
                              resolve_modules, stop_after)
 from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
-from pipeline.store import enclosing_store, is_url, open_store, versions
+from pipeline.store import is_url, open_store, refuse_inside_store, versions
 
 
 @dataclass
@@ -372,12 +372,9 @@ def check_out(cfg: StudentConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise KDCacheError(f"--out {out} is a file, not a run directory; choose another --out")
-    inside = enclosing_store(out)
     if (out / "zarr.json").exists():
         raise KDCacheError(f"--out {out} is a cache store; choose another --out for the run directory")
-    if inside is not None:  # that store's teacher-cache --force would delete the run with its own folder
-        raise KDCacheError(f"--out {out} is inside the cache store {inside}, whose --force rebuild would delete the "
-                           "run; choose another --out outside that store")
+    refuse_inside_store(out, "run")
     # Hidden entries (.gitkeep, .DS_Store) are no one's work, and no run writes a hidden name.
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if foreign and not is_run_dir(out):
