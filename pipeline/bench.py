@@ -491,7 +491,8 @@ def table(r: dict) -> str:
     lines = [f"bench preset={r['preset']} ({r['pair']}, input {r['input']}, hint {r['hint']}), {r['samples']:,} "
              f"samples, batch {r['batch']}, device {r['device']}, median of {repeat} interleaved rounds"
              + (f" (note: {r['note']})" if r.get("note") else ""),
-             "| measurement | img/s | MB/s to (b, c) / from (e) the store | CPU cores busy (writer threads at work, wall time) |",
+             "| measurement | img/s | MB/s to (b, c) / from (e) the store "
+             "| CPU cores busy (writer threads at work, wall time) |",
              "| --- | --- | --- | --- |"]
     for key, label in [("a_teacher_forward", "(a) teacher forward only"),
                        ("b_cache_logits", "(b) teacher-cache, logits"),

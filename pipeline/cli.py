@@ -143,7 +143,8 @@ def _cache_command(mode: str):
                                                            "one value or one per channel (0.5,0.4,0.3/0.2,0.2,0.2) "
                                                            "(default: recorded with the teacher, else the data's own: "
                                                            "Fashion-MNIST 0.286/0.353, others 0.5/0.5)."),
-        limit: Optional[int] = typer.Option(None, help="Cache only the first N samples by index (a quick trial; an image folder's come class by class)."),
+        limit: Optional[int] = typer.Option(None, help="Cache only the first N samples by index (a quick trial; an "
+                                                       "image folder's come class by class)."),
         device: str = typer.Option("auto"),
         # accepted by plan too (the same command line), where they change nothing: not listed in its --help
         writers: int = typer.Option(0, help="Writer threads (0: CPU cores - 3, from 2 to 16).", hidden=mode == "plan"),
@@ -354,7 +355,8 @@ def train_student_cmd(
     test_data: Optional[str] = typer.Option(None, help="Labelled test data (default: the data's test split)."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the one recorded in the cache)."),
     workers: int = typer.Option(1, help="DataLoader worker processes."),
-    buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MiB per worker, 2 to 64)."),
+    buffer_chunks: int = typer.Option(0, help="Chunks shuffled together (0: as many as fit in 256 MiB per worker, "
+                                              "2 to 64)."),
     device: str = typer.Option("auto"),
     out: Optional[str] = typer.Option(None, help="Run directory (default data/runs/...)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last finished epoch."),

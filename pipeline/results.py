@@ -156,7 +156,8 @@ def run(epochs: int, seeds: list[int], workers: int, log=print) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = [f"Fashion-MNIST test accuracy (%), mean ± sample std (n − 1) over seeds {', '.join(map(str, r['seeds']))}; "
+    lines = [f"Fashion-MNIST test accuracy (%), mean ± sample std (n − 1) over seeds "
+             f"{', '.join(map(str, r['seeds']))}; "
              f"students: `default-student`, {r['epochs']} epochs each, {r.get('schedule', 'batch 128, SGD + cosine')};"
              f" machine: {r['machine']}."
              + (" ≈: the cache's run was resumed; its time is scaled to the whole store." if r["cache"].get(

@@ -98,7 +98,8 @@ def table(r: dict) -> str:
     mean = {i: 100 * statistics.mean(row["test_acc"]) for i, row in enumerate(r["rows"])}
     fixed = mean[0]
     online = {row["augment"]: mean[i] for i, row in enumerate(r["rows"]) if row["views"] is None}
-    lines = [f"Fashion-MNIST test accuracy (%), mean ± sample std (n − 1) over seeds {', '.join(map(str, r['seeds']))}; "
+    lines = [f"Fashion-MNIST test accuracy (%), mean ± sample std (n − 1) over seeds "
+             f"{', '.join(map(str, r['seeds']))}; "
              f"`default-student`, `--loss {r['loss']}` (T={r.get('temperature', 4):g}), {r['epochs']} epochs, "
              f"{r.get('schedule', 'batch 128, SGD + cosine')}; machine: {r['machine']}. Total time = the cache's "
              "teacher-cache run + one student run (one cache serves every seed and every later experiment). Δ: test "

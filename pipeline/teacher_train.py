@@ -46,8 +46,9 @@ class TeacherTrainConfig:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an --out that would lose something, before the training: a folder, a name whose metadata sidecar
-    (<stem>.json) is the weights file itself, an existing teacher, or an existing <stem>.json of no teacher. Every cache made from a teacher keys on its
-    weights' fingerprint and records its path; replaced, verify --recompute and repair of those caches fail."""
+    (<stem>.json) is the weights file itself, an existing teacher, or an existing <stem>.json of no teacher. Every
+    cache made from a teacher keys on its weights' fingerprint and records its path; replaced, verify --recompute
+    and repair of those caches fail."""
     if out.is_dir():
         raise KDCacheError(f"--out {out} is a folder; give the weights file's name, e.g. {out / 'teacher.pt'}")
     refuse_inside_store(out, "teacher", out.parent)  # the weights every cache of it keys on

@@ -688,7 +688,8 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"
             if cut is not None:  # the forward stopped at the guided layer: the classifier has not trained yet
                 acc_txt += " (hint stage: layers after the guided one untrained)"
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  {row['samples_per_s']:,.0f} samples/s")
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {acc_txt}  "
+                f"{row['samples_per_s']:,.0f} samples/s")
             epoch += 1
 
     params_fp = fingerprint_module(student, params_only=True)  # equal on every rank: gradients were averaged
