@@ -112,6 +112,19 @@ def require_backend(url: str) -> None:
 ACCESS_ERRORS = (PermissionError, ConnectionError, TimeoutError)
 
 
+def filesystem(url: str):
+    """(fsspec file system, path within it) for a URL (or a local path). Making the file system is the first touch of an object store
+    (s3fs and the like check credentials there), so a refusal already gets the one line of `access_error`."""
+    import fsspec
+
+    if is_url(url):
+        require_backend(str(url))
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ACCESS_ERRORS as e:
+        raise access_error(url, e) from None
+
+
 def access_error(path, e: BaseException) -> KDCacheError:
     """One line for a store that could not be reached: never reported as "not a kdcache store" (teacher-cache would
     then say to choose another --out for a bucket it may not read)."""
@@ -711,10 +724,7 @@ def _exists(path: str) -> bool:
     """Whether anything is at a local path or an fsspec URL."""
     if not is_url(path):
         return Path(path).exists()
-    import fsspec
-
-    require_backend(path)
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = filesystem(path)
     try:
         return fs.exists(root)
     except ACCESS_ERRORS as e:

@@ -484,9 +484,7 @@ def _set_aside(path: Path) -> None:
 def _refuse_foreign(path: str) -> None:
     """Creating a store empties its folder (zarr deletes everything under it): never do that to a folder that holds
     anything but a kdcache store. One check for a local path and a URL alike (fsspec lists both)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(path))
+    fs, root = st.filesystem(str(path))
     root = root.rstrip("/") or root
     try:
         if fs.isfile(root):
@@ -494,6 +492,8 @@ def _refuse_foreign(path: str) -> None:
         names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return
+    except st.ACCESS_ERRORS as e:
+        raise st.access_error(path, e) from None
     if not names:
         return
     try:

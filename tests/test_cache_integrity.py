@@ -652,6 +652,42 @@ def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monk
     assert res.exit_code == 2 and "fsspec knows no protocol 'nope://'" in res.stderr
 
 
+def test_an_object_store_gets_its_credentials_from_fsspecs_own_configuration(root, teacher_file, monkeypatch):
+    """kdcache takes no credential flags: a URL's options (keys, endpoint, anon...) come from fsspec's configuration
+    (FSSPEC_<PROTOCOL>_<OPTION> variables, or JSON files in ~/.config/fsspec) on every open, writer, reader and
+    verify alike. Without them the store cannot be reached, and every command says so in one line."""
+    import fsspec.config
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class NeedsToken(MemoryFileSystem):  # an object store that refuses a client without its token
+        protocol = "kdcred"
+
+        def __init__(self, *args, token=None, **kw):
+            if token != "s3cret":
+                raise PermissionError("Access Denied")
+            super().__init__(*args, **kw)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return MemoryFileSystem._strip_protocol(str(path).replace("kdcred://", "memory://", 1))
+
+    # (fsspec.registry is also the name of a read-only view the package exports; the module holds the dict)
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, "kdcred", NeedsToken)
+    monkeypatch.setitem(fsspec.config.conf, "kdcred", {"token": "s3cret"})  # what FSSPEC_KDCRED_TOKEN=s3cret sets
+    path = run_teacher_cache(cfg(teacher_file, cache_dir="kdcred://creds"), log=lambda *_: None)
+    assert path.startswith("kdcred://creds/")
+    assert runner.invoke(app, ["verify", path]).exit_code == 0
+    s = run_train_student(StudentConfig(cache=path, epochs=1, workers=0, out="run-cred", test_data=SYN),
+                          log=lambda *_: None)
+    assert s["test_acc"] is not None
+    monkeypatch.delitem(fsspec.config.conf, "kdcred")
+    for args in (["verify", path], ["inspect", path], ["train-student", "--cache", path, "--out", "run-nocred"],
+                 ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--cache-dir", "kdcred://creds"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "PermissionError: Access Denied" in res.stderr and "credentials" in res.stderr \
+            and len(res.stderr.strip().splitlines()) == 1, (args, res.output)
+
+
 def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teacher_file, monkeypatch):
     Path("t.pt").write_bytes(teacher_file.read_bytes())
     res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", "t.pt", "--chunk-samples", "64",
