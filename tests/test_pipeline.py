@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -424,8 +425,6 @@ def test_test_folder_classes_are_matched_by_name(root):
 
 def _fake_fashion_mnist(folder, n_train=24, n_test=20, seed=0):
     """A tiny Fashion-MNIST folder (the four IDX .gz files, 28x28 images, labels 0..9) for KDCACHE_FASHION_MNIST_DIR."""
-    import gzip
-
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("t10k", n_test)):
@@ -435,6 +434,43 @@ def _fake_fashion_mnist(folder, n_train=24, n_test=20, seed=0):
             with gzip.open(folder / f"{split}-{kind}-idx{len(dims)}-ubyte.gz", "wb") as f:
                 f.write(header + data.tobytes())
     return folder
+
+
+def test_fashion_mnist_without_debians_package_is_downloaded_by_torchvision_or_says_how_to_get_it(root, monkeypatch):
+    """The chain #2 asks for: Debian's files when present; else torchvision's download into data/datasets (read from
+    there, and found there next time without downloading again); else one line saying how to get it."""
+    import torchvision.datasets
+
+    import pipeline.data as data_mod
+
+    monkeypatch.delenv("KDCACHE_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIRS", (str(root / "no-debian-package"),))
+    calls = []
+
+    def offline(folder, train, download):
+        calls.append((folder, train, download))
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(KDCacheError, match=r"^Fashion-MNIST not found and could not be downloaded \(RuntimeError\); "
+                                           r"install it with `apt-get install dataset-fashion-mnist`"):
+        open_source("fashion-mnist:train")
+    assert calls == [(str(root / "data" / "datasets"), True, True)]
+
+    def downloads(folder, train, download):  # what torchvision's download leaves: FashionMNIST/raw/*.gz
+        calls.append((folder, train, download))
+        _fake_fashion_mnist(Path(folder) / "FashionMNIST" / "raw", seed=7)
+
+    calls.clear()
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", downloads)
+    src = open_source("fashion-mnist:test")
+    assert [c[1] for c in calls] == [True, False] and src.num_samples == 20
+    ref = _fake_fashion_mnist(root / "ref", seed=7)  # the same files, read by hand
+    with gzip.open(ref / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    assert src.labels(np.arange(20)).tolist() == labels.tolist()
+    calls.clear()
+    assert open_source("fashion-mnist:train").num_samples == 24 and calls == []  # found where it was downloaded
 
 
 def test_the_data_the_student_trains_on_is_no_test_split(root, monkeypatch):
