@@ -19,10 +19,8 @@ def disk_bytes(path) -> int:
     """Bytes stored under a local folder or an fsspec URL (0 where nothing is)."""
     if st.is_url(path):
         fs, root = st.filesystem(str(path))
-        try:
+        with st.reaching(path):
             return int(fs.du(root)) if fs.exists(root) else 0
-        except st.ACCESS_ERRORS as e:
-            raise st.access_error(path, e) from None
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
@@ -37,13 +35,11 @@ def _cache_paths(cache_dir: str | None) -> list[str]:
     """The .zarr folders in a cache folder (local or an fsspec URL), sorted; [] for the default before any cache."""
     if cache_dir and st.is_url(cache_dir):
         fs, root = st.filesystem(cache_dir)
-        try:
+        with st.reaching(cache_dir):
             if not fs.isdir(root):
                 raise KDCacheError(f"--cache-dir {cache_dir} is not a folder; give the folder that holds the .zarr "
                                    "caches")
             names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-        except st.ACCESS_ERRORS as e:
-            raise st.access_error(cache_dir, e) from None
         return [st.join(cache_dir, n) for n in names if n.endswith(".zarr")]
     root = Path(cache_dir) if cache_dir else data_root() / "cache"
     if cache_dir and not root.is_dir():

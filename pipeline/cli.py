@@ -50,16 +50,17 @@ def user_errors(then: str = RESUMES_CACHE):
         typer.echo(f"interrupted; {getattr(e, 'kdcache_then', then)}", err=True)
         raise typer.Exit(130)
     except OSError as e:
+        from pipeline import store
+
         if e.errno == 28:  # ENOSPC
             typer.echo(f"error: disk full while writing {e.filename or 'the output'}; free space and "
                        f"{getattr(e, 'kdcache_then', then)}", err=True)
         elif e.errno in (1, 2, 13, 17, 20, 21, 30):  # EPERM ENOENT EACCES EEXIST ENOTDIR EISDIR EROFS
             typer.echo(f"error: {e.strerror or e}: {e.filename or ''}; check the path, or choose another "
                        "--out / --cache-dir", err=True)
-        elif e.errno is None and isinstance(e, (PermissionError, ConnectionError, TimeoutError)):
+        elif e.errno is None and isinstance(e, store.ACCESS_ERRORS):
             # an object store's backend refusing or unreachable where no store path was at hand to name
-            typer.echo(f"error: {type(e).__name__}: {_one_line(e)}; check that this machine may read and write the "
-                       "store (for a URL: its credentials, permissions and network)", err=True)
+            typer.echo(f"error: {_one_line(store.access_error('the store', e))}", err=True)
         else:
             raise
         raise typer.Exit(2)

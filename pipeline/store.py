@@ -112,17 +112,24 @@ def require_backend(url: str) -> None:
 ACCESS_ERRORS = (PermissionError, ConnectionError, TimeoutError)
 
 
+@contextmanager
+def reaching(path):
+    """Inside it, a store that cannot be reached (ACCESS_ERRORS) is the one line of `access_error` naming `path`."""
+    try:
+        yield
+    except ACCESS_ERRORS as e:
+        raise access_error(path, e) from None
+
+
 def filesystem(url: str):
-    """(fsspec file system, path within it) for a URL (or a local path). Making the file system is the first touch of an object store
-    (s3fs and the like check credentials there), so a refusal already gets the one line of `access_error`."""
+    """(fsspec file system, path within it) for a URL (or a local path). Making the file system is the first touch
+    of an object store (s3fs and the like check credentials there), so a refusal is already `access_error`'s line."""
     import fsspec
 
     if is_url(url):
         require_backend(str(url))
-    try:
+    with reaching(url):
         return fsspec.core.url_to_fs(str(url))
-    except ACCESS_ERRORS as e:
-        raise access_error(url, e) from None
 
 
 def access_error(path, e: BaseException) -> KDCacheError:
@@ -725,10 +732,8 @@ def _exists(path: str) -> bool:
     if not is_url(path):
         return Path(path).exists()
     fs, root = filesystem(path)
-    try:
+    with reaching(path):
         return fs.exists(root)
-    except ACCESS_ERRORS as e:
-        raise access_error(path, e) from None
 
 
 def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
