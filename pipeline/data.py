@@ -492,16 +492,20 @@ class ImageFolder(Source):
                                "for unlabelled data")
         if subdirs:
             self.classes = [p.name for p in subdirs]
-            files, labels = [], []
+            files, labels, empty = [], [], []
             for ci, d in enumerate(subdirs):
                 fs = sorted(p for p in d.rglob("*") if _is_image(p) and
                             not any(part.startswith(".") for part in p.relative_to(d).parts))
                 files += fs
                 labels += [ci] * len(fs)
+                if not fs:
+                    empty.append(d.name)
         else:
             self.classes = None
-            files = sorted(loose)
-            labels = []
+            files, labels, empty = sorted(loose), [], []
+        # A class folder without images still takes a class number and shifts every later class's: the
+        # fingerprints name these folders, which no image path does, so adding or removing one is another cache.
+        self._empty_classes = empty
         if not files:
             raise KDCacheError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
         self.files = files
@@ -567,15 +571,22 @@ class ImageFolder(Source):
                 return h.digest()
 
             h = hashlib.sha256()
+            self._hash_empty_classes(h)
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 for f, d in zip(self.files[:n], pool.map(digest, self.files[:n])):
                     h.update(f"{f.relative_to(self.root)}\0".encode() + d)
             self._content_fp = (n, h.hexdigest()[:16])
         return self._content_fp[1]
 
+    def _hash_empty_classes(self, h) -> None:
+        # Nothing for a folder without empty classes, so its fingerprints (and cache keys) are what they were.
+        for name in self._empty_classes:
+            h.update(f"{name}/\0empty class\n".encode())
+
     def fingerprint(self):
         if self._fp is None:  # paths, sizes and modification times: cheap, and any edit changes it
             h = hashlib.sha256()
+            self._hash_empty_classes(h)
             for f in self.files:
                 try:
                     st = f.stat()

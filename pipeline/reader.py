@@ -462,14 +462,13 @@ def check_rows(store: CacheStore, source: Source, use_labels: bool) -> None:
                 raise KDCacheError(f"{store.path}: index rows {start}-{end - 1} (chunk {b}) do not hold the samples "
                                    f"they should; {repair}")
             # Labels differ either because the store's were damaged or swapped (repair rewrites them), or because
-            # the data's labels changed while its fingerprint, hence the cache key, did not (a class folder with
-            # no images added or removed shifts the class indices; a hand-edited manifest): then the teacher's
-            # outputs may not be this data's either, and a plain teacher-cache would take the store as a hit.
+            # the data's labels changed while its fingerprint, hence the cache key, did not (a hand-edited
+            # manifest): then the teacher's outputs may not be this data's either, and a plain teacher-cache would
+            # take the store as a hit.
             raise KDCacheError(f"{store.path}: labels rows {start}-{end - 1} (chunk {b}) differ from the data's "
                                f"labels ({source.spec}); either the store's labels were damaged or swapped: {repair}; "
-                               "or the data's labels changed under the same fingerprint (e.g. a class folder without "
-                               "images added or removed, or an edited manifest): rebuild the store from this data "
-                               "with `kdcache teacher-cache --force`")
+                               "or the data's labels changed under the same fingerprint (e.g. an edited manifest): "
+                               "rebuild the store from this data with `kdcache teacher-cache --force`")
 
 
 def _expected_distinct_chunks(num_samples: int, chunk_samples: int, batch: int) -> float:

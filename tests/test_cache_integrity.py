@@ -266,13 +266,14 @@ def test_an_image_moved_into_another_class_folder_under_its_own_name_is_other_da
         assert g["labels"][:].tolist() == [labels[i] for i in g["index"][:]]
 
 
-def test_labels_changed_under_the_same_fingerprint_are_refused_naming_both_causes(root):
+def test_an_empty_class_folder_is_another_cache_because_it_shifts_the_labels(root):
     """A class folder with no images in it (mkdir b_extra between a/ and c/) shifts every later class's index, so
-    the data's labels change, but no image's path, size, time or bytes do: both fingerprints, hence the cache key,
-    are unchanged and the data passes data_differs. train-student's row check is then what refuses it, and its one
-    line names both causes it cannot tell apart, each with its fix: the store's labels damaged or swapped (verify,
-    then repair) or the data's labels changed under the same fingerprint (rebuild with teacher-cache --force), not
-    verify/repair alone, which do not tell that the data changed."""
+    the data's labels change although no image's path, size, time or bytes do. Both fingerprints name such
+    folders, so the cache key changes with them: train-student refuses the old store as made from other data,
+    teacher-cache makes a new store (not a hit) with the shifted labels, and removing the folder again finds the
+    old store as a hit. A folder without empty classes keeps the fingerprint it had before they were counted."""
+    import hashlib
+
     from PIL import Image
 
     from pipeline.data import data_differs, open_source
@@ -284,26 +285,37 @@ def test_labels_changed_under_the_same_fingerprint_are_refused_naming_both_cause
             Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / c / f"{i}.png")
     spec = f"imagefolder:{folder}"
     before = open_source(spec)
+    h = hashlib.sha256()  # the fingerprint as written before empty classes counted: paths, sizes, times
+    for f in before.files:
+        st_ = f.stat()
+        h.update(f"{f.relative_to(folder)}\0{st_.st_size}\0{st_.st_mtime_ns}\n".encode())
+    assert before.fingerprint() == h.hexdigest()[:16]
     w = save_teacher(root / "t.pt", num_classes=3)
-    path = run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=lambda *_: None)
+    cfg = CacheConfig(data=spec, weights=str(w), chunk_samples=4)
+    path = run_teacher_cache(cfg, log=lambda *_: None)
     recorded = zarr.open_group(str(path), mode="r").attrs[st.MANIFEST_KEY]["data"]
 
     (folder / "b_extra").mkdir()  # no images: not a sample, but a class
     after = open_source(spec)
     assert after.labels(np.arange(8)).tolist() == [0, 0, 0, 0, 2, 2, 2, 2] != before.labels(np.arange(8)).tolist()
-    assert after.fingerprint() == before.fingerprint() and data_differs(after, recorded) is None
-    train = ["train-student", "--cache", str(path), "--workers", "0", "--epochs", "1", "--out", "run",
-             "--test-data", spec]
+    assert after.fingerprint() != before.fingerprint()
+    assert after.content_fingerprint() != before.content_fingerprint()
+    assert data_differs(after, recorded) is not None
+    train = ["train-student", "--cache", str(path), "--workers", "0", "--epochs", "1", "--out", "run"]
     line = _one_line(runner.invoke(app, train))
-    assert "labels rows " in line and "differ from the data's labels" in line, line
-    assert f"kdcache verify {path}` then `kdcache repair {path}`" in line, line
-    assert "data's labels changed" in line and "kdcache teacher-cache --force" in line, line
-    said = []  # the fix it names works: a plain teacher-cache is a hit (same key), --force rebuilds with the new labels
-    assert run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4), log=said.append) == path
-    assert any("cache hit" in str(x) for x in said), said
-    run_teacher_cache(CacheConfig(data=spec, weights=str(w), chunk_samples=4, force=True), log=lambda *_: None)
-    res = runner.invoke(app, train)
+    assert f"differs from what cache {path} was made from" in line and "re-run teacher-cache" in line, line
+    said = []
+    new = run_teacher_cache(cfg, log=said.append)
+    assert new != path and not any("cache hit" in str(x) for x in said), said
+    g = zarr.open_group(str(new), mode="r")
+    assert g["labels"][:].tolist() == [[0, 0, 0, 0, 2, 2, 2, 2][i] for i in g["index"][:]]
+    res = runner.invoke(app, ["train-student", "--cache", str(new), "--workers", "0", "--epochs", "1", "--out",
+                              "run2", "--test-data", spec])
     assert res.exit_code == 0, res.output
+
+    (folder / "b_extra").rmdir()
+    said = []
+    assert run_teacher_cache(cfg, log=said.append) == path and any("cache hit" in str(x) for x in said), said
 
 
 def _commits(path: Path) -> int:
