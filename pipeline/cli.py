@@ -30,13 +30,29 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+RERUN = "re-run the same command"
 RESUMES_CACHE = "re-run the same command: committed chunks are kept and the run resumes"
 RESUMES_STUDENT = ("re-run the same command with --resume --out RUN_DIR (its --out, or the run directory it named "
                    "first): it continues from the last finished epoch")
 
 
 @contextmanager
-def user_errors(then: str = RESUMES_CACHE):
+def imports():
+    """A command's imports of the pipeline (torch, torchvision: seconds on a cold start) with Ctrl-C held (see
+    `hold_interrupts`: torch's import can abort on one). One pressed meanwhile is raised when they are done and
+    says that nothing had started (not train-student's --resume advice: no run exists yet)."""
+    from pipeline.errors import hold_interrupts
+
+    try:
+        with hold_interrupts():
+            yield
+    except KeyboardInterrupt as e:
+        e.kdcache_then = f"nothing had started; {RERUN}"
+        raise
+
+
+@contextmanager
+def user_errors(then: str = RERUN):
     """A KDCacheError (or a file-system error) becomes one line on stderr and exit code 2, never a traceback.
     `then`: what to do after an interruption or a full disk, which differs by command."""
     from pipeline.errors import KDCacheError
@@ -102,7 +118,8 @@ def teacher_cmd(
 ):
     """Train a teacher: the default one (no weights can be downloaded, so kdcache trains its own), or --arch."""
     with user_errors("re-run `kdcache teacher` (its training starts over)"):
-        from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
+        with imports():
+            from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
 
         meta = run_teacher_train(TeacherTrainConfig(data=data, test_data=test_data, arch=arch, epochs=epochs,
                                                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -156,8 +173,9 @@ def _cache_command(mode: str):
         force: bool = typer.Option(False, help="Rebuild even if a complete cache exists.", hidden=mode == "plan"),
         json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
-        with user_errors():
-            from pipeline.teacher_cache import CacheConfig
+        with user_errors(RESUMES_CACHE if mode != "plan" else RERUN):
+            with imports():
+                from pipeline.teacher_cache import CacheConfig
 
             cfg = CacheConfig(data=data, teacher=teacher, weights=weights, layers=list(layer), dtype=dtype,
                               feature_codec=feature_codec, logits_topk=logits_topk, views=views, augment=augment,
@@ -268,7 +286,7 @@ def repair_cmd(
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples (as verify's)."),
 ):
     """Recompute only the bad or missing chunks of a store (needs its teacher and data)."""
-    with user_errors():
+    with user_errors(RESUMES_CACHE):  # repair commits unit by unit: a re-run verifies again and redoes the rest
         from pipeline.verify import repair_store
 
         report = repair_store(path, log=log_err, moved={"data": data, "weights": weights}, recompute=recompute,
@@ -369,7 +387,8 @@ def train_student_cmd(
 ):
     """Train a student from a cache (the teacher is never built) and print its test accuracy."""
     with user_errors(RESUMES_STUDENT):
-        from pipeline.train_student import StudentConfig, run_train_student
+        with imports():
+            from pipeline.train_student import StudentConfig, run_train_student
 
         cfg = StudentConfig(cache=cache, student=student, loss=loss, temperature=temperature, alpha=alpha,
                             no_labels=no_labels, fitnets_hint=fitnets_hint, fitnets_guided=fitnets_guided,
@@ -400,7 +419,8 @@ def eval_cmd(
 ):
     """Score a trained model on labelled data: top-1, top-5, per-class accuracy (labels matched by class name)."""
     with user_errors():
-        from pipeline.evaluate import EvalConfig, dumps, run_eval
+        with imports():
+            from pipeline.evaluate import EvalConfig, dumps, run_eval
 
         result = run_eval(EvalConfig(weights=weights, data=data, model=model, image_size=image_size,
                                      channels=channels, normalize=normalize, batch_size=batch_size, device=device),
@@ -431,8 +451,9 @@ def bench_cmd(
 ):
     """Throughput: teacher forward, cache writing, student alone, KD/FitNets from the cache, online KD."""
     with user_errors():
-        from pipeline.bench import PRESETS, BenchConfig, run_bench
-        from pipeline.errors import KDCacheError
+        with imports():
+            from pipeline.bench import PRESETS, BenchConfig, run_bench
+            from pipeline.errors import KDCacheError
 
         if preset not in PRESETS:
             raise KDCacheError(f"unknown --preset '{preset}'; use {', '.join(PRESETS)}")

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.augment import select_view, stored_params
 from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, hold_interrupts
 from pipeline.loops import batch_bounds
 from pipeline.store import CacheStore, block_ranges, metadata_damage
 
@@ -380,7 +380,9 @@ class SingleRowsJoined:
         self.loader, self.batch_size = loader, batch_size
 
     def __iter__(self):
-        return join_single_rows(self.loader, self.batch_size)
+        with hold_interrupts():  # the loader's workers are forked here (see hold_interrupts)
+            batches = iter(self.loader)
+        return join_single_rows(batches, self.batch_size)
 
 
 def join_single_rows(batches, batch_size: int, rows=lambda b: len(b["index"]),

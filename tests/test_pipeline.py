@@ -1176,6 +1176,28 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
         assert res.exit_code == 130 and "without --resume: no epoch had finished" in res.stderr, res.output
         res = runner.invoke(app, args[:-1] + ["r-int2", "--resume"])
         assert res.exit_code == 130 and "with --resume --out" in res.stderr, res.output
+    # ... and while the command imports torch: Ctrl-C is held until the imports are done (raised inside torch's
+    # C++ initialisation it aborts the process), then stops it before anything started, saying so
+    import signal
+    import sys
+    import types
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):  # the import machinery's own questions
+                raise AttributeError(name)
+            signal.raise_signal(signal.SIGINT)  # pressed mid-import: the import still finishes
+            finished.append(name)
+            return getattr(ts, name)
+
+    finished = []
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "pipeline.train_student", Importing("pipeline.train_student"))
+        res = runner.invoke(app, args[:-1] + ["r-import"])
+    assert finished == ["StudentConfig", "run_train_student"], finished
+    assert res.exit_code == 130 and "interrupted; nothing had started; re-run the same command" in res.stderr, \
+        res.output
+    assert not Path("r-import").exists()
     monkeypatch.setattr(ts, "run_train_student", interrupted)
     res = runner.invoke(app, args)
     assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -352,3 +354,33 @@ def test_a_workers_single_row_share_joins_another_batch(root, teacher_file):
     assert sizes([1, 1, 32]) == [2, 32]
     assert sizes([1]) == [1]
     assert sizes([1, 1], batch=1) == [1, 1]
+
+
+_interrupt_at_fork: list[int] = []  # armed by the test below only: at-fork hooks cannot be unregistered
+os.register_at_fork(after_in_parent=lambda: _interrupt_at_fork and (_interrupt_at_fork.pop(),
+                                                                    signal.raise_signal(signal.SIGINT)))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_ctrl_c_while_the_loader_forks_its_workers_stops_the_run(root, teacher_file):
+    """Ctrl-C landing while DataLoader workers are forked raised its KeyboardInterrupt inside an at-fork hook
+    (logging registers one), where Python prints "Exception ignored" and drops it: training went on as if never
+    interrupted (seen sending SIGINT to train-student at random moments). The student stage's loader holds it
+    across the forks and raises it after them. Simulated: a SIGINT raised from an at-fork hook in the parent."""
+    import threading
+
+    from pipeline.reader import SingleRowsJoined
+
+    path = run_teacher_cache(CacheConfig(data=DATA, weights=str(teacher_file), chunk_samples=64, device="cpu"),
+                             log=lambda *_: None)
+    stream = CacheStream(open_store(path), open_source(DATA), ["logits"], 32, use_labels=True)
+    before = signal.getsignal(signal.SIGINT)
+    assert threading.current_thread() is threading.main_thread() and before not in (signal.SIG_IGN, None)
+    _interrupt_at_fork.append(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            iter(SingleRowsJoined(make_loader(stream, 2), 32))
+    finally:
+        _interrupt_at_fork.clear()
+    assert signal.getsignal(signal.SIGINT) is before  # the usual Ctrl-C again afterwards
+    assert sum(len(b["index"]) for b in SingleRowsJoined(make_loader(stream, 2), 32)) == stream.store.num_samples
