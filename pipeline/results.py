@@ -238,17 +238,18 @@ def saved(path: Path, then: str) -> str:
 
 
 def one_line_errors(main) -> None:
-    """Run a results command's `main` as the kdcache CLI runs a command: a refusal (KDCacheError) is one line on
-    stderr and exit 2, not a traceback. `make results*` run these modules directly, not through the CLI."""
-    import sys
+    """Run a results command's `main` as the kdcache CLI runs a command (`cli.user_errors`): a refusal, a full
+    disk or Ctrl-C is one line on stderr with what to do, not a traceback. `make results*` run these modules
+    directly, not through the CLI, and take hours: after an interruption the runs that finished are reused."""
+    import typer
 
-    from pipeline.errors import KDCacheError
+    from pipeline.cli import user_errors
 
     try:
-        main()
-    except KDCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with user_errors("re-run the same command: the runs that finished are kept and it goes on from there"):
+            main()
+    except typer.Exit as e:
+        raise SystemExit(e.exit_code) from None
 
 
 def main() -> None:

@@ -786,6 +786,17 @@ def test_results_commands_refuse_bad_numbers_and_a_missing_table_before_any_run(
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(lines) == 1 and says in lines[0], (module.__name__, args, lines)
 
+    def interrupted(*a, **k):  # Ctrl-C hours into `make results`: one line saying the finished runs are kept
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(r, "run", interrupted)
+    monkeypatch.setattr(sys, "argv", [r.__name__])
+    with pytest.raises(SystemExit) as exit_:
+        r.one_line_errors(r.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 130 and lines == ["interrupted; re-run the same command: the runs that finished are "
+                                                 "kept and it goes on from there"], lines
+
 
 def test_results_tables_say_their_std_is_the_sample_std_and_use_it():
     """mean ± std over 3 seeds: the sample standard deviation (n − 1), and each table's header says so."""
