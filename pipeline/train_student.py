@@ -199,6 +199,10 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDCacheError(f"student {cfg.student} returns {what} per sample, but the cache's teacher has "
                            f"{num_classes} classes; build it with num_classes={num_classes}")
+    # as `kdcache teacher` refuses one: else the optimizer (or the first backward) fails with a bare traceback
+    if not any(p.requires_grad for p in student.parameters()):
+        raise KDCacheError(f"student {cfg.student} has no trainable parameters, so there is nothing to train; give "
+                           "an architecture with weights")
     try:
         losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
     except ValueError as e:
@@ -643,6 +647,10 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                 for name, w in active.items():
                     parts.update({k: w * v for k, v in losses[name](b).items()})
                 loss = sum(parts.values())
+                if not loss.requires_grad:  # a forward that detaches its output from the weights: backward would raise
+                    raise KDCacheError(f"the loss ({','.join(active)}) does not depend on any trainable parameter of "
+                                       f"student {cfg.student} (its forward detaches them, e.g. under torch.no_grad); "
+                                       "nothing would be trained")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 ranks.average_gradients(params)

@@ -145,3 +145,18 @@ def weightless_model(num_classes=4, in_channels=1):
     """Returns class scores of the right shape but has no parameters: nothing to train."""
     return nn.Sequential(nn.Conv2d(in_channels, 1, 1).requires_grad_(False), nn.AdaptiveAvgPool2d((1, num_classes)),
                          nn.Flatten())
+
+
+class _Detached(nn.Module):
+    """Has weights, but its forward cuts them out of the graph: no loss can reach them."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    def forward(self, x):
+        return self.fc(x).detach()
+
+
+def detached_student(num_classes=4, in_channels=1):
+    return _Detached(num_classes, in_channels)

@@ -919,6 +919,11 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (train + ["--student", "tests.odd_models:ten_class_student"], "returns shape (10,) per sample"),
         (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample"),
         (train + ["--student", "tests.odd_models:raising_model"], "raised ValueError"),
+        # no weights, or none the loss reaches: the optimizer or the first backward raised a bare traceback
+        (train + ["--student", "tests.odd_models:weightless_model"], "student tests.odd_models:weightless_model has "
+                                                                    "no trainable parameters"),
+        (train + ["--student", "tests.odd_models:detached_student"], "the loss (kd) does not depend on any trainable "
+                                                                     "parameter of student"),
         (train + ["--loss", "kd=1e38"], "training diverged in epoch 1"),
         (["teacher-cache", "--data", SYN, "--teacher", "tests.odd_models:idle_head_model", "--weights",
           str(save_idle_head(root)), "--layer", "aux"], "module 'aux' of teacher tests.odd_models:idle_head_model gave "
