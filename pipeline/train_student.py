@@ -86,6 +86,14 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
         (math.isfinite(v), f"{k} must be a finite number (got {v})") for k, v in finite.items()] + [
         ("rkd" not in weights or cfg.rkd_distance_weight > 0 or cfg.rkd_angle_weight > 0,
          "RKD with --rkd-distance-weight 0 and --rkd-angle-weight 0 has nothing to match; give one a weight"),
+        # RKD compares samples of one batch: a pair has no distance to normalise by (mu) below 2 samples, and an
+        # angle needs a triplet; below that its term is exactly 0 every step and would train nothing, silently
+        ("rkd" not in weights or cfg.rkd_distance_weight == 0 or cfg.batch_size >= 2,
+         f"RKD's distance term compares pairs of samples in a batch, so --batch-size {cfg.batch_size} gives it "
+         "nothing; use --batch-size 2 or more"),
+        ("rkd" not in weights or cfg.rkd_angle_weight == 0 or cfg.batch_size >= 3,
+         f"RKD's angle term compares triplets of samples in a batch, so --batch-size {cfg.batch_size} gives it "
+         "nothing; use --batch-size 3 or more, or --rkd-angle-weight 0"),
         (cfg.workers >= 0, f"--workers must be 0 (load in this process) or more (got {cfg.workers})"),
         (cfg.buffer_chunks >= 0, f"--buffer-chunks must be 0 (automatic) or more (got {cfg.buffer_chunks})"),
         (cfg.temperature > 0, f"--temperature must be positive (got {cfg.temperature}); Hinton et al. use 1-20"),

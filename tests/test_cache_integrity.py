@@ -916,6 +916,11 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (train + ["--lr", "inf"], "--lr must be a finite number"),
         (train + ["--seed", "-1"], "--seed must be 0 or more"),
         (train + ["--loss", "rkd=1", "--rkd-distance-weight", "0", "--rkd-angle-weight", "0"], "nothing to match"),
+        # batches too small for any pair or triplet: the term was silently 0 every step
+        (train + ["--loss", "rkd=1,ce=1", "--batch-size", "1"], "RKD's distance term compares pairs of samples in a "
+                                                                "batch, so --batch-size 1 gives it nothing"),
+        (train + ["--loss", "rkd=1", "--batch-size", "2"], "RKD's angle term compares triplets of samples in a batch, "
+                                                           "so --batch-size 2 gives it nothing"),
         (train + ["--student", "tests.odd_models:ten_class_student"], "returns shape (10,) per sample"),
         (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample"),
         (train + ["--student", "tests.odd_models:raising_model"], "raised ValueError"),
