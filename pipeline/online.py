@@ -26,8 +26,8 @@ from pipeline.loops import batch_bounds
 from pipeline.models import capture, fingerprint_module, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
-from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir, setup,
-                                    validate, write_config)
+from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir,
+                                    refuse_missing_labels, setup, validate, write_config)
 
 FRESH_VIEW_BASE = 1_000_000
 # 2: the student starts from the weights a cached run of the same seed starts from (1 drew them after the
@@ -123,6 +123,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     check_policy(policy, cfg.aug_seed, tuple(source.native_shape[1:]))
     use_labels = source.labelled and not cfg.no_labels
     needs, _ = declared(weights, cfg)
+    refuse_missing_labels(needs, use_labels, source.labelled, "data")  # as train-student does
     layers = [t[len("features/"):] for t in needs if t.startswith("features/")]
     with torch.no_grad(), capture(teacher, layers) as feats:
         logits = teacher(source.load(np.arange(2), tf))

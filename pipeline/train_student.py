@@ -143,6 +143,15 @@ def declared(weights: dict[str, float], cfg: StudentConfig) -> tuple[dict[str, s
     return needs, layers
 
 
+def refuse_missing_labels(needs: dict[str, str], use_labels: bool, labelled: bool, what: str) -> None:
+    """A loss that reads labels (ce) on data without them, or with --no-labels: refused before training (else
+    cross_entropy fails on the first batch with a bare traceback)."""
+    if not use_labels and "labels" in needs:
+        why = "--no-labels hides them" if labelled else f"the {what} has none"
+        raise KDCacheError(f"loss '{needs['labels']}' needs labels but {why}; "
+                           "drop it from --loss (kd alone uses only the soft targets)")
+
+
 def check_views(cfg: StudentConfig, store) -> None:
     """A run that expects augmented views must get exactly the policy the store was made with, and every view must
     be rebuilt as the teacher saw it."""
@@ -498,10 +507,7 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
 
     use_labels = store.labelled and not cfg.no_labels
     needs, _ = declared(weights, cfg)
-    if not use_labels and "labels" in needs:
-        why = "--no-labels hides them" if store.labelled else "the cached data has none"
-        raise KDCacheError(f"loss '{needs['labels']}' needs labels but {why}; "
-                           "drop it from --loss (kd alone uses only the soft targets)")
+    refuse_missing_labels(needs, use_labels, store.labelled, "cached data")
     store.require(needs)
 
     kind, _, folder = man["data"]["spec"].partition(":")

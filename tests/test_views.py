@@ -701,6 +701,18 @@ def test_online_kd_targets_are_the_eval_teacher_on_the_view_and_its_student_star
     assert not built[0][0].training
 
 
+@pytest.mark.parametrize("loss", ["ce=1", "kd=1,ce=1"])
+def test_online_kd_refuses_a_label_loss_with_labels_hidden_as_train_student_does(root, teacher_file, loss):
+    """ce with --no-labels: train-student refuses it before training; online KD reached cross_entropy(s, None) on
+    the first batch (a TypeError traceback)."""
+    import pipeline.online as online
+
+    with pytest.raises(KDCacheError, match="^loss 'ce' needs labels but --no-labels hides them; drop it from --loss"):
+        online.run_online_kd(online.OnlineConfig(data=SYN, weights=str(teacher_file), loss=loss, no_labels=True,
+                                                 epochs=1, workers=0, out="online"), log=lambda *_: None)
+    assert not Path("online").exists()  # refused before the run directory
+
+
 def test_a_store_made_before_the_crop_fallback_check_is_still_verified_repaired_and_hit(root, teacher_file,
                                                                                         monkeypatch):
     """A policy refused since (its crops fall back to a fixed centre crop on these wide images) made stores before
