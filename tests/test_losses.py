@@ -404,6 +404,21 @@ def test_rkd_module_applies_weights_25_and_50():
     close(only_d["rkd_distance"], 25.0 * dist)
 
 
+def test_rkd_takes_a_layer_of_one_number_per_sample_as_a_1d_embedding():
+    """A student (or teacher) layer giving (n,), one number per sample: distances |s_i - s_j|, as for (n, 1);
+    flatten(1) raised IndexError on it."""
+    n = 5
+    s, t = randn(n, seed=49), randn(n, 3, seed=50)
+    got = RKD()(Batch(None, {"embed": s}, {"features/avgpool": t}, None))
+    want = RKD()(Batch(None, {"embed": s[:, None]}, {"features/avgpool": t}, None))
+    assert set(got) == {"rkd_distance", "rkd_angle"} and float(got["rkd_distance"]) > 0
+    for k in got:
+        close(got[k], float(want[k]))
+    ps = h_distance_potential(s[:, None])
+    close(got["rkd_distance"], 25.0 * sum(h_huber(ps[i][j], h_distance_potential(t)[i][j])
+                                          for i in range(n) for j in range(n)) / n ** 2)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_rkd_on_batches_of_one_and_two_is_zero_with_finite_gradients(n):
     """One sample has no pair (mu's mean over i != j is over nothing), two have a single distance that normalises

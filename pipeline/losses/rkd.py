@@ -73,8 +73,10 @@ class RKD(DistillLoss):
         return [self.student_layer]
 
     def forward(self, batch: Batch):
-        s = batch.student_feats[self.student_layer].flatten(1)
-        t = batch.teacher[self.array].flatten(1).detach()
+        # one row per sample; reshape, not flatten(1): a layer giving one number per sample, (n,), is a 1-d
+        # embedding (flatten(1) raised IndexError on it)
+        s = batch.student_feats[self.student_layer].reshape(len(batch.student_feats[self.student_layer]), -1)
+        t = batch.teacher[self.array].reshape(len(batch.teacher[self.array]), -1).detach()
         parts = {}
         if self.wd:
             parts["rkd_distance"] = self.wd * rkd_distance(s, t)
