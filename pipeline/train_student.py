@@ -211,6 +211,13 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
                                f"({type(e).__name__}: {first_line(e)}); cache with the "
                                "--channels / --image-size the student expects") from None
     check_outputs(f"student {cfg.student}", student_layers, feats, "--fitnets-guided / --rkd-student-layer")
+    # The losses take a layer's first axis as the samples: RKD would relate a sequence-first layer's positions (a
+    # transformer without batch_first) instead of samples, and FitNets size its regressor from the wrong axes.
+    off = [k for k, v in feats.items() if v.dim() == 0 or len(v) != len(probe)]
+    if off:
+        raise KDCacheError(f"module '{off[0]}' of student {cfg.student} gives shape {tuple(feats[off[0]].shape)} on "
+                           f"a batch of {len(probe)}: its first axis is not the samples (e.g. a sequence-first "
+                           "layer); choose another --fitnets-guided / --rkd-student-layer")
     student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"

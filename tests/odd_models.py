@@ -160,3 +160,23 @@ class _Detached(nn.Module):
 
 def detached_student(num_classes=4, in_channels=1):
     return _Detached(num_classes, in_channels)
+
+
+class _SequenceFirst(nn.Module):
+    """(n, c, h, w) -> (h*w, n, c): positions first, as torch's transformer layers give without batch_first."""
+
+    def forward(self, x):
+        return x.flatten(2).permute(2, 0, 1)
+
+
+class _SequenceFirstNet(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv, self.seq, self.fc = nn.Conv2d(in_channels, 8, 4, stride=4), _SequenceFirst(), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.seq(self.conv(x)).mean(0))
+
+
+def sequence_first_student(num_classes=4, in_channels=1):
+    return _SequenceFirstNet(num_classes, in_channels)

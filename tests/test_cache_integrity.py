@@ -927,6 +927,12 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         # no weights, or none the loss reaches: the optimizer or the first backward raised a bare traceback
         (train + ["--student", "tests.odd_models:weightless_model"], "student tests.odd_models:weightless_model has "
                                                                     "no trainable parameters"),
+        # a layer whose first axis is not the samples: RKD raised a size mismatch (or, with as many positions as
+        # samples, would relate positions), FitNets named the wrong shape
+        (train + ["--student", "tests.odd_models:sequence_first_student", "--loss", "kd=1,rkd=1",
+                  "--rkd-student-layer", "seq"], "module 'seq' of student tests.odd_models:sequence_first_student "
+                                                 "gives shape (16, 2, 8) on a batch of 2: its first axis is not the "
+                                                 "samples"),
         (train + ["--student", "tests.odd_models:detached_student"], "the loss (kd) does not depend on any trainable "
                                                                      "parameter of student"),
         (train + ["--loss", "kd=1e38"], "training diverged in epoch 1"),
