@@ -223,6 +223,23 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDCacheError(f"student {cfg.student} returns {what} per sample, but the cache's teacher has "
                            f"{num_classes} classes; build it with num_classes={num_classes}")
+    # Training runs the student in training mode, where some forwards return more than the class scores
+    # (torchvision's GoogLeNet and Inception v3 add their auxiliary heads' outputs): probed in that mode too, as
+    # `kdcache teacher` probes, leaving its BatchNorm statistics and the random numbers as they were.
+    before = {k: b.clone() for k, b in student.named_buffers()}
+    with torch.random.fork_rng(), torch.no_grad():
+        try:
+            out = student.train()(probe)
+        except Exception as e:  # noqa: BLE001 - the user's model
+            raise KDCacheError(f"student {cfg.student} fails in training mode on the cached input "
+                               f"{tuple(probe.shape[1:])} ({type(e).__name__}: {first_line(e)})") from None
+    for k, b in student.named_buffers():
+        b.copy_(before[k])
+    if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
+        what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise KDCacheError(f"student {cfg.student} returns {what} per sample in training mode (in eval mode its "
+                           f"{num_classes} class scores); build it to return the class scores alone (e.g. without "
+                           "auxiliary heads)")
     # as `kdcache teacher` refuses one: else the optimizer (or the first backward) fails with a bare traceback
     if not any(p.requires_grad for p in student.parameters()):
         raise KDCacheError(f"student {cfg.student} has no trainable parameters, so there is nothing to train; give "

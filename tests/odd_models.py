@@ -180,3 +180,19 @@ class _SequenceFirstNet(nn.Module):
 
 def sequence_first_student(num_classes=4, in_channels=1):
     return _SequenceFirstNet(num_classes, in_channels)
+
+
+class _AuxInTraining(nn.Module):
+    """Class scores in eval mode, (scores, auxiliary scores) in training mode, as torchvision's GoogLeNet."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.fc, self.aux = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes)), nn.Linear(num_classes, num_classes)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return (y, self.aux(y)) if self.training else y
+
+
+def aux_in_training_student(num_classes=4, in_channels=1):
+    return _AuxInTraining(num_classes, in_channels)

@@ -933,6 +933,9 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
                   "--rkd-student-layer", "seq"], "module 'seq' of student tests.odd_models:sequence_first_student "
                                                  "gives shape (16, 2, 8) on a batch of 2: its first axis is not the "
                                                  "samples"),
+        # scores in eval mode, a tuple in training mode: 'tuple' object has no attribute 'float' at the first step
+        (train + ["--student", "tests.odd_models:aux_in_training_student"], "returns a tuple per sample in training "
+                                                                            "mode (in eval mode its 4 class scores)"),
         (train + ["--student", "tests.odd_models:detached_student"], "the loss (kd) does not depend on any trainable "
                                                                      "parameter of student"),
         (train + ["--loss", "kd=1e38"], "training diverged in epoch 1"),
