@@ -132,6 +132,9 @@ def build_model(spec: str, num_classes: int, in_channels: int, image_size: int) 
         except (ImportError, AttributeError) as e:
             raise KDCacheError(f"cannot import model '{spec}' ({e}); use module:function with the module in the "
                                "current folder or on PYTHONPATH") from None
+        except Exception as e:  # noqa: BLE001 - the user's module fails as it loads (a SyntaxError, its own raise)
+            raise KDCacheError(f"cannot import model '{spec}': importing module '{kind}' raised {type(e).__name__}: "
+                               f"{first_line(e)}") from None
         try:
             model = _call_with_accepted(fn, **kwargs)
         except Exception as e:  # noqa: BLE001 - the user's code: say whose it is, in one line

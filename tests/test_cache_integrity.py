@@ -896,6 +896,8 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
     Image.fromarray(np.ones((8, 8), np.float32), mode="F").save(root / "float" / "a.tiff")
     torch_save = __import__("torch").save
     torch_save({"state_dict": 5}, root / "odd.pt")
+    (root / "fails_at_import.py").write_text("raise RuntimeError('needs a GPU')\n")
+    (root / "bad_syntax.py").write_text("def f(:\n")
     cache = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]
     train = ["train-student", "--cache", path, "--workers", "0", "--epochs", "1"]
     cases = [
@@ -924,6 +926,11 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (train + ["--student", "tests.odd_models:ten_class_student"], "returns shape (10,) per sample"),
         (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample"),
         (train + ["--student", "tests.odd_models:raising_model"], "raised ValueError"),
+        # the user's module failing as it is imported, not only the function it names: was a bare traceback
+        (train + ["--student", "fails_at_import:f"], "cannot import model 'fails_at_import:f': importing module "
+                                                     "'fails_at_import' raised RuntimeError: needs a GPU"),
+        (cache + ["--teacher", "bad_syntax:f"], "cannot import model 'bad_syntax:f': importing module 'bad_syntax' "
+                                                "raised SyntaxError"),
         # no weights, or none the loss reaches: the optimizer or the first backward raised a bare traceback
         (train + ["--student", "tests.odd_models:weightless_model"], "student tests.odd_models:weightless_model has "
                                                                     "no trainable parameters"),
