@@ -34,7 +34,7 @@ from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
                             training_checks)
 from pipeline.ranks import Ranks
-from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module,
+from pipeline.models import (StopForward, _first_misfit, build_model, capture, check_outputs, fingerprint_module,
                              resolve_modules, stop_after)
 from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
 from pipeline.store import is_url, open_store, refuse_inside_store, versions
@@ -614,9 +614,14 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     if state is not None:
-        student.load_state_dict(state["student"])
-        for k, m in losses.items():
-            m.load_state_dict(state["losses"][k])
+        try:  # the settings matched (load_checkpoint_for), but a module:function's code may have changed since
+            student.load_state_dict(state["student"])
+            for k, m in losses.items():
+                m.load_state_dict(state["losses"][k])
+        except (RuntimeError, KeyError) as e:
+            raise KDCacheError(f"--resume: the checkpoint in {run_dir or cfg.out} does not fit student {cfg.student} "
+                               f"as it is built now ({_first_misfit(e)}); resume with the code it started with, or "
+                               "use --overwrite instead of --resume to start over") from None
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         if cuda and isinstance(state.get("cuda_rng"), torch.Tensor):  # this process's device (rank 0's numbers)

@@ -1353,6 +1353,28 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
     assert cut["params_fingerprint"] == whole["params_fingerprint"]
 
 
+def test_resume_whose_student_code_changed_since_is_one_line_and_keeps_the_checkpoint(root, teacher_file,
+                                                                                      monkeypatch):
+    """The settings match, but the module:function now builds another network (its code was edited): the
+    checkpoint's weights do not fit, which load_state_dict reported as a bare RuntimeError traceback."""
+    Path("mystudent.py").write_text("from torch import nn\n\ndef net(num_classes=4, in_channels=1, image_size=16):\n"
+                                    "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, "
+                                    "32), nn.ReLU(), nn.Linear(32, num_classes))\n")
+    path = _cache(teacher_file, layers=[])
+    flags = ["--cache", path, "--student", "mystudent:net", "--epochs", "2", "--batch-size", "64", "--workers", "0",
+             "--out", "cut"]
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(cache=path, student="mystudent:net", epochs=2,
+                                                                 batch_size=64, workers=0, out="cut"))
+    Path("mystudent.py").write_text(Path("mystudent.py").read_text().replace("32", "16"))
+    monkeypatch.delitem(__import__("sys").modules, "mystudent")  # as a new process would import it
+    res = runner.invoke(app, ["train-student", *flags, "--resume"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: --resume: the checkpoint in cut does not fit student mystudent:net as it is "
+                               "built now (size mismatch for 1.weight: copying a param with shape torch.Size([32, 256])")
+    assert Path("cut/checkpoint.pt").is_file() and not Path("cut/summary.json").exists()
+
+
 def test_resume_knows_the_store_by_its_key_and_the_device_by_its_kind(root, teacher_file, monkeypatch):
     """--resume compares the store by its manifest's key, not the --cache text: the same store spelled otherwise or
     moved resumes, one rebuilt in place from another teacher is refused (its targets are another teacher's); and the
