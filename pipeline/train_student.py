@@ -226,7 +226,8 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     # Training runs the student in training mode, where some forwards return more than the class scores
     # (torchvision's GoogLeNet and Inception v3 add their auxiliary heads' outputs): probed in that mode too, as
     # `kdcache teacher` probes, leaving its BatchNorm statistics and the random numbers as they were.
-    before = {k: b.clone() for k, b in student.named_buffers()}
+    before = {k: b.clone() for k, b in student.named_buffers()
+              if not isinstance(b, torch.nn.parameter.UninitializedBuffer)}  # lazy ones first run in training mode
     with torch.random.fork_rng(), torch.no_grad():
         try:
             out = student.train()(probe)
@@ -234,7 +235,8 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
             raise KDCacheError(f"student {cfg.student} fails in training mode on the cached input "
                                f"{tuple(probe.shape[1:])} ({type(e).__name__}: {first_line(e)})") from None
     for k, b in student.named_buffers():
-        b.copy_(before[k])
+        if k in before:
+            b.copy_(before[k])
     if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDCacheError(f"student {cfg.student} returns {what} per sample in training mode (in eval mode its "
