@@ -196,3 +196,19 @@ class _AuxInTraining(nn.Module):
 
 def aux_in_training_student(num_classes=4, in_channels=1):
     return _AuxInTraining(num_classes, in_channels)
+
+
+class _LazyInTraining(nn.Module):
+    """A lazy BatchNorm that only the training-mode forward runs: its buffers are made at the first training step."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.fc, self.bn = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes)), nn.LazyBatchNorm1d()
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.bn(y) if self.training else y
+
+
+def lazy_in_training_student(num_classes=4, in_channels=1):
+    return _LazyInTraining(num_classes, in_channels)

@@ -1353,6 +1353,14 @@ def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_f
     assert cut["params_fingerprint"] == whole["params_fingerprint"]
 
 
+def test_a_student_whose_lazy_layer_runs_only_in_training_mode_trains(root, teacher_file):
+    """The set-up's training-mode probe restores the buffers it found; a lazy one it makes is no KeyError."""
+    res = runner.invoke(app, ["train-student", "--cache", _cache(teacher_file, layers=[]), "--student",
+                              "tests.odd_models:lazy_in_training_student", "--epochs", "1", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["test_acc"] is not None
+
+
 def test_resume_whose_student_code_changed_since_is_one_line_and_keeps_the_checkpoint(root, teacher_file,
                                                                                       monkeypatch):
     """The settings match, but the module:function now builds another network (its code was edited): the
