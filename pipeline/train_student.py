@@ -228,7 +228,8 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     # `kdcache teacher` probes, leaving its BatchNorm statistics and the random numbers as they were.
     before = {k: b.clone() for k, b in student.named_buffers()
               if not isinstance(b, torch.nn.parameter.UninitializedBuffer)}  # lazy ones first run in training mode
-    with torch.random.fork_rng(), torch.no_grad():
+    # devices=[]: the probe runs on the CPU; forking every GPU's generator would open a context on each (each rank's)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         try:
             out = student.train()(probe)
         except Exception as e:  # noqa: BLE001 - the user's model
