@@ -97,6 +97,10 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
         (cfg.workers >= 0, f"--workers must be 0 (load in this process) or more (got {cfg.workers})"),
         (cfg.buffer_chunks >= 0, f"--buffer-chunks must be 0 (automatic) or more (got {cfg.buffer_chunks})"),
         (cfg.temperature > 0, f"--temperature must be positive (got {cfg.temperature}); Hinton et al. use 1-20"),
+        # KD scales its soft term by T^2 in float32: beyond that range it is 0 * inf = NaN at the first step, which
+        # the run reported as a divergence to cure with a lower --lr
+        (not math.isfinite(cfg.temperature) or cfg.temperature < math.sqrt(torch.finfo(torch.float32).max),
+         f"--temperature {cfg.temperature} is too large: KD's T^2 scaling overflows float32; Hinton et al. use 1-20"),
         (0 <= cfg.alpha <= 1, f"--alpha is the hard-label share of KD, from 0 to 1 (got {cfg.alpha})"),
         (cfg.fitnets_hint_epochs >= 0, f"--fitnets-hint-epochs must be 0 or more (got {cfg.fitnets_hint_epochs})"),
         (cfg.rkd_distance_weight >= 0 and cfg.rkd_angle_weight >= 0, "RKD weights must be 0 or more"),

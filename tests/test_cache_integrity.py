@@ -915,6 +915,7 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (["teacher-cache", "--data", f"imagefolder:{root / 'float'}", "--weights", str(teacher_file)],
          "floating-point pixels"),
         (train + ["-T", "inf"], "--temperature must be a finite number"),
+        (train + ["-T", "1e200"], "--temperature 1e+200 is too large: KD's T^2 scaling overflows float32"),  # not "diverged"
         (train + ["--lr", "inf"], "--lr must be a finite number"),
         (train + ["--seed", "-1"], "--seed must be 0 or more"),
         (train + ["--loss", "rkd=1", "--rkd-distance-weight", "0", "--rkd-angle-weight", "0"], "nothing to match"),
