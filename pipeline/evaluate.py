@@ -19,7 +19,7 @@ import torch
 from pipeline.data import class_map, open_source, paths_as_text, resolve_transform
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device, source_batches
-from pipeline.models import load_checkpoint, load_model
+from pipeline.models import check_logits, load_checkpoint, load_model
 
 
 @dataclass
@@ -68,10 +68,12 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         for _idx, x, y in source_batches(source, tf, cfg.batch_size):
             y = torch.from_numpy(lut)[y] if lut is not None else y
             try:
-                out = model(x.to(device)).float().cpu()
+                out = model(x.to(device))
             except Exception as e:  # noqa: BLE001 - a user model on the wrong input
                 raise KDCacheError(f"{spec} fails on input {tuple(x.shape[1:])} ({type(e).__name__}: "
                                    f"{first_line(e)}); set --image-size / --channels to what it expects") from None
+            check_logits(spec, out)  # a tuple is no input problem: named as such, not as one --image-size can fix
+            out = out.float().cpu()
             if out.ndim != 2 or out.shape[1] < k:
                 raise KDCacheError(f"{spec} gives outputs of shape {tuple(out.shape[1:])} per sample, but the labels "
                                    f"have {k} classes; check --model and --data")

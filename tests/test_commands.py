@@ -422,6 +422,7 @@ def test_eval_top5_and_its_bad_inputs(root):
     from pipeline.models import TeacherNet
 
     torch.save(TeacherNet(num_classes=5).state_dict(), "teacher-bare.pt")
+    torch.save({"state_dict": {}, "meta": {"num_classes": 5}}, "pair.pt")
     for args, needle in [
         (["eval", "s.pt", "--data", "imagefolder:flat"], "has no labels to score against"),
         (["eval", "s.pt", "--data", "synthetic:96:1x16x16:5", "--batch-size", "0"], "--batch-size must be at least 1"),
@@ -429,6 +430,9 @@ def test_eval_top5_and_its_bad_inputs(root):
                                                                   "labels have 5 classes"),
         (["eval", "teacher-bare.pt", "--model", "default-student", "--data", "synthetic:96:1x16x16:5"],
          "check --model, and --image-size / --channels if given"),
+        # a tuple out of the forward: was "fails on input ... (AttributeError ...); set --image-size / --channels"
+        (["eval", "pair.pt", "--model", "tests.odd_models:tuple_student", "--data", "synthetic:96:1x16x16:5"],
+         "tests.odd_models:tuple_student returns tuple, not logits of shape (batch, classes)"),
     ]:
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
