@@ -234,6 +234,22 @@ def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-dat
 
 
 # --------------------------------------------------------------------------------------------- sources
+def class_note(data: list[str] | None, teacher: list[str] | None) -> list[str]:
+    """Labels pair with the teacher's outputs by position (label i = output i) in its top-1 and in KD's hard-label
+    term. Data whose class names differ from the ones the teacher's weights record may be ordered differently:
+    said, not refused, since names can differ while positions agree (an image folder of `0`..`9` for
+    Fashion-MNIST). Said by teacher-cache, and by each train-student whose losses use the labels."""
+    if not data or not teacher or list(data) == teacher[:len(data)]:
+        return []
+
+    def show(names):
+        return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+    return [f"note: the data's classes ({show(data)}) are not the teacher's ({show(teacher)}); label i is taken to "
+            "mean the teacher's output i (its top-1 and KD's hard-label term pair them so): check the data's order, "
+            "or use train-student --no-labels"]
+
+
 class Source:
     """A dataset with a stable order. Subclasses fill the attributes and `_load`."""
 

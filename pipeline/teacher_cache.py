@@ -34,8 +34,9 @@ from pipeline import codecs as cd
 from pipeline import store as st
 from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_crop_fallback, check_policy, row_order,
                               sample_params)
-from pipeline.data import (Transform, absolute_spec, check_input_flags, data_differs, data_root, default_transform,
-                           open_source, parse_normalize, paths_as_text, refuse_one_class, resolve_transform)
+from pipeline.data import (Transform, absolute_spec, check_input_flags, class_note, data_differs, data_root,
+                           default_transform, open_source, parse_normalize, paths_as_text, refuse_one_class,
+                           resolve_transform)
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_logits, check_outputs, default_teacher_weights, fingerprint_module,
@@ -288,25 +289,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         stat_columns.append(st.TEACHER_TOP1)
     return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, targets, codecs, identity, key, path,
                     arrays, stat_columns, row_order(n, cfg.row_order), copy_layers=copy_layers,
-                    notes=(*_class_note(source.classes, teacher_classes(meta)),
+                    notes=(*class_note(source.classes, teacher_classes(meta)),
                            *(f"note: --layer {name} returns a {what}; its first element is cached"
                              for name, what in feats.first_of.items())))
-
-
-def _class_note(data: list[str] | None, teacher: list[str] | None) -> list[str]:
-    """Labels pair with the teacher's outputs by position (label i = output i) in its top-1 and in KD's hard-label
-    term. Data whose class names differ from the ones the teacher's weights record may be ordered differently:
-    said, not refused, since names can differ while positions agree (an image folder of `0`..`9` for
-    Fashion-MNIST)."""
-    if not data or not teacher or list(data) == teacher[:len(data)]:
-        return []
-
-    def show(names):
-        return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-
-    return [f"note: the data's classes ({show(data)}) are not the teacher's ({show(teacher)}); label i is taken to "
-            "mean the teacher's output i (its top-1 and KD's hard-label term pair them so): check the data's order, "
-            "or use train-student --no-labels"]
 
 
 LARGE_CHUNK_BYTES = 256 << 20

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
-from pipeline.data import (Source, Transform, class_map, data_differs, data_root, local_output, open_source,
+from pipeline.data import (Source, Transform, class_map, class_note, data_differs, data_root, local_output, open_source,
                            paths_as_text)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
@@ -274,6 +274,9 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         raise KDCacheError(f"test data {test_spec} has no labels; pass a labelled --test-data")
     if test is not None and test.fingerprint() == source.fingerprint() and not cfg.test_data:
         test, test_spec = None, None  # e.g. a cache of fashion-mnist:test, whose default test split is itself
+    if use_labels and {"kd", "ce"} & set(weights):  # labels and teacher outputs trained side by side
+        for note in class_note(source.classes, teacher_classes):
+            log(note)
     classes = source.classes or teacher_classes
     owner = "the training data" if source.classes else "the teacher"  # whose class names name the outputs
     test_labels = class_map(test, classes, owner=owner) if test is not None else None

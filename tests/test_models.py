@@ -114,6 +114,7 @@ def test_a_layer_returning_a_tuple_caches_its_first_element_and_says_so(root):
 
 def test_data_classes_unlike_the_teachers_recorded_ones_are_noted(root):
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
     from tests.conftest import save_teacher
 
     w = save_teacher(root / "t.pt")
@@ -122,12 +123,22 @@ def test_data_classes_unlike_the_teachers_recorded_ones_are_noted(root):
         ckpt["meta"]["classes"] = names
         torch.save(ckpt, w)
         said = []
-        run_teacher_cache(CacheConfig(data="synthetic:64:1x16x16:4", weights=str(w), device="cpu", force=True),
-                          log=said.append)  # class names are no part of the key: the same cache, rebuilt
+        path = run_teacher_cache(CacheConfig(data="synthetic:64:1x16x16:4", weights=str(w), device="cpu", force=True,
+                                             layers=["layer3"]), log=said.append)  # class names are no part of the key: the same cache, rebuilt
+        note = ("note: the data's classes (0, 1, 2, 3) are not the teacher's (b, a, c, d); label i is taken to mean "
+                "the teacher's output i (its top-1 and KD's hard-label term pair them so): check the data's order, "
+                "or use train-student --no-labels")
         notes = [line for line in said if "are not the teacher's" in line]
-        assert notes == ([("note: the data's classes (0, 1, 2, 3) are not the teacher's (b, a, c, d); label i is "
-                           "taken to mean the teacher's output i (its top-1 and KD's hard-label term pair them so): "
-                           "check the data's order, or use train-student --no-labels")] if noted else []), said
+        assert notes == ([note] if noted else []), said
+        # ... and by every student run that trains on the labels beside the teacher's outputs, no other
+        for loss, no_labels, says in (("kd=1", False, noted), ("ce=1,rkd=1", False, noted), ("kd=1", True, False),
+                                      ("rkd=1", False, False)):
+            said = []
+            run_train_student(StudentConfig(cache=str(path), loss=loss, no_labels=no_labels, rkd_layer="layer3",
+                                            epochs=1, workers=0, out=str(root / "run"), overwrite=True),
+                              log=said.append)
+            assert [line for line in said if "are not the teacher's" in line] == ([note] if says else []), \
+                (loss, no_labels, said)
 
 
 def test_weights_that_do_not_fit_name_the_architecture_their_file_records(root):
