@@ -59,7 +59,7 @@ def list_caches(cache_dir: str | None = None) -> list[dict]:
             # An array deleted outright (its metadata gone) under a store marked complete: ls only reads metadata,
             # so it names what is missing rather than read chunks (`verify` does that).
             group = cache.open_group()
-            missing = [a for a in man["arrays"] if not st.has_array(group, a)]  # `in` raises on bad metadata
+            missing = [a for a in st.stored_arrays(man) if not st.has_array(group, a)]  # `in` raises on bad metadata
         except KDCacheError as e:
             out.append({"path": p, "error": str(e)})
             continue

@@ -447,6 +447,13 @@ def uncommit_lost_units(group) -> int:
     return lost
 
 
+def stored_arrays(manifest: dict) -> list[str]:
+    """Every array a store must hold but `_commit` (whose loss a repair redoes: no marker is then trusted): the
+    manifest's data arrays and, where it has distortion columns, `_stats`. One deleted outright is beyond a chunk
+    repair (`repair` refuses it), so no command may take the store as whole without it."""
+    return [*(manifest.get("arrays") or {}), *([STATS] if manifest.get("stat_columns") else [])]
+
+
 def has_array(group, name: str) -> bool:
     """Whether `name` opens as an array: False when it is gone or its metadata cannot be read."""
     try:
@@ -630,6 +637,7 @@ def is_complete(path, key: str) -> bool:
         # an array deleted since, or its metadata edited (another shape, dtype, chunking or fill): no hit
         whole = all(has_array(group, name) and metadata_damage(group[name], spec) is None
                     for name, spec in manifest.get("arrays", {}).items())
+        whole = whole and all(has_array(group, name) for name in stored_arrays(manifest))  # _stats too
     except KDCacheError:
         raise  # e.g. a URL whose fsspec backend is not installed
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong

@@ -512,7 +512,8 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
     if manifest.get("key") == key and manifest.get("format_version") == st.FORMAT_VERSION:
         st.check_manifest(path, manifest)  # hand-edited or damaged: no hit, no resume (every reader refuses it)
         if st.has_array(group, st.COMMIT):  # created last: its presence means every array was created
-            gone = [name for name in manifest.get("arrays", {}) if not st.has_array(group, name)]
+            # (_stats too: created before _commit, and written by every unit; without it the writers fail)
+            gone = [name for name in st.stored_arrays(manifest) if not st.has_array(group, name)]
             if gone:  # deleted since: writing chunks without the array's metadata would complete nothing
                 raise KDCacheError(f"{path}: array {gone[0]} is missing outright (its metadata deleted); rebuild "
                                    "the store with --force")

@@ -1448,6 +1448,25 @@ def test_damaged_marker_or_stats_metadata_is_one_line_not_a_traceback(root, teac
     assert res.exit_code == 1 and res.stdout.count("not committed") == 3, res.output
 
 
+def test_a_stats_array_deleted_outright_is_damage_everywhere(root, teacher_file):
+    """`_stats` gone, which repair refuses to recreate: ls said `complete` and teacher-cache took it as a cache hit;
+    once the store was not marked complete, teacher-cache's writers failed with a bare KeyError. Now every command
+    calls it damage, and teacher-cache says to rebuild it with --force (which does)."""
+    path = Path(run_teacher_cache(cfg(teacher_file, out="data/cache/mine.zarr"), log=lambda *_: None))
+    shutil.rmtree(path / st.STATS)
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0 and "(mine.zarr)  DAMAGED" in res.stdout, res.output
+    with pytest.raises(KDCacheError, match="array _stats is missing outright.*--force"):
+        run_teacher_cache(cfg(teacher_file, out=str(path)), log=lambda *_: None)
+    g = zarr.open_group(str(path), mode="r+")  # not complete (a repair or run stopped): the same line, no KeyError
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
+    g[st.COMMIT][1, 0] = 0
+    with pytest.raises(KDCacheError, match="array _stats is missing outright.*--force"):
+        run_teacher_cache(cfg(teacher_file, out=str(path)), log=lambda *_: None)
+    run_teacher_cache(cfg(teacher_file, out=str(path), force=True), log=lambda *_: None)
+    assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
+
+
 def test_verify_folds_the_chunks_of_units_never_committed():
     """An interrupted store's unwritten chunks are one count line with what to run, not a line per array and chunk;
     damage elsewhere is listed, at most `most` lines of it."""
