@@ -427,19 +427,25 @@ def uncommit_lost_units(group) -> int:
     data is fsynced before its rename, but the folders (the renames) and the markers only once, at the end. On an
     object store (each chunk one object, put whole) a chunk deleted by hand or by a lifecycle rule under its
     marker would otherwise read as fill values in a store marked complete: there one listing per array finds the
-    missing ones. Returns how many units were reset."""
+    missing ones. The unit's row of `_stats` is its chunk too (written as unsynced as its marker): lost, the
+    manifest's distortion and teacher accuracy would be rebuilt as NaN in a store marked complete. Returns how many
+    units were reset."""
     root = local_root(group)
-    specs = group.attrs[MANIFEST_KEY]["arrays"]
+    manifest = group.attrs[MANIFEST_KEY]
+    specs = manifest["arrays"]
+    stats = bool(manifest.get("stat_columns"))
     done = committed_units(group)
-    present = _object_keys(group, specs) if root is None and done.any() else None
+    present = _object_keys(group, [*specs, *[STATS] * stats]) if root is None and done.any() else None
     lost = 0
     for b, v in np.argwhere(done):
         # a unit owns its view's chunk of every view array, and (as view 0) the sample-level arrays' chunk
         names = [n for n, spec in specs.items() if spec["view_axis"] or v == 0]
+        keys = [chunk_file(Path(), n, specs[n], int(b), int(v)) for n in names]
+        keys += [Path(STATS, "c", str(b), str(v), "0")] * stats
         if present is not None:
-            whole = all(chunk_file(Path(), n, specs[n], int(b), int(v)).as_posix() in present for n in names)
+            whole = all(k.as_posix() in present for k in keys)
         else:
-            files = [chunk_file(Path(root), n, specs[n], int(b), int(v)) for n in names]
+            files = [Path(root) / k for k in keys]
             whole = all(f.is_file() and f.stat().st_size > 0 for f in files)
         if not whole:
             group[COMMIT][b, v] = 0

@@ -883,6 +883,18 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
     assert st.open_store(path).manifest["stats"]["samples_computed"] == 128
     for name, v in arrays_of(path).items():
         np.testing.assert_array_equal(v, before[name], err_msg=name)
+    # The unit's _stats row lost the same way (written as unsynced as its marker): redone too, never completed into
+    # a manifest whose distortion and teacher accuracy are NaN (verify then failed on the store just completed).
+    man = st.open_store(path).manifest
+    g = st.open_group(path, "r+")
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
+    Path(path, st.STATS, "c", "1", "0", "0").unlink()
+    logs = []
+    run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=logs.append)
+    assert any("1 unit(s) were marked committed but their chunk files are missing" in m for m in logs), logs
+    after = st.open_store(path).manifest
+    assert after["distortion"] == man["distortion"] and after["teacher"]["accuracy"] == man["teacher"]["accuracy"]
+    assert runner.invoke(app, ["verify", path]).exit_code == 0
 
 
 def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file):
