@@ -739,6 +739,35 @@ def check_manifest(path: str, manifest: dict) -> None:
     if any(part not in manifest["arrays"] for t in manifest["targets"].values() for part in t.get("parts", [])):
         raise KDCacheError(f"{path}: its manifest names targets whose arrays it does not list; rebuild it with "
                            "`kdcache teacher-cache --force`")
+    # What every reader assumes of the arrays besides their fields: an index to join on, labels exactly where the
+    # data is labelled, one chunking, and each target's arrays the ones its codec and shape make. Else verify passed
+    # such a store and train-student failed with a bare KeyError ('index') or a tensor-size RuntimeError, or trained
+    # silently without its labels.
+    arrays, labelled = manifest["arrays"], manifest["data"].get("labelled")
+    what = None
+    if "index" not in arrays:
+        what = "lists no index array, which every store holds"
+    elif isinstance(labelled, bool) and labelled != ("labels" in arrays):
+        what = f"says its data is {'' if labelled else 'un'}labelled but lists {'no' if labelled else 'a'} labels array"
+    elif any(a["chunks"][0] != manifest["chunk_samples"] for a in arrays.values()):
+        what = f"says chunk_samples {manifest['chunk_samples']}, not the chunking of the arrays it lists"
+    for t, spec in manifest["targets"].items():
+        if what:
+            break
+        from pipeline.codecs import make_codec
+
+        try:  # an unknown codec name is make_codec's own line
+            parts = make_codec(spec["codec"], tuple(spec["shape"])).parts(t, tuple(spec["shape"]))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            parts = None
+        want = {p: ([n, k, *shape] if k else [n, *shape], dtype) for p, (shape, dtype) in (parts or {}).items()}
+        if parts is None or sorted(spec.get("parts") or []) != sorted(want) or any(
+                arrays[p]["shape"] != shape or np.dtype(arrays[p]["dtype"]) != np.dtype(dtype)
+                or arrays[p]["view_axis"] != bool(k) for p, (shape, dtype) in want.items()):
+            what = f"describes target {t} (codec, shape) other than the arrays it lists for it"
+    if what:
+        raise KDCacheError(f"{path}: its manifest {what}, so it cannot be trusted; rebuild it with "
+                           "`kdcache teacher-cache --force`")
 
 
 def _exists(path: str) -> bool:

@@ -1151,6 +1151,29 @@ def test_a_manifest_at_odds_with_its_store_is_refused_in_one_line(root, teacher_
         assert st.open_group(path, "r").attrs[st.MANIFEST_KEY]["complete"]  # repair refused before touching it
 
 
+def test_a_manifest_whose_arrays_are_not_what_readers_assume_is_refused(root, teacher_file):
+    """Arrays the manifest lists that no store of it holds: no index (train-student failed with KeyError 'index'),
+    labels missing on labelled data (trained silently without them), a target shape or codec its arrays do not
+    have (a tensor-size RuntimeError), another chunking. verify passed each; every reader now refuses it."""
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    g = st.open_group(path, "r+")
+    manifest = dict(g.attrs[st.MANIFEST_KEY])
+    arrays, targets = manifest["arrays"], manifest["targets"]
+    logits = dict(targets["logits"])
+    for change, says in (
+            ({"arrays": {k: v for k, v in arrays.items() if k != "index"}}, "lists no index array"),
+            ({"arrays": {k: v for k, v in arrays.items() if k != "labels"}}, "labelled but lists no labels array"),
+            ({"targets": dict(targets, logits=dict(logits, shape=[3]))}, "describes target logits"),
+            ({"targets": dict(targets, logits=dict(logits, codec={"name": "int8"}))}, "describes target logits"),
+            ({"chunk_samples": 32}, "says chunk_samples 32, not the chunking")):
+        g.attrs[st.MANIFEST_KEY] = dict(manifest, **change)
+        for args in (["verify", path], ["train-student", "--cache", path, "--workers", "0", "--epochs", "1"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2 and says in res.stderr, (change, args, res.output, res.exception)
+    g.attrs[st.MANIFEST_KEY] = manifest
+    assert runner.invoke(app, ["verify", path]).exit_code == 0
+
+
 def test_an_array_whose_metadata_disagrees_with_the_manifest_is_damage(root, teacher_file):
     """An array's zarr.json edited or damaged to another shape or dtype: its chunks read as something else. verify
     reports it, repair and train-student refuse it in one line (they failed with numpy/torch tracebacks)."""
