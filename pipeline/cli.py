@@ -281,6 +281,9 @@ def repair_cmd(
     path: str = typer.Argument(..., help="Store to repair."),
     data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved."),
     weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved."),
+    device: Optional[str] = typer.Option(None, help="Device to recompute on (default: the store's own --device; "
+                                                    "e.g. cpu for a store made with --device cuda, on a machine "
+                                                    "without that GPU)."),
     recompute: int = typer.Option(0, help="Also redo the chunks whose outputs differ from the teacher's on N "
                                           "random samples (as verify --recompute N finds them)."),
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples (as verify's)."),
@@ -289,8 +292,8 @@ def repair_cmd(
     with user_errors(RESUMES_CACHE):  # repair commits unit by unit: a re-run verifies again and redoes the rest
         from pipeline.verify import repair_store
 
-        report = repair_store(path, log=log_err, moved={"data": data, "weights": weights}, recompute=recompute,
-                              seed=seed)
+        report = repair_store(path, log=log_err, moved={"data": data, "weights": weights, "device": device},
+                              recompute=recompute, seed=seed)
         typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
         if not report.ok:
             raise typer.Exit(1)

@@ -215,7 +215,8 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
 
     man = cache.manifest
     check_replay(man, cache.path)
-    cfg = CacheConfig(**(_made_with(cache) | {"out": cache.path, "device": "cpu"} | _given(moved)))
+    cfg = CacheConfig(**(_made_with(cache) | _given(moved) | {"out": cache.path, "device": "cpu"}))  # (repair's
+    # --device is where it recomputes units; the check always runs on the CPU, as its tolerance assumes)
     p = _prepare(cfg)
     if p.identity["teacher"] != man["teacher"]["fingerprint"]:
         raise KDCacheError(f"teacher weights ({cfg.weights or 'default'}) are not the ones that made {cache.path} "
@@ -310,12 +311,15 @@ def _made_with(cache) -> dict:
 
 
 def _given(moved: dict | None) -> dict:
+    """The settings given instead of the store's own: where its data and weights lie now ({"data", "weights"}),
+    and for repair the device to recompute on ({"device"}): a store made with --device cuda names a GPU that
+    the machine repairing it may lack."""
     return {k: v for k, v in (moved or {}).items() if v}
 
 
 def repair_store(path: str, log=print, moved: dict | None = None, recompute: int = 0, seed: int = 0) -> Report:
     """Recompute only the bad blocks of a store, then verify it again. With `recompute`, also the units whose
-    outputs `verify --recompute` (same number and seed) finds other than the teacher's."""
+    outputs `verify --recompute` (same number and seed) finds other than the teacher's. `moved`: see `_given`."""
     report = verify_store(path, recompute=recompute, seed=seed, moved=moved, command="repair")
     if report.recompute:
         report.problems += report.recompute.get("problems", [])

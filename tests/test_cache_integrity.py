@@ -748,6 +748,24 @@ def test_verify_names_a_repair_that_works_with_the_moved_teacher(root, teacher_f
     assert runner.invoke(app, ["verify", "s.zarr", "--recompute", "192", "--weights", "moved.pt"]).exit_code == 0
 
 
+def test_repair_of_a_store_made_on_a_gpu_this_machine_lacks(root, teacher_file):
+    """A store made with --device cuda:N records that device, and repair re-runs the store's own settings: on a
+    machine without it, it failed saying `use --device cpu`, a flag repair did not have. `repair --device` now
+    picks where the units are recomputed (verify --recompute's check still runs on the CPU)."""
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    before = arrays_of(path)
+    g = st.open_group(path, "r+")
+    man = g.attrs[st.MANIFEST_KEY]
+    g.attrs[st.MANIFEST_KEY] = dict(man, config=dict(man["config"], device="cuda:7"))  # as if made there
+    (Path(path) / "logits" / "c" / "1" / "0").unlink()
+    line = _one_line(runner.invoke(app, ["repair", path]))
+    assert "--device cuda:7: this machine has" in line and "use --device cpu" in line, line
+    res = runner.invoke(app, ["repair", path, "--device", "cpu", "--recompute", "8"])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s): 1" in res.stderr, res.output
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
 def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_file):
     """torchrun ranks own disjoint units of one store (no shared file, no resize): the result equals a single
     process's, bit for bit, each rank computed a share, and a resumed multi-rank run redoes only what is missing.
