@@ -708,16 +708,23 @@ def check_manifest(path: str, manifest: dict) -> None:
         except TypeError:
             return False
 
+    def texts(v, *keys) -> bool:  # printed and sliced by ls (a fingerprint's first 8 characters)
+        return isinstance(v, dict) and all(isinstance(v.get(k), str) for k in keys)
+
+    def accuracy_ok(a) -> bool:  # ls prints it as a percentage
+        return a is None or (isinstance(a, dict) and isinstance(a.get("top1"), (int, float))
+                             and not isinstance(a["top1"], bool))
+
     fields = {
-        "key": lambda v: isinstance(v, str),
-        "data": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v) and count(v.get("num_samples"), 1)
+        "key": lambda v: isinstance(v, str) and bool(v),
+        "data": lambda v: texts(v, "spec", "fingerprint") and count(v.get("num_samples"), 1)
         and ints(v.get("native_shape")) and len(v["native_shape"]) == 3,  # the views' boxes are drawn in it
         "arrays": lambda v: isinstance(v, dict) and all(map(array_ok, v.values())),
         "targets": lambda v: isinstance(v, dict) and "logits" in v
         and all(isinstance(t, dict) and ints(t.get("shape")) for t in v.values()),  # the student is built from these
         "transform": lambda v: Transform.problem(v) is None,
         "chunk_samples": lambda v: isinstance(v, int) and v > 0,
-        "teacher": lambda v: isinstance(v, dict) and {"spec", "fingerprint"} <= set(v),
+        "teacher": lambda v: texts(v, "spec", "fingerprint") and accuracy_ok(v.get("accuracy")),
         "views": views_ok,
         "stat_columns": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),  # _stats' columns
     }

@@ -1192,6 +1192,26 @@ def test_a_manifest_whose_arrays_are_not_what_readers_assume_is_refused(root, te
     assert runner.invoke(app, ["verify", path]).exit_code == 0
 
 
+def test_a_manifest_whose_printed_fields_are_not_text_is_one_line_in_ls(root, teacher_file):
+    """ls prints the teacher's fingerprint (its first 8 characters) and accuracy (a percentage): a hand-edited one
+    of another kind failed as a bare TypeError, ValueError or AttributeError; an empty key printed as nothing."""
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    g = st.open_group(path, "r+")
+    manifest = dict(g.attrs[st.MANIFEST_KEY])
+    teacher = manifest["teacher"]
+    for change, says in (({"teacher": dict(teacher, fingerprint=5)}, "malformed teacher"),
+                         ({"teacher": dict(teacher, accuracy={"top1": "high"})}, "malformed teacher"),
+                         ({"teacher": dict(teacher, accuracy="high")}, "malformed teacher"),
+                         ({"data": dict(manifest["data"], spec=5)}, "malformed data"),
+                         ({"key": ""}, "malformed key")):
+        g.attrs[st.MANIFEST_KEY] = dict(manifest, **change)
+        for args in (["ls"], ["ls", "--json"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 0 and res.exception is None and says in res.stdout, (change, res.output)
+        res = runner.invoke(app, ["verify", path])
+        assert res.exit_code == 2 and says in res.stderr, (change, res.output)
+
+
 def test_an_array_whose_metadata_disagrees_with_the_manifest_is_damage(root, teacher_file):
     """An array's zarr.json edited or damaged to another shape or dtype: its chunks read as something else. verify
     reports it, repair and train-student refuse it in one line (they failed with numpy/torch tracebacks)."""
