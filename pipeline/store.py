@@ -343,7 +343,9 @@ def writer(path) -> str | None:
         import fcntl
     except ImportError:
         return None
-    with open(lock, "a+") as f:
+    # Read-only: a lock file another user's run left (theirs, 0644) or a store on a read-only mount is read by
+    # verify and train-student alike; opened for appending, it failed as "Permission denied: <store>.lock".
+    with open(lock) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

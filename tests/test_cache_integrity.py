@@ -838,6 +838,39 @@ def test_ranks_cannot_share_a_memory_store(root, teacher_file):
     assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]
 
 
+def test_a_lock_file_this_user_may_not_write_still_says_who_writes(root, teacher_file, monkeypatch):
+    """Another user's run left the lock beside a store (theirs, 0644), or the store lies on a read-only mount:
+    verify and train-student on an incomplete store asked who writes it by opening the lock for appending, and
+    failed with 'Permission denied: <store>.lock; ... choose another --out'. Reading it is enough."""
+    import builtins
+
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
+    g = st.open_group(path, "r+")
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
+    lock = os.path.abspath(path) + ".lock"
+
+    def no_writes(file, mode="r", *a, **kw):  # as for a user without write permission on the lock file
+        if str(file) == lock and any(c in mode for c in "wa+"):
+            raise PermissionError(errno.EACCES, "Permission denied", file)
+        return builtins.open(file, mode, *a, **kw)
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline import store\nwith store.writer_lock(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    time.sleep(60)\n", path],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(st, "open", no_writes, raising=False)
+        for args in (["verify", path], ["train-student", "--cache", path, "--workers", "0"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2 and f"is being written now (pid {holder.pid} on" in res.stderr, res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    res = runner.invoke(app, ["verify", path])  # its writer gone: an incomplete store, said as such
+    assert res.exit_code == 1 and "BAD  manifest: not marked complete" in res.stdout, res.output
+
+
 def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file):
     """A second run on a store another process is writing gets one line and touches nothing; `complete` is never set
     with a unit missing; a unit marked committed whose chunk file is gone (a power cut) is recomputed on resume."""
