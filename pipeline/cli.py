@@ -68,10 +68,10 @@ def user_errors(then: str = RERUN):
     except OSError as e:
         from pipeline import store
 
-        if e.errno == 28:  # ENOSPC
-            typer.echo(f"error: disk full while writing {e.filename or 'the output'}; free space and "
-                       f"{getattr(e, 'kdcache_then', then)}", err=True)
-        elif e.errno in (1, 2, 13, 17, 20, 21, 30):  # EPERM ENOENT EACCES EEXIST ENOTDIR EISDIR EROFS
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT (a user's quota on a shared disk: full for this user)
+            typer.echo(f"error: disk full{' (quota exceeded)' if e.errno == 122 else ''} while writing "
+                       f"{e.filename or 'the output'}; free space and {getattr(e, 'kdcache_then', then)}", err=True)
+        elif e.errno in (1, 2, 13, 17, 20, 21, 30, 36):  # EPERM ENOENT EACCES EEXIST ENOTDIR EISDIR EROFS ENAMETOOLONG
             typer.echo(f"error: {e.strerror or e}: {e.filename or ''}; check the path, or choose another "
                        "--out / --cache-dir", err=True)
         elif e.errno is None and isinstance(e, store.ACCESS_ERRORS):

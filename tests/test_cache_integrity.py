@@ -536,6 +536,26 @@ def test_disk_full_is_a_clean_error_and_rerun_resumes(root, teacher_file, monkey
         np.testing.assert_array_equal(v, arrays_of("full.zarr")[name])
 
 
+def test_a_quota_exceeded_or_a_name_too_long_is_one_line(root, teacher_file, monkeypatch):
+    """EDQUOT (a user's quota on a shared disk) is a full disk for that user, and ENAMETOOLONG a path to fix: both
+    were OSError tracebacks."""
+    def over_quota(src, dst):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    args = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--chunk-samples", "64", "--writers", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(st, "os", SimpleNamespace(**({k: getattr(os, k) for k in dir(os) if not k.startswith("_")}
+                                               | {"replace": over_quota})))
+        res = runner.invoke(app, [*args, "--out", "q.zarr"])
+    assert res.exit_code == 2 and not isinstance(res.exception, OSError), res.exception
+    assert "disk full (quota exceeded)" in res.stderr and "re-run the same command" in res.stderr, res.output
+    long = "x" * 300 + ".zarr"
+    for command in ([*args, "--out", long], ["verify", long]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 2 and "File name too long" in res.stderr and "check the path" in res.stderr, \
+            res.output[-300:]
+
+
 def test_bad_inputs(root, teacher_file):
     # corrupt image: the error names the file
     folder = root / "flat"
