@@ -231,6 +231,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if not st.is_url(cfg.out or folder) and parent.is_file():  # else plan would name a store it can never write
         raise KDCacheError(f"{flag}: {parent} is a file, not a folder; choose another {flag}")
     local = st.local_path(cfg.out or folder)  # a file:// URL names a folder on this disk too
+    if cfg.out and local is not None and Path(local).is_file():  # ... and plan named it as the store's path
+        raise KDCacheError(f"{cfg.out} exists and is a file, not a cache folder; choose another --out")
     here = None if local is None else Path(local).parent if cfg.out else Path(local)
     inside = None if here is None else st.enclosing_store(here)
     if inside is not None and (here / "zarr.json").exists():

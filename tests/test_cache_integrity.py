@@ -597,6 +597,9 @@ def test_bad_inputs(root, teacher_file):
     with pytest.raises(KDCacheError, match="is a file, not a cache folder"):
         run_teacher_cache(cfg(teacher_file, out=f"file://{mine / 'notes.txt'}"), log=lambda *_: None)
     assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub" / "more.txt").is_file()
+    # plan (teacher-cache's flags) printed that file as the path its store would have
+    res = runner.invoke(app, ["plan", "--data", SYN, "--weights", str(teacher_file), "--out", str(mine / "notes.txt")])
+    assert res.exit_code == 2 and "notes.txt exists and is a file, not a cache folder" in res.stderr, res.output
 
 
 def test_cache_dir_as_fsspec_url(root, teacher_file):
