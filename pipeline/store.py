@@ -779,6 +779,27 @@ def check_manifest(path: str, manifest: dict) -> None:
                            "`kdcache teacher-cache --force`")
 
 
+def damaged_metadata(path) -> str | None:
+    """One line for a local store whose own zarr.json is not JSON (truncated, overwritten): the store is damaged,
+    which "not a kdcache store; pass the folder teacher-cache printed" (the very folder) did not say. None when the
+    file is JSON, absent, unreadable, or the store is not on this disk."""
+    import json
+
+    local = local_path(path)
+    meta = None if local is None else Path(local) / "zarr.json"
+    try:
+        if meta is None or not meta.is_file():
+            return None
+        json.loads(meta.read_bytes())
+        return None
+    except ValueError as e:
+        why = type(e).__name__
+    except OSError:
+        return None
+    return (f"{path}: its metadata ({meta.name}) is not valid JSON ({why}), so the store is damaged beyond repair; "
+            "delete it and re-run teacher-cache (kdcache never deletes a folder it cannot read as its own)")
+
+
 def _exists(path: str) -> bool:
     """Whether anything is at a local path or an fsspec URL."""
     if not is_url(path):
@@ -801,7 +822,7 @@ def open_store(path: Path | str, require_complete: bool = True) -> CacheStore:
     except ACCESS_ERRORS as e:
         raise access_error(path, e) from None
     except Exception as e:  # FileNotFoundError, a v2 store, bad JSON ...
-        raise KDCacheError(f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "
+        raise KDCacheError(damaged_metadata(path) or f"{path} is not a kdcache Zarr v3 store ({type(e).__name__}); "
                            "pass the .zarr folder that teacher-cache printed") from None
     if not manifest:
         raise KDCacheError(f"{path} is a Zarr group but not a kdcache store (no '{MANIFEST_KEY}' manifest); "

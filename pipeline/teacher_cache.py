@@ -489,8 +489,8 @@ def _refuse_foreign(path: str) -> None:
     except (ValueError, AttributeError, OSError):
         ours = False  # unreadable metadata: not provably ours, so never emptied
     if not (ours or names == ["zarr.json"]):  # a kdcache store, or an empty group
-        raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out (kdcache never "
-                           "overwrites a folder it did not create, even with --force)")
+        raise KDCacheError(st.damaged_metadata(path) or f"{path} exists and is not a kdcache store; choose another "
+                           "--out (kdcache never overwrites a folder it did not create, even with --force)")
 
 
 def _open_existing(path: str, key: str, cfg: CacheConfig, log):
@@ -529,7 +529,8 @@ def _open_existing(path: str, key: str, cfg: CacheConfig, log):
     if group is not None and not manifest and not list(group.keys()):
         return None  # an empty group: our own creation, interrupted before the manifest
     if not manifest.get("key"):
-        raise KDCacheError(f"{path} exists and is not a kdcache store; choose another --out")
+        raise KDCacheError(st.damaged_metadata(path) or f"{path} exists and is not a kdcache store; choose another "
+                           "--out")
     if manifest.get("key") == key:
         raise KDCacheError(f"{path} holds this cache in store format {manifest.get('format_version')}, and this "
                            f"kdcache writes format {st.FORMAT_VERSION}; rebuild it with --force")

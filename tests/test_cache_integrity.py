@@ -1774,3 +1774,24 @@ def test_a_url_with_no_store_says_no_cache(root):
             res = runner.invoke(app, args)
             assert res.exit_code == 2 and f"no cache at {url}; run `kdcache teacher-cache` first" in res.stderr, \
                 (args, res.output)
+
+
+def test_a_store_whose_own_metadata_is_not_json_is_called_damaged(root, teacher_file):
+    """The group's zarr.json truncated or overwritten: every command said the store (the folder teacher-cache printed)
+    "is not a kdcache store; pass the .zarr folder that teacher-cache printed" or "choose another --out", and --force
+    still refused it. Now each says the store is damaged and to delete it; another folder is still not a store."""
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    (Path(path) / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    args = ["--data", SYN, "--weights", str(teacher_file), "--layer", "layer2", "--chunk-samples", "64",
+            "--batch-size", "32"]
+    for command in (["verify", path], ["inspect", path], ["repair", path], ["train-student", "--cache", path],
+                    ["teacher-cache", *args], ["teacher-cache", *args, "--force"]):
+        res = runner.invoke(app, command)
+        line = res.stderr.strip().splitlines()[-1]  # (--force logs that it rebuilds first)
+        assert res.exit_code == 2 and "metadata (zarr.json) is not valid JSON" in line and "delete it" in line, \
+            (command, res.output)
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0 and "is not valid JSON" in res.stdout, res.output
+    assert Path(path, "logits").is_dir()  # nothing deleted
+    line = _one_line(runner.invoke(app, ["verify", str(Path(path) / "logits")]))  # an array's folder: not a store
+    assert "is not a kdcache Zarr v3 store (ContainsArrayError)" in line, line
