@@ -28,7 +28,7 @@ import torch
 
 from pipeline.augment import resize, splitmix64
 from pipeline.errors import KDCacheError, first_line
-from pipeline.store import is_url, local_path
+from pipeline.store import enclosing_store, is_url, local_path
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -70,6 +70,11 @@ def data_root() -> Path:
         raise KDCacheError(f"the data folder {root} is a file; set KDCACHE_DATA to a folder (default: data/)"
                            if named else f"{root} is a file; kdcache keeps its data in a "
                            "folder of that name: move the file, or set KDCACHE_DATA to another folder")
+    inside = enclosing_store(root)
+    if inside is not None:  # run directories and teachers written there by default would go with its --force rebuild
+        raise KDCacheError(f"the data folder {root.absolute()}{' (KDCACHE_DATA)' if named else ''} is inside the cache "
+                           f"store {inside}, whose --force rebuild would delete the runs, teachers and caches kdcache "
+                           "keeps there; set KDCACHE_DATA to a folder outside it")
     return root
 
 

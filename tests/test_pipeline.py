@@ -867,6 +867,21 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
                                                              "logits", "zarr.json"]  # nothing written inside it
 
 
+def test_a_data_folder_inside_a_cache_store_is_refused(root, teacher_file, monkeypatch):
+    """KDCACHE_DATA (or ./data) inside a store: train-student's default run directory went there, to be deleted by
+    that store's --force rebuild (an --out there is refused), and teacher-cache named a --cache-dir never passed."""
+    path = _cache(teacher_file)
+    monkeypatch.setenv("KDCACHE_DATA", f"{path}/mine")
+    for args in (["train-student", "--cache", path, "--workers", "0", "--epochs", "1"],
+                 ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)], ["ls"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
+            f"error: the data folder {path}/mine (KDCACHE_DATA) is inside the cache store {Path(path).absolute()}, "
+            "whose --force rebuild would delete the runs, teachers and caches kdcache keeps there; set KDCACHE_DATA "
+            "to a folder outside it"], (args, res.output)
+    assert not Path(path, "mine").exists()
+
+
 def test_a_rerun_never_leaves_an_older_runs_results_looking_finished(root, teacher_file):
     """A run directory holding a run's work is kept unless --overwrite; replaced, none of the old results is left to
     pass for the new run's."""
