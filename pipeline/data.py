@@ -595,7 +595,7 @@ class ImageFolder(Source):
             self._hash_empty_classes(h)
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 for f, d in zip(self.files[:n], pool.map(digest, self.files[:n])):
-                    h.update(f"{f.relative_to(self.root)}\0".encode() + d)
+                    h.update(f"{f.relative_to(self.root)}\0".encode("utf-8", "surrogateescape") + d)
             self._content_fp = (n, h.hexdigest()[:16])
         return self._content_fp[1]
 
@@ -613,7 +613,10 @@ class ImageFolder(Source):
                     st = f.stat()
                 except OSError as e:  # e.g. a link to a file that is gone
                     raise KDCacheError(f"cannot read image {f} ({e.strerror}); fix or remove the file") from None
-                h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                # A name's own bytes: one not in UTF-8 (a latin-1 `caf\xe9.png`) holds surrogates that .encode()
+                # refused with a UnicodeEncodeError; UTF-8 names give the same bytes either way (the same keys).
+                h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+                    "utf-8", "surrogateescape"))
             self._fp = h.hexdigest()[:16]
         return self._fp
 

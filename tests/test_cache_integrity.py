@@ -104,6 +104,30 @@ def _copy_without_times(folder: Path, copy: Path) -> None:
         os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
 
 
+def test_an_image_whose_name_is_not_utf8_is_data_like_any_other(root, teacher_file):
+    """A file name that is not UTF-8 (latin-1 `caf\xe9.png`, common in old archives) reaches Python with surrogates:
+    fingerprinting the folder failed with a bare UnicodeEncodeError. It hashes the name's own bytes now; UTF-8 names
+    hash as before, so existing caches keep their keys."""
+    import hashlib
+
+    folder = root / "imgs"
+    _labelled_folder(folder)
+    f = folder / "a" / "0.png"
+    expected = hashlib.sha256()
+    for p in sorted(folder.rglob("*.png")):
+        st_ = p.stat()
+        expected.update(f"{p.relative_to(folder)}\0{st_.st_size}\0{st_.st_mtime_ns}\n".encode())
+    from pipeline.data import open_source
+
+    assert open_source(f"imagefolder:{folder}").fingerprint() == expected.hexdigest()[:16]
+    os.rename(bytes(f), os.fsencode(folder / "a") + b"/caf\xe9.png")
+    path = run_teacher_cache(cfg(teacher_file, data=f"imagefolder:{folder}", layers=[]), log=lambda *_: None)
+    res = runner.invoke(app, ["verify", path, "--recompute", "12"])
+    assert res.exit_code == 0, res.output
+    assert run_train_student(StudentConfig(cache=path, epochs=1, workers=0, test_data=f"imagefolder:{folder}"),
+                             log=lambda *_: None)["test_acc"] is not None
+
+
 def test_changed_dataset_is_refused(root):
     folder = root / "imgs"
     _labelled_folder(folder)
