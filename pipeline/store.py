@@ -329,9 +329,10 @@ _HELD: dict[str, int] = {}  # lock files this process holds, with how many neste
 def _lock_file(path) -> str | None:
     """`<store>.lock` beside the store, named from its absolute path: `--out .` locks `../<folder>.lock`, not a
     stray `..lock` in the current folder. A file:// URL is the local folder it names (the same lock as that path);
-    other URLs (object stores) have none."""
+    other URLs (object stores) have none. Links resolved: a store also reached through a link to it (`ln -s
+    data/cache/<key>.zarr fmnist.zarr`) has one lock, not one per name, so two runs cannot write it at once."""
     path = local_path(path)
-    return None if path is None else os.path.abspath(path) + ".lock"
+    return None if path is None else os.path.realpath(path) + ".lock"
 
 
 def writer(path) -> str | None:

@@ -932,6 +932,11 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
         res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
                                   "--chunk-samples", "64", "--batch-size", "32", "--out", path, "--force"])
         assert res.exit_code == 2 and f"is writing {path}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        Path("link.zarr").symlink_to(Path(path).resolve())  # the same store through a link: the same lock
+        res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
+                                  "--chunk-samples", "64", "--batch-size", "32", "--out", "link.zarr", "--force"])
+        assert res.exit_code == 2 and f"(pid {holder.pid} on" in res.stderr and "is writing link.zarr" in res.stderr
+        assert Path("link.zarr").is_symlink()
         url = f"file://{Path(path).resolve()}/"  # the same folder by URL: the same lock (it had none, and rebuilt it)
         res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
                                   "--chunk-samples", "64", "--batch-size", "32", "--out", url, "--force"])
