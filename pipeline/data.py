@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -103,7 +104,8 @@ class Transform:
         if not isinstance(d, dict) or not {"size", "channels", "mean", "std"} <= set(d):
             return f"is not a {{size, channels, mean, std}} record (it is {str(d)[:60]!r})"
         def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+            # math, not numpy: an int past int64 (a hand edit) made np.isfinite raise a bare TypeError
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         size, channels, mean, std = d["size"], d["channels"], d["mean"], d["std"]
         if channels not in (1, 3) or isinstance(channels, bool):
             return f"has channels {channels!r}, not 1 or 3"

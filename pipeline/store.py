@@ -724,7 +724,9 @@ def check_manifest(path: str, manifest: dict) -> None:
         and ints(v.get("native_shape")) and len(v["native_shape"]) == 3,  # the views' boxes are drawn in it
         "arrays": lambda v: isinstance(v, dict) and all(map(array_ok, v.values())),
         "targets": lambda v: isinstance(v, dict) and "logits" in v
-        and all(isinstance(t, dict) and ints(t.get("shape")) for t in v.values()),  # the student is built from these
+        and all(isinstance(t, dict) and ints(t.get("shape")) for t in v.values())  # the student is built from these
+        and all(isinstance(t.get("parts", []), list) and all(isinstance(p, str) for p in t.get("parts", []))
+                for t in v.values()),  # array names, looked up below
         "transform": lambda v: Transform.problem(v) is None,
         "chunk_samples": lambda v: isinstance(v, int) and v > 0,
         "teacher": lambda v: texts(v, "spec", "fingerprint") and accuracy_ok(v.get("accuracy")),
@@ -768,12 +770,13 @@ def check_manifest(path: str, manifest: dict) -> None:
 
         try:  # an unknown codec name is make_codec's own line
             parts = make_codec(spec["codec"], tuple(spec["shape"])).parts(t, tuple(spec["shape"]))
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-            parts = None
-        want = {p: ([n, k, *shape] if k else [n, *shape], dtype) for p, (shape, dtype) in (parts or {}).items()}
-        if parts is None or sorted(spec.get("parts") or []) != sorted(want) or any(
+            want = {p: ([n, k, *shape] if k else [n, *shape], dtype) for p, (shape, dtype) in parts.items()}
+            same = sorted(spec.get("parts") or []) == sorted(want) and not any(
                 arrays[p]["shape"] != shape or np.dtype(arrays[p]["dtype"]) != np.dtype(dtype)
-                or arrays[p]["view_axis"] != bool(k) for p, (shape, dtype) in want.items()):
+                or arrays[p]["view_axis"] != bool(k) for p, (shape, dtype) in want.items())
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # a codec config no codec makes
+            same = False
+        if not same:
             what = f"describes target {t} (codec, shape) other than the arrays it lists for it"
     if what:
         raise KDCacheError(f"{path}: its manifest {what}, so it cannot be trusted; rebuild it with "

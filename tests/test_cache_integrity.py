@@ -1288,13 +1288,22 @@ def test_a_manifest_whose_printed_fields_are_not_text_is_one_line_in_ls(root, te
                          ({"teacher": dict(teacher, accuracy={"top1": "high"})}, "malformed teacher"),
                          ({"teacher": dict(teacher, accuracy="high")}, "malformed teacher"),
                          ({"data": dict(manifest["data"], spec=5)}, "malformed data"),
-                         ({"key": ""}, "malformed key")):
+                         ({"key": ""}, "malformed key"),
+                         # (found by fuzzing the manifest: these failed check_manifest itself with a TypeError)
+                         ({"targets": dict(manifest["targets"], logits=dict(manifest["targets"]["logits"], parts=5))},
+                          "malformed targets"),
+                         ({"targets": dict(manifest["targets"], logits=dict(manifest["targets"]["logits"], codec={
+                             "name": "topk", "k": 2, "dtype": "no-such-dtype"}))}, "describes target logits")):
         g.attrs[st.MANIFEST_KEY] = dict(manifest, **change)
         for args in (["ls"], ["ls", "--json"]):
             res = runner.invoke(app, args)
             assert res.exit_code == 0 and res.exception is None and says in res.stdout, (change, res.output)
         res = runner.invoke(app, ["verify", path])
         assert res.exit_code == 2 and says in res.stderr, (change, res.output)
+    # a mean past int64 is a (silly) finite number: np.isfinite raised a TypeError on it
+    g.attrs[st.MANIFEST_KEY] = dict(manifest, transform=dict(manifest["transform"], mean=[10**20]))
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0 and res.exception is None and "complete" in res.stdout, res.output
 
 
 def test_an_array_whose_metadata_disagrees_with_the_manifest_is_damage(root, teacher_file):
