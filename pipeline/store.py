@@ -691,12 +691,19 @@ def check_manifest(path: str, manifest: dict) -> None:
     def views_ok(v) -> bool:  # the views' count, policy and seed rebuild every view's input
         if v is None:
             return True
-        if not (isinstance(v, dict) and count(v.get("count"), 1) and count(v.get("seed"), 0)):
-            return False
+        if not (isinstance(v, dict) and count(v.get("count"), 1) and count(v.get("seed"), 0) and v["seed"] < 2**63):
+            return False  # (--aug-seed's range: the views' hashes overflow past it)
         try:
-            return AugmentPolicy.from_dict(v["augment"]) is not None
+            policy = AugmentPolicy.from_dict(v["augment"])
         except (KeyError, TypeError, ValueError, AttributeError):
             return False
+
+        def span(pair, top) -> bool:  # what --augment's parser admits: 0 < lo <= hi <= top (else the views' boxes
+            return (len(pair) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
+                    and 0 < pair[0] <= pair[1] <= top and pair[1] < float("inf"))  # fail as a numpy TypeError)
+
+        return (policy.crop is None or span(policy.crop, 1)) and span(policy.ratio, float("inf")) \
+            and 0 <= policy.translate < 2**31
 
     def ints(v) -> bool:
         return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
@@ -721,7 +728,8 @@ def check_manifest(path: str, manifest: dict) -> None:
     fields = {
         "key": lambda v: isinstance(v, str) and bool(v),
         "data": lambda v: texts(v, "spec", "fingerprint") and count(v.get("num_samples"), 1)
-        and ints(v.get("native_shape")) and len(v["native_shape"]) == 3,  # the views' boxes are drawn in it
+        and ints(v.get("native_shape")) and len(v["native_shape"]) == 3  # the views' boxes are drawn in it
+        and 1 <= min(v["native_shape"]) and max(v["native_shape"]) < 2**31,
         "arrays": lambda v: isinstance(v, dict) and all(map(array_ok, v.values())),
         "targets": lambda v: isinstance(v, dict) and "logits" in v
         and all(isinstance(t, dict) and ints(t.get("shape")) for t in v.values())  # the student is built from these

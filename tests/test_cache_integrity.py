@@ -1833,3 +1833,24 @@ def test_a_store_whose_own_metadata_is_not_json_is_called_damaged(root, teacher_
     assert Path(path, "logits").is_dir()  # nothing deleted
     line = _one_line(runner.invoke(app, ["verify", str(Path(path) / "logits")]))  # an array's folder: not a store
     assert "is not a kdcache Zarr v3 store (ContainsArrayError)" in line, line
+
+
+def test_a_view_manifest_no_policy_parser_makes_is_refused(root, teacher_file):
+    """The views' policy and seed rebuild every view's box when verify checks `aug/box` and when train-student reads
+    them: a hand-edited crop of one number, a ratio of text, a seed or shift past int64 passed check_manifest and
+    failed verify as a numpy IndexError, TypeError or OverflowError (found by fuzzing the manifest)."""
+    path = run_teacher_cache(cfg(teacher_file, views=2, augment="crop=0.5-1,translate=2,flip"), log=lambda *_: None)
+    g = st.open_group(path, "r+")
+    manifest = dict(g.attrs[st.MANIFEST_KEY])
+    views = manifest["views"]
+    for change in ({"augment": dict(views["augment"], crop=[0.5])}, {"augment": dict(views["augment"], ratio=["a", 1])},
+                   {"augment": dict(views["augment"], crop=[0.9, 0.5])}, {"seed": 2**64},
+                   {"augment": dict(views["augment"], translate=10**20)}):
+        g.attrs[st.MANIFEST_KEY] = dict(manifest, views=dict(views, **change))
+        res = runner.invoke(app, ["verify", path])
+        assert res.exit_code == 2 and "its manifest has a malformed views" in res.stderr, (change, res.output)
+    g.attrs[st.MANIFEST_KEY] = dict(manifest, data=dict(manifest["data"], native_shape=[1, 0, 16]))
+    res = runner.invoke(app, ["verify", path])
+    assert res.exit_code == 2 and "its manifest has a malformed data" in res.stderr, res.output
+    g.attrs[st.MANIFEST_KEY] = manifest
+    assert runner.invoke(app, ["verify", path]).exit_code == 0
