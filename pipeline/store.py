@@ -675,6 +675,19 @@ def metadata_damage(arr, spec: dict) -> str | None:
     fill, want = arr.metadata.fill_value, fill_value(spec["dtype"])
     if not np.array_equal(np.asarray(fill, dtype=dtype), np.asarray(want, dtype=dtype), equal_nan=dtype.kind == "f"):
         return f"its metadata says fill value {fill}, not the {want} a missing chunk must read as"
+    # The writer encodes chunks itself (encode_chunk: little-endian bytes, zstd, crc32c) and names their files
+    # c/<block>/...: metadata that says other codecs, big-endian bytes or another chunk key makes zarr read them as
+    # other values (byte-swapped floats) or not at all, and a repair would rewrite chunks that still read so.
+    codecs = arr.metadata.codecs
+    endian = getattr(codecs[0], "endian", None) if codecs else None
+    names = [type(c).__name__.replace("Codec", "").lower() for c in codecs]
+    if names != ["bytes", "zstd", "crc32c"] or getattr(endian, "value", "little") != "little":
+        return (f"its metadata says codecs {'+'.join(names) or 'none'}"
+                f"{f' ({endian.value}-endian)' if getattr(endian, 'value', None) else ''}, not the "
+                "bytes (little-endian)+zstd+crc32c its chunks are written with")
+    key = arr.metadata.chunk_key_encoding
+    if type(key).__name__ != "DefaultChunkKeyEncoding" or getattr(key, "separator", None) != "/":
+        return f"its metadata says its chunk files are named by {key}, not c/<block>/... as they are written"
     return None
 
 

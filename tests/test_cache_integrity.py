@@ -1332,9 +1332,16 @@ def test_an_array_whose_fill_value_or_chunks_were_edited_is_damage(root, teacher
     train-student trained on them. Chunks edited to another row count read as garbage that repair never mended."""
     path = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64, layers=["layer2"]),
                              log=lambda *_: None)
+    big = {"name": "bytes", "configuration": {"endian": "big"}}
     for name, change in (("features/layer2", lambda m: dict(m, fill_value=0.0)),
                          ("logits", lambda m: dict(m, chunk_grid={"name": "regular", "configuration": {
-                             "chunk_shape": [32, m["shape"][1]]}}))):
+                             "chunk_shape": [32, m["shape"][1]]}})),
+                         # codecs, byte order or chunk names other than the writer's: chunks read byte-swapped
+                         # (or not at all), and a repair rewrote chunks that still read so
+                         ("logits", lambda m: dict(m, codecs=[big, *m["codecs"][1:]])),
+                         ("logits", lambda m: dict(m, codecs=m["codecs"][:2])),
+                         ("logits", lambda m: dict(m, chunk_key_encoding={"name": "default", "configuration": {
+                             "separator": "."}}))):
         meta = Path(path, *name.split("/"), "zarr.json")
         original = json.loads(meta.read_text())
         meta.write_text(json.dumps(change(original)))
