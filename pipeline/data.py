@@ -604,7 +604,7 @@ class ImageFolder(Source):
     def _hash_empty_classes(self, h) -> None:
         # Nothing for a folder without empty classes, so its fingerprints (and cache keys) are what they were.
         for name in self._empty_classes:
-            h.update(f"{name}/\0empty class\n".encode())
+            h.update(f"{name}/\0empty class\n".encode("utf-8", "surrogateescape"))  # as file names (below)
 
     def fingerprint(self):
         if self._fp is None:  # paths, sizes and modification times: cheap, and any edit changes it
