@@ -437,6 +437,8 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     group = _open_existing(p.path, p.key, p.cfg, log)
     if group is not None and st.marked_complete(group.attrs[st.MANIFEST_KEY]):
         return None
+    if group is not None:  # a resume: its units join the ones another run computed
+        refuse_gpu_units_in_cpu_store(p.path, group.attrs[st.MANIFEST_KEY], p.device)
     if group is None:
         _refuse_foreign(p.path)
         local = st.local_path(p.path)  # a file:// URL names a folder on this disk too: the same one-rename
@@ -451,6 +453,19 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
     if lost:
         log(f"{p.path}: {lost} unit(s) were marked committed but their chunk files are missing; recomputing them")
     return st.committed_units(group)
+
+
+def refuse_gpu_units_in_cpu_store(path: str, manifest: dict, device: torch.device) -> None:
+    """A store begun on the CPU holds the teacher's float32 outputs; units computed on a GPU (float16 autocast)
+    differ from them by more than `verify --recompute` allows such a store (it loosens its tolerance only for a
+    store the manifest says a GPU made), so a resume or repair there would leave units that verify flags and that
+    `repair --recompute` on the GPU would redo forever. The other way round is fine: CPU units are within a GPU
+    store's tolerance."""
+    made = str(manifest.get("device", "cpu"))
+    if device.type == "cuda" and not made.startswith("cuda"):
+        raise KDCacheError(f"{path} was begun on the {made}, and its missing units would be computed here on "
+                           f"{device} (float16 autocast), beyond the tolerance of its CPU-made outputs; add "
+                           "--device cpu, or rebuild it on the GPU with --force")
 
 
 def _set_aside(path: Path) -> None:

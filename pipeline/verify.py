@@ -367,7 +367,7 @@ def _label_problems(cache, report: Report, moved: dict | None) -> list[Problem]:
 
 
 def _repair(path: str, cache, bad, log, moved: dict | None, recompute: int = 0, seed: int = 0) -> Report:
-    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.teacher_cache import CacheConfig, refuse_gpu_units_in_cpu_store, run_teacher_cache
 
     cfg = CacheConfig(**(_made_with(cache) | {"out": str(path), "force": False} | _given(moved)))
     # Teacher, data and key first: a repair that cannot run (weights or data moved, or changed) must fail before it
@@ -376,6 +376,7 @@ def _repair(path: str, cache, bad, log, moved: dict | None, recompute: int = 0, 
     if p.key != cache.manifest.get("key"):
         raise KDCacheError(f"{path} was made from other data or another teacher than {cfg.data} and {cfg.weights} "
                            "(the cache key differs); pass --data SPEC / --weights FILE with the ones that made it")
+    refuse_gpu_units_in_cpu_store(path, cache.manifest, p.device)  # before any marker is cleared
     # A sample-level array (index, labels) is written by its block's first unit alone (view 0): only that unit is
     # redone, not every view of the block.
     bad = sorted({(b, 0 if v is None and cache.views else v) for b, v in bad},

@@ -795,6 +795,47 @@ def test_verify_names_a_repair_that_works_with_the_moved_teacher(root, teacher_f
     assert runner.invoke(app, ["verify", "s.zarr", "--recompute", "192", "--weights", "moved.pt"]).exit_code == 0
 
 
+def test_a_cpu_made_store_is_not_resumed_or_repaired_on_a_gpu(root, teacher_file, monkeypatch):
+    """Units a GPU computes (float16 autocast) differ from a CPU-made store's float32 outputs beyond the tolerance
+    verify --recompute gives it, so a resume or repair there would leave units verify flags, and repair
+    --recompute on that GPU would redo them forever. Both refuse before touching the store; on the CPU both go
+    on. (No GPU here: the prepared run is handed a cuda device, which the check reads before any CUDA call.)"""
+    import torch
+
+    from pipeline.teacher_cache import refuse_gpu_units_in_cpu_store
+
+    for made, ok in (("cpu", False), ("cuda:0", True)):
+        try:
+            refuse_gpu_units_in_cpu_store("s.zarr", {"device": made}, torch.device("cuda", 1))
+            assert ok, made
+        except KDCacheError as e:
+            assert not ok and "s.zarr was begun on the cpu" in str(e) and "add --device cpu" in str(e), str(e)
+    refuse_gpu_units_in_cpu_store("s.zarr", {"device": "cpu"}, torch.device("cpu"))  # the CPU: any store
+
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    before = arrays_of(path)
+    real = tc.prepare
+
+    def on_a_gpu(*a, **k):
+        from dataclasses import replace
+        return replace(real(*a, **k), device=torch.device("cuda", 0))
+
+    (Path(path) / "logits" / "c" / "1" / "0").unlink()
+    g = st.open_group(path, "r+")
+    g[st.COMMIT][1, :] = 0
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # as a run killed before unit 1
+    with monkeypatch.context() as m:
+        m.setattr(tc, "prepare", on_a_gpu)
+        with pytest.raises(KDCacheError, match="was begun on the cpu.*add --device cpu"):
+            run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+        line = _one_line(runner.invoke(app, ["repair", path]))
+        assert f"{path} was begun on the cpu" in line, line
+    assert st.open_group(path, "r")[st.COMMIT][1, 0] == 0  # untouched: still the one unit to do
+    assert runner.invoke(app, ["repair", path]).exit_code == 0
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+
+
 def test_repair_of_a_store_made_on_a_gpu_this_machine_lacks(root, teacher_file):
     """A store made with --device cuda:N records that device, and repair re-runs the store's own settings: on a
     machine without it, it failed saying `use --device cpu`, a flag repair did not have. `repair --device` now
