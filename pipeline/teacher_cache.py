@@ -441,11 +441,17 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
         refuse_gpu_units_in_cpu_store(p.path, group.attrs[st.MANIFEST_KEY], p.device)
     if group is None:
         _refuse_foreign(p.path)
-        local = st.local_path(p.path)  # a file:// URL names a folder on this disk too: the same one-rename
+        local, where = st.local_path(p.path), p.path  # a file:// URL names a folder on this disk too
         if local is not None:
-            _set_aside(Path(local))
-            Path(local).parent.mkdir(parents=True, exist_ok=True)
-        group = st.create_store(p.path, p.manifest(), p.arrays,
+            # Through a link to a store (ln -s data/cache/<key>.zarr x.zarr) the store it points to is rebuilt, in
+            # its place, and the link kept: renaming the link aside left the old store behind, and a link that
+            # rmtree refuses to delete (zarr's mode "w" too: the store is made at the link's target).
+            real = Path(os.path.realpath(local))
+            _set_aside(real)
+            real.parent.mkdir(parents=True, exist_ok=True)
+            if Path(local).is_symlink():
+                where = str(real)
+        group = st.create_store(where, p.manifest(), p.arrays,
                                 (len(st.block_ranges(p.num_samples, p.cfg.chunk_samples)), p.units_per_block),
                                 p.stat_columns)
     st.remove_temporaries(group)  # from a run killed mid-write; no writer runs yet

@@ -959,6 +959,25 @@ def test_a_lock_file_this_user_may_not_write_still_says_who_writes(root, teacher
     assert res.exit_code == 1 and "BAD  manifest: not marked complete" in res.stdout, res.output
 
 
+def test_force_through_a_link_rebuilds_the_store_it_points_to(root, teacher_file):
+    """`--force --out link.zarr`, link.zarr a symlink to a store: the store it points to is rebuilt in its place and
+    the link kept. It renamed the link aside (a `.link.zarr.old-PID` link rmtree refuses to delete) and made a new
+    store where the link was, leaving the old store on disk beside it."""
+    path = Path(run_teacher_cache(cfg(teacher_file, out="kept/s.zarr"), log=lambda *_: None)).resolve()
+    before = arrays_of(path)
+    Path("link.zarr").symlink_to(path)
+    (path / "logits" / "c" / "0" / "0").write_bytes(b"stale")  # rebuilt, not reused
+    said = []
+    got = run_teacher_cache(cfg(teacher_file, out="link.zarr", force=True), log=said.append)
+    assert got.endswith("link.zarr") and any("--force: rebuilding" in str(x) for x in said), said
+    assert Path("link.zarr").is_symlink() and Path("link.zarr").resolve() == path
+    assert sorted(p.name for p in Path(".").iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s.zarr", "s.zarr.lock"]  # nothing set aside left
+    for name, v in arrays_of(path).items():
+        np.testing.assert_array_equal(v, before[name], err_msg=name)
+    assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
+
+
 def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file):
     """A second run on a store another process is writing gets one line and touches nothing; `complete` is never set
     with a unit missing; a unit marked committed whose chunk file is gone (a power cut) is recomputed on resume."""
