@@ -317,8 +317,9 @@ def ls_cmd(
 
             log_err(f"no caches in {cache_dir or data_root() / 'cache'} (teacher-cache makes one)")
         for c in caches:
-            if "error" in c:
-                typer.echo(f"{c['path']}: {c['error']}")
+            if "error" in c:  # most errors name the store first already
+                err = str(c["error"])
+                typer.echo(err if err.startswith(str(c["path"])) else f"{c['path']}: {err}")
                 continue
             views = f" x {c['views']} views" if c["views"] else ""
             top1 = f" (top-1 {100 * c['teacher_top1']:.1f}%)" if c.get("teacher_top1") is not None else ""

@@ -1644,6 +1644,8 @@ def test_small_store_troubles_read_clearly(root, teacher_file):
     line = _one_line(runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer",
                                          "layer2", "--chunk-samples", "64", "--batch-size", "32", "--out", str(path)]))
     assert "holds this cache in store format 99" in line and "--force" in line
+    listed = [x for x in runner.invoke(app, ["ls"]).stdout.splitlines() if "mine.zarr" in x]  # named once, not twice
+    assert len(listed) == 1 and listed[0].count("mine.zarr") == 1 and "has store format 99" in listed[0], listed
 
 
 def test_a_store_keyed_before_the_architecture_joined_the_key_is_still_this_cache(root, teacher_file):
