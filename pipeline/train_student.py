@@ -331,8 +331,12 @@ def same_run(config: dict, cache_key: str | None) -> dict:
     finished run): where the run lies and how it was started aside, and the store by its manifest's key (its teacher,
     data, transform, views and codecs), not by the path text: one store named relatively or absolutely, or moved, is
     one store, and one rebuilt in place from another teacher is another. Nor does --data count: it only says where
-    the store's data lies now (set-up refuses data other than the store's)."""
-    same = {k: v for k, v in config.items() if k not in RUN_PLACE + ("cache", "data")} | {"cache_key": cache_key}
+    the store's data lies now (set-up refuses data other than the store's), nor, for a run from a store, --augment:
+    there it only asks set-up to check the store's views policy, which the key already names (online KD's
+    --augment is the augmentation it trains with, and counts)."""
+    checks_only = ("augment",) if config.get("cache") else ()
+    same = ({k: v for k, v in config.items() if k not in RUN_PLACE + ("cache", "data") + checks_only}
+            | {"cache_key": cache_key})
     return same | {"loss": _loss_as_trained(same["loss"])} if "loss" in same else same
 
 
@@ -376,7 +380,8 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | Non
         raise KDCacheError(f"--resume: cannot read {path} ({type(e).__name__}); use --overwrite instead of --resume "
                            "to start over") from None
     saved, now = state.get("config", {}), _comparable(cfg, ranks, cache_key, device)
-    saved = {k: v for k, v in saved.items() if k != "data"}  # older checkpoints recorded --data too (see same_run)
+    # older checkpoints recorded --data, and a cached run's --augment, too (see same_run)
+    saved = {k: v for k, v in saved.items() if k != "data" and not (k == "augment" and cfg.cache)}
     if "loss" in saved:  # older checkpoints recorded --loss as written
         saved["loss"] = _loss_as_trained(saved["loss"])
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count

@@ -1497,10 +1497,13 @@ def test_every_training_setting_counts_for_resume_and_reuse_and_only_those_do():
 
     for f in fields(StudentConfig):
         changed = same_run(asdict(base) | {f.name: other(getattr(base, f.name))}, "key")
-        if f.name in RUN_PLACE + ("cache", "data"):
+        # --augment from a store only checks its views policy, which the key names; online KD trains with it
+        if f.name in RUN_PLACE + ("cache", "data", "augment"):
             assert changed == ref, f.name
         else:
             assert changed != ref, f.name
+    online = asdict(replace(base, cache=None, augment="crop=0.5-1"))
+    assert same_run(online | {"augment": "crop=0.5-1,flip"}, None) != same_run(online, None)
     assert same_run(asdict(base), "other key") != ref
     cpu = torch.device("cpu")
     assert _comparable(base, 1, "key", cpu) != _comparable(base, 2, "key", cpu)

@@ -515,7 +515,7 @@ def test_rebuilt_inputs_bitwise_identical_across_workers_batch_sizes_and_resume(
 
 
 # ------------------------------------------------------------------------------------------------ the student
-def test_student_trains_on_views_and_refuses_another_policy(root, teacher_file):
+def test_student_trains_on_views_and_refuses_another_policy(root, teacher_file, monkeypatch):
     path = _cache(teacher_file)
     s = run_train_student(StudentConfig(cache=path, loss="kd=1,fitnets=1", fitnets_schedule="single", epochs=2,
                                         batch_size=32, workers=0, test_data=SYN_TEST, augment=POLICY, out="run",
@@ -532,6 +532,24 @@ def test_student_trains_on_views_and_refuses_another_policy(root, teacher_file):
         run_train_student(StudentConfig(cache=fixed, augment="flip", workers=0, out="run2"))
     with pytest.raises(KDCacheError, match="needs --augment"):
         _cache(teacher_file, views=4, augment=None)
+    # --augment from a store only checks the store's policy (its key names it): a run started with it resumes
+    # without it, and the other way round
+    import pipeline.train_student as ts
+
+    real = ts.save_whole
+
+    def stop_after_checkpoint(obj, at, then):
+        real(obj, at, then)
+        if at.name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    for first, then in ((["--augment", POLICY], []), ([], ["--augment", POLICY])):
+        args = ["train-student", "--cache", path, "--workers", "0", "--epochs", "2", "--out", "cut"]
+        with monkeypatch.context() as m:
+            m.setattr(ts, "save_whole", stop_after_checkpoint)
+            assert runner.invoke(app, args + ["--overwrite", *first]).exit_code == 130
+        res = runner.invoke(app, args + ["--resume", *then])
+        assert res.exit_code == 0 and "resuming cut after epoch 1/2" in res.stderr, (first, then, res.output)
 
 
 def test_online_views_are_fresh_every_epoch_with_persistent_workers():
