@@ -38,9 +38,14 @@ class Ranks:
     @classmethod
     def from_env(cls) -> Ranks:
         """The ranks torchrun (or any launcher setting WORLD_SIZE, RANK, MASTER_ADDR/PORT) started; one otherwise."""
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = _env_int("WORLD_SIZE", 1)
         if world <= 1:
             return cls()
+        rank = _env_int("RANK", None)
+        if rank is not None and not 0 <= rank < world:
+            # torch's rendezvous would wait (for hours: MEETING_TIMEOUT) for ranks that can never all arrive
+            raise KDCacheError(f"RANK={rank} is not a rank of WORLD_SIZE={world} (0 to {world - 1}); start the "
+                               "ranks with torchrun --nproc_per_node N, or unset WORLD_SIZE for one process")
         import torch.distributed as dist
 
         owns = not dist.is_initialized()
@@ -51,7 +56,7 @@ class Ranks:
                 raise KDCacheError(f"WORLD_SIZE={world}, but {first_line(e).rpartition(': ')[2] or first_line(e)}; "
                                    "start the ranks with torchrun --nproc_per_node N, or unset WORLD_SIZE for one "
                                    "process") from None
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0), owns)
+        return cls(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), owns)
 
     @property
     def leader(self) -> bool:
@@ -159,6 +164,19 @@ class Ranks:
                 except Exception:  # noqa: BLE001 - a peer gone: nothing left to wait for
                     pass
             dist.destroy_process_group()
+
+
+def _env_int(name: str, default):
+    """A launcher's variable as an integer (`default` when unset or empty); anything else is one line, not int()'s
+    ValueError traceback."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise KDCacheError(f"{name}={value!r} is not a whole number; start the ranks with torchrun --nproc_per_node "
+                           "N, or unset WORLD_SIZE for one process") from None
 
 
 def _one_line(e: BaseException) -> str:

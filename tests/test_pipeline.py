@@ -1300,6 +1300,28 @@ def test_world_size_without_a_launcher_is_one_line(root, teacher_file, monkeypat
     assert res.exit_code == 2 and "but environment variable MASTER_ADDR expected" in res.stderr, res.output
 
 
+def test_launcher_variables_that_are_no_ranks_are_one_line(root, teacher_file, monkeypatch):
+    """WORLD_SIZE or RANK that is not a number was int()'s ValueError traceback; a RANK outside 0..WORLD_SIZE-1
+    waited in torch's rendezvous for ranks that can never all arrive (for hours)."""
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    args = ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and res.stderr.startswith("error: WORLD_SIZE='abc' is not a whole number"), res.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "x")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and res.stderr.startswith("error: RANK='x' is not a whole number"), res.output
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and res.stderr.startswith("error: RANK=2 is not a rank of WORLD_SIZE=2 (0 to 1)"), \
+        res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_teacher_checks_its_out_before_training(root, monkeypatch):
     import pipeline.teacher_train as tt
 
