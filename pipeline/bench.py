@@ -234,6 +234,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if not sizes or min(sizes) < 1:
             raise KDCacheError(f"--scaling takes sample counts separated by commas, e.g. 10000,100000 "
                                f"(got '{cfg.scaling}')")
+        from pipeline.data import open_source
+
+        tiny = PRESETS["tiny"]
+        for size in sizes:  # a size too large to hold (synthetic data's limit) was refused only after every round
+            open_source(f"synthetic:{size}:{tiny['shape']}:{tiny['classes']}")
     for flag, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
         if value is not None and value < least:
             raise KDCacheError(f"{flag} must be at least {least} (got {value})")
