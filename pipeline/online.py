@@ -126,7 +126,7 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     refuse_missing_labels(needs, use_labels, source.labelled, "data")  # as train-student does
     layers = [t[len("features/"):] for t in needs if t.startswith("features/")]
     with torch.no_grad(), capture(teacher, layers) as feats:
-        logits = teacher(source.load(np.arange(2), tf))
+        logits = teacher(source.load(np.arange(min(2, source.num_samples)), tf))  # one-sample data too
         teacher_shapes = {"logits": tuple(logits.shape[1:])} | {st.feature_array(k): tuple(v.shape[1:])
                                                                  for k, v in feats.items()}
     # Building the teacher drew from the seeded generator: seed again, so the student starts where a cached run

@@ -731,6 +731,18 @@ def test_online_kd_refuses_a_label_loss_with_labels_hidden_as_train_student_does
     assert not Path("online").exists()  # refused before the run directory
 
 
+def test_online_kd_trains_on_data_of_one_sample(root, teacher_file):
+    """`kdcache bench --samples 1` runs online KD on one sample: its probe of the teacher loaded samples 0 and 1 and
+    stopped with "sample index out of range ... the store was made from other data" (there is no store)."""
+    import pipeline.online as online
+
+    out = online.run_online_kd(online.OnlineConfig(data="synthetic:1:1x16x16:4", weights=str(teacher_file),
+                                                   loss="kd=1", epochs=1, batch_size=32, workers=0,
+                                                   test_data=SYN_TEST, out="online"), log=lambda *_: None)
+    assert out["epochs"] == 1
+    assert [json.loads(line)["samples"] for line in Path("online/metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_a_store_made_before_the_crop_fallback_check_is_still_verified_repaired_and_hit(root, teacher_file,
                                                                                         monkeypatch):
     """A policy refused since (its crops fall back to a fixed centre crop on these wide images) made stores before
