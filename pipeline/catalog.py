@@ -39,6 +39,9 @@ def _cache_paths(cache_dir: str | None) -> list[str]:
             if not fs.isdir(root):
                 raise KDCacheError(f"--cache-dir {cache_dir} is not a folder; give the folder that holds the .zarr "
                                    "caches")
+            if fs.exists(f"{root.rstrip('/')}/zarr.json"):  # as for a path: else "no caches in" a store
+                raise KDCacheError(f"--cache-dir {cache_dir} is a cache store, not a folder of caches; `kdcache "
+                                   f"inspect {cache_dir}` shows it")
             names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
         return [st.join(cache_dir, n) for n in names if n.endswith(".zarr")]
     root = Path(cache_dir) if cache_dir else data_root() / "cache"

@@ -852,6 +852,8 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--loss", "rkd=1", "--rkd-layer", "logits"], "names the logits as a layer"),
         (["ls", "--cache-dir", "no-such-dir"], "not a folder"),
         (["ls", "--cache-dir", path], "is a cache store, not a folder of caches; `kdcache inspect"),
+        # by its file:// URL too (it said "no caches in" the store)
+        (["ls", "--cache-dir", f"file://{os.path.abspath(path)}"], "is a cache store, not a folder of caches"),
         (["verify", path, "--recompute", "-1"], "--recompute"),
     ]
     if not torch.cuda.is_available():
