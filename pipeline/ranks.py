@@ -166,6 +166,11 @@ class Ranks:
             dist.destroy_process_group()
 
 
+def launched_ranks() -> int:
+    """How many ranks a launcher (torchrun) started this process among: 1 without one."""
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
 def _env_int(name: str, default):
     """A launcher's variable as an integer (`default` when unset or empty); anything else is one line, not int()'s
     ValueError traceback."""

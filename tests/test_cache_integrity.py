@@ -977,6 +977,19 @@ def test_force_through_a_link_rebuilds_the_store_it_points_to(root, teacher_file
         np.testing.assert_array_equal(v, before[name], err_msg=name)
     assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
 
+def test_repair_under_torchrun_is_refused_before_touching_the_store(root, teacher_file, monkeypatch):
+    """Under torchrun every rank ran the whole repair: all but one failed on the store's writer lock ("being written
+    now" by its sibling rank), and the rest of the run left a complete store marked incomplete."""
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
+    Path(path, "logits", "c", "1", "0").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = runner.invoke(app, ["repair", path])
+    assert res.exit_code == 2 and res.stderr.strip() == ("error: repair runs as one process, not as 2 torchrun "
+                                                         "ranks; run `kdcache repair s.zarr` without torchrun")
+    assert st.open_store(path).manifest["complete"] is True  # untouched
+    monkeypatch.delenv("WORLD_SIZE")
+    assert runner.invoke(app, ["repair", path]).exit_code == 0
+
 
 def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file):
     """A second run on a store another process is writing gets one line and touches nothing; `complete` is never set
