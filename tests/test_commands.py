@@ -596,6 +596,13 @@ def test_bench_refuses_bad_flags_and_outputs_before_measuring(root):
             assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], \
                 (args, res.output)
     assert Path("weights.pt").read_bytes() == b"someone's file"
+    # under torchrun each rank made its own scratch folder, and rank 1 could not open the store rank 0 created there
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bench, "teacher_forward", lambda *a, **k: pytest.fail("measured before refusing"))
+        m.setenv("WORLD_SIZE", "2")
+        res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "256"])
+    assert res.exit_code == 2 and res.stderr.strip() == ("error: kdcache bench measures one process, not 2 torchrun "
+                                                         "ranks; run it without torchrun"), res.output
 
 
 def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
