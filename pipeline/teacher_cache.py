@@ -443,10 +443,15 @@ def _open_or_create(p: Prepared, log, held: ExitStack) -> np.ndarray | None:
         _refuse_foreign(p.path)
         local, where = st.local_path(p.path), p.path  # a file:// URL names a folder on this disk too
         if local is not None:
+            real, here = Path(os.path.realpath(local or ".")), os.path.realpath(os.getcwd())
+            if str(real) == here or here.startswith(str(real).rstrip(os.sep) + os.sep):
+                # `--out .` (or `file://`): the folder set aside would be the one this process runs in, and the
+                # store would then be created under a working directory that no longer exists
+                raise KDCacheError(f"--out {p.path} is the folder this command runs in (or holds it); run it from "
+                                   f"the parent folder with --out {real.name or real}")
             # Through a link to a store (ln -s data/cache/<key>.zarr x.zarr) the store it points to is rebuilt, in
             # its place, and the link kept: renaming the link aside left the old store behind, and a link that
             # rmtree refuses to delete (zarr's mode "w" too: the store is made at the link's target).
-            real = Path(os.path.realpath(local))
             _set_aside(real)
             real.parent.mkdir(parents=True, exist_ok=True)
             if Path(local).is_symlink():

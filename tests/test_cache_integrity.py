@@ -1862,6 +1862,24 @@ def test_force_on_a_file_url_sets_the_old_store_aside_like_its_path(root, teache
         np.testing.assert_array_equal(v, before[name], err_msg=name)
 
 
+def test_a_store_named_as_the_working_folder_is_refused_in_one_line(root, teacher_file, monkeypatch):
+    """`--out .` (or `--out file://`, the same folder) in an empty folder: setting the folder aside stopped with
+    pathlib's "PosixPath('.') has an empty name" traceback, and had it renamed the folder, the store would have been
+    created under a working directory that no longer exists."""
+    Path("work").mkdir()
+    monkeypatch.chdir("work")
+    for out in (".", "file://"):
+        res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", out])
+        assert res.exit_code == 2 and res.stderr.strip() == (f"error: --out {out} is the folder this command runs in "
+                                                             "(or holds it); run it from the parent folder with "
+                                                             "--out work"), res.output
+    assert Path.cwd() == root / "work" and not list(Path.cwd().iterdir())
+    monkeypatch.chdir(root)
+    assert runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", "work"]
+                         ).exit_code == 0
+    assert st.open_store("work").manifest["complete"] is True
+
+
 def test_a_url_that_cannot_be_read_is_not_called_a_foreign_store(root, teacher_file):
     """An object store this machine may not read (no credentials, access denied: s3fs raises PermissionError) was
     reported by teacher-cache as "exists and is not a kdcache store; choose another --out", and by verify and
