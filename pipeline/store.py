@@ -154,7 +154,7 @@ def enclosing_store(path) -> Path | None:
     local = local_path(path)
     if local is None:
         return None
-    p = Path(local).absolute()
+    p = Path(os.path.abspath(local or "."))  # normalised: the parents of x/.. are not x
     folders = (p, *p.parents)
     nearest = next((i for i, f in enumerate(folders) if (f / "zarr.json").exists()), None)
     if nearest is None:

@@ -233,7 +233,9 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     local = st.local_path(cfg.out or folder)  # a file:// URL names a folder on this disk too
     if cfg.out and local is not None and Path(local).is_file():  # ... and plan named it as the store's path
         raise KDCacheError(f"{cfg.out} exists and is a file, not a cache folder; choose another --out")
-    here = None if local is None else Path(local).parent if cfg.out else Path(local)
+    # the folder --out lies in: of `--out .` that is `..` (Path(".").parent is `.`, the store itself)
+    here = None if local is None else Path(os.path.normpath(os.path.join(local or ".", os.pardir))) if cfg.out \
+        else Path(local)
     inside = None if here is None else st.enclosing_store(here)
     if inside is not None and (here / "zarr.json").exists():
         # a store nested in another: that one's --force or repair would delete it with its own folder

@@ -1878,6 +1878,13 @@ def test_a_store_named_as_the_working_folder_is_refused_in_one_line(root, teache
     assert runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", "work"]
                          ).exit_code == 0
     assert st.open_store("work").manifest["complete"] is True
+    # from inside the store, `.` is the store, not a folder inside it: repair and verify --recompute run (they said
+    # "--out: . is a Zarr store (or a group in one), not a folder of caches", or ".. is inside the Zarr store")
+    Path("work", "logits", "c", "0", "0").unlink()
+    monkeypatch.chdir("work")
+    res = runner.invoke(app, ["repair", "."])
+    assert res.exit_code == 0 and "recomputing 1 bad chunk(s): 0" in res.stderr, res.output
+    assert runner.invoke(app, ["verify", ".", "--recompute", "4"]).exit_code == 0
 
 
 def test_a_url_that_cannot_be_read_is_not_called_a_foreign_store(root, teacher_file):
