@@ -227,10 +227,10 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
                 "format": st.FORMAT_VERSION}
     key = cache_key(identity)
     folder = cfg.cache_dir or data_root() / "cache"
-    flag, parent = ("--out", Path(cfg.out).parent) if cfg.out else ("--cache-dir", Path(folder))
-    if not st.is_url(cfg.out or folder) and parent.is_file():  # else plan would name a store it can never write
-        raise KDCacheError(f"{flag}: {parent} is a file, not a folder; choose another {flag}")
     local = st.local_path(cfg.out or folder)  # a file:// URL names a folder on this disk too
+    flag, parent = ("--out", Path(local or ".").parent) if cfg.out else ("--cache-dir", Path(local or "."))
+    if local is not None and parent.is_file():  # else plan would name a store it can never write
+        raise KDCacheError(f"{flag}: {parent} is a file, not a folder; choose another {flag}")
     if cfg.out and local is not None and Path(local).is_file():  # ... and plan named it as the store's path
         raise KDCacheError(f"{cfg.out} exists and is a file, not a cache folder; choose another --out")
     # the folder --out lies in: of `--out .` that is `..` (Path(".").parent is `.`, the store itself)

@@ -818,6 +818,10 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (cache + ["--normalize", "0.5,0.5/0.2"], "gives 2 mean(s) and 1 std(s) for 1-channel inputs"),
         (cache + ["--cache-dir", "a-file"], "--cache-dir: a-file is a file, not a folder"),
         (cache + ["--out", "a-file/x.zarr"], "a-file"),                      # a path through a file
+        # by its file:// URL too: plan named a store it can never write, teacher-cache said "File exists"
+        (["plan", *cache[1:], "--cache-dir", f"file://{os.path.abspath('a-file')}"],
+         f"--cache-dir: {os.path.abspath('a-file')} is a file, not a folder"),
+        (cache + ["--out", f"file://{os.path.abspath('a-file')}/x.zarr"], "--out: "),
         (cache + ["--cache-dir", path], f"--cache-dir: {path} is a Zarr store"),  # a store nested in a store
         (cache + ["--out", f"{path}/features/x.zarr"], f"--out: {path}/features is a Zarr store (or a group in one)"),
         (cache + ["--out", f"{path}/sub/x.zarr"],
