@@ -56,6 +56,11 @@ class Ranks:
                 raise KDCacheError(f"WORLD_SIZE={world}, but {first_line(e).rpartition(': ')[2] or first_line(e)}; "
                                    "start the ranks with torchrun --nproc_per_node N, or unset WORLD_SIZE for one "
                                    "process") from None
+            except dist.DistError as e:  # the rendezvous itself: MASTER_PORT held by another program, say
+                raise KDCacheError(f"cannot start the process group of WORLD_SIZE={world} ranks "
+                                   f"({type(e).__name__}: {first_line(e).rpartition('message: ')[2] or first_line(e)})"
+                                   "; check MASTER_ADDR and MASTER_PORT (another program may hold the port), or start "
+                                   "the ranks with torchrun --nproc_per_node N") from None
         return cls(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), owns)
 
     @property

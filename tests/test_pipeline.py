@@ -1326,6 +1326,19 @@ def test_launcher_variables_that_are_no_ranks_are_one_line(root, teacher_file, m
     assert res.exit_code == 2 and res.stderr.startswith("error: RANK=2 is not a rank of WORLD_SIZE=2 (0 to 1)"), \
         res.output
     assert len(res.stderr.strip().splitlines()) == 1
+    # rank 0 of a hand-made launch whose MASTER_PORT another program holds: torch's DistNetworkError traceback
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
+        res = runner.invoke(app, args)
+    assert res.exit_code == 2 and res.stderr.startswith("error: cannot start the process group of WORLD_SIZE=2 "
+                                                        "ranks (DistNetworkError: address already in use); check "
+                                                        "MASTER_ADDR and MASTER_PORT"), res.output
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_teacher_checks_its_out_before_training(root, monkeypatch):
