@@ -688,6 +688,30 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
         run_teacher_cache(cfg(teacher_file, cache_dir="file://"), log=lambda *_: None)
 
 
+@pytest.mark.parametrize("where", ["s.zarr", "memory://lost/s.zarr"])
+def test_a_committed_unit_whose_distortion_row_is_lost_is_redone(root, teacher_file, where):
+    """A unit's `_stats` row lost under its marker (a power cut before the final fsync; an object deleted by a
+    lifecycle rule) read as NaN: the resumed run marked the store complete with NaN distortion and teacher accuracy
+    ("teacher top-1 accuracy ...: nan%"), and verify then failed it. Now the unit is recomputed like a lost chunk."""
+    import fsspec
+
+    path = run_teacher_cache(cfg(teacher_file, out=where, layers=[]), log=lambda *_: None)
+    want = st.open_store(path).manifest
+    g = st.open_group(path, "r+")
+    g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
+    g[st.COMMIT][0, 0] = 0  # interrupted before its last unit
+    fs, base = st.filesystem(path)
+    fs.rm_file(f"{base}/{st.STATS}/c/2/0/0")
+    logs = []
+    assert run_teacher_cache(cfg(teacher_file, out=where, layers=[]), log=logs.append) == path
+    assert any("1 unit(s) were marked committed" in m for m in logs), logs
+    man = st.open_store(path).manifest
+    assert man["stats"]["samples_computed"] == 128  # units 0 and 2
+    assert man["distortion"] == want["distortion"] and man["teacher"]["accuracy"] == want["teacher"]["accuracy"]
+    res = runner.invoke(app, ["verify", path])
+    assert res.exit_code == 0, res.output
+
+
 def test_a_url_whose_fsspec_backend_is_missing_names_it(root, teacher_file, monkeypatch):
     """s3:// needs s3fs, which kdcache does not install: every command says so in one line, not 'not a store'."""
     import fsspec
