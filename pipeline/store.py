@@ -439,6 +439,9 @@ def uncommit_lost_units(group) -> int:
     stats = bool(manifest.get("stat_columns"))
     done = committed_units(group)
     present = _object_keys(group, [*specs, *[STATS] * stats]) if root is None and done.any() else None
+    # Its row of distortion sums read back too: damaged (a checksum error) or not finite, completing the store
+    # stopped with a traceback or marked it complete with NaN distortion and teacher accuracy.
+    sums = _readable_stats(group, done.shape) if done.any() and stats and has_array(group, STATS) else None
     lost = 0
     for b, v in np.argwhere(done):
         # a unit owns its view's chunk of every view array, and (as view 0) the sample-level arrays' chunk
@@ -450,6 +453,7 @@ def uncommit_lost_units(group) -> int:
         else:
             files = [Path(root) / k for k in keys]
             whole = all(f.is_file() and f.stat().st_size > 0 for f in files)
+        whole = whole and (sums is None or bool(sums[b, v]))
         if not whole:
             group[COMMIT][b, v] = 0
             lost += 1
@@ -461,6 +465,21 @@ def stored_arrays(manifest: dict) -> list[str]:
     manifest's data arrays and, where it has distortion columns, `_stats`. One deleted outright is beyond a chunk
     repair (`repair` refuses it), so no command may take the store as whole without it."""
     return [*(manifest.get("arrays") or {}), *([STATS] if manifest.get("stat_columns") else [])]
+
+
+def _readable_stats(group, shape: tuple[int, int]) -> np.ndarray:
+    """(B, V) bool: which units' `_stats` rows read back, all finite (a committed unit's always are)."""
+    arr = group[STATS]
+    try:
+        return np.isfinite(np.asarray(arr[:])).all(axis=-1)
+    except Exception:  # noqa: BLE001 - a damaged row: read them one by one
+        out = np.zeros(shape, dtype=bool)
+        for b, v in np.ndindex(*shape):
+            try:
+                out[b, v] = bool(np.isfinite(np.asarray(arr[b, v])).all())
+            except Exception:  # noqa: BLE001
+                pass
+        return out
 
 
 def has_array(group, name: str) -> bool:

@@ -688,22 +688,26 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
         run_teacher_cache(cfg(teacher_file, cache_dir="file://"), log=lambda *_: None)
 
 
+@pytest.mark.parametrize("damage", ["lost", "garbled"])
 @pytest.mark.parametrize("where", ["s.zarr", "memory://lost/s.zarr"])
-def test_a_committed_unit_whose_distortion_row_is_lost_is_redone(root, teacher_file, where):
+def test_a_committed_unit_whose_distortion_row_is_lost_is_redone(root, teacher_file, where, damage):
     """A unit's `_stats` row lost under its marker (a power cut before the final fsync; an object deleted by a
     lifecycle rule) read as NaN: the resumed run marked the store complete with NaN distortion and teacher accuracy
-    ("teacher top-1 accuracy ...: nan%"), and verify then failed it. Now the unit is recomputed like a lost chunk."""
-    import fsspec
-
-    path = run_teacher_cache(cfg(teacher_file, out=where, layers=[]), log=lambda *_: None)
+    ("teacher top-1 accuracy ...: nan%"), and verify then failed it; garbled (a checksum error), completing the
+    store stopped with zarr's ValueError traceback. Now the unit is recomputed like a lost chunk."""
+    out = where.replace("lost", damage)  # memory:// lives as long as the process: one store per case
+    path = run_teacher_cache(cfg(teacher_file, out=out, layers=[]), log=lambda *_: None)
     want = st.open_store(path).manifest
     g = st.open_group(path, "r+")
     g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
     g[st.COMMIT][0, 0] = 0  # interrupted before its last unit
     fs, base = st.filesystem(path)
-    fs.rm_file(f"{base}/{st.STATS}/c/2/0/0")
+    if damage == "lost":
+        fs.rm_file(f"{base}/{st.STATS}/c/2/0/0")
+    else:
+        fs.pipe_file(f"{base}/{st.STATS}/c/2/0/0", b"garbled bytes")
     logs = []
-    assert run_teacher_cache(cfg(teacher_file, out=where, layers=[]), log=logs.append) == path
+    assert run_teacher_cache(cfg(teacher_file, out=out, layers=[]), log=logs.append) == path
     assert any("1 unit(s) were marked committed" in m for m in logs), logs
     man = st.open_store(path).manifest
     assert man["stats"]["samples_computed"] == 128  # units 0 and 2
