@@ -264,6 +264,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     data = f"synthetic:{n}:{p['shape']}:{p['classes']}"
     test = f"synthetic:{max(batch, 256)}:{p['shape']}:{p['classes']}:1"
     source = open_source(data)
+    open_source(test)  # sized by --batch-size: one too large to hold was refused only after the cache rounds
     tf = default_transform(source)
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{cfg.preset}-", dir=base))

@@ -590,7 +590,9 @@ def test_bench_refuses_bad_flags_and_outputs_before_measuring(root):
                            (["--write-readme"], "has no <!-- bench:start --> ... <!-- bench:end --> markers"),
                            # measured last: refused only after every round, and its results were lost
                            (["--scaling", "1000,1000000000"], "synthetic:1000000000:1x8x8:10 has 1,000,000,000 "
-                                                              "samples")):
+                                                              "samples"),
+                           # the students' test split is as large as a batch: refused after the cache rounds
+                           (["--batch-size", "300000000"], "synthetic:300000000:1x8x8:10:1 has 300,000,000 samples")):
             res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "256", *args])
             lines = res.stderr.strip().splitlines()
             assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], \
