@@ -340,6 +340,8 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
         # the others waiting for it at the next meeting. All prepare to write; rank 0 then finds it complete (under
         # its lock) and every rank returns it as a hit.
         p = ranks.together(prepare, cfg, ranks, False)
+    if not p.hit:  # about to write: every rank must compute the one cache rank 0's store is made for
+        _refuse_disagreeing_ranks(p, ranks)
     if ranks.world > 1 and str(p.path).startswith("memory://"):  # the same path on every rank: all refuse it
         raise KDCacheError(f"{p.path}: a memory:// store lives in one process, so {ranks.world} ranks cannot fill "
                            "it together; use a folder or a URL every rank reaches")
@@ -388,6 +390,18 @@ def _run(cfg: CacheConfig, log, ranks: Ranks, held: ExitStack) -> str:
     if top1 is not None:
         log(f"teacher top-1 accuracy on the cached {'views' if p.views else 'inputs'}: {100 * top1:.2f}%")
     return str(p.path)
+
+
+def _refuse_disagreeing_ranks(p: Prepared, ranks: Ranks) -> None:
+    """Ranks that resolved another cache key (other data or weights under the same path on another node, say) would
+    each fill their share of rank 0's store with their own teacher's outputs on their own data, and the store would
+    be marked complete: refuse, on every rank, before anything is written."""
+    seen = ranks.gather((p.key, str(p.path)))
+    other = next((r for r, kp in enumerate(seen) if kp != seen[0]), None)
+    if other is not None:
+        raise KDCacheError(f"the ranks disagree on the cache: rank 0 resolved key {seen[0][0]} at {seen[0][1]}, rank "
+                           f"{other} key {seen[other][0]} at {seen[other][1]}; every rank must see the same teacher "
+                           "weights and data (the same files) with the same flags")
 
 
 def _open_created(path: str):

@@ -941,6 +941,32 @@ def test_ranks_that_disagree_on_a_cache_hit_do_not_wait_for_each_other(root, tea
     assert st.open_store("s.zarr").manifest["stats"]["units_per_rank"] == [2, 1]
 
 
+def test_ranks_that_resolve_other_caches_write_nothing(root, teacher_file):
+    """A rank that sees other data (or weights) under the same names, on another node say, filled its share of rank
+    0's store with its own teacher outputs on its own data, and the store was marked complete. Every rank now
+    refuses before anything is written."""
+    script = root / "disagree.py"
+    script.write_text(
+        "import os, sys\nfrom pipeline.errors import KDCacheError\n"
+        "from pipeline.teacher_cache import CacheConfig, run_teacher_cache\n"
+        f"data = {SYN!r} + (':1' if os.environ['RANK'] == '1' else '')  # rank 1: another sample of the data\n"
+        "try:\n"
+        f"    run_teacher_cache(CacheConfig(data=data, weights={str(teacher_file)!r}, chunk_samples=64, "
+        "out=sys.argv[1], device='cpu'), log=lambda *_: None)\n"
+        "except KDCacheError as e:\n"
+        "    sys.stdout.write(f'rank {os.environ[\"RANK\"]}: {e}\\n')  # one write: the ranks share the pipe\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), "s.zarr"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(res.stdout.strip().splitlines())
+    assert [line[:8] for line in lines] == ["rank 0: ", "rank 1: "], res.stdout
+    assert all(line[8:].startswith("the ranks disagree on the cache: rank 0 resolved key ") and
+               ", rank 1 key " in line and "every rank must see the same teacher weights and data" in line
+               for line in lines), res.stdout
+    assert not Path("s.zarr").exists()
+
+
 def test_ranks_cannot_share_a_memory_store(root, teacher_file):
     """memory:// is one process's: under torchrun rank 0 would create the store where no other rank sees it, and
     rank 1 died with zarr's GroupNotFoundError traceback. Every rank refuses it in one line."""
