@@ -525,6 +525,11 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
     def steps(epoch: int) -> int:  # the batches epoch `epoch` gives every rank
         return stream.batches_per_epoch(cfg.workers, everyone=True, epoch=epoch)
 
+    seen = ranks.gather((store.manifest["key"], store.path))
+    other = next((r for r, kp in enumerate(seen) if kp[0] != seen[0][0]), None)
+    if other is not None:  # e.g. another store under the same path on another node: its targets, averaged in silence
+        raise KDCacheError(f"the ranks read different caches: rank 0 key {seen[0][0]} at {seen[0][1]}, rank {other} "
+                           f"key {seen[other][0]} at {seen[other][1]}; every rank must read the same store")
     if ranks.world > 1 and any(steps(e) == 0 for e in range(cfg.epochs)):
         raise KDCacheError(f"{ranks.world} ranks x {max(1, cfg.workers)} loader workers share the store's "
                            f"{len(stream.blocks)} chunk(s), so some rank gets none; use fewer --workers or ranks, or "

@@ -980,6 +980,39 @@ def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers)
     assert json.loads(Path("run/config.json").read_text())["ranks"] == 2
 
 
+def test_ranks_reading_different_caches_are_refused(root, teacher_file):
+    """Ranks whose --cache names different stores (another store under the same path on another node, say) each
+    checked their own, then trained from different teachers' targets with their gradients averaged, in silence."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import save_teacher
+
+    repo = Path(__file__).resolve().parents[1]
+    ours = _cache(teacher_file, layers=[])
+    theirs = run_teacher_cache(CacheConfig(data=SYN, weights=str(save_teacher(root / "other.pt", seed=1)),
+                                           chunk_samples=64, out="theirs.zarr", device="cpu"), log=lambda *_: None)
+    script = root / "two_caches.py"
+    script.write_text(
+        "import os, sys\nfrom pipeline.errors import KDCacheError\n"
+        "from pipeline.train_student import StudentConfig, run_train_student\n"
+        "try:\n"
+        "    run_train_student(StudentConfig(cache=sys.argv[1 + int(os.environ['RANK'])], epochs=1, workers=0, "
+        "out='run'), log=lambda *_: None)\n"
+        "except KDCacheError as e:\n"
+        "    sys.stdout.write(f'rank {os.environ[\"RANK\"]}: {e}\\n')  # one write: the ranks share the pipe\n")
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), ours, theirs], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    keys = [open_store(p).manifest["key"] for p in (ours, theirs)]
+    want = (f"the ranks read different caches: rank 0 key {keys[0]} at {ours}, rank 1 key {keys[1]} at {theirs}; "
+            "every rank must read the same store")
+    assert sorted(res.stdout.strip().splitlines()) == [f"rank 0: {want}", f"rank 1: {want}"], res.stdout
+    assert not Path("run/checkpoint.pt").exists() and not Path("run/metrics.jsonl").exists()
+
+
 def test_a_set_up_failure_on_one_rank_stops_every_rank_with_one_line(root, teacher_file):
     """Rank 0 alone opens the run directory; when it cannot, rank 1 must not die in the gradient all-reduce with
     a gloo traceback but say which rank failed and why."""
