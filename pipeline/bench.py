@@ -219,10 +219,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.models import build_model
     from pipeline.store import versions
     from pipeline.online import OnlineConfig, run_online_kd
+    from pipeline.ranks import launched_ranks
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
     from pipeline.train_student import StudentConfig, run_train_student
-
-    from pipeline.ranks import launched_ranks
 
     if launched_ranks() > 1:  # each rank made its own scratch folder, and rank 1 failed to open rank 0's store there
         raise KDCacheError(f"kdcache bench measures one process, not {launched_ranks()} torchrun ranks; run it "
@@ -239,8 +238,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if not sizes or min(sizes) < 1:
             raise KDCacheError(f"--scaling takes sample counts separated by commas, e.g. 10000,100000 "
                                f"(got '{cfg.scaling}')")
-        from pipeline.data import open_source
-
         tiny = PRESETS["tiny"]
         for size in sizes:  # a size too large to hold (synthetic data's limit) was refused only after every round
             open_source(f"synthetic:{size}:{tiny['shape']}:{tiny['classes']}")
