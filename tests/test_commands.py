@@ -695,7 +695,7 @@ def test_results_rerun_a_finished_run_made_with_any_other_training_setting(root,
     the view policy, the views' augmentation policy and their seed, ... A setting its comparison dropped would put a
     run made with it (say 5 epochs, or another augmentation) in a README table that says another. Only where the
     run lies and how it was started do not count, nor a cached run's store or data path (the store counts by its
-    key); an online run's data counts by its content (`online.identity`)."""
+    key) or its --augment (a check of the store's policy); an online run's data counts by its content (`online.identity`)."""
     from dataclasses import fields
 
     from pipeline.online import OnlineConfig, run_online_kd
@@ -714,7 +714,9 @@ def test_results_rerun_a_finished_run_made_with_any_other_training_setting(root,
     cached = StudentConfig(cache=cache, epochs=1, batch_size=32, workers=0, test_data=SYN_TEST, out="run")
     online = OnlineConfig(data=SYN, weights=str(teacher_file), augment="translate=2,flip", epochs=1, batch_size=32,
                           workers=0, test_data=SYN_TEST, out="online")
-    for cfg, fn, same in ((cached, run_train_student, ("cache", "data")), (online, run_online_kd, ("cache",))):
+    # a cached run's --augment only checks the store's views policy, which the store's key names
+    for cfg, fn, same in ((cached, run_train_student, ("cache", "data", "augment")),
+                          (online, run_online_kd, ("cache",))):
         first = reuse_or_run(cfg, fn)
         calls = []
         assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first and not calls, cfg.out
