@@ -233,7 +233,8 @@ def verify_cmd(
     recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples (every view of each) "
                                           "and compare."),
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples."),
-    data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved (--recompute)."),
+    data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved (--recompute, and "
+                                                  "the check of the stored labels against the data's)."),
     weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved "
                                                      "(--recompute)."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),

@@ -4,7 +4,8 @@ verify reads every chunk of every array (one chunk = one block of rows, in one v
 so crc32c mismatches, undecodable chunks, missing chunks (each array's fill value: NaN for floats, -1 or the
 dtype's minimum for signed integers, the maximum for unsigned ones) and uncommitted units are each reported with the sample range they cover.
 `index` and the view parameters (`aug/box`, `aug/flip`) are checked against what they must hold (the row order;
-the hash of --aug-seed, sample index and view), so chunks of them swapped between files are found too.
+the hash of --aug-seed, sample index and view), so chunks of them swapped between files are found too; `labels`
+against the data's labels of their rows, where the store's data opens here (verify never downloads it).
 `--recompute N` re-runs the teacher on every view of N random samples (rows whose chunks read back intact), each
 input rebuilt exactly as train-student rebuilds it (from the stored view parameters), and reports the largest
 difference from what is stored, per target, against the target codec's tolerance; it also checks those samples'
@@ -158,6 +159,9 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
                     what = "not this view's parameters (those of its --aug-seed, sample index and view)"
                 if what:
                     report.problems.append(Problem(name, b, start, end, what, v))
+    # Labels are data: chunks of them swapped between files pass every checksum (train-student refuses them and
+    # sends you here), so they are compared with the data's labels of their rows where the data opens here.
+    report.problems += _label_problems(cache, report, moved, download=command == "repair")
     if recompute:  # on intact rows only: a damaged chunk is already reported, and its values mean nothing
         bad = {p.block for p in report.problems}
         intact = np.concatenate([np.arange(*blocks[b]) for b in range(len(blocks)) if b not in bad] or
@@ -334,10 +338,7 @@ def repair_store(path: str, log=print, moved: dict | None = None, recompute: int
         raise KDCacheError(f"{path}: array(s) {', '.join(gone)} are missing outright (their metadata deleted or "
                            "damaged), which repair cannot recreate; rebuild the store with teacher-cache --force")
     cache = st.open_store(path, require_complete=False)
-    # Labels are data: chunks of them swapped between files pass every checksum (train-student refuses them and
-    # sends you here), so repair compares them with the data's labels of their rows before deciding.
-    report.problems += _label_problems(cache, report, moved)
-    bad = report.bad_units()
+    bad = report.bad_units()  # labels that are not the data's labels of their rows included (verify_store)
     if not bad and report.complete:
         log(f"{path}: nothing to repair")
         return report
@@ -346,16 +347,20 @@ def repair_store(path: str, log=print, moved: dict | None = None, recompute: int
         return _repair(path, cache, bad, log, moved, recompute, seed)
 
 
-def _label_problems(cache, report: Report, moved: dict | None) -> list[Problem]:
+def _label_problems(cache, report: Report, moved: dict | None, download: bool = True) -> list[Problem]:
     """The blocks whose stored labels (those chunks that read back) are not the data's labels of their rows. Only
     the data is opened; data that cannot be opened here, or is not the store's, checks nothing (a repair with units
-    to redo then stops on it with its own line)."""
-    from pipeline.data import data_differs, open_source
+    to redo then stops on it with its own line). `download`: whether Fashion-MNIST may be fetched when it is not
+    on this machine (repair needs the data anyway; verify never downloads)."""
+    from pipeline.data import data_differs, find_fashion_mnist, open_source
 
     if not cache.labelled:
         return []
     try:
-        source = open_source((_given(moved).get("data") or _made_with(cache)["data"]))
+        spec = _given(moved).get("data") or _made_with(cache)["data"]
+        if not download and spec.startswith("fashion-mnist") and find_fashion_mnist() is None:
+            return []
+        source = open_source(spec)
         if data_differs(source, cache.manifest["data"]):
             return []
     except KDCacheError:

@@ -1542,6 +1542,25 @@ def test_repair_mends_labels_chunks_swapped_between_files(root, teacher_file):
     assert res.exit_code == 0 and "nothing to repair" in res.output
 
 
+def test_verify_names_labels_chunks_swapped_between_files(root, teacher_file):
+    """train-student's line for swapped labels says to run verify, then repair: verify names those blocks (it
+    compares the labels with the data's labels of their rows), not 'OK', and is OK again after repair."""
+    path = Path(run_teacher_cache(cfg(teacher_file), log=lambda *_: None))
+    a, b = path / "labels" / "c" / "0", path / "labels" / "c" / "2"
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    assert raw_a != raw_b
+    a.write_bytes(raw_b), b.write_bytes(raw_a)
+    res = runner.invoke(app, ["verify", str(path), "--json"])
+    assert res.exit_code == 1, res.output
+    found = {(p["array"], p["block"], p["start"], p["end"]) for p in json.loads(res.stdout)["problems"]}
+    assert found == {("labels", 0, 0, 64), ("labels", 2, 128, 192)}, found
+    res = runner.invoke(app, ["verify", str(path)])
+    assert "BAD  labels chunk 0 (rows 0-63): differ from the data's labels of their index" in res.stdout, res.output
+    assert runner.invoke(app, ["repair", str(path)]).exit_code == 0
+    res = runner.invoke(app, ["verify", str(path)])
+    assert res.exit_code == 0 and res.stdout.strip().endswith(f"OK: {path}"), res.output
+
+
 def test_verify_names_values_no_writer_writes_in_chunks_that_pass_their_checksum(root, teacher_file):
     """A chunk rewritten whole (its crc32c valid) can still hold what no writer writes: one NaN or an infinity
     among float data, the int8 fill (-128) in a few rows, a non-finite distortion sum, or another block's index.
