@@ -142,7 +142,8 @@ def _cache_command(mode: str):
         layer: List[str] = typer.Option([], "--layer", help="Module path whose output to cache; repeatable."),
         dtype: str = typer.Option("float16", help="float16, float32 (exact) or bfloat16 (stored as its uint16 "
                                                     "bits; with --logits-topk the top-k values are float16)."),
-        feature_codec: str = typer.Option("float", help="Features: float (= --dtype) or int8 (per-channel scale)."),
+        feature_codec: str = typer.Option("float", help="Features: float (= --dtype) or int8 (a scale per sample and "
+                                                          "channel; per sample for vectors and 1x1 maps)."),
         logits_topk: int = typer.Option(0, help="Store only the top-k logits + tail mass (0: all logits)."),
         views: int = typer.Option(1, help="Augmented views per sample (needs --augment)."),
         augment: Optional[str] = typer.Option(None, help="Augmentation policy, e.g. crop=0.5-1,translate=2,flip,"

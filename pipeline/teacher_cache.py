@@ -51,7 +51,7 @@ class CacheConfig:
     weights: str | None = None            # default-teacher: data/teachers/default.pt
     layers: list[str] = field(default_factory=list)
     dtype: str = "float16"                # of logits and features: float16, float32 (exact) or bfloat16
-    feature_codec: str = "float"          # "float" (= dtype) or "int8" (per-channel scale)
+    feature_codec: str = "float"          # "float" (= dtype) or "int8" (a scale per sample and channel)
     logits_topk: int = 0                  # 0: full logits; k: top-k logits + tail mass (large label spaces)
     views: int = 1                        # augmented views per sample (with `augment`)
     augment: str | None = None            # augmentation policy (augment.py); None: the plain input, no view axis
