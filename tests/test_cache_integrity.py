@@ -1317,7 +1317,10 @@ def test_odd_data_is_read_right_and_stores_stay_trustworthy(root, teacher_file):
     a.write_bytes(b.read_bytes())
     b.write_bytes(a_bytes)
     res = runner.invoke(app, ["verify", str(path), "--recompute", "192"])
-    assert res.exit_code == 1 and "BAD  recompute labels" in res.stdout
+    # named block by block (verify compares labels with the data's); recompute then takes the intact rows alone
+    assert res.exit_code == 1 and "BAD  labels chunk 0 (rows 0-63): differ from the data's labels" in res.stdout
+    assert "BAD  labels chunk 1 (rows 64-127): differ from the data's labels" in res.stdout
+    assert "ok   recompute labels: 0 of 64 differ" in res.stdout, res.stdout
     # an array deleted outright is reported, chunk by chunk
     import shutil
 
