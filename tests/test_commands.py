@@ -216,6 +216,9 @@ def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, m
                           (["--data", f"imagefolder:{root / 'flat'}"], "has no labels, and training a teacher")]:
         res = runner.invoke(app, base + extra)
         _one_line_error(res, wanted)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun every rank would train into the same --out
+    _one_line_error(runner.invoke(app, base), "kdcache teacher trains in one process, not 2 torchrun ranks")
+    monkeypatch.delenv("WORLD_SIZE")
     assert not built and not Path("t.pt").exists()
 
 
