@@ -566,7 +566,8 @@ def mark_complete(group, extra: dict) -> None:
     last write, and it is made durable itself. Refuses if any unit is still uncommitted."""
     missing = int((~committed_units(group)).sum())
     if missing:
-        raise KDCacheError(f"{missing} unit(s) of {group.store} are not committed, so it is not marked complete; "
+        raise KDCacheError(f"{missing} unit(s) of {local_root(group) or group.store} are not committed, so it is not "
+                           "marked complete; "
                            "re-run the same teacher-cache command to fill them")
     manifest = dict(group.attrs[MANIFEST_KEY])
     measured = distortion_summary(group, manifest)

@@ -721,7 +721,8 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
     """Compute and write every unit in `todo`. Returns where the time went: the writers' busy seconds (summed over
     threads) and the thread count, so a user can tell whether the writers or the teacher bound the stage."""
     cfg, source = p.cfg, p.source
-    total = p.num_samples * p.units_per_block
+    # this process's bar: what is already cached plus its own share (under torchrun, rank 0 shows its share only)
+    total = already + sum(blocks[b][1] - blocks[b][0] for b, _ in todo)
     prog, task = _progress(total, already, "views" if p.views else "samples", show)
     pending = set()
     # zstd level 1 compresses ~140-250 MB/s of float16 feature maps per thread (measured on an H100 host's vCPUs and

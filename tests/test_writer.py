@@ -123,3 +123,30 @@ def test_a_chunk_too_large_for_memory_gets_a_note_with_a_chunk_size(root, teache
     suggest = int(re.search(r"--chunk-samples (\d+) ", note[0]).group(1))
     row = chunk / 64  # bytes per row of the largest array, from the store's own metadata
     assert suggest % 16 == 0 and suggest * row <= 128 << 20 < (suggest + 16) * row  # whole batches, ~128 MiB
+
+
+def test_the_progress_bar_counts_this_processs_share_and_ends_full(root, teacher_file, monkeypatch):
+    """Under torchrun rank 0's bar showed the whole store but advanced by its own share only, so it ended short
+    of 100% (half-way with two ranks). Here one process given half the units (every other one, as rank 0 of 2
+    gets them): the bar's total is its share, and it ends full; the store is then refused as incomplete, naming
+    its folder (not zarr's `file://<relative path>`)."""
+    import pytest
+
+    import pipeline.teacher_cache as tc
+    from pipeline.errors import KDCacheError
+    from pipeline.ranks import Ranks
+
+    bars, real = [], tc._progress
+
+    def spy(*a, **k):
+        bars.append(real(*a, **k))
+        return bars[-1]
+
+    monkeypatch.setattr(tc, "_progress", spy)
+    monkeypatch.setattr(Ranks, "share", lambda self, items: items[0::2])
+    not_full = rf"^2 unit\(s\) of {root}/data/cache/[0-9a-f]{{16}}\.zarr are not committed"
+    with pytest.raises(KDCacheError, match=not_full):
+        tc.run_teacher_cache(tc.CacheConfig(data="synthetic:256:1x16x16:4", weights=str(teacher_file),
+                                            chunk_samples=64), log=lambda *_: None)
+    (prog, _task), = bars
+    assert (prog.tasks[0].total, prog.tasks[0].completed) == (128, 128)
