@@ -292,6 +292,22 @@ def probe_forward(model: nn.Module, names: list[str], x: torch.Tensor):
     return out, at_hook, {n for n, t in at_hook.items() if t._version != versions[n]}
 
 
+def forward_in_training_mode(model: nn.Module, x: torch.Tensor):
+    """`model`'s output on `x` as training computes it (training mode, no grad), for a probe before training:
+    some forwards differ there (torchvision's GoogLeNet and Inception v3 add their auxiliary heads' outputs).
+    Leaves the model's buffers (BatchNorm statistics) and the random numbers (dropout draws) as they were; lazy
+    buffers not made yet are made here. The forward's own exceptions propagate, for the caller to name."""
+    before = {k: b.clone() for k, b in model.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
+    # Only the input's GPU: forking every GPU's generator would open a context on each (from every rank).
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+            return model.train()(x)
+    finally:
+        for k, b in model.named_buffers():
+            if k in before:
+                b.copy_(before[k])
+
+
 def forward_failed(model_name: str, x: torch.Tensor, e: BaseException) -> KDCacheError:
     """The one-line error for a model that raises on the data's input (e.g. a 3-channel torchvision model on
     grayscale images): the input's shape, the model's own first line, and the flags that change the input."""

@@ -23,7 +23,8 @@ from pipeline.data import (check_input_flags, class_map, data_root, default_tran
 from pipeline.errors import KDCacheError
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
-from pipeline.models import build_model, check_logits, fingerprint_module, forward_failed
+from pipeline.models import (build_model, check_logits, fingerprint_module, forward_failed,
+                             forward_in_training_mode)
 from pipeline.store import refuse_inside_store
 
 
@@ -72,15 +73,10 @@ def probe(model: nn.Module, name: str, x: torch.Tensor, num_classes: int) -> Non
     """One forward in training mode (as the training runs it) on a tiny batch: a model that fails on this input
     or returns no (batch, classes) scores is refused in one line before any training, not with a traceback at its
     first step. Leaves the model and the random numbers as they were (BatchNorm statistics, dropout draws)."""
-    before = {k: b.clone() for k, b in model.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
-        try:
-            out = model.train()(x)
-        except Exception as e:  # noqa: BLE001 - the user's model, e.g. a 3-channel torchvision model on grey data
-            raise forward_failed(name, x, e) from None
-    for k, b in model.named_buffers():
-        if k in before:
-            b.copy_(before[k])
+    try:
+        out = forward_in_training_mode(model, x)
+    except Exception as e:  # noqa: BLE001 - the user's model, e.g. a 3-channel torchvision model on grey data
+        raise forward_failed(name, x, e) from None
     check_logits(name, out)
     if out.shape[1] != num_classes:
         raise KDCacheError(f"{name} returns {out.shape[1]} class scores per sample, but the data has {num_classes} "

@@ -35,7 +35,7 @@ from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_w
                             training_checks)
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, _first_misfit, build_model, capture, check_outputs, fingerprint_module,
-                             resolve_modules, stop_after)
+                             forward_in_training_mode, resolve_modules, stop_after)
 from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
 from pipeline.store import is_url, open_store, refuse_inside_store, versions
 
@@ -227,21 +227,13 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDCacheError(f"student {cfg.student} returns {what} per sample, but the cache's teacher has "
                            f"{num_classes} classes; build it with num_classes={num_classes}")
-    # Training runs the student in training mode, where some forwards return more than the class scores
-    # (torchvision's GoogLeNet and Inception v3 add their auxiliary heads' outputs): probed in that mode too, as
-    # `kdcache teacher` probes, leaving its BatchNorm statistics and the random numbers as they were.
-    before = {k: b.clone() for k, b in student.named_buffers()
-              if not isinstance(b, torch.nn.parameter.UninitializedBuffer)}  # lazy ones first run in training mode
-    # devices=[]: the probe runs on the CPU; forking every GPU's generator would open a context on each (each rank's)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        try:
-            out = student.train()(probe)
-        except Exception as e:  # noqa: BLE001 - the user's model
-            raise KDCacheError(f"student {cfg.student} fails in training mode on the cached input "
-                               f"{tuple(probe.shape[1:])} ({type(e).__name__}: {first_line(e)})") from None
-    for k, b in student.named_buffers():
-        if k in before:
-            b.copy_(before[k])
+    # Training runs the student in training mode, where some forwards return more than the class scores: probed
+    # in that mode too, as `kdcache teacher` probes (on the CPU: the student is not on its device yet).
+    try:
+        out = forward_in_training_mode(student, probe)
+    except Exception as e:  # noqa: BLE001 - the user's model
+        raise KDCacheError(f"student {cfg.student} fails in training mode on the cached input "
+                           f"{tuple(probe.shape[1:])} ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDCacheError(f"student {cfg.student} returns {what} per sample in training mode (in eval mode its "
