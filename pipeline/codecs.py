@@ -226,6 +226,10 @@ def distortion(target: str, ref: torch.Tensor, decoded: torch.Tensor) -> dict[st
     features -> relative L2 error and cosine similarity. `ref` is the teacher's own output, in float32."""
     ref, decoded = ref.float().flatten(1), decoded.float().flatten(1)
     if target == "logits":
+        # In float64 (a (n, C) matrix: cheap anywhere). float32's log_softmax rounds at ~1e-7 of each logit, so a
+        # float16 or bfloat16 store's KL (~1e-10 .. 1e-8) came out as that noise, up to 300x too large, and its
+        # T = 4 value above its T = 1 one.
+        ref, decoded = ref.double(), decoded.double()
         out = {}
         for T in (1, 4):
             lp, lq = F.log_softmax(ref / T, 1), F.log_softmax(decoded / T, 1)
@@ -233,8 +237,12 @@ def distortion(target: str, ref: torch.Tensor, decoded: torch.Tensor) -> dict[st
         out["top1_agreement"] = (ref.argmax(1) == decoded.argmax(1)).float()
         return out
     norm = ref.norm(dim=1)
+    cos = F.cosine_similarity(ref, decoded, dim=1, eps=1e-12).clamp(-1.0, 1.0)  # no 1 + 1e-9 rounding
+    # A sample whose output is all zeros and stored so (a dead ReLU map; int8 keeps zeros exactly) is no loss:
+    # cosine_similarity calls two zero vectors 0, which pulled an exact store's mean below 1.
+    both_zero = (norm == 0) & (decoded.norm(dim=1) == 0)
     return {"rel_err": (ref - decoded).norm(dim=1) / norm.clamp_min(1e-12),
-            "cosine": F.cosine_similarity(ref, decoded, dim=1, eps=1e-12).clamp(-1.0, 1.0)}  # no 1 + 1e-9 rounding
+            "cosine": torch.where(both_zero, torch.ones_like(cos), cos)}
 
 
 def fill_value(dtype: str):

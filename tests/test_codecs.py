@@ -128,6 +128,28 @@ def test_distortion_metrics_against_hand_computation():
         assert math.isclose(float(f["cosine"][i]), cos, rel_tol=1e-5)
 
 
+def test_distortion_of_a_near_lossless_store_is_not_float32_noise():
+    """A float16 store's KL is ~1e-9: computed in float32 it came out as log_softmax's rounding (1e-8 .. 1e-7), its
+    T = 4 value above its T = 1 one. Checked against float64 numpy on the same float32 / float16 values."""
+    rng = np.random.default_rng(3)
+    ref = (rng.standard_normal((64, 10)) * 3).astype(np.float32)
+    rec = ref.astype(np.float16).astype(np.float32)            # what the float16 codec stores
+    d = distortion("logits", torch.from_numpy(ref), torch.from_numpy(rec))
+    kl = {}
+    for T in (1, 4):
+        r, q = ref.astype(np.float64) / T, rec.astype(np.float64) / T
+        lp = r - r.max(1, keepdims=True) - np.log(np.exp(r - r.max(1, keepdims=True)).sum(1, keepdims=True))
+        lq = q - q.max(1, keepdims=True) - np.log(np.exp(q - q.max(1, keepdims=True)).sum(1, keepdims=True))
+        kl[T] = (np.exp(lp) * (lp - lq)).sum(1)
+        np.testing.assert_allclose(d[f"kl_t{T}"].numpy(), kl[T], rtol=1e-3, atol=1e-14)
+    assert float(d["kl_t4"].mean()) < float(d["kl_t1"].mean()) / 4 < 1e-7
+    # An all-zero sample stored exactly (int8 keeps zeros) costs nothing: cosine 1, not cosine_similarity's 0.
+    f = torch.zeros(2, 3, 4, 4)
+    f[1] = torch.from_numpy(rng.standard_normal((3, 4, 4)).astype(np.float32))
+    out = distortion("features/x", f, Int8Codec().decode("f", Int8Codec().encode("f", f)))
+    assert float(out["cosine"][0]) == 1.0 and float(out["rel_err"][0]) == 0.0 and 0.999 < float(out["cosine"][1])
+
+
 def test_codec_flags_are_checked():
     assert choose("logits", "float16", "int8", 0) == {"name": "float16"}
     assert choose("features", "float16", "int8", 5) == {"name": "int8", "scale": "channel"}
