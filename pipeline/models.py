@@ -172,6 +172,13 @@ def load_checkpoint(path: Path) -> dict:
                 raise KDCacheError(f"{path}: the transform its meta records {problem}; fix it or save the weights "
                                    "without one (then --image-size, --channels and --normalize say what to feed)")
         return ckpt
+    if isinstance(ckpt, dict) and {"student", "opt", "epoch"} <= set(ckpt):
+        # train-student's checkpoint.pt: read as a bare state_dict, its keys (epoch, student, opt, ...) fitted no
+        # model, and the error asked for a --model that could not help. It records neither the transform nor the
+        # classes student.pt does, so it is named, with the way to its student.pt.
+        raise KDCacheError(f"{path} is an unfinished train-student run's checkpoint (after epoch {ckpt['epoch']}), "
+                           f"not a model's weights; finish the run (train-student --resume --out "
+                           f"{Path(path).parent}) and use its student.pt")
     if isinstance(ckpt, dict):
         return {"state_dict": ckpt}
     raise KDCacheError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")

@@ -1085,6 +1085,22 @@ def test_a_killed_student_run_resumes_to_the_same_weights(root, teacher_file, mo
     assert res.exit_code == 2 and "holds a finished run" in res.stderr
 
 
+def test_an_unfinished_runs_checkpoint_given_as_weights_is_named_not_sent_to_a_useless_model_flag(
+        root, teacher_file, monkeypatch):
+    """eval (and teacher-cache --weights) on checkpoint.pt read it as a bare state_dict: 'pass --model', and with
+    --model 'Missing key(s) ... block1.0.weight' (its keys are epoch, student, opt, ...). Now one line naming it."""
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(cache=_cache(teacher_file), epochs=2, batch_size=32,
+                                                                 workers=0, out="cut", test_data=SYN_TEST))
+    assert Path("cut/checkpoint.pt").is_file()
+    for args in (["eval", "cut/checkpoint.pt", "--data", SYN_TEST],
+                 ["eval", "cut/checkpoint.pt", "--data", SYN_TEST, "--model", "default-student"],
+                 ["teacher-cache", "--data", SYN, "--teacher", "default-student", "--weights", "cut/checkpoint.pt"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+        assert "unfinished train-student run's checkpoint (after epoch 1)" in res.stderr, res.output
+        assert "--resume --out " in res.stderr and "cut) and use its student.pt" in res.stderr
+
+
 def test_a_resumed_run_has_one_metrics_row_per_epoch_and_a_summary_of_them(root, teacher_file, monkeypatch):
     """metrics.jsonl of a resumed run holds epochs 1..E once each, equal (timings aside) to an uninterrupted run's:
     killed while writing epoch 2's checkpoint (its metrics row already written, the checkpoint still epoch 1's), the
