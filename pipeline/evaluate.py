@@ -19,7 +19,7 @@ import torch
 from pipeline.data import class_map, open_source, paths_as_text, resolve_transform
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device, source_batches
-from pipeline.models import check_logits, load_checkpoint, load_model
+from pipeline.models import check_logits, classifier_width, load_checkpoint, load_model
 
 
 @dataclass
@@ -42,7 +42,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     on labelled data, its labels in the model's class order."""
     if cfg.batch_size < 1:
         raise KDCacheError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    meta = load_checkpoint(Path(cfg.weights)).get("meta", {})
+    ckpt = load_checkpoint(Path(cfg.weights))
+    meta = ckpt.get("meta", {})
     meta = meta if isinstance(meta, dict) else {}
     spec = cfg.model or meta.get("arch")
     if not spec:
@@ -53,7 +54,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         raise KDCacheError(f"{cfg.data} has no labels to score against; pass labelled data (class sub-folders)")
     classes = meta.get("classes") or (meta.get("data") or {}).get("classes")  # student.pt / a teacher's file
     lut = class_map(source, classes, flag="--data")
-    num_classes = len(classes) if classes else source.num_classes
+    # Without a record, the output count is read off the weights (as teacher-cache does on unlabelled data): built
+    # with the data's class count, a model of 10 outputs could not be scored on data holding 3 of its classes, which
+    # the confusion below allows for (label i is output i). The data's count when the weights do not say.
+    num_classes = len(classes) if classes else (classifier_width(ckpt["state_dict"]) or source.num_classes)
     tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
     device = pick_device(cfg.device)
     model, _ = load_model(spec, Path(cfg.weights), num_classes, tf.channels, tf.size[0],

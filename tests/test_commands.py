@@ -442,6 +442,30 @@ def test_eval_top5_and_its_bad_inputs(root):
             (args, res.output)
 
 
+def test_eval_scores_bare_weights_with_more_outputs_than_the_datas_classes(root):
+    """A bare state_dict of 10 outputs on data of 4 classes: it was built with the data's 4 and failed to load (size
+    mismatch for fc.weight); now built with the weights' 10, and scored as a plain forward over all 10 scores is."""
+    from pipeline.data import default_transform, open_source
+    from pipeline.evaluate import EvalConfig, run_eval
+    from pipeline.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("default-student", 10, 1, 16).eval()
+    torch.save(model.state_dict(), "bare10.pt")
+    data = "synthetic:96:1x16x16:4:7"
+    got = run_eval(EvalConfig(weights="bare10.pt", data=data, model="default-student", batch_size=40),
+                   log=lambda *_: None)
+    src = open_source(data)
+    with torch.no_grad():
+        logits = model(src.load(np.arange(96), default_transform(src)))
+    y = torch.from_numpy(src.labels(np.arange(96)))
+    pred = logits.argmax(1)
+    assert got["top1"] == (pred == y).sum().item() / 96 and (pred >= 4).any()  # outputs the data lacks are wrong
+    assert got["top5"] == (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum().item() / 96
+    assert np.array(got["confusion"]).shape == (4, 10) and got["classes"] == ["0", "1", "2", "3"]
+    assert got["per_class"]["2"] == ((pred == 2) & (y == 2)).sum().item() / (y == 2).sum().item()
+
+
 def test_bench_command_writes_table_and_json(root):
     res = runner.invoke(app, ["bench", "--preset", "tiny", "--samples", "2048", "--workers", "0", "--repeat", "2",
                               "--scaling", "1024,2048", "--out", "bench.json"])
