@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.data import (check_input_flags, class_map, data_root, default_transform, local_output, open_source,
                            refuse_one_class)
-from pipeline.errors import KDCacheError
+from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
 from pipeline.models import (build_model, check_logits, fingerprint_module, forward_failed,
@@ -137,7 +137,12 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
         for _idx, x, y in source_batches(src, tf, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
             cosine_lr(opt, cfg.lr, step, total, warmup=steps_per_epoch // 2)
             x = random_crop_flip(x, gen)
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            try:
+                logits = model(x.to(device))
+            except ValueError as e:  # BatchNorm on one sample (--batch-size 1): the 2-sample probe cannot see it
+                raise KDCacheError(f"teacher {cfg.arch} fails on a training batch of {len(x)} ({first_line(e)}); "
+                                   "choose a larger --batch-size") from None
+            loss = nn.functional.cross_entropy(logits, y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -179,6 +179,19 @@ def test_teacher_probes_its_model_before_training(root, monkeypatch):
     assert tf["channels"] == 3 and tf["size"] == [12, 12]
 
 
+def test_teacher_on_batches_of_one_sample_that_batchnorm_cannot_train_on_is_one_line(root):
+    """--batch-size 1 and BatchNorm on a 1x1 map (a torchvision ResNet's last stage on small images) failed in the
+    first step with torch's ValueError traceback (the probe runs two samples); now one line naming --batch-size,
+    and nothing saved. A batch size that works still trains."""
+    base = ["teacher", "--data", TINY, "--epochs", "1", "--out", "t.pt", "--arch", "tests.odd_models:bn_head_student"]
+    res = runner.invoke(app, base + ["--batch-size", "1"])
+    _one_line_error(res, "teacher tests.odd_models:bn_head_student fails on a training batch of 1",
+                    "choose a larger --batch-size")
+    assert not Path("t.pt").exists() and not Path("t.json").exists()
+    res = runner.invoke(app, base + ["--batch-size", "2"])
+    assert res.exit_code == 0 and Path("t.pt").exists(), res.output
+
+
 def test_teacher_probe_leaves_the_model_and_random_numbers_as_they_were():
     """The probe runs in training mode (as the training does): BatchNorm statistics and the RNG are restored, so a
     probed run trains the same weights as one without the probe."""
