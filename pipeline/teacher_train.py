@@ -146,11 +146,13 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses += loss.detach()
+            losses += loss.detach() * len(x)  # the epoch's loss is the mean over its samples, as a student's
             step += 1
         refuse_diverged(model, float(losses), epoch, cfg.lr)
         acc = evaluate(model, test, tf, device, test_labels)
-        log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {loss.item():.4f}  {'test' if held_out else 'train'} acc {acc:.4f}  "
+        # the epoch's mean loss, as train-student logs it: the last batch's alone was one batch's noise
+        log(f"teacher epoch {epoch + 1}/{cfg.epochs}  loss {float(losses) / src.num_samples:.4f}  "
+            f"{'test' if held_out else 'train'} acc {acc:.4f}  "
             f"({time.time() - t0:.0f}s)")
     model.cpu()
     meta = {"arch": cfg.arch, "num_classes": src.num_classes, "in_channels": tf.channels,

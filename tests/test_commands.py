@@ -192,6 +192,31 @@ def test_teacher_on_batches_of_one_sample_that_batchnorm_cannot_train_on_is_one_
     assert res.exit_code == 0 and Path("t.pt").exists(), res.output
 
 
+def test_teacher_logs_each_epochs_mean_loss(root, monkeypatch):
+    """The loss each epoch's line shows is the mean over its samples (as train-student's), recomputed here from
+    every step's cross-entropy; it was the last batch's alone (here 16 of 64 samples)."""
+    import torch.nn.functional as F
+
+    from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
+
+    steps, real = [], F.cross_entropy
+
+    def recorded(logits, y, *a, **k):
+        loss = real(logits, y, *a, **k)
+        steps.append((loss.item(), len(y)))
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", recorded)
+    lines = []
+    run_teacher_train(TeacherTrainConfig(data=TINY, epochs=2, batch_size=16, lr=0.05, device="cpu", out="t.pt"),
+                      log=lines.append)
+    logged = [float(x.split("loss ")[1].split()[0]) for x in lines if x.startswith("teacher epoch")]
+    assert len(steps) == 8 and [n for _, n in steps] == [16] * 8
+    means = [sum(v * n for v, n in steps[e * 4:(e + 1) * 4]) / 64 for e in range(2)]
+    assert all(abs(a - m) <= 5.1e-5 for a, m in zip(logged, means))  # printed to 4 places, summed in float32
+    assert all(abs(a - last) > 1e-3 for a, last in zip(logged, (steps[3][0], steps[7][0])))
+
+
 def test_teacher_probe_leaves_the_model_and_random_numbers_as_they_were():
     """The probe runs in training mode (as the training does): BatchNorm statistics and the RNG are restored, so a
     probed run trains the same weights as one without the probe."""
