@@ -158,7 +158,17 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     meta = {"arch": cfg.arch, "num_classes": src.num_classes, "in_channels": tf.channels,
             "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc, "test_data": held_out,
             "train_seconds": time.time() - t0, "config": asdict(cfg), "fingerprint": fingerprint_module(model)}
-    save_whole({"state_dict": model.state_dict(), "meta": meta}, out, "re-run `kdcache teacher`")
-    write_text_whole(out.with_suffix(".json"), json.dumps(meta, indent=2), "re-run `kdcache teacher --overwrite`")
+    # The metadata is written whole under a temporary name before the weights, and renamed only once they are
+    # saved: written after them, a cut in between (Ctrl-C, a full disk) left the metadata of the teacher --overwrite
+    # replaced beside the new weights (another fingerprint, another accuracy, which results reads).
+    sidecar = out.with_suffix(".json")
+    pending = sidecar.with_name(sidecar.name + ".new")
+    write_text_whole(pending, json.dumps(meta, indent=2), "re-run `kdcache teacher`")
+    try:
+        save_whole({"state_dict": model.state_dict(), "meta": meta}, out, "re-run `kdcache teacher`")
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    pending.replace(sidecar)
     log(f"teacher {'test' if held_out else 'train (no test split)'} accuracy {acc:.4f}; saved {out}")
     return meta | {"path": str(out)}

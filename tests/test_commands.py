@@ -217,6 +217,34 @@ def test_teacher_logs_each_epochs_mean_loss(root, monkeypatch):
     assert all(abs(a - last) > 1e-3 for a, last in zip(logged, (steps[3][0], steps[7][0])))
 
 
+def test_an_overwrite_cut_while_saving_leaves_weights_and_metadata_of_one_teacher(root, monkeypatch):
+    """--overwrite cut (Ctrl-C, a full disk) after the new weights were saved and before <stem>.json was: the old
+    teacher's .json stayed beside the new weights (another fingerprint and test accuracy, which results reads).
+    Now the .json is written first under another name and renamed after the weights: a cut while either is
+    written leaves the old pair, and the next --overwrite writes both."""
+    import pipeline.loops as loops
+    import pipeline.teacher_train as tt
+
+    base = ["teacher", "--data", TINY, "--epochs", "1", "--out", "t.pt"]
+    assert runner.invoke(app, base).exit_code == 0
+    old = json.loads(Path("t.json").read_text())["fingerprint"]
+
+    def cut(*_a, **_k):
+        raise KeyboardInterrupt
+
+    for where in (tt, loops.torch):  # the metadata's write, then the weights'
+        with monkeypatch.context() as m:
+            m.setattr(where, "write_text_whole" if where is tt else "save", cut)
+            res = runner.invoke(app, base + ["--overwrite", "--seed", "1"])
+        assert res.exit_code == 130, res.output
+        assert torch.load("t.pt", weights_only=True)["meta"]["fingerprint"] == old
+        assert json.loads(Path("t.json").read_text())["fingerprint"] == old
+        assert sorted(p.name for p in Path(".").iterdir() if p.name.startswith("t.")) == ["t.json", "t.pt"]
+    assert runner.invoke(app, base + ["--overwrite", "--seed", "1"]).exit_code == 0
+    new = torch.load("t.pt", weights_only=True)["meta"]["fingerprint"]
+    assert new != old and json.loads(Path("t.json").read_text())["fingerprint"] == new
+
+
 def test_teacher_probe_leaves_the_model_and_random_numbers_as_they_were():
     """The probe runs in training mode (as the training does): BatchNorm statistics and the RNG are restored, so a
     probed run trains the same weights as one without the probe."""
