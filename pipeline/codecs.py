@@ -234,7 +234,10 @@ def distortion(target: str, ref: torch.Tensor, decoded: torch.Tensor) -> dict[st
         for T in (1, 4):
             lp, lq = F.log_softmax(ref / T, 1), F.log_softmax(decoded / T, 1)
             out[f"kl_t{T}"] = (lp.exp() * (lp - lq)).sum(1).clamp_min(0)
-        out["top1_agreement"] = (ref.argmax(1) == decoded.argmax(1)).float()
+        # the stored top-1 is one of the teacher's top classes: with a tie (two equal top logits) torch.topk and
+        # argmax may each pick another of them, which counted an exact store as disagreeing
+        picked = ref.gather(1, decoded.argmax(1, keepdim=True)).squeeze(1)
+        out["top1_agreement"] = (picked == ref.max(1).values).float()
         return out
     norm = ref.norm(dim=1)
     cos = F.cosine_similarity(ref, decoded, dim=1, eps=1e-12).clamp(-1.0, 1.0)  # no 1 + 1e-9 rounding

@@ -120,6 +120,14 @@ def test_distortion_metrics_against_hand_computation():
             q = np.exp(rec[i] / T) / np.exp(rec[i] / T).sum()
             assert math.isclose(float(d[f"kl_t{T}"][i]), (p * np.log(p / q)).sum(), rel_tol=1e-4, abs_tol=1e-7)
         assert float(d["top1_agreement"][i]) == float(ref[i].argmax() == rec[i].argmax())
+    # a tie for the top: top-1 + tail keeps one of the tied classes (torch.topk on the CPU the later one, argmax
+    # the first); either is the teacher's top-1, so an exact store agrees
+    tied = torch.tensor([[2.0, 2.0, 1.0, 0.0], [3.0, 1.0, 3.0, 0.0]])
+    codec = TopKCodec(1, "float32", 4)
+    kept = codec.decode("logits", codec.encode("logits", tied))
+    assert distortion("logits", tied, kept)["top1_agreement"].tolist() == [1.0, 1.0]
+    other = torch.tensor([[0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 5.0, 9.0]])  # picks class 1 (tied top) / 3 (not top)
+    assert distortion("logits", tied, other)["top1_agreement"].tolist() == [1.0, 0.0]
     f = distortion("features/x", torch.from_numpy(ref), torch.from_numpy(rec))
     for i in range(3):
         assert math.isclose(float(f["rel_err"][i]), np.linalg.norm(ref[i] - rec[i]) / np.linalg.norm(ref[i]),
