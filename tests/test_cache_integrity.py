@@ -24,10 +24,9 @@ from pipeline.cli import app
 from pipeline.errors import KDCacheError
 from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 from pipeline.train_student import StudentConfig, run_train_student
-from tests.conftest import SYN, save_teacher
+from tests.conftest import REPO, SYN, run_ranks, save_teacher
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg(teacher_file, **kw):
@@ -890,12 +889,8 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
     flags = ["teacher-cache", "--data", data, "--weights", str(teacher_file), "--layer", "layer2",
              "--chunk-samples", "64", "--batch-size", "32", "--writers", "1", "--views", "2",
              "--augment", "crop=0.5-1,flip"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "pipeline"]
     shared = root / "ranks.zarr"
-    res = subprocess.run(torchrun + flags + ["--out", str(shared)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = run_ranks("-m", "pipeline", *flags, "--out", shared)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines() == [str(shared)]  # printed once, by rank 0
     stats = st.open_store(shared).manifest["stats"]
@@ -913,7 +908,7 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
         g["logits"][block * 64:(block + 1) * 64, 0] = 0
         g[st.COMMIT][block, 0] = 0
     g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)
-    res = subprocess.run(torchrun + flags + ["--out", single], env=env, capture_output=True, text=True, timeout=300)
+    res = run_ranks("-m", "pipeline", *flags, "--out", single)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already cached" in res.stderr
     assert st.open_store(single).manifest["stats"]["units_per_rank"] == [2, 1]
@@ -933,9 +928,7 @@ def test_ranks_that_disagree_on_a_cache_hit_do_not_wait_for_each_other(root, tea
         f"path = run_teacher_cache(CacheConfig(data={SYN!r}, weights={str(teacher_file)!r}, chunk_samples=64, "
         "out=sys.argv[1], device='cpu'), log=lambda *_: None)\n"
         "sys.stdout.write(path + '\\n')  # one write: the ranks share the pipe\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), "s.zarr"], env=env, capture_output=True, text=True, timeout=120)
+    res = run_ranks(script, "s.zarr", timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["s.zarr", "s.zarr"]
     assert st.open_store("s.zarr").manifest["stats"]["units_per_rank"] == [2, 1]
@@ -955,9 +948,7 @@ def test_ranks_that_resolve_other_caches_write_nothing(root, teacher_file):
         "out=sys.argv[1], device='cpu'), log=lambda *_: None)\n"
         "except KDCacheError as e:\n"
         "    sys.stdout.write(f'rank {os.environ[\"RANK\"]}: {e}\\n')  # one write: the ranks share the pipe\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), "s.zarr"], env=env, capture_output=True, text=True, timeout=120)
+    res = run_ranks(script, "s.zarr", timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = sorted(res.stdout.strip().splitlines())
     assert [line[:8] for line in lines] == ["rank 0: ", "rank 1: "], res.stdout
@@ -970,11 +961,8 @@ def test_ranks_that_resolve_other_caches_write_nothing(root, teacher_file):
 def test_ranks_cannot_share_a_memory_store(root, teacher_file):
     """memory:// is one process's: under torchrun rank 0 would create the store where no other rank sees it, and
     rank 1 died with zarr's GroupNotFoundError traceback. Every rank refuses it in one line."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline", "teacher-cache", "--data", SYN, "--weights", str(teacher_file),
-                          "--chunk-samples", "64", "--cache-dir", "memory://caches"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = run_ranks("-m", "pipeline", "teacher-cache", "--data", SYN, "--weights", teacher_file,
+                    "--chunk-samples", "64", "--cache-dir", "memory://caches")
     assert res.returncode != 0
     assert res.stderr.count("a memory:// store lives in one process, so 2 ranks cannot fill it together") == 2
     assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]

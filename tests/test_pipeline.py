@@ -22,7 +22,7 @@ from pipeline.models import capture, load_teacher
 from pipeline.store import open_store
 from pipeline.teacher_cache import CacheConfig, run_teacher_cache
 from pipeline.train_student import StudentConfig, run_train_student
-from tests.conftest import SYN, SYN_TEST
+from tests.conftest import REPO, SYN, SYN_TEST, run_ranks
 
 runner = CliRunner()
 
@@ -958,16 +958,8 @@ def test_incomplete_store_refused(root, teacher_file):
 def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers):
     """torchrun ranks read disjoint shares of the store (every sample once an epoch across them), average their
     gradients (the student's and FitNets' regressor's) so their weights stay equal, and rank 0 alone writes the run."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
     path = _cache(teacher_file, layers=["layer2"])  # 192 rows in 3 chunks of 64
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(repo / "tests" / "rank_summary.py"), path, "run", SYN_TEST, str(workers)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = run_ranks(REPO / "tests" / "rank_summary.py", path, "run", SYN_TEST, workers)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = {s.get("rank", 0): s for s in map(json.loads, res.stdout.strip().splitlines())}
     assert set(summaries) == {0, 1}
@@ -983,13 +975,8 @@ def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers)
 def test_ranks_reading_different_caches_are_refused(root, teacher_file):
     """Ranks whose --cache names different stores (another store under the same path on another node, say) each
     checked their own, then trained from different teachers' targets with their gradients averaged, in silence."""
-    import os
-    import subprocess
-    import sys
-
     from tests.conftest import save_teacher
 
-    repo = Path(__file__).resolve().parents[1]
     ours = _cache(teacher_file, layers=[])
     theirs = run_teacher_cache(CacheConfig(data=SYN, weights=str(save_teacher(root / "other.pt", seed=1)),
                                            chunk_samples=64, out="theirs.zarr", device="cpu"), log=lambda *_: None)
@@ -1002,9 +989,7 @@ def test_ranks_reading_different_caches_are_refused(root, teacher_file):
         "out='run'), log=lambda *_: None)\n"
         "except KDCacheError as e:\n"
         "    sys.stdout.write(f'rank {os.environ[\"RANK\"]}: {e}\\n')  # one write: the ranks share the pipe\n")
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), ours, theirs], env=env, capture_output=True, text=True, timeout=300)
+    res = run_ranks(script, ours, theirs)
     assert res.returncode == 0, res.stderr[-3000:]
     keys = [open_store(p).manifest["key"] for p in (ours, theirs)]
     want = (f"the ranks read different caches: rank 0 key {keys[0]} at {ours}, rank 1 key {keys[1]} at {theirs}; "
@@ -1016,17 +1001,10 @@ def test_ranks_reading_different_caches_are_refused(root, teacher_file):
 def test_a_set_up_failure_on_one_rank_stops_every_rank_with_one_line(root, teacher_file):
     """Rank 0 alone opens the run directory; when it cannot, rank 1 must not die in the gradient all-reduce with
     a gloo traceback but say which rank failed and why."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
     path = _cache(teacher_file, layers=[])
     Path("afile").write_text("x")
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline", "train-student", "--cache", path, "--epochs", "1", "--workers", "0",
-                          "--out", "afile"], env=env, capture_output=True, text=True, timeout=300)
+    res = run_ranks("-m", "pipeline", "train-student", "--cache", path, "--epochs", "1", "--workers", "0",
+                    "--out", "afile")
     assert res.returncode != 0
     assert "error: --out afile is a file, not a run directory" in res.stderr  # rank 0's own
     assert "error: rank 0 of 2 failed: --out afile is a file" in res.stderr   # rank 1's
@@ -1034,9 +1012,8 @@ def test_a_set_up_failure_on_one_rank_stops_every_rank_with_one_line(root, teach
     # A store of one chunk gives one of two ranks nothing to read: said before training, not a division by zero.
     one = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=192, device="cpu"),
                             log=lambda *_: None)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline", "train-student", "--cache", one, "--epochs", "1", "--workers", "0",
-                          "--out", "one"], env=env, capture_output=True, text=True, timeout=300)
+    res = run_ranks("-m", "pipeline", "train-student", "--cache", one, "--epochs", "1", "--workers", "0",
+                    "--out", "one")
     assert res.returncode != 0 and "share the store's 1 chunk(s), so some rank gets none" in res.stderr
     assert "[rank0]: Traceback" not in res.stderr and "ZeroDivisionError" not in res.stderr, res.stderr[-2000:]
 
