@@ -315,6 +315,14 @@ def forward_in_training_mode(model: nn.Module, x: torch.Tensor):
                 b.copy_(before[k])
 
 
+def refuse_untrainable(model: nn.Module, model_name: str) -> None:
+    """A model without a trainable parameter is one line before training, not the optimizer's (or the first
+    backward's) traceback."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise KDCacheError(f"{model_name} has no trainable parameters, so there is nothing to train; give an "
+                           "architecture with weights")
+
+
 def forward_failed(model_name: str, x: torch.Tensor, e: BaseException) -> KDCacheError:
     """The one-line error for a model that raises on the data's input (e.g. a 3-channel torchvision model on
     grayscale images): the input's shape, the model's own first line, and the flags that change the input."""

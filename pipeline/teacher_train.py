@@ -24,7 +24,7 @@ from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
 from pipeline.models import (build_model, check_logits, fingerprint_module, forward_failed,
-                             forward_in_training_mode)
+                             forward_in_training_mode, refuse_untrainable)
 from pipeline.store import refuse_inside_store
 
 
@@ -82,9 +82,7 @@ def probe(model: nn.Module, name: str, x: torch.Tensor, num_classes: int) -> Non
         raise KDCacheError(f"{name} returns {out.shape[1]} class scores per sample, but the data has {num_classes} "
                            f"classes; build it with num_classes={num_classes} (a module:function is passed "
                            "num_classes= when it accepts it)")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise KDCacheError(f"{name} has no trainable parameters, so there is nothing to train; give an "
-                           "architecture with weights")
+    refuse_untrainable(model, name)
 
 
 def refuse_diverged(model: nn.Module, loss_sum: float, epoch: int, lr: float) -> None:

@@ -35,7 +35,7 @@ from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_w
                             training_checks)
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, _first_misfit, build_model, capture, check_outputs, fingerprint_module,
-                             forward_in_training_mode, resolve_modules, stop_after)
+                             forward_in_training_mode, refuse_untrainable, resolve_modules, stop_after)
 from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
 from pipeline.store import is_url, open_store, refuse_inside_store, versions
 
@@ -239,10 +239,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         raise KDCacheError(f"student {cfg.student} returns {what} per sample in training mode (in eval mode its "
                            f"{num_classes} class scores); build it to return the class scores alone (e.g. without "
                            "auxiliary heads)")
-    # as `kdcache teacher` refuses one: else the optimizer (or the first backward) fails with a bare traceback
-    if not any(p.requires_grad for p in student.parameters()):
-        raise KDCacheError(f"student {cfg.student} has no trainable parameters, so there is nothing to train; give "
-                           "an architecture with weights")
+    refuse_untrainable(student, f"student {cfg.student}")  # as `kdcache teacher` refuses one
     try:
         losses = build_losses(cfg, weights, student_shapes, teacher_shapes)
     except ValueError as e:
