@@ -219,13 +219,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.models import build_model
     from pipeline.store import versions
     from pipeline.online import OnlineConfig, run_online_kd
-    from pipeline.ranks import launched_ranks
+    from pipeline.ranks import one_process_only
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
     from pipeline.train_student import StudentConfig, run_train_student
 
-    if launched_ranks() > 1:  # each rank made its own scratch folder, and rank 1 failed to open rank 0's store there
-        raise KDCacheError(f"kdcache bench measures one process, not {launched_ranks()} torchrun ranks; run it "
-                           "without torchrun")
+    # (each rank made its own scratch folder, and rank 1 failed to open rank 0's store there)
+    one_process_only("kdcache bench measures one process, not {ranks} torchrun ranks; run it without torchrun")
     if cfg.repeat < 1:
         raise KDCacheError(f"--repeat must be at least 1 (got {cfg.repeat})")
     if cfg.samples is not None and cfg.samples < 1:

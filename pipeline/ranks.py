@@ -176,6 +176,15 @@ def launched_ranks() -> int:
     return max(1, _env_int("WORLD_SIZE", 1))
 
 
+def one_process_only(message: str) -> None:
+    """Refuse, before it does anything, a command with no rank machinery that torchrun started as several ranks:
+    each would do the whole of it (and write the same outputs). `message` says so, "{ranks}" standing for their
+    count."""
+    world = launched_ranks()
+    if world > 1:
+        raise KDCacheError(message.replace("{ranks}", str(world)))
+
+
 def _env_int(name: str, default):
     """A launcher's variable as an integer (`default` when unset or empty); anything else is one line, not int()'s
     ValueError traceback."""

@@ -663,10 +663,10 @@ def is_complete(path, key: str) -> bool:
     try:
         group = open_group(str(path), "r")
         manifest = dict(group.attrs.get(MANIFEST_KEY) or {})
-        # an array deleted since, or its metadata edited (another shape, dtype, chunking or fill): no hit
-        whole = all(has_array(group, name) and metadata_damage(group[name], spec) is None
-                    for name, spec in manifest.get("arrays", {}).items())
-        whole = whole and all(has_array(group, name) for name in stored_arrays(manifest))  # _stats too
+        # an array deleted since (_stats too), or its metadata edited (another shape, dtype, chunking or fill):
+        # no hit
+        whole = all(has_array(group, name) for name in stored_arrays(manifest)) and all(
+            metadata_damage(group[name], spec) is None for name, spec in manifest.get("arrays", {}).items())
     except KDCacheError:
         raise  # e.g. a URL whose fsspec backend is not installed
     except Exception:  # noqa: BLE001 - unreadable or no store: not a hit; teacher-cache then says what is wrong
@@ -804,11 +804,11 @@ def check_manifest(path: str, manifest: dict) -> None:
         what = f"says its data is {'' if labelled else 'un'}labelled but lists {'no' if labelled else 'a'} labels array"
     elif any(a["chunks"][0] != manifest["chunk_samples"] for a in arrays.values()):
         what = f"says chunk_samples {manifest['chunk_samples']}, not the chunking of the arrays it lists"
+    from pipeline.codecs import make_codec
+
     for t, spec in manifest["targets"].items():
         if what:
             break
-        from pipeline.codecs import make_codec
-
         try:  # an unknown codec name is make_codec's own line
             parts = make_codec(spec["codec"], tuple(spec["shape"])).parts(t, tuple(spec["shape"]))
             want = {p: ([n, k, *shape] if k else [n, *shape], dtype) for p, (shape, dtype) in parts.items()}

@@ -96,11 +96,9 @@ def refuse_diverged(model: nn.Module, loss_sum: float, epoch: int, lr: float) ->
 
 
 def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
-    from pipeline.ranks import launched_ranks
+    from pipeline.ranks import one_process_only
 
-    if launched_ranks() > 1:  # no rank machinery here: every rank would train the same teacher into one --out
-        raise KDCacheError(f"kdcache teacher trains in one process, not {launched_ranks()} torchrun ranks; run it "
-                           "without torchrun")
+    one_process_only("kdcache teacher trains in one process, not {ranks} torchrun ranks; run it without torchrun")
     for ok, msg in training_checks(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed):
         if not ok:
             raise KDCacheError(msg)

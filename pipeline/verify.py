@@ -324,12 +324,11 @@ def _given(moved: dict | None) -> dict:
 def repair_store(path: str, log=print, moved: dict | None = None, recompute: int = 0, seed: int = 0) -> Report:
     """Recompute only the bad blocks of a store, then verify it again. With `recompute`, also the units whose
     outputs `verify --recompute` (same number and seed) finds other than the teacher's. `moved`: see `_given`."""
-    from pipeline.ranks import launched_ranks
+    from pipeline.ranks import one_process_only
 
-    world = launched_ranks()
-    if world > 1:  # every rank would take the store's writer lock: all but one fail, and the store is left incomplete
-        raise KDCacheError(f"repair runs as one process, not as {world} torchrun ranks; run `kdcache repair {path}` "
-                           "without torchrun")
+    # (every rank would take the store's writer lock: all but one fail, and the store is left incomplete)
+    one_process_only(f"repair runs as one process, not as {{ranks}} torchrun ranks; run `kdcache repair {path}` "
+                     "without torchrun")
     report = verify_store(path, recompute=recompute, seed=seed, moved=moved, command="repair")
     if report.recompute:
         report.problems += report.recompute.get("problems", [])
