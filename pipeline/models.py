@@ -244,11 +244,11 @@ def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: i
         recorded = meta.get("arch")
         if isinstance(recorded, str) and recorded and recorded != spec:
             fix = f"the file records its architecture as '{recorded}': pass {arch_flag} {recorded}"
-        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({_first_misfit(e)}); {fix}") from None
+        raise KDCacheError(f"weights in {weights} do not fit '{spec}' ({first_misfit(e)}); {fix}") from None
     return model.eval(), meta
 
 
-def _first_misfit(e: BaseException) -> str:
+def first_misfit(e: BaseException) -> str:
     """The first specific reason in load_state_dict's message (its first line is only a header), shortened."""
     lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     reason = next((x for x in lines[1:] if not x.endswith(":")), lines[0] if lines else type(e).__name__)

@@ -95,6 +95,12 @@ class Ranks:
                 raise KDCacheError(f"rank {r} of {self.world} failed: {msg}")
         return reports[0][1] if leader_only else result
 
+    def first_other(self, value, by=lambda v: v) -> tuple[list, int | None]:
+        """Every rank's `value` (`gather`) and the first rank whose `by(value)` is not rank 0's (None: all agree):
+        the same on every rank, so all refuse together."""
+        seen = self.gather(value)
+        return seen, next((r for r, v in enumerate(seen) if by(v) != by(seen[0])), None)
+
     def gather(self, value) -> list:
         """Every rank's `value` (picklable), in rank order, on every rank."""
         if self.world == 1:

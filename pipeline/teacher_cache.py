@@ -396,8 +396,7 @@ def _refuse_disagreeing_ranks(p: Prepared, ranks: Ranks) -> None:
     """Ranks that resolved another cache key (other data or weights under the same path on another node, say) would
     each fill their share of rank 0's store with their own teacher's outputs on their own data, and the store would
     be marked complete: refuse, on every rank, before anything is written."""
-    seen = ranks.gather((p.key, str(p.path)))
-    other = next((r for r, kp in enumerate(seen) if kp != seen[0]), None)
+    seen, other = ranks.first_other((p.key, str(p.path)))
     if other is not None:
         raise KDCacheError(f"the ranks disagree on the cache: rank 0 resolved key {seen[0][0]} at {seen[0][1]}, rank "
                            f"{other} key {seen[other][0]} at {seen[other][1]}; every rank must see the same teacher "

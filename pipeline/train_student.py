@@ -34,7 +34,7 @@ from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
                             training_checks)
 from pipeline.ranks import Ranks
-from pipeline.models import (StopForward, _first_misfit, build_model, capture, check_outputs, fingerprint_module,
+from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module, first_misfit,
                              forward_in_training_mode, refuse_untrainable, resolve_modules, stop_after)
 from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
 from pipeline.store import is_url, open_store, refuse_inside_store, versions
@@ -514,8 +514,7 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
     def steps(epoch: int) -> int:  # the batches epoch `epoch` gives every rank
         return stream.batches_per_epoch(cfg.workers, everyone=True, epoch=epoch)
 
-    seen = ranks.gather((store.manifest["key"], store.path))
-    other = next((r for r, kp in enumerate(seen) if kp[0] != seen[0][0]), None)
+    seen, other = ranks.first_other((store.manifest["key"], store.path), by=lambda kp: kp[0])
     if other is not None:  # e.g. another store under the same path on another node: its targets, averaged in silence
         raise KDCacheError(f"the ranks read different caches: rank 0 key {seen[0][0]} at {seen[0][1]}, rank {other} "
                            f"key {seen[other][0]} at {seen[other][1]}; every rank must read the same store")
@@ -629,7 +628,7 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                 m.load_state_dict(state["losses"][k])
         except (RuntimeError, KeyError) as e:
             raise KDCacheError(f"--resume: the checkpoint in {run_dir or cfg.out} does not fit student {cfg.student} "
-                               f"as it is built now ({_first_misfit(e)}); resume with the code it started with, or "
+                               f"as it is built now ({first_misfit(e)}); resume with the code it started with, or "
                                "use --overwrite instead of --resume to start over") from None
         if "rng" in state:
             torch.set_rng_state(state["rng"])
