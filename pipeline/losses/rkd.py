@@ -75,8 +75,8 @@ class RKD(DistillLoss):
     def forward(self, batch: Batch):
         # one row per sample; reshape, not flatten(1): a layer giving one number per sample, (n,), is a 1-d
         # embedding (flatten(1) raised IndexError on it)
-        s = batch.student_feats[self.student_layer].reshape(len(batch.student_feats[self.student_layer]), -1)
-        t = batch.teacher[self.array].reshape(len(batch.teacher[self.array]), -1).detach()
+        s, t = batch.student_feats[self.student_layer], batch.teacher[self.array].detach()
+        s, t = s.reshape(len(s), -1), t.reshape(len(t), -1)
         parts = {}
         if self.wd:
             parts["rkd_distance"] = self.wd * rkd_distance(s, t)
