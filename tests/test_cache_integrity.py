@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -968,6 +969,22 @@ def test_ranks_cannot_share_a_memory_store(root, teacher_file):
     assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]
 
 
+@contextmanager
+def _writer_elsewhere(path):
+    """Another process holding `path`'s writer lock (as a teacher-cache run writing it does) for the block; the
+    process, for its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline import store\nwith store.writer_lock(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    time.sleep(60)\n", path],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_lock_file_this_user_may_not_write_still_says_who_writes(root, teacher_file, monkeypatch):
     """Another user's run left the lock beside a store (theirs, 0644), or the store lies on a read-only mount:
     verify and train-student on an incomplete store asked who writes it by opening the lock for appending, and
@@ -984,19 +1001,11 @@ def test_a_lock_file_this_user_may_not_write_still_says_who_writes(root, teacher
             raise PermissionError(errno.EACCES, "Permission denied", file)
         return builtins.open(file, mode, *a, **kw)
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pipeline import store\nwith store.writer_lock(sys.argv[1]):\n"
-         "    print('held', flush=True)\n    time.sleep(60)\n", path],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _writer_elsewhere(path) as holder:
         monkeypatch.setattr(st, "open", no_writes, raising=False)
         for args in (["verify", path], ["train-student", "--cache", path, "--workers", "0"]):
             res = runner.invoke(app, args)
             assert res.exit_code == 2 and f"is being written now (pid {holder.pid} on" in res.stderr, res.output
-    finally:
-        holder.kill()
-        holder.wait()
     res = runner.invoke(app, ["verify", path])  # its writer gone: an incomplete store, said as such
     assert res.exit_code == 1 and "BAD  manifest: not marked complete" in res.stdout, res.output
 
@@ -1038,12 +1047,7 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
     with a unit missing; a unit marked committed whose chunk file is gone (a power cut) is recomputed on resume."""
     path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
     before = arrays_of(path)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pipeline import store\nwith store.writer_lock(sys.argv[1]):\n"
-         "    print('held', flush=True)\n    time.sleep(60)\n", path],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _writer_elsewhere(path) as holder:
         res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--layer", "layer2",
                                   "--chunk-samples", "64", "--batch-size", "32", "--out", path, "--force"])
         assert res.exit_code == 2 and f"is writing {path}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -1069,9 +1073,6 @@ def test_one_writing_run_per_store_and_lost_chunks_are_redone(root, teacher_file
         res = runner.invoke(app, ["train-student", "--cache", path, "--workers", "0"])  # not "killed: resume it"
         assert res.exit_code == 2 and "is being written now" in res.stderr and "train from it when" in res.stderr
         g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=True)
-    finally:
-        holder.kill()
-        holder.wait()
     # The killed holder's lock is gone (taking it would raise otherwise), and this process's own lock is no other
     # writer (repair verifies under it).
     with st.writer_lock(path):
