@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.data import (check_input_flags, class_map, data_root, default_transform, local_output, open_source,
-                           refuse_one_class)
+                           parse_normalize, refuse_one_class)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
@@ -42,6 +42,7 @@ class TeacherTrainConfig:
     out: str | None = None                 # default: data/teachers/default.pt
     image_size: int | None = None          # resize the inputs (default: the data's own size)
     channels: int | None = None            # 1 or 3 (default: the data's own; an image folder's first image's)
+    normalize: str | None = None           # "imagenet" or "MEAN/STD" (default: the data's own statistics)
     overwrite: bool = False                # replace an existing --out (else refused: caches key on its weights)
 
 
@@ -103,6 +104,8 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
         if not ok:
             raise KDCacheError(msg)
     check_input_flags(cfg.image_size, cfg.channels)
+    if cfg.normalize is not None:
+        parse_normalize(cfg.normalize, cfg.channels)  # its syntax, before any data is opened
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(local_output(cfg.out, "--out")) if cfg.out else data_root() / "teachers" / "default.pt"
@@ -119,6 +122,8 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
                            "one sub-folder per class)")
     test_labels = class_map(test, src.classes)
     tf = default_transform(src, cfg.image_size, cfg.channels)
+    if cfg.normalize is not None:  # recorded in the transform below: teacher-cache and eval feed it the same
+        tf.mean, tf.std = parse_normalize(cfg.normalize, tf.channels)
     model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)
     probe(model, f"teacher {cfg.arch}", src.load(np.arange(min(2, src.num_samples)), tf).to(device), src.num_classes)
     opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)  # after the probe: a lazy module has its weights now

@@ -45,6 +45,35 @@ def test_teacher_command_trains_and_saves_weights_with_transform(root):
 TINY = "synthetic:64:1x8x8:4"  # the teacher tests below that train: one epoch in about a second
 
 
+def test_teacher_normalize_is_recorded_and_fed_to_it_by_teacher_cache(root):
+    """`kdcache teacher --normalize` trains on those statistics and records them, so teacher-cache feeds the teacher
+    the same input: the stored logits are the saved model's on (x/255 - 0.25) / 0.5, computed here by hand. A
+    spec that cannot be read is refused before any training, and nothing is written."""
+    bad = runner.invoke(app, ["teacher", "--data", TINY, "--epochs", "1", "--channels", "3", "--normalize",
+                              "0.1,0.2/0.5", "--out", "t.pt"])
+    assert bad.exit_code == 2 and not Path("t.pt").exists()
+    assert "--normalize '0.1,0.2/0.5' gives 2 mean(s) and 1 std(s) for 3-channel inputs" in bad.stderr
+    res = runner.invoke(app, ["teacher", "--data", TINY, "--epochs", "1", "--channels", "3", "--normalize",
+                              "0.25/0.5", "--out", "t.pt"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(Path("t.json").read_text())
+    assert meta["transform"]["mean"] == [0.25] * 3 and meta["transform"]["std"] == [0.5] * 3
+    res = runner.invoke(app, ["teacher-cache", "--data", TINY, "--weights", "t.pt", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    g = zarr.open_group(res.stdout.strip().splitlines()[-1], mode="r")
+    assert g.attrs["kdcache"]["transform"]["mean"] == [0.25] * 3
+    from pipeline.data import Transform, open_source
+    from pipeline.models import build_model
+
+    model = build_model("default-teacher", 4, 3, 8)
+    model.load_state_dict(torch.load("t.pt", weights_only=True)["state_dict"])
+    index = g["index"][:]
+    raw = open_source(TINY).load_raw(index, Transform(size=[8, 8], channels=3))  # uint8, grey repeated to RGB
+    with torch.no_grad():
+        expect = model.eval()((raw.float() / 255 - 0.25) / 0.5)
+    torch.testing.assert_close(torch.from_numpy(g["logits"][:]), expect, rtol=1e-5, atol=1e-5)
+
+
 def _crop_flip_by_hand(x, gen, pad=2):
     """The teacher's augmentation, one sample at a time: a shift by up to `pad` pixels (the border filled with the
     batch's minimum), then a horizontal flip with probability 1/2; shifts then flips drawn from `gen` in that order."""
