@@ -288,6 +288,9 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
 RUN_PLACE = ("out", "resume", "overwrite")  # where a run lies and how it was started: not what it trains
 RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
+# What a kill mid-write leaves beside them (write_config's and save_whole's temporary names): the run's own files,
+# not someone else's (a folder holding only config.json.tmp is a run killed before its first file landed).
+RUN_TEMPORARIES = tuple(f"{name}.tmp" for name in RUN_OUTPUTS)
 # Settings every run's config.json records under "config" (train-student's and online KD's alike): the mark of a
 # run directory. A folder whose config.json lacks them is someone else's, and no run writes into it.
 RUN_MARK = ("loss", "student", "seed", "epochs")
@@ -405,7 +408,7 @@ def open_run_dir(cfg: StudentConfig, tag: str = "", resuming: bool = False) -> P
     check_out(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # config.json stays until the new run's replaces it (write_config): the folder never stops being a run's
-    for name in RUN_OUTPUTS:
+    for name in RUN_OUTPUTS + RUN_TEMPORARIES:
         if not (resuming and name == CHECKPOINT) and name != "config.json":
             (run_dir / name).unlink(missing_ok=True)
     return run_dir
@@ -425,7 +428,8 @@ def check_out(cfg: StudentConfig) -> None:
         raise KDCacheError(f"--out {out} is a cache store; choose another --out for the run directory")
     refuse_inside_store(out, "run")
     # Hidden entries (.gitkeep, .DS_Store) are no one's work, and no run writes a hidden name.
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in RUN_TEMPORARIES
+                     ) if out.is_dir() else []
     if foreign and not is_run_dir(out):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise KDCacheError(f"--out {out} is not empty and holds no kdcache run ({shown}); a run writes "

@@ -946,6 +946,25 @@ def test_a_folder_of_someone_elses_files_is_never_written_into(root, teacher_fil
     assert Path("run/summary.json").is_file()
 
 
+def test_a_run_killed_while_writing_a_file_leaves_its_folder_its_own(root, teacher_file):
+    """SIGKILL while a run writes config.json (or checkpoint.pt, student.pt) leaves its temporary, `<name>.tmp`,
+    beside it: that is the run's own file, not someone else's. A folder holding only config.json.tmp was refused as
+    'not empty and holds no kdcache run (config.json.tmp)', --overwrite or not, so the killed run could never be
+    re-run there; and --overwrite left an old checkpoint.pt.tmp behind."""
+    path = _cache(teacher_file, layers=[])
+    args = ["train-student", "--cache", path, "--epochs", "1", "--workers", "0", "--out", "run"]
+    Path("run").mkdir()
+    Path("run/config.json.tmp").write_text('{"config": {"lo')  # killed mid-write: no config.json yet
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in Path("run").iterdir()) == ["config.json", "metrics.jsonl", "student.pt",
+                                                             "summary.json"]
+    Path("run/checkpoint.pt.tmp").write_bytes(b"PK")  # an earlier run killed while saving its checkpoint
+    res = runner.invoke(app, args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not Path("run/checkpoint.pt.tmp").exists()
+
+
 def test_incomplete_store_refused(root, teacher_file):
     path = _cache(teacher_file, layers=[])
     g = zarr.open_group(path, mode="r+")
