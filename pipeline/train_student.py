@@ -32,7 +32,7 @@ from pipeline.data import (Source, Transform, class_map, class_note, data_differ
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
-                            training_checks)
+                            training_checks, write_text_whole)
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module, first_misfit,
                              forward_in_training_mode, refuse_untrainable, resolve_modules, stop_after)
@@ -767,7 +767,9 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                "seconds": time.time() - t_start,
                "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
                "seed": cfg.seed, "params_fingerprint": params_fp, **extra}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # written whole, as the other outputs: a truncated summary.json (a full disk) would mark the run finished
+    write_text_whole(run_dir / "summary.json", json.dumps(summary, indent=2),
+                     f"re-run with --resume --out {run_dir} (the last epoch's checkpoint is kept)")
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: student.pt is the result
     if test_acc is not None:
         log(f"student test accuracy {test_acc:.4f}  (run: {run_dir})")

@@ -1269,6 +1269,30 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
     assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr
 
 
+def test_a_full_disk_while_writing_summary_json_leaves_no_finished_looking_run(root, teacher_file, monkeypatch):
+    """summary.json marks a finished run. It was written in place: a full disk (or a kill) mid-write left a
+    truncated one beside the checkpoint, so the folder passed for 'a finished run' (and results' reuse read
+    half a JSON). Now written whole like the other outputs: none is left, and --resume finishes the run."""
+    path = _cache(teacher_file, layers=[])
+    args = ["train-student", "--cache", path, "--epochs", "1", "--batch-size", "64", "--workers", "0", "--out", "r"]
+    real = Path.write_text
+
+    def full_on_summary(self, text, *a, **k):
+        if self.name.startswith("summary.json"):
+            real(self, text[:10], *a, **k)  # what a full disk leaves
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, text, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full_on_summary)
+        res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "--resume --out" in res.stderr, res.output
+    assert sorted(p.name for p in Path("r").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
+                                                           "student.pt"]
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code == 0 and json.loads(Path("r/summary.json").read_text())["epochs"] == 1, res.output
+
+
 def test_runs_started_in_the_same_second_get_their_own_directories(root, teacher_file, monkeypatch):
     import pipeline.train_student as ts
 
