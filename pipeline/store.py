@@ -183,11 +183,13 @@ def feature_array(layer: str) -> str:
 def versions() -> dict:
     import numcodecs
     import torch
+    import torchvision
     import zarr
 
+    # torchvision too: it builds torchvision:NAME models and replays the views' crops (roi_align)
     return {"kdcache": __version__, "format": FORMAT_VERSION, "python": platform.python_version(),
-            "torch": torch.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
-            "numpy": np.__version__}
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "numpy": np.__version__}
 
 
 def now() -> str:

@@ -586,7 +586,9 @@ def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
                            "buffer_chunks_used": min(stream.buffer_chunks, -(-len(stream.blocks) // (
                                max(1, cfg.workers) * ranks.world)))},
                 "transform": tf.to_dict(), "test_data": s.test_spec, "student_shapes": s.student_shapes,
-                "ranks": ranks.world, "versions": versions()}
+                "ranks": ranks.world, "versions": versions(),
+                # on the CPU another thread count sums in another order: other weights, bit for bit
+                "threads": torch.get_num_threads()}
     if run_dir is not None:
         write_config(run_dir, resolved)
         if cfg.out is None:  # named here: say where, so an interrupted run can be resumed

@@ -121,6 +121,11 @@ def test_cli_end_to_end_student_never_builds_teacher(root, teacher_file, monkeyp
     assert cfg["cache"]["path"] == str(Path(store).resolve())  # readable from any folder
     # 3 chunks of 64 rows, one worker: a buffer holds at most those 3 whatever the setting says
     assert cfg["reader"]["buffer_chunks"] >= 3 and cfg["reader"]["buffer_chunks_used"] == 3
+    # what else decides the weights bit for bit: torchvision (its models, the views' roi_align replay) and torch's
+    # CPU thread count (another count sums in another order: other weights)
+    import torchvision
+    assert cfg["versions"]["torchvision"] == torchvision.__version__
+    assert cfg["threads"] == torch.get_num_threads()
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["test_acc"] == out["test_acc"]
     assert "state_dict" in torch.load(root / "run" / "student.pt", weights_only=True)
