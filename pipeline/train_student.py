@@ -636,10 +636,14 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
             raise KDCacheError(f"--resume: the checkpoint in {run_dir or cfg.out} does not fit student {cfg.student} "
                                f"as it is built now ({first_misfit(e)}); resume with the code it started with, or "
                                "use --overwrite instead of --resume to start over") from None
-        if "rng" in state:
-            torch.set_rng_state(state["rng"])
-        if cuda and isinstance(state.get("cuda_rng"), torch.Tensor):  # this process's device (rank 0's numbers)
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        # each rank its own numbers (its dropout masks drew as many as its own batches asked for); a checkpoint
+        # from before kdcache kept them per rank has rank 0's alone
+        mine = (state.get("rngs") or [])[ranks.rank:ranks.rank + 1]
+        rng, cuda_rng = mine[0] if mine else (state.get("rng"), state.get("cuda_rng"))
+        if rng is not None:
+            torch.set_rng_state(rng)
+        if cuda and isinstance(cuda_rng, torch.Tensor):  # this process's device
+            torch.cuda.set_rng_state(cuda_rng, device)
     every = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
     ranks.broadcast(every)  # one starting point on every rank
     metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
@@ -740,6 +744,9 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
             if metrics_path is not None:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+            # every rank's RNG state (all ranks take part; rank 0 keeps them): ranks whose batches differ in size
+            # have drawn different counts of dropout numbers, so each resumes with its own
+            rngs = ranks.gather((torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None))
             if run_dir is not None:  # written whole, then renamed: a kill leaves the previous epoch's checkpoint
                 save_whole({"epoch": epoch + 1, "stage": stage, "step": step, "student": student.state_dict(),
                             "losses": {k: m.state_dict() for k, m in losses.items()}, "opt": opt.state_dict(),
@@ -747,7 +754,8 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                             "seconds": time.time() - t_start,
                             # dropout and other random layers go on with the numbers they would have drawn
                             "rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}, run_dir / CHECKPOINT,
+                            "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
+                            "rngs": rngs}, run_dir / CHECKPOINT,
                            f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)" if epoch
                            else "re-run the same command without --resume (no epoch had finished before this one)")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"

@@ -996,6 +996,19 @@ def test_two_ranks_under_torchrun_train_one_student(root, teacher_file, workers)
     assert json.loads(Path("run/config.json").read_text())["ranks"] == 2
 
 
+def test_ranks_resume_each_with_its_own_rng_state(root, teacher_file):
+    """Under torchrun each rank draws its own dropout masks from its own torch RNG, whose state diverges from rank
+    0's once the ranks' batches differ in size (here rank 1's 4th batch is 4 rows, rank 0's 20). The checkpoint kept
+    rank 0's state alone and every rank resumed from it, so a resumed two-rank dropout run ended with other weights
+    than an uninterrupted one."""
+    path = _cache(teacher_file, layers=[])  # 192 rows in 3 chunks of 64: 128 rows for rank 0, 64 for rank 1
+    res = run_ranks(REPO / "tests" / "rank_resume.py", path, SYN_TEST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["cut"] == r["whole"] for r in rows), rows
+
+
 def test_ranks_reading_different_caches_are_refused(root, teacher_file):
     """Ranks whose --cache names different stores (another store under the same path on another node, say) each
     checked their own, then trained from different teachers' targets with their gradients averaged, in silence."""
