@@ -33,6 +33,7 @@ import datetime as _dt
 import os
 import platform
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,9 +363,17 @@ def writer(path) -> str | None:
 def writer_lock(path):
     """Hold the store's writer lock (`<path>.lock`, beside the store, so that creating the store cannot delete it)
     for the time one run writes. A second run on the same store would otherwise recreate it or clear the first's
-    temporaries under it; it gets a one-line error instead. Released by the kernel however the holder ends, SIGKILL
-    included, so a killed run never leaves a stale lock. Object stores (URLs but file://) have no such lock."""
-    lock = _lock_file(path)
+    temporaries under it; it gets a one-line error instead. Object stores (URLs but file://) have no such lock."""
+    with exclusive(_lock_file(path), lambda who: f"another run ({who}) is writing {path}; wait for it to end (the "
+                                                 "same command is then a cache hit) or choose another --out"):
+        yield
+
+
+@contextmanager
+def exclusive(lock: str | None, busy: Callable[[str], str]):
+    """Hold an exclusive lock on the file `lock` (None: nothing to lock) or raise `busy(holder)`, holder being who has
+    it ('pid N on HOST'). Released by the kernel however the holder ends, SIGKILL included, so a killed run never
+    leaves a stale lock. Re-entrant within a process (repair runs teacher-cache under its own lock)."""
     if lock is None:
         yield
         return
@@ -386,9 +395,7 @@ def writer_lock(path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            who = f.read().strip()
-            raise KDCacheError(f"another run ({who or 'unknown process'}) is writing {path}; wait for it to end "
-                               "(the same command is then a cache hit) or choose another --out") from None
+            raise KDCacheError(busy(f.read().strip() or "unknown process")) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {platform.node()}\n")

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -37,7 +38,7 @@ from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module, first_misfit,
                              forward_in_training_mode, refuse_untrainable, resolve_modules, stop_after)
 from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
-from pipeline.store import is_url, open_store, refuse_inside_store, versions
+from pipeline.store import exclusive, is_url, open_store, refuse_inside_store, versions
 
 
 @dataclass
@@ -442,6 +443,28 @@ def check_out(cfg: StudentConfig) -> None:
         raise KDCacheError(f"--out {cfg.out} holds {what}; --overwrite replaces it, or choose another --out")
 
 
+RUN_LOCK = ".lock"  # hidden: no one's work (check_out), and never removed by --overwrite
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold --out for this run: two train-student runs started with one --out both passed its checks and wrote over
+    each other's checkpoint and metrics. The lock file lies inside the run directory; a folder made here for it is
+    removed again if the run fails before writing anything into it."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out.resolve() / RUN_LOCK
+    try:
+        with exclusive(str(lock), lambda who: f"another train-student ({who}) is writing run directory {out}; wait "
+                                              "for it to end, or choose another --out"):
+            yield
+    except BaseException:
+        if made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+            lock.unlink(missing_ok=True)
+            out.rmdir()
+        raise
+
+
 def _new_dir(base: Path) -> Path:
     """`base`, or `base-2`, `base-3`, ...: the first that this process creates itself (mkdir is atomic)."""
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -504,9 +527,14 @@ def _advise_without_checkpoint(e: BaseException, cfg: StudentConfig) -> None:
 
 
 def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> dict:
+    with ExitStack() as held:  # the run directory's lock, from its first check to the run's end
+        return _train_held(cfg, weights, log, ranks, held)
+
+
+def _train_held(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, held: ExitStack) -> dict:
     # Every rank sets up; a failure on any (a bad flag, data that differs) stops all with its one line, instead of
     # leaving the others to die waiting on the first gradient all-reduce.
-    store, s, stream, state, run_dir = ranks.together(_set_up, cfg, weights, log, ranks)
+    store, s, stream, state, run_dir = ranks.together(_set_up, cfg, weights, log, ranks, held)
     loader = SingleRowsJoined(make_loader(stream, cfg.workers, pin_memory=s.device.type == "cuda"), cfg.batch_size)
     targets = stream.targets
     codecs = {t: store.codec(t) for t in targets}
@@ -531,10 +559,14 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> 
                extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
 
 
-def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks):
-    """Open and check the store and data, build the student and its losses, the stream, the run directory (rank 0)."""
+def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, held: ExitStack):
+    """Open and check the store and data, build the student and its losses, the stream, the run directory (rank 0,
+    which holds its lock in `held`)."""
     if ranks.leader:
         check_out(cfg)  # before the store, the data and the student: a refusal that needs none of them
+        if cfg.out is not None:  # (a fresh directory, --out unset, is made by this process alone: _new_dir)
+            held.enter_context(run_lock(Path(cfg.out)))
+            check_out(cfg)  # again, now that no other run can change it
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = open_store(cfg.cache)

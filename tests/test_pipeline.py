@@ -27,6 +27,11 @@ from tests.conftest import REPO, SYN, SYN_TEST, run_ranks
 runner = CliRunner()
 
 
+def _run_files(folder) -> list[str]:
+    """A run directory's files, its lock (`.lock`, held while a run writes there) aside."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != ".lock")
+
+
 def _cache(teacher_file, **kw):
     kw.setdefault("layers", ["layer2", "layer3", "avgpool"])
     kw.setdefault("device", "cpu")  # exact float32 comparison: no autocast even where a GPU exists
@@ -962,8 +967,7 @@ def test_a_run_killed_while_writing_a_file_leaves_its_folder_its_own(root, teach
     Path("run/config.json.tmp").write_text('{"config": {"lo')  # killed mid-write: no config.json yet
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in Path("run").iterdir()) == ["config.json", "metrics.jsonl", "student.pt",
-                                                             "summary.json"]
+    assert _run_files("run") == ["config.json", "metrics.jsonl", "student.pt", "summary.json"]
     Path("run/checkpoint.pt.tmp").write_bytes(b"PK")  # an earlier run killed while saving its checkpoint
     res = runner.invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0, res.output
@@ -1203,7 +1207,7 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and lines[-1].startswith("error: cannot write r/checkpoint.pt (") \
         and "is the disk full? free space, then re-run with --resume --out r" in lines[-1], res.output
-    assert sorted(p.name for p in Path("r").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert _run_files("r") == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert torch.load("r/checkpoint.pt", weights_only=True)["epoch"] == 1  # the first epoch's, intact
     res = runner.invoke(app, args + ["--resume"])
     assert res.exit_code == 0 and "resuming r after epoch 1/3" in res.stderr, res.output
@@ -1305,8 +1309,7 @@ def test_a_full_disk_while_writing_summary_json_leaves_no_finished_looking_run(r
         m.setattr(Path, "write_text", full_on_summary)
         res = runner.invoke(app, args)
     assert res.exit_code == 2 and "--resume --out" in res.stderr, res.output
-    assert sorted(p.name for p in Path("r").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
-                                                           "student.pt"]
+    assert _run_files("r") == ["checkpoint.pt", "config.json", "metrics.jsonl", "student.pt"]
     res = runner.invoke(app, args + ["--resume"])
     assert res.exit_code == 0 and json.loads(Path("r/summary.json").read_text())["epochs"] == 1, res.output
 
@@ -1637,3 +1640,38 @@ def test_every_training_setting_counts_for_resume_and_reuse_and_only_those_do():
     assert _comparable(base, 1, "key", cpu) != _comparable(base, 2, "key", cpu)
     assert _comparable(base, 1, "key", cpu) != _comparable(base, 1, "key", torch.device("cuda"))
     assert _comparable(base, 1, "key", torch.device("cuda", 0)) == _comparable(base, 1, "key", torch.device("cuda", 1))
+
+
+def test_two_runs_on_one_out_the_second_is_refused_while_the_first_runs(root, teacher_file):
+    """Two train-student runs started with one --out both passed its checks and wrote over each other's checkpoint
+    and metrics. The run holds a lock inside its directory (released by the kernel however it ends): a second run
+    there, --overwrite or --resume, is refused in one line naming the holder, and touches nothing; once the
+    holder is gone the same command runs. A run refused before writing anything removes the folder it made."""
+    import subprocess
+    import sys
+
+    path = _cache(teacher_file, layers=[])
+    common = dict(cache=path, loss="kd=1", epochs=1, batch_size=32, workers=0)
+    run_train_student(StudentConfig(out="run", **common), log=lambda *_: None)
+    files = lambda: {p.name: p.read_bytes() for p in Path("run").iterdir() if p.name != ".lock"}  # noqa: E731
+    before = files()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom pipeline.train_student import "
+         "run_lock\nwith run_lock(Path('run')):\n    print('held', flush=True)\n    time.sleep(60)\n"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flags in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(KDCacheError, match=f"^another train-student \\(pid {holder.pid} on .*\\) is writing "
+                                                   "run directory run; wait for it to end, or choose another --out$"):
+                run_train_student(StudentConfig(out="run", **common, **flags), log=lambda *_: None)
+        assert files() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    run_train_student(StudentConfig(out="run", overwrite=True, **common), log=lambda *_: None)
+    assert json.loads(Path("run/summary.json").read_text())["epochs"] == 1
+    with pytest.raises(KDCacheError, match="features/layer3"):  # refused by the store's check, after the lock
+        hint = {"loss": "fitnets=1", "fitnets_schedule": "single"}
+        run_train_student(StudentConfig(out="new/run", **(common | hint)), log=lambda *_: None)
+    assert not Path("new/run").exists()
