@@ -688,6 +688,12 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
     epoch = int(state["epoch"]) if state is not None else 0
     if state is not None:
         log(f"resuming {run_dir or cfg.out} after epoch {epoch}/{cfg.epochs}")
+        was = state.get("threads")
+        if s.device.type == "cpu" and was is not None and was != torch.get_num_threads():
+            # not refused (the run is as valid), but it will not be bit-for-bit the uninterrupted run
+            log(f"note: the run began with {was} CPU threads and resumes with {torch.get_num_threads()}; sums "
+                "then add in another order, so its weights will differ slightly from an uninterrupted run's "
+                f"(OMP_NUM_THREADS={was} resumes it exactly)")
     if s.test is not None and s.test.fingerprint() == s.source_fingerprint:
         log(f"note: --test-data {s.test_spec} is the data the student trains on; its accuracy is no test")
     trained = [active for n, active in s.stages if n > 0]  # a hint-only two-stage run has an empty second stage
@@ -787,7 +793,7 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                             # dropout and other random layers go on with the numbers they would have drawn
                             "rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
-                            "rngs": rngs}, run_dir / CHECKPOINT,
+                            "rngs": rngs, "threads": torch.get_num_threads()}, run_dir / CHECKPOINT,
                            f"re-run with --resume --out {run_dir} (the previous epoch's checkpoint is kept)" if epoch
                            else "re-run the same command without --resume (no epoch had finished before this one)")
             acc_txt = f"test acc {test_acc:.4f}" if test_acc is not None else "no test split"

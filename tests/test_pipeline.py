@@ -1675,3 +1675,27 @@ def test_two_runs_on_one_out_the_second_is_refused_while_the_first_runs(root, te
         hint = {"loss": "fitnets=1", "fitnets_schedule": "single"}
         run_train_student(StudentConfig(out="new/run", **(common | hint)), log=lambda *_: None)
     assert not Path("new/run").exists()
+
+
+def test_resuming_with_another_cpu_thread_count_says_the_weights_will_differ(root, teacher_file, monkeypatch):
+    """On the CPU the thread count changes the order sums add in, so a run resumed with another count ends with
+    other weights than an uninterrupted one: allowed (the run is as valid), but said, with how to resume exactly.
+    The same count resumes without the note."""
+    path = _cache(teacher_file, layers=[])
+    cfg = StudentConfig(cache=path, epochs=2, batch_size=32, workers=0, out="run")
+    threads = torch.get_num_threads()
+    _interrupt_after_first_checkpoint(monkeypatch, cfg)
+    assert torch.load("run/checkpoint.pt", weights_only=True)["threads"] == threads
+    other = 1 if threads > 1 else 2
+    said = []
+    try:
+        torch.set_num_threads(other)
+        run_train_student(replace(cfg, resume=True), log=said.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"note: the run began with {threads} CPU threads and resumes with {other}; " in "\n".join(said)
+    assert f"(OMP_NUM_THREADS={threads} resumes it exactly)" in "\n".join(said)
+    _interrupt_after_first_checkpoint(monkeypatch, replace(cfg, out="run2"))
+    said.clear()
+    run_train_student(replace(cfg, out="run2", resume=True), log=said.append)
+    assert any("resuming run2" in x for x in said) and not any("CPU threads" in x for x in said)
