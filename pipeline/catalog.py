@@ -53,6 +53,21 @@ def _cache_paths(cache_dir: str | None) -> list[str]:
     return [str(p) for p in sorted(root.glob("*.zarr"))] if root.is_dir() else []
 
 
+def find_cache(arg: str) -> str:
+    """The store an argument names: a path or URL as given, or, where nothing lies at that path, a cache key (or its
+    first 4+ hex digits, as `kdcache ls` lists them) of a store in the default cache folder (`<key>.zarr`; a store
+    made with --out is named by its path). A prefix several keys share is refused, listing them."""
+    arg = str(arg)
+    if st.is_url(arg) or os.path.lexists(arg) or not (4 <= len(arg) <= 16 and set(arg) <= set("0123456789abcdef")):
+        return arg
+    hits = [p for p in _cache_paths(None) if Path(p).name.startswith(arg)]
+    if len(hits) > 1:
+        keys = ", ".join(Path(p).stem for p in hits[:4]) + (f" and {len(hits) - 4} more" if len(hits) > 4 else "")
+        raise KDCacheError(f"{arg} begins {len(hits)} cache keys in {Path(hits[0]).parent} ({keys}); give more of "
+                           "the key")
+    return hits[0] if hits else arg  # nothing: opening it says there is no cache there
+
+
 def list_caches(cache_dir: str | None = None) -> list[dict]:
     out = []
     for p in _cache_paths(cache_dir):
@@ -87,7 +102,7 @@ def _fill_shown(value):
 
 
 def inspect_cache(path: str) -> dict:
-    cache = st.open_store(path, require_complete=False)
+    cache = st.open_store(find_cache(path), require_complete=False)
     group = cache.open_group()
     n = cache.num_samples
     arrays = {}

@@ -234,7 +234,7 @@ app.command("plan", help="Predict a cache's size: run the teacher on one batch, 
 
 @app.command("verify")
 def verify_cmd(
-    path: str = typer.Argument(..., help="Store to check."),
+    path: str = typer.Argument(..., help="Store to check (or its key from `kdcache ls`, 4+ digits of it)."),
     recompute: int = typer.Option(0, help="Also re-run the teacher on N random samples (every view of each) "
                                           "and compare."),
     seed: int = typer.Option(0, help="Seed choosing the recomputed samples."),
@@ -269,7 +269,7 @@ def verify_cmd(
                 if report.recompute.get("problems"):  # with the --data / --weights this check needed
                     moved = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in
                                     (("data", data), ("weights", weights)) if value)
-                    typer.echo(f"     (`kdcache repair {shlex.quote(path)} --recompute {recompute} --seed {seed}"
+                    typer.echo(f"     (`kdcache repair {shlex.quote(report.path)} --recompute {recompute} --seed {seed}"
                                f"{moved}` redoes them)")
                 if "note" in report.recompute:
                     typer.echo(f"BAD  recompute: {report.recompute['note']}")
@@ -277,14 +277,14 @@ def verify_cmd(
                     lab = report.recompute["labels"]
                     typer.echo(f"{'ok ' if lab['ok'] else 'BAD'}  recompute labels: {lab['mismatches']} of "
                                f"{lab['checked']} differ from the data's labels of their index")
-            typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
+            typer.echo(f"{'OK' if report.ok else 'FAILED'}: {report.path}")  # a key given: the store it named
         if not report.ok:
             raise typer.Exit(1)
 
 
 @app.command("repair")
 def repair_cmd(
-    path: str = typer.Argument(..., help="Store to repair."),
+    path: str = typer.Argument(..., help="Store to repair (or its key from `kdcache ls`, 4+ digits of it)."),
     data: Optional[str] = typer.Option(None, help="Where the store's data lies now, if it moved."),
     weights: Optional[str] = typer.Option(None, help="Where the teacher's weights lie now, if they moved."),
     device: Optional[str] = typer.Option(None, help="Device to recompute on (default: the store's own --device; "
@@ -300,7 +300,7 @@ def repair_cmd(
 
         report = repair_store(path, log=log_err, moved={"data": data, "weights": weights, "device": device},
                               recompute=recompute, seed=seed)
-        typer.echo(f"{'OK' if report.ok else 'FAILED'}: {path}")
+        typer.echo(f"{'OK' if report.ok else 'FAILED'}: {report.path}")
         if not report.ok:
             raise typer.Exit(1)
 
@@ -338,7 +338,7 @@ def ls_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(path: str = typer.Argument(...),
+def inspect_cmd(path: str = typer.Argument(..., help="Store to show (or its key from `kdcache ls`, 4+ digits of it)."),
                 json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Print a store's manifest and, per array, shape, dtype, chunks, codecs, compression ratio, bytes per sample."""
     with user_errors():
@@ -362,7 +362,8 @@ def inspect_cmd(path: str = typer.Argument(...),
 
 @app.command("train-student")
 def train_student_cmd(
-    cache: str = typer.Option(..., help="Path of the store teacher-cache printed."),
+    cache: str = typer.Option(..., help="Path of the store teacher-cache printed (or its key from `kdcache ls`, 4+ "
+                                        "digits of it)."),
     student: str = typer.Option("default-student", help="default-student, mlp, torchvision:NAME, module:function."),
     loss: str = typer.Option("kd=1", help="Weighted losses, e.g. kd=1,fitnets=1,rkd=1 (also ce)."),
     temperature: float = typer.Option(4.0, "--temperature", "-T"),

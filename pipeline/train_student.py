@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import AugmentPolicy, check_replay
+from pipeline.catalog import find_cache
 from pipeline.data import (Source, Transform, class_map, class_note, data_differs, data_root, local_output, open_source,
                            paths_as_text)
 from pipeline.errors import KDCacheError, first_line
@@ -497,6 +498,7 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     validate(cfg, weights)
     if cfg.out is not None:
         cfg = replace(cfg, out=local_output(cfg.out, "--out"))
+    cfg = replace(cfg, cache=find_cache(cfg.cache))  # a key from `kdcache ls` names its store
     ranks, ok = Ranks.from_env(), False
     try:
         summary = _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)

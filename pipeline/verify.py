@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline import store as st
 from pipeline.augment import check_replay, row_order, stored_params
+from pipeline.catalog import find_cache
 from pipeline.codecs import TOLERANCE, fill_value
 from pipeline.errors import KDCacheError
 
@@ -112,6 +113,7 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
         raise KDCacheError(f"--recompute takes a number of samples, 0 or more (got {recompute})")
     if seed < 0:
         raise KDCacheError(f"--seed must be 0 or more (got {seed})")
+    path = find_cache(path)
     cache = st.open_store(path, require_complete=False)
     who = None if st.marked_complete(cache.manifest) else st.writer(path)
     if who is not None:  # its uncommitted chunks are work in progress, not damage
@@ -326,6 +328,7 @@ def repair_store(path: str, log=print, moved: dict | None = None, recompute: int
     outputs `verify --recompute` (same number and seed) finds other than the teacher's. `moved`: see `_given`."""
     from pipeline.ranks import one_process_only
 
+    path = find_cache(path)
     # (every rank would take the store's writer lock: all but one fail, and the store is left incomplete)
     one_process_only(f"repair runs as one process, not as {{ranks}} torchrun ranks; run `kdcache repair {path}` "
                      "without torchrun")

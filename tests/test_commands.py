@@ -455,6 +455,36 @@ def test_ls_and_inspect(root, teacher_file):
         assert res.exit_code == 0 and Path(done).stem in res.stdout, res.output
 
 
+def test_a_cache_is_named_by_its_key_or_the_start_of_it_as_ls_lists_it(root, teacher_file):
+    """`kdcache ls` lists keys: train-student --cache, verify, repair and inspect take one (or 4+ of its first hex
+    digits) for the store `<key>.zarr` in the cache folder. A prefix two keys share is refused listing them; a path
+    that exists is a path even when it looks like a key."""
+    path = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--chunk-samples",
+                               "64"]).stdout.split()[-1]
+    key = Path(path).stem
+    assert Path(path).parent.resolve() == (root / "data" / "cache").resolve()
+    res = runner.invoke(app, ["verify", key[:4]])
+    assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1] == f"OK: {path}", res.output
+    res = runner.invoke(app, ["repair", key])
+    assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1] == f"OK: {path}", res.output
+    assert json.loads(runner.invoke(app, ["inspect", key[:6], "--json"]).stdout)["manifest"]["key"] == key
+    res = runner.invoke(app, ["train-student", "--cache", key[:5], "--epochs", "1", "--workers", "0", "--out", "run"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(Path("run/config.json").read_text())["cache"]["path"] == str(Path(path).resolve())
+    twin = Path(path).with_name(key[:4] + "0" * 12 + ".zarr")  # another key beginning the same
+    shutil.copytree(path, twin)
+    res = runner.invoke(app, ["inspect", key[:4]])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        f"error: {key[:4]} begins 2 cache keys in {Path(path).parent} ({', '.join(sorted([key, twin.stem]))}); "
+        "give more of the key"), res.output
+    assert runner.invoke(app, ["inspect", key, "--json"]).exit_code == 0  # the whole key is one of them
+    shutil.copytree(twin, key[:4])  # a store at ./<4 hex digits>: the path, not the keys it begins
+    res = runner.invoke(app, ["verify", key[:4]])
+    assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1] == f"OK: {key[:4]}", res.output
+    res = runner.invoke(app, ["inspect", "0123abcd"])  # no such key: the usual line
+    assert res.exit_code == 2 and "error: no cache at 0123abcd; run `kdcache teacher-cache` first" in res.stderr
+
+
 def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):
     cache = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]).stdout.split()[-1]
     res = runner.invoke(app, ["train-student", "--cache", cache, "--epochs", "1", "--workers", "0", "--out", "run",
