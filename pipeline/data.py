@@ -496,6 +496,22 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
 
 
+def _images_under(folder: Path) -> list[Path]:
+    """Every image under a class folder at any depth, hidden files and folders skipped, sorted. Links to folders
+    are followed, as a linked class folder is (Path.rglob before Python 3.13 does not follow them: images under
+    such a link were silently left out); each real folder is walked once, so a link to an ancestor cannot loop."""
+    seen, found = set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [p for p in (Path(dirpath, f) for f in filenames) if _is_image(p)]
+    return sorted(found)
+
+
 class ImageFolder(Source):
     """`imagefolder:DIR`: DIR/<class>/<image> is labelled (classes sorted by name); DIR/<image> is unlabelled."""
 
@@ -517,8 +533,7 @@ class ImageFolder(Source):
             self.classes = [p.name for p in subdirs]
             files, labels, empty = [], [], []
             for ci, d in enumerate(subdirs):
-                fs = sorted(p for p in d.rglob("*") if _is_image(p) and
-                            not any(part.startswith(".") for part in p.relative_to(d).parts))
+                fs = _images_under(d)
                 files += fs
                 labels += [ci] * len(fs)
                 if not fs:

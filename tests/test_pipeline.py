@@ -206,6 +206,21 @@ def test_a_colour_image_in_a_folder_whose_first_image_is_grey_keeps_its_colour(r
     assert (one[0, 0].numpy() == grey).all() and one[1, 0, 0, 0] == np.asarray(Image.fromarray(colour).convert("L"))[0, 0]
 
 
+def test_images_in_a_linked_folder_inside_a_class_folder_are_data(root):
+    """A class folder's images at any depth are its samples, also those under a link to a folder (as a linked class
+    folder's are): rglob does not follow links, so they were silently left out. A link back to an ancestor is
+    walked once, not forever."""
+    _write_images(root / "elsewhere", 2, seed=1)
+    _write_images(root / "data" / "a", 2)
+    _write_images(root / "data" / "b", 1, seed=2)
+    (root / "data" / "b" / "more").symlink_to(root / "elsewhere")
+    (root / "data" / "b" / "loop").symlink_to(root / "data" / "b")  # an ancestor: its images are already counted
+    src = open_source("imagefolder:data")
+    assert [str(f.relative_to(src.root)) for f in src.files] == [
+        "a/img_000.png", "a/img_001.png", "b/img_000.png", "b/more/img_000.png", "b/more/img_001.png"]
+    np.testing.assert_array_equal(src.labels(np.arange(5)), [0, 0, 1, 1, 1])
+
+
 def test_fashion_mnist_dir_set_to_a_folder_without_its_files_is_refused(root, monkeypatch):
     """KDCACHE_FASHION_MNIST_DIR names where the data is read from: set to a folder lacking the IDX files (a typo,
     a partial copy), it is refused, naming the folder and the missing files, instead of silently reading another
