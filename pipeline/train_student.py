@@ -227,8 +227,11 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     student_shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     if not isinstance(out, torch.Tensor) or out.shape[1:] != (num_classes,):
         what = f"shape {tuple(out.shape[1:])}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        # num_classes fixes a classifier of another width; a tuple or a feature map is no class count's doing
+        fix = (f"build it with num_classes={num_classes}" if isinstance(out, torch.Tensor) and out.ndim == 2 else
+               "build it to return one (batch, classes) tensor of class scores (e.g. without auxiliary outputs)")
         raise KDCacheError(f"student {cfg.student} returns {what} per sample, but the cache's teacher has "
-                           f"{num_classes} classes; build it with num_classes={num_classes}")
+                           f"{num_classes} classes; {fix}")
     # Training runs the student in training mode, where some forwards return more than the class scores: probed
     # in that mode too, as `kdcache teacher` probes (on the CPU: the student is not on its device yet).
     try:

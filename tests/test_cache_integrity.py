@@ -1156,7 +1156,11 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
         (train + ["--loss", "rkd=1", "--batch-size", "2"], "RKD's angle term compares triplets of samples in a batch, "
                                                            "so --batch-size 2 gives it nothing"),
         (train + ["--student", "tests.odd_models:ten_class_student"], "returns shape (10,) per sample"),
-        (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample"),
+        # a tuple is no class count's doing: the fix said "build it with num_classes=4"
+        (train + ["--student", "tests.odd_models:tuple_student"], "returns a tuple per sample, but the cache's teacher "
+                                                                  "has 4 classes; build it to return one (batch, "
+                                                                  "classes) tensor of class scores"),
+        (train + ["--student", "tests.odd_models:ten_class_student"], "; build it with num_classes=4"),
         (train + ["--student", "tests.odd_models:raising_model"], "raised ValueError"),
         # the user's module failing as it is imported, not only the function it names: was a bare traceback
         (train + ["--student", "fails_at_import:f"], "cannot import model 'fails_at_import:f': importing module "
