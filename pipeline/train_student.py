@@ -272,7 +272,13 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         for note in class_note(source.classes, teacher_classes):
             log(note)
     classes = source.classes or teacher_classes
-    owner = "the training data" if source.classes else "the teacher"  # whose class names name the outputs
+    # Without labels the outputs are the teacher's alone: output i is its class i, whatever position the data's
+    # folders give that name (data holding some of its classes); named by the data's, test labels paired with
+    # other classes' outputs. Data with names the teacher lacks keeps its own (paired by position, as labels are).
+    if not use_labels and source.classes and teacher_classes and set(source.classes) <= set(teacher_classes):
+        classes = teacher_classes
+    # whose class names name the outputs
+    owner = "the training data" if source.classes and classes is source.classes else "the teacher"
     test_labels = class_map(test, classes, owner=owner) if test is not None else None
     if test is not None and classes is None:
         log(f"note: neither the training data nor the teacher names its classes, so {test_spec}'s classes "
