@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import math
 import os
+import unicodedata
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,13 +232,15 @@ def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-dat
     have cannot be scored and is refused."""
     if test.classes is None or classes is None or list(test.classes) == list(classes):
         return None
-    pos = {c: i for i, c in enumerate(classes)}
-    unknown = [c for c in test.classes if c not in pos]
+    # By the names' composed (NFC) form: a folder copied from macOS spells `ñ` as n + a combining tilde (NFD),
+    # another string that prints the same, and was refused as a class the training data lacks.
+    pos = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}
+    unknown = [c for c in test.classes if unicodedata.normalize("NFC", c) not in pos]
     if unknown:
         raise KDCacheError(f"test data {test.spec} has class(es) {', '.join(map(repr, unknown[:5]))} that "
                            f"{owner} lacks (it has {', '.join(map(repr, classes[:10]))}"
                            f"{' ...' if len(classes) > 10 else ''}); pass a {flag} with the same classes")
-    return np.asarray([pos[c] for c in test.classes], dtype=np.int64)
+    return np.asarray([pos[unicodedata.normalize("NFC", c)] for c in test.classes], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------- sources

@@ -399,6 +399,24 @@ def test_own_teacher_on_unlabelled_data_and_its_class_names(root, teacher_file):
     assert res.exit_code == 2 and "class(es) 'zebra' that the teacher lacks" in res.stderr
 
 
+def test_class_names_in_another_unicode_form_are_the_same_class(root):
+    """A folder copied from macOS names `ñandú` in decomposed form (NFD: n + combining tilde), which differs from
+    the composed name as a string: the test folder was refused for a class the training data 'lacks' while the
+    message listed it. Names are matched by their composed (NFC) form."""
+    import unicodedata
+
+    from pipeline.data import class_map
+
+    for c in ("ant", "ñandú", "zebu"):
+        _write_images(root / "train" / c, 1)
+    for c in ("ñandú", "zebu"):
+        _write_images(root / "test" / unicodedata.normalize("NFD", c), 1)
+    train, test = open_source(f"imagefolder:{root / 'train'}"), open_source(f"imagefolder:{root / 'test'}")
+    assert test.classes[0] != "ñandú" and unicodedata.normalize("NFC", test.classes[0]) == "ñandú"
+    assert train.classes == ["ant", "zebu", "ñandú"]  # sorted by code point: composed ñ (U+00F1) after z
+    assert list(class_map(test, train.classes)) == [2, 1]  # decomposed, the test folder's ñandú sorts first
+
+
 def test_test_folder_classes_are_matched_by_name(root):
     """A test folder lacking a class must not shift the others' labels; one with a class the training data lacks is
     refused; the data the student trains on is said to be no test split."""
