@@ -499,6 +499,12 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
 
 
+def _not_data(name: str) -> bool:
+    """A folder that is never a class: hidden (.ipynb_checkpoints), or the `__MACOSX` folder of `._name` resource
+    forks a zip made on macOS unpacks beside the class folders (else class 0, with no images)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _images_under(folder: Path) -> list[Path]:
     """Every image under a class folder at any depth, hidden files and folders skipped, sorted. Links to folders
     are followed, as a linked class folder is (Path.rglob before Python 3.13 does not follow them: images under
@@ -510,7 +516,7 @@ def _images_under(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not _not_data(d)]
         found += [p for p in (Path(dirpath, f) for f in filenames) if _is_image(p)]
     return sorted(found)
 
@@ -525,8 +531,8 @@ class ImageFolder(Source):
         if not root.is_dir():
             raise KDCacheError(f"image folder not found: {root}; pass imagefolder:DIR with an existing folder")
         self.spec, self.root = spec, root
-        # Hidden files and folders (.ipynb_checkpoints, macOS's ._name resource forks) are not data.
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # Hidden files and folders (.ipynb_checkpoints, macOS's ._name resource forks) and __MACOSX are not data.
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _not_data(p.name))
         loose = [p for p in root.iterdir() if _is_image(p)]
         if subdirs and loose:  # neither reading is safe: dropping the loose images, or making them a class
             raise KDCacheError(f"{root} holds class folders and also {len(loose)} image(s) directly inside it (e.g. "

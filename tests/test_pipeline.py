@@ -221,6 +221,20 @@ def test_images_in_a_linked_folder_inside_a_class_folder_are_data(root):
     np.testing.assert_array_equal(src.labels(np.arange(5)), [0, 0, 1, 1, 1])
 
 
+def test_a_macos_archives_metadata_folder_is_no_class(root):
+    """A zip made on macOS unpacks a `__MACOSX` folder of `._name` resource forks beside the class folders: it was
+    class 0 with no images (every class number shifted, the teacher given an output more), and beside a flat
+    folder's images it refused them as 'class folders and loose images'. Skipped, as hidden folders are."""
+    for folder in ("labelled/ant", "labelled/bee", "flat"):
+        _write_images(root / folder, 2)
+        (root / folder.split("/")[0] / "__MACOSX" / "x").mkdir(parents=True, exist_ok=True)
+        (root / folder.split("/")[0] / "__MACOSX" / "x" / "._img_000.png").write_bytes(b"\0\5\26\7 resource fork")
+    src = open_source("imagefolder:labelled")
+    assert src.classes == ["ant", "bee"] and list(src.labels(np.arange(4))) == [0, 0, 1, 1]
+    src = open_source("imagefolder:flat")
+    assert src.classes is None and src.num_samples == 2
+
+
 def test_fashion_mnist_dir_set_to_a_folder_without_its_files_is_refused(root, monkeypatch):
     """KDCACHE_FASHION_MNIST_DIR names where the data is read from: set to a folder lacking the IDX files (a typo,
     a partial copy), it is refused, naming the folder and the missing files, instead of silently reading another
