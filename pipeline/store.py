@@ -648,6 +648,11 @@ class CacheStore:
                 raise KDCacheError(f"loss '{who}' names {'an empty layer' if not layer else 'the logits as a layer'}"
                                    f"; set its layer flag (--fitnets-hint, --rkd-layer) to a cached teacher layer "
                                    f"({', '.join(cached) or 'this store has none'})")
+            if layer is not None and layer.startswith("features/"):  # the array's name, as ls and inspect show it
+                cached = sorted(t[len("features/"):] for t in self.targets if t.startswith("features/"))
+                raise KDCacheError(f"loss '{who}' names the array '{layer}' as its layer; the layer flags "
+                                   "(--fitnets-hint, --rkd-layer) take the teacher layer's module path, e.g. "
+                                   f"{layer[len('features/'):]} (cached here: {', '.join(cached) or 'none'})")
             if layer is not None:
                 fix = f"re-run teacher-cache with --layer {layer}"
             elif name == "labels":

@@ -734,6 +734,12 @@ def test_missing_array_refused_before_training(root, teacher_file):
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "features/layer2" in lines[0] and "--layer layer2" in lines[0]
+    # The array's name (as `ls` and `inspect` list it) for the layer: it said to re-run teacher-cache with
+    # `--layer features/avgpool`, a module no teacher has, for a layer the store holds.
+    res = runner.invoke(app, ["train-student", "--cache", path, "--loss", "rkd=1", "--rkd-layer", "features/avgpool"])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "error: loss 'rkd' names the array 'features/avgpool' as its layer; the layer flags (--fitnets-hint, "
+        "--rkd-layer) take the teacher layer's module path, e.g. avgpool (cached here: avgpool)")
 
 
 def test_two_stage_fitnets_runs_hint_then_kd(root, teacher_file):
