@@ -213,9 +213,14 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         try:
             out = student.eval()(probe)
         except Exception as e:  # noqa: BLE001 - e.g. a 3-channel torchvision model on a grayscale cache
+            # The cached input is the teacher's: re-caching with the student's --channels alone fails on the teacher
+            # (a grey teacher, a 3-channel torchvision student), so the student is what to change first.
+            c, h, w = probe.shape[1:]
             raise KDCacheError(f"student {cfg.student} fails on the cached input {tuple(probe.shape[1:])} "
-                               f"({type(e).__name__}: {first_line(e)}); cache with the "
-                               "--channels / --image-size the student expects") from None
+                               f"({type(e).__name__}: {first_line(e)}); the cache holds its teacher's input, so "
+                               f"give a student built for {c}-channel {h}x{w} images (a module:function gets "
+                               "in_channels and image_size), or re-cache with a --channels / --image-size the "
+                               "teacher accepts too") from None
     check_outputs(f"student {cfg.student}", student_layers, feats, "--fitnets-guided / --rkd-student-layer")
     # The losses take a layer's first axis as the samples: RKD would relate a sequence-first layer's positions (a
     # transformer without batch_first) instead of samples, and FitNets size its regressor from the wrong axes.

@@ -910,7 +910,13 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         # FitNets alone: more hint epochs than --epochs would train past --epochs (the hint stage is taken out of it)
         (train + ["--loss", "fitnets=1", "--epochs", "1", "--fitnets-hint-epochs", "2"],
          "--epochs 1 leaves no epoch for stage 2 (kd) after --fitnets-hint-epochs 2"),
-        (train + ["--student", "torchvision:resnet18"], "fails on the cached input"),  # 3-channel net, 1-channel data
+        # 3-channel net, 1-channel data: it said to re-cache with the student's --channels, which the grey teacher
+        # refuses; the student is what to change
+        (train + ["--student", "torchvision:resnet18"], "fails on the cached input (1, 16, 16) (RuntimeError: Given "
+                                                        "groups=1, weight of size [64, 3, 7, 7]"),
+        (train + ["--student", "torchvision:resnet18"], "the cache holds its teacher's input, so give a student "
+                                                        "built for 1-channel 16x16 images (a module:function gets "
+                                                        "in_channels and image_size)"),
         (train + ["--out", "a-file"], "is a file"),
         (train + ["--out", path], "is a cache store"),
         (train + ["--device", "tpu"], "--device"),
