@@ -277,6 +277,11 @@ class Source:
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes is not None else None
 
+    @property
+    def empty_classes(self) -> list[str]:
+        """Classes that hold no sample (an image folder's class folders without images); they keep their numbers."""
+        return getattr(self, "_empty_classes", [])
+
     def labels(self, idx: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 

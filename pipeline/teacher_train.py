@@ -112,6 +112,9 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     check_out(out, cfg.overwrite)  # before the training, not after it
     src = open_source(cfg.data)
     refuse_one_class(src)
+    if src.empty_classes:  # kept (README: they hold the later classes' numbers), but said: e.g. a docs/ folder
+        log(f"note: class folder(s) {', '.join(src.empty_classes[:5])} hold no images; each still takes a class "
+            "number and a teacher output no image trains: remove such folders from the data unless meant")
     if not src.labelled:
         raise KDCacheError(f"{cfg.data} has no labels, and training a teacher needs them; use labelled data "
                            "(imagefolder:DIR with one sub-folder per class)")

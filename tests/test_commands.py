@@ -246,6 +246,27 @@ def test_teacher_logs_each_epochs_mean_loss(root, monkeypatch):
     assert all(abs(a - last) > 1e-3 for a, last in zip(logged, (steps[3][0], steps[7][0])))
 
 
+def test_teacher_says_when_a_class_folder_holds_no_images(root):
+    """A class folder without images (a docs/ folder of notes beside the class folders) takes a class number and an
+    output that nothing trains; kept, as the README says, but said instead of silently."""
+    from PIL import Image
+
+    from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
+
+    for c in ("ant", "bee"):
+        (root / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
+    (root / "imgs" / "docs").mkdir()
+    (root / "imgs" / "docs" / "README.txt").write_text("how the images were taken")
+    lines = []
+    meta = run_teacher_train(TeacherTrainConfig(data="imagefolder:imgs", epochs=1, batch_size=4, device="cpu",
+                                                out="t.pt"), log=lines.append)
+    assert meta["num_classes"] == 3 and meta["data"]["classes"] == ["ant", "bee", "docs"]  # unchanged
+    assert ("note: class folder(s) docs hold no images; each still takes a class number and a teacher output no "
+            "image trains: remove such folders from the data unless meant") in lines
+
+
 def test_an_overwrite_cut_while_saving_leaves_weights_and_metadata_of_one_teacher(root, monkeypatch):
     """--overwrite cut (Ctrl-C, a full disk) after the new weights were saved and before <stem>.json was: the old
     teacher's .json stayed beside the new weights (another fingerprint and test accuracy, which results reads).
