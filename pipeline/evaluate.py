@@ -60,7 +60,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     num_classes = len(classes) if classes else (classifier_width(ckpt["state_dict"]) or source.num_classes)
     tf = resolve_transform(source, meta, cfg.image_size, cfg.channels, cfg.normalize)
     device = pick_device(cfg.device)
-    model, _ = load_model(spec, Path(cfg.weights), num_classes, tf.channels, tf.size[0],
+    model, _ = load_model(spec, Path(cfg.weights), num_classes, tf.channels, tf.size,
                           fix="check --model, and --image-size / --channels if given (the input size can set a "
                               "layer's size)")
     model.to(device)

@@ -5,8 +5,8 @@ Model specs (teachers and students alike):
 - `default-student`   small CNN (`StudentNet`): two conv blocks, an embedding, a classifier
 - `mlp`               one hidden layer MLP
 - `torchvision:NAME`  any torchvision classification architecture, built without weights (`--weights FILE` loads yours)
-- `module:function`   your own: `function(num_classes=..., in_channels=..., image_size=...)` (only the kwargs it
-  accepts) -> nn.Module
+- `module:function`   your own: `function(num_classes=..., in_channels=..., image_size=H, image_shape=(H, W))` (only
+  the kwargs it accepts) -> nn.Module
 Nothing downloads weights at run time.
 
 Module outputs are named by their dotted module path (`layer2`, `features.3`): the same string is the hook key, the
@@ -21,6 +21,7 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,13 +75,14 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 class StudentNet(nn.Module):
     """Small CNN student: block1 (16ch, /2), block2 (32ch, /4), embed (64-d), fc."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 28):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 28,
+                 image_shape: tuple[int, int] | None = None):
         super().__init__()
         self.block1 = _conv_block(in_channels, width)
         self.block2 = _conv_block(width, 2 * width)
-        self.pool = nn.AdaptiveAvgPool2d(max(1, image_size // 4))  # fixes the embed input for any image size
-        side = max(1, image_size // 4)
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, 64), nn.ReLU(inplace=True))
+        h, w = (max(1, v // 4) for v in (image_shape or (image_size, image_size)))
+        self.pool = nn.AdaptiveAvgPool2d((h, w))  # fixes the embed input for any image size
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * h * w, 64), nn.ReLU(inplace=True))
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x):
@@ -88,10 +90,11 @@ class StudentNet(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 256):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 256,
+                 image_shape: tuple[int, int] | None = None):
         super().__init__()
-        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden),
-                                    nn.ReLU(inplace=True))
+        h, w = image_shape or (image_size, image_size)
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * h * w, hidden), nn.ReLU(inplace=True))
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
@@ -111,9 +114,11 @@ def _call_with_accepted(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def build_model(spec: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Construct an architecture by spec with random weights."""
-    kwargs = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+def build_model(spec: str, num_classes: int, in_channels: int, image_size: int | Sequence[int]) -> nn.Module:
+    """Construct an architecture by spec with random weights, for inputs of `image_size`: a side, or [H, W] (a
+    transform's size: image folders are as wide as their first image, not square)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(v) for v in image_size)
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, image_size=h, image_shape=(h, w))
     if spec in BUILTIN:
         return _call_with_accepted(BUILTIN[spec], **kwargs)
     kind, _, name = spec.partition(":")
@@ -204,8 +209,8 @@ def classifier_width(state_dict: dict) -> int | None:
     return int(mats[-1].shape[0]) if mats else None
 
 
-def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_channels: int, image_size: int,
-                 recorded_size: bool = True) -> tuple[nn.Module, dict]:
+def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_channels: int,
+                 image_size: int | Sequence[int], recorded_size: bool = True) -> tuple[nn.Module, dict]:
     """Build the teacher and load its weights. Only the teacher-cache stage (and `verify`) may call this.
     `recorded_size`: the image size the file's transform records (the input the teacher is fed, unless --image-size
     says otherwise) builds it, not `image_size`: an architecture sized by its input (`mlp`, `default-student`, a
@@ -219,7 +224,7 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_ch
                           "was trained on (--num-classes, --channels)", arch_flag="--teacher")
 
 
-def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: int, image_size: int,
+def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: int, image_size: int | Sequence[int],
                fix: str = "check --model and --weights", arch_flag: str = "--model", recorded_size: bool = False
                ) -> tuple[nn.Module, dict]:
     """Build `spec` and load a weights file into it, in eval mode: (model, the file's meta). The file's meta
@@ -233,7 +238,7 @@ def load_model(spec: str, weights: Path, num_classes: int | None, in_channels: i
         num_classes = int(meta.get("num_classes") or num_classes or classifier_width(ckpt["state_dict"]) or 1000)
         in_channels = int(meta.get("in_channels", in_channels))
         if recorded_size and isinstance(meta.get("transform"), dict):  # load_checkpoint checked it
-            image_size = int(meta["transform"]["size"][0])
+            image_size = [int(v) for v in meta["transform"]["size"]]
     except (TypeError, ValueError, AttributeError):
         raise KDCacheError(f"{weights}: its meta (num_classes, in_channels) is not a pair of numbers; save the "
                            "weights as a state_dict or as {'state_dict': ..., 'meta': {...}}") from None

@@ -205,7 +205,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     cfg = replace(cfg, chunk_samples=min(cfg.chunk_samples, n))
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
-                                 cfg.num_classes or source.num_classes, probe_tf.channels, probe_tf.size[0],
+                                 cfg.num_classes or source.num_classes, probe_tf.channels, probe_tf.size,
                                  recorded_size=cfg.image_size is None)
     if cfg.num_classes and meta.get("num_classes") and int(meta["num_classes"]) != cfg.num_classes:
         raise KDCacheError(f"--num-classes {cfg.num_classes}, but the teacher's weights file records "

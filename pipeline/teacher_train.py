@@ -127,7 +127,7 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
     tf = default_transform(src, cfg.image_size, cfg.channels)
     if cfg.normalize is not None:  # recorded in the transform below: teacher-cache and eval feed it the same
         tf.mean, tf.std = parse_normalize(cfg.normalize, tf.channels)
-    model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size[0]).to(device)
+    model = build_model(cfg.arch, src.num_classes, tf.channels, tf.size).to(device)
     probe(model, f"teacher {cfg.arch}", src.load(np.arange(min(2, src.num_samples)), tf).to(device), src.num_classes)
     opt = sgd(model.parameters(), cfg.lr, cfg.weight_decay)  # after the probe: a lazy module has its weights now
     steps_per_epoch = len(batch_bounds(src.num_samples, cfg.batch_size))

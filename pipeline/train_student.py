@@ -202,7 +202,7 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
     data's classes, else (unlabelled data) by the teacher's where its weights file recorded them."""
     device = pick_device(cfg.device)
     _, student_layers = declared(weights, cfg)
-    student = build_model(cfg.student, num_classes, tf.channels, tf.size[0])
+    student = build_model(cfg.student, num_classes, tf.channels, tf.size)
     for layer in student_layers:  # each named with the flag that chose it
         flags = [f for used, chosen, f in (("fitnets" in weights, cfg.fitnets_guided, "--fitnets-guided"),
                                            ("rkd" in weights, cfg.rkd_student_layer, "--rkd-student-layer"))

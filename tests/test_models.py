@@ -249,3 +249,45 @@ def test_classifier_width_reads_the_output_count_off_the_last_classifier_weight(
     assert classifier_width({"fc.weight": fc, "fc.bias": torch.zeros(7)}) == 7
     assert classifier_width({"bn.weight": torch.ones(4), "conv.weight": torch.ones(4, 3, 3, 3)}) is None
     assert classifier_width(None) is None
+
+
+def test_built_in_models_take_non_square_inputs(root, monkeypatch):
+    """Image folders are as wide as their first image, so rarely square: the built-in mlp was sized by the height
+    alone (a 'mat1 and mat2 shapes' error on 8x12 inputs) and the default student pooled a 2x3 map to 2x2. Both are
+    now built for [H, W]: an mlp teacher trains on 8x12 inputs, is cached, and mlp and default students learn from it;
+    a module:function gets image_shape=(H, W) beside image_size=H."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.models import MLP, StudentNet, build_model
+
+    runner = CliRunner()
+    data = "synthetic:96:1x8x12:4"
+    res = runner.invoke(app, ["teacher", "--arch", "mlp", "--data", data, "--epochs", "1", "--out", "t.pt"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["teacher-cache", "--teacher", "mlp", "--weights", "t.pt", "--data", data])
+    assert res.exit_code == 0, res.output
+    store = res.stdout.split()[-1]
+    for student in ("mlp", "default-student"):
+        res = runner.invoke(app, ["train-student", "--cache", store, "--student", student, "--epochs", "1",
+                                  "--workers", "0", "--out", f"run-{student}", "--test-data", data])
+        assert res.exit_code == 0, res.output
+        assert json.loads(Path(f"run-{student}/config.json").read_text())["transform"]["size"] == [8, 12]
+    mlp = build_model("mlp", 4, 1, [8, 12])
+    assert isinstance(mlp, MLP) and mlp.hidden[1].in_features == 8 * 12
+    student = build_model("default-student", 4, 1, [8, 12])
+    assert isinstance(student, StudentNet) and student.embed[1].in_features == 32 * 2 * 3
+    assert student(torch.zeros(2, 1, 8, 12)).shape == (2, 4)
+    square = build_model("default-student", 4, 1, 16)  # a side alone: square, as before
+    assert square.embed[1].in_features == 32 * 4 * 4
+    Path("shaped.py").write_text("def net(num_classes, image_size, image_shape):\n"
+                                 "    import torch\n    return torch.nn.Linear(image_shape[0] * image_shape[1], "
+                                 "num_classes + image_size)\n")
+    monkeypatch.syspath_prepend(str(Path.cwd()))
+    sys.modules.pop("shaped", None)
+    got = build_model("shaped:net", 4, 1, [8, 12])
+    assert (got.in_features, got.out_features) == (96, 12)
