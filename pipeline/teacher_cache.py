@@ -293,9 +293,21 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
         stat_columns.append(st.TEACHER_TOP1)
     return Prepared(cfg, source, teacher, meta, tf, policy, views, device, n, targets, codecs, identity, key, path,
                     arrays, stat_columns, row_order(n, cfg.row_order), copy_layers=copy_layers,
-                    notes=(*class_note(source.classes, teacher_classes(meta)),
+                    notes=(*class_note(source.classes, teacher_classes(meta)), *untold_transform(meta, tf, cfg),
                            *(f"note: --layer {name} returns a {what}; its first element is cached"
                              for name, what in feats.first_of.items())))
+
+
+def untold_transform(meta: dict, tf, cfg: CacheConfig) -> list[str]:
+    """A note when nothing says what input the teacher was trained on (a bare state_dict, a file without a recorded
+    transform, no --normalize): the data's defaults are a guess, and a wrong one gives wrong targets silently on
+    unlabelled data (on labelled data the teacher's top-1, which ls shows, gives it away)."""
+    if "transform" in meta or cfg.normalize is not None:
+        return []
+    stats = "/".join(",".join(f"{v:g}" for v in vals) for vals in (tf.mean, tf.std))
+    return [f"note: the teacher's weights record no input transform, so it gets the data's defaults: {tf.size[0]}x"
+            f"{tf.size[1]}, {tf.channels} channel(s), normalised by {stats} (mean/std); if it was trained on other "
+            "inputs, pass --image-size, --channels and --normalize as it was"]
 
 
 LARGE_CHUNK_BYTES = 256 << 20

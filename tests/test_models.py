@@ -291,3 +291,28 @@ def test_built_in_models_take_non_square_inputs(root, monkeypatch):
     sys.modules.pop("shaped", None)
     got = build_model("shaped:net", 4, 1, [8, 12])
     assert (got.in_features, got.out_features) == (96, 12)
+
+
+def test_a_teacher_whose_weights_record_no_transform_is_noted_with_what_it_gets(root):
+    """A bare state_dict (or a file without a recorded transform) says nothing about the teacher's input: teacher-cache
+    feeds it the data's defaults, and says so, with the size, channels and statistics it uses and the flags that
+    change them; --normalize, or weights recording their transform (`kdcache teacher`'s), need no note."""
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from tests.conftest import SYN, save_teacher
+
+    bare = save_teacher(root / "bare.pt")  # meta without a transform
+    said = []
+    run_teacher_cache(CacheConfig(data=SYN, weights=str(bare), chunk_samples=64), log=said.append)
+    assert ("note: the teacher's weights record no input transform, so it gets the data's defaults: 16x16, 1 "
+            "channel(s), normalised by 0.5/0.5 (mean/std); if it was trained on other inputs, pass --image-size, "
+            "--channels and --normalize as it was") in said
+    said.clear()
+    run_teacher_cache(CacheConfig(data=SYN, weights=str(bare), chunk_samples=64, normalize="0.5/0.5", force=True),
+                      log=said.append)
+    assert not any("no input transform" in str(x) for x in said)
+    ckpt = torch.load(bare, weights_only=True)
+    ckpt["meta"]["transform"] = {"size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.5]}
+    torch.save(ckpt, root / "told.pt")
+    said.clear()
+    run_teacher_cache(CacheConfig(data=SYN, weights=str(root / "told.pt"), chunk_samples=32), log=said.append)
+    assert not any("cache hit" in str(x) or "no input transform" in str(x) for x in said)  # written, and no note
