@@ -526,6 +526,28 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+# A dataset's split folders, in the order a training split (then a test split) is picked from them to name.
+SPLIT_NAMES = ("train", "valid", "val", "validation", "test")
+
+
+def _refuse_split_folders(root: Path, subdirs: list[Path]) -> None:
+    """DIR/train/<class>/... beside DIR/test/<class>/... (or val/, valid/, validation/) read as class folders is a
+    2-class dataset "test"/"train" (a class folder's images count at any depth): a model taught to tell the splits
+    apart, silently. Only where every folder is a split name and one holds class folders with images: folders so
+    named that hold their images directly are a real dataset's classes."""
+    names = {d.name.lower(): d for d in subdirs}
+    if not set(names) <= set(SPLIT_NAMES) or not any(
+            _images_under(c) for d in subdirs for c in sorted(d.iterdir()) if c.is_dir() and not _not_data(c.name)):
+        return
+    train = next(names[n] for n in SPLIT_NAMES if n in names)
+    test = next((names[n] for n in reversed(SPLIT_NAMES) if n in names and names[n] != train), None)
+    listed = " and ".join(", ".join(f"{d.name}/" for d in subdirs).rsplit(", ", 1))
+    split = (f"split into {listed} folders, each holding" if len(subdirs) > 1 else
+             f"whose {listed} split folder holds")
+    raise KDCacheError(f"{root} looks like a dataset {split} the class folders, not a folder of classes; use "
+                       f"imagefolder:{train}" + (f" (and --test-data imagefolder:{test})" if test else ""))
+
+
 class ImageFolder(Source):
     """`imagefolder:DIR`: DIR/<class>/<image> is labelled (classes sorted by name); DIR/<image> is unlabelled."""
 
@@ -544,6 +566,7 @@ class ImageFolder(Source):
                                f"{loose[0].name}); move them into a class folder, or give a folder of only images "
                                "for unlabelled data")
         if subdirs:
+            _refuse_split_folders(root, subdirs)
             self.classes = [p.name for p in subdirs]
             files, labels, empty = [], [], []
             for ci, d in enumerate(subdirs):

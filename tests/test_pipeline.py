@@ -235,6 +235,26 @@ def test_a_macos_archives_metadata_folder_is_no_class(root):
     assert src.classes is None and src.num_samples == 2
 
 
+def test_a_dataset_split_into_train_and_test_folders_is_refused_not_read_as_two_classes(root):
+    """`imagefolder:DS` where DS holds train/<class>/... and test/<class>/... was a 2-class dataset "test"/"train"
+    (images are found at any depth): a teacher trained to tell the splits apart. Refused, naming the split folders
+    to pass; folders named train/test that hold their images directly are a real 2-class dataset and still work."""
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            _write_images(root / "ds" / split / c, 2, seed=len(split + c))
+    with pytest.raises(KDCacheError) as e:
+        open_source("imagefolder:ds")
+    assert str(e.value) == ("ds looks like a dataset split into train/ and val/ folders, each holding the class "
+                            "folders, not a folder of classes; use imagefolder:ds/train (and --test-data "
+                            "imagefolder:ds/val)")
+    src = open_source("imagefolder:ds/train")
+    assert src.classes == ["ant", "bee"] and list(src.labels(np.arange(4))) == [0, 0, 1, 1]
+    for split in ("test", "train"):  # classes that happen to be named so, their images directly inside
+        _write_images(root / "two" / split, 2, seed=len(split))
+    src = open_source("imagefolder:two")
+    assert src.classes == ["test", "train"] and list(src.labels(np.arange(4))) == [0, 0, 1, 1]
+
+
 def test_fashion_mnist_dir_set_to_a_folder_without_its_files_is_refused(root, monkeypatch):
     """KDCACHE_FASHION_MNIST_DIR names where the data is read from: set to a folder lacking the IDX files (a typo,
     a partial copy), it is refused, naming the folder and the missing files, instead of silently reading another
