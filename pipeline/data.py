@@ -32,7 +32,12 @@ from pipeline.augment import resize, splitmix64
 from pipeline.errors import KDCacheError, first_line
 from pipeline.store import enclosing_store, is_url, local_path
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+# Explicit, not Pillow's registered_extensions(): that also names documents and containers (.pdf, .eps needing
+# Ghostscript, .h5, .mpeg) that hold no image Pillow can decode by itself. These are the common image formats its
+# bundled codecs read; a file of another extension is skipped, so each spelling of one of them is listed (.jfif, .jpe
+# and .dib files were skipped silently).
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff", ".pgm",
+                    ".ppm", ".pbm", ".pnm", ".tga"}
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -255,6 +255,25 @@ def test_a_dataset_split_into_train_and_test_folders_is_refused_not_read_as_two_
     assert src.classes == ["test", "train"] and list(src.labels(np.arange(4))) == [0, 0, 1, 1]
 
 
+def test_images_in_every_common_format_pillow_reads_are_data(root):
+    """`.jfif` and `.jpe` (JPEG), `.pbm` and `.pnm` (netpbm), `.dib` (BMP) and `.tga` files decode with Pillow's own
+    codecs but were skipped silently: a class folder of them lost its samples, a flat folder of them had 'no images'."""
+    from PIL import Image
+
+    (root / "flat").mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    names = ["a.jfif", "b.jpe", "c.pbm", "d.pnm", "e.dib", "f.tga"]
+    for name in names:
+        im = Image.fromarray(rgb)
+        (im.convert("1") if name.endswith(".pbm") else im).save(root / "flat" / name)
+    src = open_source("imagefolder:flat")
+    assert [f.name for f in src.files] == names
+    x = src.load_raw(np.arange(6), Transform(size=[6, 5], channels=3))
+    for i in (3, 4, 5):  # the lossless ones give back their pixels
+        assert (x[i].numpy().transpose(1, 2, 0) == rgb).all(), names[i]
+    assert set(np.unique(x[2].numpy())) <= {0, 255}  # one bit a pixel
+
+
 def test_fashion_mnist_dir_set_to_a_folder_without_its_files_is_refused(root, monkeypatch):
     """KDCACHE_FASHION_MNIST_DIR names where the data is read from: set to a folder lacking the IDX files (a typo,
     a partial copy), it is refused, naming the folder and the missing files, instead of silently reading another
