@@ -234,18 +234,22 @@ def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-dat
 
     Image folders number their classes by sorted folder name, so a test folder lacking one class (or holding
     another) would shift every later label: accuracy would be silently wrong. A class the training data does not
-    have cannot be scored and is refused."""
+    have cannot be scored and is refused; a folder of the test data with no images holds nothing to score, and is
+    not (its number maps to -1, which no sample's label is)."""
     if test.classes is None or classes is None or list(test.classes) == list(classes):
         return None
     # By the names' composed (NFC) form: a folder copied from macOS spells `ñ` as n + a combining tilde (NFD),
     # another string that prints the same, and was refused as a class the training data lacks.
     pos = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}
-    unknown = [c for c in test.classes if unicodedata.normalize("NFC", c) not in pos]
+    # A test folder with no images holds no sample to score, so it needs no training class (the training data's own
+    # image-less folders are still classes: they take class numbers).
+    empty = set(test.empty_classes)
+    unknown = [c for c in test.classes if unicodedata.normalize("NFC", c) not in pos and c not in empty]
     if unknown:
         raise KDCacheError(f"test data {test.spec} has class(es) {', '.join(map(repr, unknown[:5]))} that "
                            f"{owner} lacks (it has {', '.join(map(repr, classes[:10]))}"
                            f"{' ...' if len(classes) > 10 else ''}); pass a {flag} with the same classes")
-    return np.asarray([pos[unicodedata.normalize("NFC", c)] for c in test.classes], dtype=np.int64)
+    return np.asarray([pos.get(unicodedata.normalize("NFC", c), -1) for c in test.classes], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------- sources

@@ -519,6 +519,28 @@ def test_test_folder_classes_are_matched_by_name(root):
     assert any("is the data the student trains on; its accuracy is no test" in m for m in logs)
 
 
+def test_an_empty_folder_in_the_test_data_is_no_class_it_could_lack(root):
+    """A test folder's extra folder with no images (a misc/ never filled) holds no sample to score, but was refused
+    as a class the training data lacks. The training side keeps such a folder as a class (it takes a number); the
+    test side maps its samples by name, so it only needs no sample to belong to a class the training data lacks."""
+    from pipeline.data import class_map
+
+    for c in ("ant", "bee", "cat"):
+        _write_images(root / "train" / c, 1, seed=len(c))
+    _write_images(root / "test" / "ant", 2)
+    _write_images(root / "test" / "cat", 3)
+    (root / "test" / "misc" / "notes").mkdir(parents=True)  # nothing in it, at any depth, is an image
+    (root / "test" / "misc" / "notes" / "README.txt").write_text("to sort\n")
+    train, test = open_source(f"imagefolder:{root / 'train'}"), open_source(f"imagefolder:{root / 'test'}")
+    assert test.classes == ["ant", "cat", "misc"] and test.empty_classes == ["misc"]
+    assert list(class_map(test, train.classes)[test.labels(np.arange(5))]) == [0, 0, 2, 2, 2]
+    _write_images(root / "test" / "misc", 1)  # now it holds a sample the training data has no class for
+    with pytest.raises(KDCacheError) as e:
+        class_map(open_source(f"imagefolder:{root / 'test'}"), train.classes)
+    assert str(e.value) == (f"test data imagefolder:{root / 'test'} has class(es) 'misc' that the training data "
+                            "lacks (it has 'ant', 'bee', 'cat'); pass a --test-data with the same classes")
+
+
 def _fake_fashion_mnist(folder, n_train=24, n_test=20, seed=0):
     """A tiny Fashion-MNIST folder (the four IDX .gz files, 28x28 images, labels 0..9) for KDCACHE_FASHION_MNIST_DIR."""
     rng = np.random.default_rng(seed)
