@@ -210,15 +210,23 @@ def classifier_width(state_dict: dict) -> int | None:
 
 
 def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_channels: int,
-                 image_size: int | Sequence[int], recorded_size: bool = True) -> tuple[nn.Module, dict]:
+                 image_size: int | Sequence[int], recorded_size: bool = True, data: str | None = None
+                 ) -> tuple[nn.Module, dict]:
     """Build the teacher and load its weights. Only the teacher-cache stage (and `verify`) may call this.
     `recorded_size`: the image size the file's transform records (the input the teacher is fed, unless --image-size
     says otherwise) builds it, not `image_size`: an architecture sized by its input (`mlp`, `default-student`, a
-    module:function using image_size) trained with `kdcache teacher --image-size` fits its weights only at that size."""
+    module:function using image_size) trained with `kdcache teacher --image-size` fits its weights only at that size.
+    `data`: the spec it is to run on, for the way to a teacher of one's own when the default one is missing."""
     if weights is None:
         if spec != "default-teacher":
             raise KDCacheError(f"teacher '{spec}' needs --weights FILE (kdcache never downloads weights)")
         weights = default_teacher_weights()
+    if (data and data.partition(":")[0] != "fashion-mnist" and not Path(weights).exists()
+            and Path(weights).absolute() == default_teacher_weights().absolute()):
+        # `make teacher` trains it on Fashion-MNIST: for other data it is not the teacher wanted (nor fits it)
+        raise KDCacheError(f"weights file not found: {weights} (the default teacher; `make teacher` trains it on "
+                           f"Fashion-MNIST); for {data} pass --weights FILE of your own teacher, or train one with "
+                           f"`kdcache teacher --data {data} --out FILE`")
     return load_model(spec, Path(weights), num_classes, in_channels, image_size, recorded_size=recorded_size,
                       fix="check --teacher and --weights, and that the data has the classes and channels the teacher "
                           "was trained on (--num-classes, --channels)", arch_flag="--teacher")

@@ -206,7 +206,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     probe_tf = default_transform(source, cfg.image_size, cfg.channels)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
                                  cfg.num_classes or source.num_classes, probe_tf.channels, probe_tf.size,
-                                 recorded_size=cfg.image_size is None)
+                                 recorded_size=cfg.image_size is None, data=cfg.data)
     if cfg.num_classes and meta.get("num_classes") and int(meta["num_classes"]) != cfg.num_classes:
         raise KDCacheError(f"--num-classes {cfg.num_classes}, but the teacher's weights file records "
                            f"{meta['num_classes']} outputs; drop --num-classes")

@@ -386,6 +386,23 @@ def test_unlabelled_flat_imagefolder(root):
     assert res.exit_code == 2 and "has no labels" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_no_default_teacher_for_an_image_folder_says_how_to_get_a_teacher_for_it(root, monkeypatch):
+    """`make teacher` trains the default teacher on Fashion-MNIST: for an image folder, the missing-weights line
+    also says to pass a teacher of one's own, or to train one on that folder."""
+    _write_images(root / "imgs" / "ant", 2)
+    _write_images(root / "imgs" / "bee", 2, seed=1)
+    res = runner.invoke(app, ["teacher-cache", "--data", "imagefolder:imgs"])
+    default = root / "data" / "teachers" / "default.pt"
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        f"error: weights file not found: {default} (the default teacher; `make teacher` trains it on Fashion-MNIST); "
+        f"for imagefolder:{root / 'imgs'} pass --weights FILE of your own teacher, or train one with "
+        f"`kdcache teacher --data imagefolder:{root / 'imgs'} --out FILE`"), res.output
+    monkeypatch.setenv("KDCACHE_FASHION_MNIST_DIR", str(_fake_fashion_mnist(root / "fm")))
+    res = runner.invoke(app, ["teacher-cache", "--data", "fashion-mnist:train"])  # the default teacher's own data
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        f"error: weights file not found: {default} (run `make teacher` to train the default teacher)"), res.output
+
+
 def test_a_store_whose_image_folder_moved_says_to_pass_data(root, monkeypatch):
     """The store records its image folder; moved, train-student names --data (not only the folder it looked in), and
     a run interrupted before the move resumes with --data naming the new place (the same images)."""
