@@ -90,7 +90,7 @@ def _teacher(cfg: OnlineConfig) -> tuple[Source, torch.nn.Module, dict]:
     source = open_source(cfg.data or "fashion-mnist:train")
     probe_tf = default_transform(source)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,
-                                 source.num_classes, probe_tf.channels, probe_tf.size)
+                                 source.num_classes, probe_tf.channels, probe_tf.size, data=source.spec)
     return source, teacher, meta
 
 
