@@ -58,6 +58,10 @@ def find_cache(arg: str) -> str:
     first 4+ hex digits, as `kdcache ls` lists them) of a store in the default cache folder (`<key>.zarr`; a store
     made with --out is named by its path). A prefix several keys share is refused, listing them."""
     arg = str(arg)
+    # "" is the current folder to pathlib: it was "error:  is not a kdcache Zarr v3 store", naming nothing
+    if not arg.strip() and not os.path.lexists(arg):
+        raise KDCacheError("the store path is empty; pass the .zarr folder teacher-cache printed, or its key from "
+                           "`kdcache ls`")
     if st.is_url(arg) or os.path.lexists(arg) or not (4 <= len(arg) <= 16 and set(arg) <= set("0123456789abcdef")):
         return arg
     hits = [p for p in _cache_paths(None) if Path(p).name.startswith(arg)]

@@ -506,6 +506,16 @@ def test_a_cache_is_named_by_its_key_or_the_start_of_it_as_ls_lists_it(root, tea
     assert res.exit_code == 2 and "error: no cache at 0123abcd; run `kdcache teacher-cache` first" in res.stderr
 
 
+@pytest.mark.parametrize("argv", [["verify", ""], ["repair", " "], ["inspect", ""],
+                                  ["train-student", "--cache", "", "--epochs", "1"]])
+def test_an_empty_store_path_is_refused_saying_so(root, argv):
+    """An empty path is the current folder to pathlib: it was "error:  is not a kdcache Zarr v3 store", naming no
+    path at all."""
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 2 and res.stderr == ("error: the store path is empty; pass the .zarr folder teacher-cache "
+                                                 "printed, or its key from `kdcache ls`\n"), res.output
+
+
 def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):
     cache = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]).stdout.split()[-1]
     res = runner.invoke(app, ["train-student", "--cache", cache, "--epochs", "1", "--workers", "0", "--out", "run",
