@@ -351,21 +351,28 @@ def repair_store(path: str, log=print, moved: dict | None = None, recompute: int
 
 def _label_problems(cache, report: Report, moved: dict | None, download: bool = True) -> list[Problem]:
     """The blocks whose stored labels (those chunks that read back) are not the data's labels of their rows. Only
-    the data is opened; data that cannot be opened here, or is not the store's, checks nothing (a repair with units
-    to redo then stops on it with its own line). `download`: whether Fashion-MNIST may be fetched when it is not
+    the data is opened; the store's recorded data that cannot be opened here, or is not the store's, checks nothing
+    (a repair with units to redo then stops on it with its own line); a --data given for it is refused instead. `download`: whether Fashion-MNIST may be fetched when it is not
     on this machine (repair needs the data anyway; verify never downloads)."""
     from pipeline.data import data_differs, find_fashion_mnist, open_source
 
-    if not cache.labelled:
+    given = _given(moved).get("data")
+    if not cache.labelled and not given:
         return []
     try:
-        spec = _given(moved).get("data") or _made_with(cache)["data"]
+        spec = given or _made_with(cache)["data"]
         if not download and spec.startswith("fashion-mnist") and find_fashion_mnist() is None:
             return []
         source = open_source(spec)
-        if data_differs(source, cache.manifest["data"]):
-            return []
+        differs = data_differs(source, cache.manifest["data"])
     except KDCacheError:
+        if given:  # a --data the user gave that does not open was passed over: verify said OK, checking nothing
+            raise
+        return []
+    if differs and given:  # likewise: the wrong data named is refused as recompute_check refuses it
+        raise KDCacheError(f"data {given} is not the data {cache.path} was made from ({differs}); pass --data SPEC "
+                           "with the data that made it, or leave --data out")
+    if differs or not cache.labelled:
         return []
     group = cache.open_group()
     rows = row_order(cache.num_samples, cache.manifest.get("row_order", "source"))

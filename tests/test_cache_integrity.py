@@ -801,6 +801,22 @@ def test_a_store_is_checked_from_anywhere_and_after_its_teacher_moved(root, teac
     assert res.exit_code == 0 and "recomputing 1 bad chunk(s)" in res.stderr, res.output
 
 
+@pytest.mark.parametrize("command", ["verify", "repair"])
+def test_a_given_data_that_does_not_open_or_is_other_data_is_refused_without_recompute(root, teacher_file, command):
+    """--data also serves the check of the stored labels: one that is malformed, or is not the store's data, was
+    passed over there, and verify (or repair, with nothing to redo) said OK having checked nothing against it."""
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=lambda *_: None)
+    res = runner.invoke(app, [command, path, "--data", "synthetic:10:0x8x8"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: bad synthetic spec 'synthetic:10:0x8x8'") \
+        and len(res.stderr.strip().splitlines()) == 1, res.output
+    res = runner.invoke(app, [command, path, "--data", "synthetic:192:1x16x16:4:7"])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: data synthetic:192:1x16x16:4:7 is not the data "
+                                                        f"{path} was made from (fingerprint ") \
+        and res.stderr.endswith("); pass --data SPEC with the data that made it, or leave --data out\n"), res.output
+    res = runner.invoke(app, [command, path, "--data", SYN])  # the store's own data: checked, and OK
+    assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1] == f"OK: {path}", res.output
+
+
 def test_verify_names_a_repair_that_works_with_the_moved_teacher(root, teacher_file):
     """verify --recompute --weights (the teacher moved) that finds outputs other than the teacher's prints the repair
     command that redoes them: with that --weights (and --data), or the repair fails to find the teacher."""
