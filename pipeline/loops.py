@@ -26,6 +26,11 @@ def check_writable(folder: Path, flag: str) -> None:
                            f"{flag}") from None
 
 
+# More epochs than any run finishes. Not only absurd: train-student sums every epoch's batch count for its schedule
+# before the first epoch (about 30 us each), so --epochs 10**12 hung there without a word.
+MAX_EPOCHS = 100_000
+
+
 def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int
                     ) -> list[tuple[bool, str]]:
     """(ok, message) for the numbers every training run takes (the teacher's and a student's), checked before any
@@ -34,6 +39,7 @@ def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float
             (math.isfinite(weight_decay), f"--weight-decay must be a finite number (got {weight_decay})"),
             (0 <= seed < 2**32, f"--seed must be 0 or more, below 2**32 (got {seed})"),
             (epochs >= 1, f"--epochs must be at least 1 (got {epochs})"),
+            (epochs <= MAX_EPOCHS, f"--epochs must be at most {MAX_EPOCHS} (got {epochs})"),
             (batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})"),
             (lr > 0, f"--lr must be positive (got {lr})"),
             (weight_decay >= 0, f"--weight-decay must be 0 or more (got {weight_decay})")]

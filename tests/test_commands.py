@@ -324,6 +324,7 @@ def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, m
                           (["--lr", "0"], "--lr must be positive"),
                           (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
                           (["--epochs", "0"], "--epochs must be at least 1"),
+                          (["--epochs", str(10**12)], f"--epochs must be at most 100000 (got {10**12})"),
                           (["--batch-size", "-3"], "--batch-size must be at least 1"),
                           (["--channels", "2"], "--channels must be 1 or 3"),
                           (["--image-size", "0"], "--image-size must be from 1 to 4096"),
@@ -514,6 +515,13 @@ def test_an_empty_store_path_is_refused_saying_so(root, argv):
     res = runner.invoke(app, argv)
     assert res.exit_code == 2 and res.stderr == ("error: the store path is empty; pass the .zarr folder teacher-cache "
                                                  "printed, or its key from `kdcache ls`\n"), res.output
+
+
+def test_train_student_refuses_more_epochs_than_any_run_finishes_before_opening_the_store(root):
+    """--epochs 10**12 hung silently: the schedule sums every epoch's batch count before the first epoch."""
+    res = runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--epochs", str(10**12), "--out", "run"])
+    assert res.exit_code == 2 and res.stderr == f"error: --epochs must be at most 100000 (got {10**12})\n", res.output
+    assert not Path("run").exists()
 
 
 def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):
