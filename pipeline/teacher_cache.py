@@ -158,6 +158,9 @@ class Prepared:
         return self.source.load_view(idx, self.transform, box, flip)
 
 
+MAX_WRITERS = 256  # --writers: far beyond any machine's cores, short of a typo's count of threads
+
+
 def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = False) -> Prepared:
     """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
     # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
@@ -180,8 +183,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise KDCacheError(f"--num-classes must be at least 1 (got {cfg.num_classes}); leave it out to read it off "
                            "the teacher's weights")
-    if cfg.writers < 0:
-        raise KDCacheError(f"--writers must be 0 (automatic) or more (got {cfg.writers})")
+    if not 0 <= cfg.writers <= MAX_WRITERS:  # threads, each holding whole units: a typo of many digits is no plan
+        raise KDCacheError(f"--writers must be 0 (automatic) to {MAX_WRITERS} (got {cfg.writers})")
     if not -7 <= cfg.compression_level <= 22:
         raise KDCacheError(f"--compression-level must be a zstd level from -7 to 22 (got {cfg.compression_level})")
     if cfg.normalize is not None:

@@ -97,6 +97,9 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
          f"RKD's angle term compares triplets of samples in a batch, so --batch-size {cfg.batch_size} gives it "
          "nothing; use --batch-size 3 or more, or --rkd-angle-weight 0"),
         (cfg.workers >= 0, f"--workers must be 0 (load in this process) or more (got {cfg.workers})"),
+        # each worker is a process holding its own shuffle buffer: a typo of many digits hung starting them
+        (cfg.workers <= MAX_PROCESSES, f"--workers {cfg.workers} is more loader processes than a machine runs "
+         f"well (at most {MAX_PROCESSES}); use about as many as the CPU cores that the training leaves free"),
         (cfg.buffer_chunks >= 0, f"--buffer-chunks must be 0 (automatic) or more (got {cfg.buffer_chunks})"),
         (cfg.temperature > 0, f"--temperature must be positive (got {cfg.temperature}); Hinton et al. use 1-20"),
         # KD scales its soft term by T^2 in float32: beyond that range it is 0 * inf = NaN at the first step, which
@@ -302,6 +305,7 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
 
 
 RUN_PLACE = ("out", "resume", "overwrite")  # where a run lies and how it was started: not what it trains
+MAX_PROCESSES = 256  # --workers (and teacher-cache's --writers): far beyond any machine's cores, short of a typo's
 RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
 # What a kill mid-write leaves beside them (write_config's and save_whole's temporary names): the run's own files,

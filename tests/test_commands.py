@@ -524,6 +524,21 @@ def test_train_student_refuses_more_epochs_than_any_run_finishes_before_opening_
     assert not Path("run").exists()
 
 
+def test_a_typos_count_of_loader_processes_or_writer_threads_is_refused_before_anything_starts(root):
+    """--workers 10**12 hung starting loader processes (torch only warned); --writers likewise asks for threads no
+    machine has. Both are refused in one line, before the store or the data is opened."""
+    res = runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--workers", str(10**12), "--out", "run"])
+    assert res.exit_code == 2 and res.stderr == (
+        f"error: --workers {10**12} is more loader processes than a machine runs well (at most 256); use about as "
+        "many as the CPU cores that the training leaves free\n"), res.output
+    assert not Path("run").exists()
+    assert runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--workers", "256"]).stderr.startswith(
+        "error: no cache at nowhere.zarr")  # 256 itself passes the check
+    res = runner.invoke(app, ["teacher-cache", "--data", "synthetic:8:1x8x8:2", "--writers", "257"])
+    assert res.exit_code == 2 and res.stderr == "error: --writers must be 0 (automatic) to 256 (got 257)\n", res.output
+    assert not Path("data/cache").exists()
+
+
 def test_eval_scores_a_students_weights_as_an_independent_forward_does(root, teacher_file):
     cache = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]).stdout.split()[-1]
     res = runner.invoke(app, ["train-student", "--cache", cache, "--epochs", "1", "--workers", "0", "--out", "run",
