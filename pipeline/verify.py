@@ -17,6 +17,7 @@ the units that are not committed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +115,9 @@ def verify_store(path: str, recompute: int = 0, seed: int = 0, moved: dict | Non
     if seed < 0:
         raise KDCacheError(f"--seed must be 0 or more (got {seed})")
     path = find_cache(path)
+    weights = _given(moved).get("weights")
+    if weights is not None and not os.path.isfile(weights):  # said now, not only when a sample is recomputed
+        raise KDCacheError(f"--weights {weights}: no such file; give where the teacher's weights lie now")
     cache = st.open_store(path, require_complete=False)
     who = None if st.marked_complete(cache.manifest) else st.writer(path)
     if who is not None:  # its uncommitted chunks are work in progress, not damage
@@ -329,6 +333,10 @@ def repair_store(path: str, log=print, moved: dict | None = None, recompute: int
     from pipeline.ranks import one_process_only
 
     path = find_cache(path)
+    if _given(moved).get("device"):  # a device this machine cannot use is said now, not only when a unit needs it
+        from pipeline.loops import pick_device
+
+        pick_device(_given(moved)["device"])
     # (every rank would take the store's writer lock: all but one fail, and the store is left incomplete)
     one_process_only(f"repair runs as one process, not as {{ranks}} torchrun ranks; run `kdcache repair {path}` "
                      "without torchrun")

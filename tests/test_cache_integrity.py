@@ -1044,6 +1044,19 @@ def test_force_through_a_link_rebuilds_the_store_it_points_to(root, teacher_file
         np.testing.assert_array_equal(v, before[name], err_msg=name)
     assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
 
+def test_a_bad_device_or_missing_weights_is_refused_even_with_nothing_to_recompute(root, teacher_file):
+    """`repair --device tpu` and `verify/repair --weights missing.pt` on a whole store said OK (nothing to repair or
+    recompute, so the flags were never read): a mistyped flag passed for a checked one. Both are refused in one line
+    before the store is read."""
+    path = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
+    assert runner.invoke(app, ["repair", path]).exit_code == 0  # whole: nothing to do
+    assert _one_line(runner.invoke(app, ["repair", path, "--device", "tpu"])) == (
+        "error: unknown --device 'tpu'; use auto, cpu, cuda or cuda:N")
+    for command in ("verify", "repair"):
+        assert _one_line(runner.invoke(app, [command, path, "--weights", "missing.pt"])) == (
+            "error: --weights missing.pt: no such file; give where the teacher's weights lie now")
+
+
 def test_repair_under_torchrun_is_refused_before_touching_the_store(root, teacher_file, monkeypatch):
     """Under torchrun every rank ran the whole repair: all but one failed on the store's writer lock ("being written
     now" by its sibling rank), and the rest of the run left a complete store marked incomplete."""
