@@ -42,6 +42,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     on labelled data, its labels in the model's class order."""
     if cfg.batch_size < 1:
         raise KDCacheError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if not str(cfg.weights).strip():  # pathlib reads "" as the current folder
+        raise KDCacheError("the weights path is empty; pass a weights file, e.g. a run's student.pt")
     ckpt = load_checkpoint(Path(cfg.weights))
     meta = ckpt.get("meta", {})
     meta = meta if isinstance(meta, dict) else {}

@@ -163,6 +163,9 @@ def load_checkpoint(path: Path) -> dict:
         default = Path(path).absolute() == default_teacher_weights().absolute()
         hint = " (run `make teacher` to train the default teacher)" if default else ""
         raise KDCacheError(f"weights file not found: {path}{hint}")
+    if Path(path).is_dir():  # (torch.load's IsADirectoryError said nothing of what to pass instead)
+        raise KDCacheError(f"{path} is a folder, not a weights file; pass the file itself (a teacher's .pt, or a "
+                           "run's student.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -615,6 +615,10 @@ def test_eval_top5_and_its_bad_inputs(root):
         # a tuple out of the forward: was "fails on input ... (AttributeError ...); set --image-size / --channels"
         (["eval", "pair.pt", "--model", "tests.odd_models:tuple_student", "--data", "synthetic:96:1x16x16:5"],
          "tests.odd_models:tuple_student returns tuple, not logits of shape (batch, classes)"),
+        # '' and a folder: were "cannot load weights from .: IsADirectoryError; pass a torch state_dict file"
+        (["eval", "", "--data", "synthetic:96:1x16x16:5"], "error: the weights path is empty; pass a weights file"),
+        (["eval", "flat", "--data", "synthetic:96:1x16x16:5"], "error: flat is a folder, not a weights file; pass "
+                                                                "the file itself"),
     ]:
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
