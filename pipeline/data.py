@@ -253,17 +253,33 @@ def class_map(test: "Source", classes: list[str] | None, flag: str = "--test-dat
 
 
 # --------------------------------------------------------------------------------------------- sources
+def teacher_label_map(data: list[str] | None, teacher: list[str] | None) -> np.ndarray | None:
+    """The data's class number -> the teacher's output number, by name, where every class of the data is one the
+    teacher's weights record but not at the same position (a folder holding some of its classes): paired by
+    position, the teacher's top-1 and KD's hard-label term would pair each label with another class's output. None
+    where the positions agree, or where a name is not the teacher's (then they pair by position: `class_note`)."""
+    if not data or not teacher or list(data) == list(teacher[:len(data)]):
+        return None
+    pos = {unicodedata.normalize("NFC", c): i for i, c in enumerate(teacher)}
+    named = [pos.get(unicodedata.normalize("NFC", c)) for c in data]
+    return None if None in named else np.asarray(named, dtype=np.int64)
+
+
 def class_note(data: list[str] | None, teacher: list[str] | None) -> list[str]:
-    """Labels pair with the teacher's outputs by position (label i = output i) in its top-1 and in KD's hard-label
-    term. Data whose class names differ from the ones the teacher's weights record may be ordered differently:
-    said, not refused, since names can differ while positions agree (an image folder of `0`..`9` for
-    Fashion-MNIST). Said by teacher-cache, and by each train-student whose losses use the labels."""
+    """Labels pair with the teacher's outputs by name where the data's classes are all the teacher's
+    (`teacher_label_map`), else by position (label i = output i) in its top-1 and in KD's hard-label term. Data
+    whose class names differ from the ones the teacher's weights record may be ordered differently: said, not
+    refused, since names can differ while positions agree (an image folder of `0`..`9` for Fashion-MNIST). Said by
+    teacher-cache, and by each train-student whose losses use the labels."""
     if not data or not teacher or list(data) == teacher[:len(data)]:
         return []
 
     def show(names):
         return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
+    if teacher_label_map(data, teacher) is not None:
+        return [f"note: the data's {len(data)} classes ({show(data)}) are among the teacher's {len(teacher)} "
+                f"({show(teacher)}) at other positions; each label is paired with the teacher's output of its name"]
     return [f"note: the data's classes ({show(data)}) are not the teacher's ({show(teacher)}); label i is taken to "
             "mean the teacher's output i (its top-1 and KD's hard-label term pair them so): check the data's order, "
             "or use train-student --no-labels"]

@@ -36,7 +36,7 @@ from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_cr
                               sample_params)
 from pipeline.data import (Transform, absolute_spec, check_input_flags, class_note, data_differs, data_root,
                            default_transform, open_source, parse_normalize, paths_as_text, refuse_one_class,
-                           resolve_transform)
+                           resolve_transform, teacher_label_map)
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_logits, check_outputs, default_teacher_weights, fingerprint_module,
@@ -757,6 +757,8 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
     loader_pool = ThreadPoolExecutor(2) if p.device.type == "cuda" else nullcontext()
     with prog, ThreadPoolExecutor(writers) as pool, loader_pool as loader, torch.inference_mode(), \
             capture(p.teacher, cfg.layers, p.copy_layers) as feats:
+        named = teacher_label_map(source.classes, teacher_classes(p.teacher_meta))  # the teacher's top-1, by name
+
         def plan(b, v):  # one unit's rows, views and sample-level arrays; on a GPU its input loads start now
             start, end = blocks[b]
             idx = p.rows[start:end]  # the source samples this block holds
@@ -769,6 +771,8 @@ def fill_units(group, p: Prepared, blocks, todo, already, show: bool = True) -> 
             if p.views:
                 box, flip = (a[:, 0] for a in sample_params(p.policy, cfg.aug_seed, idx, [v], native_hw))
                 out["aug/box"], out["aug/flip"] = box, flip
+            if labels is not None and named is not None:
+                labels = named[labels]  # (after the stored labels above: those stay the data's own)
             return b, v, start, end, idx, out, box, flip, labels, _batch_inputs(p, idx, box, flip, loader)
 
         # Inputs load a few batches ahead across unit boundaries (a unit may be a single batch): the GPU never

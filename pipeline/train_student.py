@@ -30,7 +30,7 @@ import torch
 from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.catalog import find_cache
 from pipeline.data import (Source, Transform, class_map, class_note, data_differs, data_root, local_output, open_source,
-                           paths_as_text)
+                           paths_as_text, teacher_label_map)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
@@ -196,6 +196,7 @@ class Setup:
     source_fingerprint: str | None = None   # of the data trained on
     classes: list[str] | None = None        # the training data's class names, in the student's output order
     cache_key: str | None = None            # the store's key: which targets a checkpoint's run trained on
+    label_map: torch.Tensor | None = None   # the data's label -> the teacher's output of that class name
 
 
 def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Transform, num_classes: int,
@@ -280,6 +281,9 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
         for note in class_note(source.classes, teacher_classes):
             log(note)
     classes = source.classes or teacher_classes
+    lut = teacher_label_map(source.classes, teacher_classes) if use_labels else None
+    if lut is not None:  # labels renumbered as the teacher's outputs: the student's outputs are the teacher's classes
+        classes = teacher_classes
     # Without labels the outputs are the teacher's alone: output i is its class i, whatever position the data's
     # folders give that name (data holding some of its classes); named by the data's, test labels paired with
     # other classes' outputs. Data with names the teacher lacks keeps its own (paired by position, as labels are).
@@ -293,7 +297,8 @@ def setup(cfg: StudentConfig, weights: dict[str, float], source: Source, tf: Tra
             f"({', '.join(test.classes[:5])}{' ...' if len(test.classes) > 5 else ''}) are taken as the teacher's "
             "outputs 0, 1, ... in that order")
     return Setup(student, losses, student_layers, stages, tf, device, test, test_spec, use_labels, num_classes,
-                 student_shapes, test_labels, source.fingerprint(), classes)
+                 student_shapes, test_labels, source.fingerprint(), classes,
+                 label_map=torch.from_numpy(lut).to(device) if lut is not None else None)
 
 
 def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
@@ -748,6 +753,8 @@ def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, 
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 labels = batch["labels"].to(device, non_blocking=True) if s.use_labels else None
+                if labels is not None and s.label_map is not None:
+                    labels = s.label_map[labels]
                 teacher = targets(batch, device)
                 with capture(student, s.student_layers) as sfeats, stop_after(student, cut), autocast:
                     try:

@@ -177,6 +177,63 @@ def test_a_no_labels_student_names_its_outputs_by_the_teachers_classes(root):
     assert res["test_acc"] == pytest.approx(float((pred == np.array([1, 2])[src.labels(np.arange(12))]).mean()))
 
 
+def test_labels_of_some_of_the_teachers_classes_pair_with_its_outputs_by_name(root, monkeypatch):
+    """A labelled folder holding 2 of the teacher's 4 classes (cat, dog: its outputs 1 and 2) numbers them 0 and 1.
+    Paired by position, the teacher's cache-time top-1 and the hard-label loss took `cat` for output 0 (`ant`) and
+    `dog` for output 1 (`cat`), against the soft targets. Now each label is the teacher's output of its name: in the
+    top-1 (recomputed here from the stored logits), in the labels the loss receives, in student.pt's class names
+    and in the test score; the store's labels stay the data's own."""
+    import numpy as np
+    import pytest
+    import torch.nn.functional as F
+    import zarr
+    from PIL import Image
+
+    from pipeline.data import Transform, open_source
+    from pipeline.models import load_model
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+    from tests.conftest import save_teacher
+
+    w = save_teacher(root / "t.pt")
+    ckpt = torch.load(w, weights_only=True)
+    ckpt["meta"]["classes"] = teacher = ["ant", "cat", "dog", "eel"]
+    torch.save(ckpt, w)
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
+    said = []
+    path = run_teacher_cache(CacheConfig(data="imagefolder:imgs", weights=str(w), device="cpu", dtype="float32"),
+                             log=said.append)
+    assert ("note: the data's 2 classes (cat, dog) are among the teacher's 4 (ant, cat, dog, eel) at other "
+            "positions; each label is paired with the teacher's output of its name") in said
+    g = zarr.open_group(path, mode="r")
+    named = np.array([1, 2])[g["labels"][:]]
+    assert sorted(g["labels"][:]) == [0] * 6 + [1] * 6  # stored: the data's own numbers
+    top1 = (g["logits"][:].argmax(1) == named).mean()
+    assert g.attrs["kdcache"]["teacher"]["accuracy"]["top1"] == pytest.approx(top1, abs=1e-12)
+    seen, real = [], F.cross_entropy
+
+    def recorded(logits, y, *a, **k):
+        seen.extend(y.tolist())
+        return real(logits, y, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(F, "cross_entropy", recorded)
+        res = run_train_student(StudentConfig(cache=path, loss="kd=1", epochs=2, batch_size=4, workers=0, out="run",
+                                              test_data="imagefolder:imgs"), log=lambda *_: None)
+    assert sorted(seen) == [1] * 12 + [2] * 12  # 2 epochs of 6 cats (output 1) and 6 dogs (output 2)
+    meta = torch.load(root / "run" / "student.pt", weights_only=True)["meta"]
+    assert meta["classes"] == teacher
+    student, _ = load_model("default-student", root / "run" / "student.pt", 4, 1, 8)
+    src = open_source("imagefolder:imgs")
+    with torch.no_grad():
+        pred = student.eval()(src.load(np.arange(12), Transform.from_dict(meta["transform"]))).argmax(1).numpy()
+    assert res["test_acc"] == pytest.approx(float((pred == np.array([1, 2])[src.labels(np.arange(12))]).mean()))
+
+
 def test_weights_that_do_not_fit_name_the_architecture_their_file_records(root):
     """`kdcache teacher --arch torchvision:resnet18 --out r18.pt` records the architecture in r18.pt; teacher-cache
     given only `--weights r18.pt` builds the default teacher. The one-line error says which --teacher the file
