@@ -459,15 +459,17 @@ class Synthetic(Source):
     """`synthetic:N:CxHxW[:CLASSES[:SEED]]`: class template plus per-sample noise (learnable, cheap).
 
     Templates depend only on the class; labels and noise on (SEED, index), so another SEED is a disjoint sample of
-    the same distribution (the default test split uses SEED + 1000).
+    the same distribution (the default test split uses SEED + 1000, modulo SEEDS).
     """
 
     NOISE_POOL = 512
     MAX_BYTES = 2 * 2**30
+    # The seed enters the uint64 hash keys shifted left by 40 bits, so seeds 2**24 apart gave the very same
+    # images and labels under another fingerprint (and from 2**64 on, an OverflowError): they are refused.
+    SEEDS = 2**24
 
     def __init__(self, spec: str, n: int, shape: tuple[int, int, int], num_classes: int, seed: int = 0):
         self.spec, self.num_samples, self.native_shape, self.seed = spec, n, shape, seed
-        self.classes = [str(i) for i in range(num_classes)]
         held = (self.NOISE_POOL + num_classes) * int(np.prod(shape))  # noise pool + class templates, uint8
         if 8 * n > self.MAX_BYTES:  # the stages hold int64 arrays of N (row order, index, labels) in memory
             raise KDCacheError(f"{spec} has {n:,} samples: every per-sample array (row order, index, labels) would "
@@ -476,6 +478,8 @@ class Synthetic(Source):
             raise KDCacheError(f"{spec} would hold {held / 2**30:.1f} GiB of noise patterns and class templates "
                                f"(({self.NOISE_POOL} + {num_classes} classes) x {shape[0]}x{shape[1]}x{shape[2]}); "
                                f"use smaller images or fewer classes (at most {self.MAX_BYTES // 2**30} GiB)")
+        # only after the size checks: CLASSES 10**10 spent minutes building this list before being refused
+        self.classes = [str(i) for i in range(num_classes)]
         # Class templates are coarse (a 4x4-pixel grid of random levels, upsampled), so small translations keep
         # them recognisable, as real images are.
         c, h, w = shape
@@ -522,7 +526,7 @@ class Synthetic(Source):
 
     def test_spec(self):
         c, h, w = self.native_shape
-        return f"synthetic:{max(self.num_samples // 4, 1)}:{c}x{h}x{w}:{len(self.classes)}:{self.seed + 1000}"
+        return f"synthetic:{max(self.num_samples // 4, 1)}:{c}x{h}x{w}:{len(self.classes)}:{(self.seed + 1000) % self.SEEDS}"
 
 
 def _is_image(p: Path) -> bool:
@@ -743,11 +747,11 @@ def open_source(spec: str) -> Source:
             c, h, w = (int(v) for v in parts[1].lower().split("x"))
             classes = int(parts[2]) if len(parts) > 2 else 10
             seed = int(parts[3]) if len(parts) > 3 else 0
-            if n <= 0 or min(c, h, w) <= 0 or classes <= 1 or seed < 0 or len(parts) > 4:
+            if n <= 0 or min(c, h, w) <= 0 or classes <= 1 or not 0 <= seed < Synthetic.SEEDS or len(parts) > 4:
                 raise ValueError
         except (ValueError, IndexError):
             raise KDCacheError(f"bad synthetic spec '{spec}': N, C, H and W must be whole numbers from 1, CLASSES "
-                               "from 2 (default 10), SEED from 0; use synthetic:N:CxHxW[:CLASSES[:SEED]], e.g. "
+                               f"from 2 (default 10), SEED from 0 to {Synthetic.SEEDS - 1}; use synthetic:N:CxHxW[:CLASSES[:SEED]], e.g. "
                                "synthetic:512:1x28x28:10") from None
         return Synthetic(spec, n, (c, h, w), classes, seed)
     raise KDCacheError(f"unknown data spec '{spec}'; use fashion-mnist[:train|:test], imagefolder:DIR "

@@ -928,9 +928,13 @@ def test_bad_inputs_give_one_line_errors(root, teacher_file):
         (["teacher-cache", "--data", "nonsense:1"], "unknown data spec"),
         (["teacher-cache", "--data", "synthetic:abc"], "synthetic:N:CxHxW"),
         *((["teacher-cache", "--data", spec], f"bad synthetic spec '{spec}': N, C, H and W must be whole numbers "
-           "from 1, CLASSES from 2 (default 10), SEED from 0")
+           "from 1, CLASSES from 2 (default 10), SEED from 0 to 16777215")
+          # SEED 2**24 made seed 0's images under another fingerprint; 10**20 raised an OverflowError
           for spec in ("synthetic:0:1x8x8", "synthetic:10:0x8x8", "synthetic:10:1x8", "synthetic:10:1x8x8:1",
-                       "synthetic:10:1x8x8:4:-1")),
+                       "synthetic:10:1x8x8:4:-1", "synthetic:10:1x8x8:4:16777216",
+                       "synthetic:10:1x8x8:4:100000000000000000000")),
+        # refused by its size before building a list of 10**10 class names (which ran out of memory first)
+        (["teacher-cache", "--data", "synthetic:10:1x8x8:10000000000"], "GiB of noise patterns and class templates"),
         (["teacher-cache", "--data", SYN, "--weights", "missing.pt"], "weights file not found"),
         (["teacher-cache", "--data", SYN, "--teacher", "torchvision:resnet18"], "needs --weights"),
         (["train-student", "--cache", "nowhere.zarr"], "no cache at"),
