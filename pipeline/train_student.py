@@ -519,6 +519,8 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     """Train a student from a store; under torchrun, one rank per process, each reading its share of the store."""
     weights = loss_weights(cfg)
     validate(cfg, weights)
+    if cfg.out == "":  # unset (`--out "$RUN"`): the default, as for teacher, teacher-cache and bench; Path("") was
+        cfg = replace(cfg, out=None)  # the current folder, which the run was written into (or refused as '.')
     if cfg.out is not None:
         cfg = replace(cfg, out=local_output(cfg.out, "--out"))
     cfg = replace(cfg, cache=find_cache(cfg.cache))  # a key from `kdcache ls` names its store

@@ -1097,6 +1097,19 @@ def test_a_folder_of_someone_elses_files_is_never_written_into(root, teacher_fil
     assert Path("run/summary.json").is_file()
 
 
+def test_an_empty_out_is_the_default_run_folder_not_the_current_one(root, teacher_file):
+    """--out '' (an unset variable in `--out "$RUN"`) means the default, as for teacher, teacher-cache and bench:
+    it was Path(''), the current folder, which the run was written into when it was empty (else refused as '.')."""
+    path = _cache(teacher_file, layers=[])
+    Path("notes.txt").write_text("mine")
+    res = runner.invoke(app, ["train-student", "--cache", path, "--epochs", "1", "--workers", "0", "--out", ""])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in root.iterdir()) == ["data", "notes.txt", "teacher.pt"]
+    assert len(list((root / "data" / "runs").glob("*/summary.json"))) == 1
+    res = runner.invoke(app, ["train-student", "--cache", path, "--out", "", "--resume"])
+    assert res.exit_code == 2 and res.stderr == "error: --resume continues the run in --out DIR: name it\n"
+
+
 def test_a_run_killed_while_writing_a_file_leaves_its_folder_its_own(root, teacher_file):
     """SIGKILL while a run writes config.json (or checkpoint.pt, student.pt) leaves its temporary, `<name>.tmp`,
     beside it: that is the run's own file, not someone else's. A folder holding only config.json.tmp was refused as
