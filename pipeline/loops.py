@@ -29,6 +29,7 @@ def check_writable(folder: Path, flag: str) -> None:
 # More epochs than any run finishes. Not only absurd: train-student sums every epoch's batch count for its schedule
 # before the first epoch (about 30 us each), so --epochs 10**12 hung there without a word.
 MAX_EPOCHS = 100_000
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int
@@ -42,7 +43,11 @@ def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float
             (epochs <= MAX_EPOCHS, f"--epochs must be at most {MAX_EPOCHS} (got {epochs})"),
             (batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})"),
             (lr > 0, f"--lr must be positive (got {lr})"),
-            (weight_decay >= 0, f"--weight-decay must be 0 or more (got {weight_decay})")]
+            (weight_decay >= 0, f"--weight-decay must be 0 or more (got {weight_decay})")] + [
+        # finite in Python but not in float32 (1e300): the optimizer's first step raised a RuntimeError traceback
+        (not math.isfinite(v) or v <= FLOAT32_MAX, f"{flag} must be at most {FLOAT32_MAX:.2g}, float32's largest "
+                                                   f"number, in which the weights are updated (got {v})")
+        for flag, v in (("--lr", lr), ("--weight-decay", weight_decay))]
 
 
 def write_whole(path: Path, write, then: str, errors: tuple = (OSError,)) -> None:

@@ -323,6 +323,11 @@ def test_teacher_refuses_bad_numbers_and_unlabelled_data_before_training(root, m
                           (["--lr", "inf"], "--lr must be a finite number"),
                           (["--lr", "0"], "--lr must be positive"),
                           (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+                          # finite, but not in float32: the first optimizer step raised a RuntimeError traceback
+                          (["--lr", "1e300"], "--lr must be at most 3.4e+38, float32's largest number, in which "
+                                              "the weights are updated (got 1e+300)"),
+                          (["--weight-decay", "1e39"], "--weight-decay must be at most 3.4e+38, float32's largest "
+                                                       "number, in which the weights are updated (got 1e+39)"),
                           (["--epochs", "0"], "--epochs must be at least 1"),
                           (["--epochs", str(10**12)], f"--epochs must be at most 100000 (got {10**12})"),
                           (["--batch-size", "-3"], "--batch-size must be at least 1"),

@@ -982,6 +982,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (train + ["--batch-size", "0"], "--batch-size"),
         (train + ["--workers", "-1"], "--workers"),
         (train + ["--lr", "-1"], "--lr must be positive"),
+        (train + ["--lr", "1e300"], "--lr must be at most 3.4e+38, float32's largest number"),
         (train + ["--loss", "kd=0"], "every weight"),
         (train + ["--view-policy", "foo"], "unknown --view-policy"),
         (train + ["--optimizer", "lbfgs"], "unknown --optimizer"),
