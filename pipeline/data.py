@@ -172,6 +172,12 @@ def parse_normalize(spec: str, channels: int | None) -> tuple[list[float], list[
                            + (f" for {n}-channel inputs" if channels else "") + f"; {fix}")
     if not all(np.isfinite(mean)) or not all(np.isfinite(v) and v > 0 for v in std):
         raise KDCacheError(f"--normalize '{spec}': means must be finite and stds positive; {fix}")
+    # and so in float32, the inputs' type: a std of 1e-300 is 0 there (1e300 as a mean, inf), so the inputs were
+    # inf, and the error said to store float32 logits (teacher-cache) or to lower --lr (teacher)
+    tiny, most = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    if not all(abs(v) <= most for v in mean) or not all(tiny <= v <= most for v in std):
+        raise KDCacheError(f"--normalize '{spec}': means must be finite and stds positive in float32, the inputs' "
+                           f"type (stds from {tiny:.2g}, both up to {most:.2g}); {fix}")
     return list(mean), list(std)
 
 

@@ -959,6 +959,11 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         (cache + ["--normalize", "abc"], "cannot read --normalize"),
         (cache + ["--normalize", "imagenet"], "3 mean(s) and 3 std(s) for 1-channel inputs"),
         (cache + ["--normalize", "0.5/0"], "stds positive"),
+        # positive and finite as Python floats, 0 and inf in the float32 inputs: the teacher's logits were inf, and
+        # the error said to use --dtype float32 (teacher: lower --lr)
+        *((cmd + ["--normalize", spec], f"--normalize '{spec}': means must be finite and stds positive in float32, "
+                                        "the inputs' type (stds from 1.2e-38, both up to 3.4e+38)")
+          for spec in ("0.5/1e-300", "1e300/1") for cmd in (cache, ["teacher", "--data", SYN, "--out", "t.pt"])),
         (cache + ["--normalize", "0.5,0.5,0.5/0.2,0.2"], "gives 3 mean(s) and 2 std(s);"),
         (cache + ["--normalize", "0.5,0.5/0.2"], "gives 2 mean(s) and 1 std(s) for 1-channel inputs"),
         (cache + ["--cache-dir", "a-file"], "--cache-dir: a-file is a file, not a folder"),
