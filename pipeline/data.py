@@ -56,10 +56,19 @@ def paths_as_text(cfg, *names: str) -> None:
             setattr(cfg, name, os.fspath(value))
 
 
+def refuse_blank(path: str | None, flag: str) -> None:
+    """An output path of blanks alone (`--out " "`) is a typo, not a name: it made a file or folder named ' ' in the
+    current one and printed it as nothing ("saved  ")."""
+    if path and not path.strip():
+        raise KDCacheError(f"{flag} '{path}' is only blanks; name a file or folder (or leave {flag} out for the "
+                           "default)")
+
+
 def local_output(path: str, flag: str) -> str:
     """The folder or file on this disk that a command's own output `path` names (run folders, teacher weights, bench
     results, the data root): the path itself, or a file:// URL's. Only caches live on object storage: any other URL is
     refused, since Path() would fold memory://x or s3://b/x into a local folder named "memory:" or "s3:"."""
+    refuse_blank(path, flag)
     local = local_path(path)
     if local or not is_url(path):  # (a bare file:// names no folder)
         return local

@@ -35,8 +35,8 @@ from pipeline import store as st
 from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_crop_fallback, check_policy, row_order,
                               sample_params)
 from pipeline.data import (Transform, absolute_spec, check_input_flags, class_note, data_differs, data_root,
-                           default_transform, open_source, parse_normalize, paths_as_text, refuse_one_class,
-                           resolve_transform, teacher_label_map)
+                           default_transform, open_source, parse_normalize, paths_as_text, refuse_blank,
+                           refuse_one_class, resolve_transform, teacher_label_map)
 from pipeline.errors import KDCacheError
 from pipeline.loops import pick_device
 from pipeline.models import (capture, check_logits, check_outputs, default_teacher_weights, fingerprint_module,
@@ -173,6 +173,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     codec_cfgs = {"logits": cd.choose("logits", cfg.dtype, cfg.feature_codec, cfg.logits_topk)}
     codec_cfgs.update({st.feature_array(layer): cd.choose("features", cfg.dtype, cfg.feature_codec, 0)
                        for layer in cfg.layers})
+    refuse_blank(cfg.out, "--out")
+    refuse_blank(cfg.cache_dir, "--cache-dir")
     if cfg.chunk_samples <= 0 or cfg.batch_size <= 0:
         raise KDCacheError("--chunk-samples and --batch-size must be positive")
     if cfg.limit is not None and cfg.limit <= 0:

@@ -1006,6 +1006,10 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
                                                         "built for 1-channel 16x16 images (a module:function gets "
                                                         "in_channels and image_size)"),
         (train + ["--out", "a-file"], "is a file"),
+        # blanks alone made a file or folder named ' ' here and printed it as nothing ("saved  ")
+        *((cmd + [flag, " "], f"{flag} ' ' is only blanks; name a file or folder (or leave {flag} out for the default)")
+          for cmd, flag in ((cache, "--out"), (cache, "--cache-dir"), (train, "--out"),
+                            (["teacher", "--data", SYN], "--out"), (["bench", "--preset", "tiny"], "--out"))),
         (train + ["--out", path], "is a cache store"),
         (train + ["--device", "tpu"], "--device"),
         (train + ["--device", "cpu:1"], "--device cpu:1 is not supported"),
@@ -1025,6 +1029,7 @@ def test_nonsense_settings_are_refused_before_any_work(root, teacher_file):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
     assert not Path("run").exists() and Path(path, "zarr.json").exists()
+    assert not list(Path(".").glob(" *"))  # no file or folder named blanks
     assert not list(Path(path).glob("*.zarr")) and not list(Path(path, "features").glob("*.zarr"))
     assert sorted(p.name for p in Path(path).iterdir()) == ["_commit", "_stats", "features", "index", "labels",
                                                              "logits", "zarr.json"]  # nothing written inside it
