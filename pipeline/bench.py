@@ -213,7 +213,7 @@ def _is_bench_json(path: Path) -> bool:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
-    from pipeline.data import data_root, default_transform, local_output, open_source
+    from pipeline.data import Synthetic, data_root, default_transform, local_output, open_source
     from pipeline.errors import KDCacheError
     from pipeline.loops import check_writable, pick_device
     from pipeline.models import build_model
@@ -243,6 +243,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     for flag, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
         if value is not None and value < least:
             raise KDCacheError(f"{flag} must be at least {least} (got {value})")
+    # The test data is one batch of synthetic samples (the training data --samples of them): past what synthetic
+    # data holds, the error named a spec the user never wrote, 'synthetic:<batch>:1x8x8:10:1 has ... samples'
+    most = Synthetic.MAX_BYTES // 8
+    for flag, value in (("--samples", cfg.samples), ("--batch-size", cfg.batch_size)):
+        if value is not None and value > most:
+            raise KDCacheError(f"{flag} must be at most {most:,}, the most samples bench's synthetic data holds "
+                               f"(got {value})")
     p = dict(PRESETS[cfg.preset])
     base = Path(local_output(cfg.work_dir, "work_dir")) if cfg.work_dir else data_root() / "bench"
     out = Path(local_output(cfg.out, "--out")) if cfg.out else base / f"bench-{cfg.preset}.json"

@@ -1243,6 +1243,10 @@ def test_odd_models_images_and_settings_give_one_line_errors(root, teacher_file)
          "use --channels 2, the data's own"),
         (["verify", path, "--recompute", "2", "--seed", "-1"], "--seed must be 0 or more"),
         (["bench", "--preset", "tiny", "--scaling", "abc"], "--scaling takes sample counts"),
+        # the test split is one batch: too large, the error named 'synthetic:10000000000:1x8x8:10:1', not the flag
+        *((["bench", "--preset", "tiny", flag, str(10**10)], f"{flag} must be at most 268,435,456, the most samples "
+                                                              f"bench's synthetic data holds (got 10000000000)")
+          for flag in ("--batch-size", "--samples")),
     ]
     for args, needle in cases:
         res = runner.invoke(app, args)
