@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+MAX_REPEAT = 1000  # rounds of --repeat
+
 PRESETS = {
     "cpu": dict(teacher="default-teacher", student="default-student", shape="1x28x28", classes=10, samples=16384,
                 batch=256, hint="layer2", guided="block1", workers=1, chunk=1024),
@@ -227,6 +229,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     one_process_only("kdcache bench measures one process, not {ranks} torchrun ranks; run it without torchrun")
     if cfg.repeat < 1:
         raise KDCacheError(f"--repeat must be at least 1 (got {cfg.repeat})")
+    # each round runs every measurement again (seconds on tiny, minutes on cpu): a typo of many digits ran for ever
+    if cfg.repeat > MAX_REPEAT:
+        raise KDCacheError(f"--repeat must be at most {MAX_REPEAT} (got {cfg.repeat}); a median settles within a "
+                           "few rounds (default 3)")
     if cfg.samples is not None and cfg.samples < 1:
         raise KDCacheError(f"--samples must be at least 1 (got {cfg.samples})")
     if cfg.scaling:  # checked now, not after the whole benchmark has run

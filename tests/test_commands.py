@@ -706,6 +706,19 @@ def test_bench_command_writes_table_and_json(root):
     assert bad.exit_code == 2 and "--repeat must be at least 1" in bad.output
 
 
+def test_bench_refuses_endless_repeat_before_measuring(root, monkeypatch):
+    """--repeat 10**12 ran rounds for ever; it is refused before the first measurement."""
+    import pipeline.bench as bench
+
+    def started(*a, **k):
+        raise AssertionError("measuring started")
+
+    monkeypatch.setattr(bench, "disk_write_bandwidth", started)
+    res = runner.invoke(app, ["bench", "--preset", "tiny", "--repeat", str(10**12)])
+    assert res.exit_code == 2 and res.stderr == (f"error: --repeat must be at most 1000 (got {10**12}); a median "
+                                                 "settles within a few rounds (default 3)\n"), res.output
+
+
 def test_bench_numbers_are_medians_and_each_ratio_pairs_its_own_rows(root, monkeypatch):
     """Every README ratio from scripted rates, against a hand computation: b/a, c/a, e/d (KD), e/d (FitNets) and
     e/f each divide their own two rows' rates of the same round, each row's number and each ratio is the median of
