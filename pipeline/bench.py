@@ -223,7 +223,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.online import OnlineConfig, run_online_kd
     from pipeline.ranks import one_process_only
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
-    from pipeline.train_student import StudentConfig, run_train_student
+    from pipeline.train_student import MAX_PROCESSES, StudentConfig, run_train_student
 
     # (each rank made its own scratch folder, and rank 1 failed to open rank 0's store there)
     one_process_only("kdcache bench measures one process, not {ranks} torchrun ranks; run it without torchrun")
@@ -249,6 +249,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     for flag, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
         if value is not None and value < least:
             raise KDCacheError(f"{flag} must be at least {least} (got {value})")
+    # else refused only by the first student run, after the cache rounds had been measured
+    if cfg.workers is not None and cfg.workers > MAX_PROCESSES:
+        raise KDCacheError(f"--workers {cfg.workers} is more loader processes than a machine runs well (at most "
+                           f"{MAX_PROCESSES}); use about as many as the CPU cores that the training leaves free")
     # The test data is one batch of synthetic samples (the training data --samples of them): past what synthetic
     # data holds, the error named a spec the user never wrote, 'synthetic:<batch>:1x8x8:10:1 has ... samples'
     most = Synthetic.MAX_BYTES // 8
