@@ -152,7 +152,8 @@ class TopKCodec(Codec):
         if len(shape) != 1:
             raise KDCacheError(f"--logits-topk applies to (C,) logits; '{target}' has shape {shape}")
         if not 0 < self.k < shape[0]:
-            raise KDCacheError(f"--logits-topk {self.k} must be between 1 and the class count - 1 ({shape[0] - 1})")
+            raise KDCacheError(f"--logits-topk {self.k} must be 0 (every logit) or from 1 to the class count - 1 "
+                               f"({shape[0] - 1})")
         return {f"{target}.topk_values": ((self.k,), self.dtype),
                 f"{target}.topk_indices": ((self.k,), self._index_dtype(shape[0])),
                 f"{target}.tail": ((), "float32")}

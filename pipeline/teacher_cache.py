@@ -195,8 +195,10 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if not 1 <= cfg.views <= MAX_VIEWS:
         raise KDCacheError(f"--views must be from 1 to {MAX_VIEWS} (got {cfg.views})")
     if cfg.views > 1 and policy.identity:
+        given = (f"--augment {cfg.augment} changes no input, so its views" if cfg.augment and cfg.augment.strip()
+                 else "un-augmented views")  # e.g. translate=0: a policy given, but one that does nothing
         raise KDCacheError(f"--views {cfg.views} needs --augment POLICY (e.g. --augment crop=0.5-1,flip): "
-                           "un-augmented views would all be the same input")
+                           f"{given} would all be the same input")
     views = 0 if policy.identity else cfg.views
     device = (ranks or Ranks()).device(pick_device(cfg.device))
     source = open_source(cfg.data)

@@ -82,7 +82,7 @@ def test_topk_keeps_top_logits_and_restores_tail_mass_exactly():
         ps = np.exp(s[i] / 4 - (s[i] / 4).max()); ps /= ps.sum()
         hand += (pt * (np.log(pt) - np.log(ps))).sum()
     assert math.isclose(float(got), 16 * hand / 6, rel_tol=1e-5)
-    with pytest.raises(KDCacheError, match="between 1 and the class count"):
+    with pytest.raises(KDCacheError, match="or from 1 to the class count - 1"):
         TopKCodec(20).parts("logits", (20,))
     # Class indices past int16's range (a 40000-class teacher) are stored exactly: as int32, never wrapped negative;
     # the stored dtype is what `parts` declares. Up to 32767 classes int16 holds every index.
@@ -281,3 +281,13 @@ def test_recompute_errors_against_hand_computation():
         1, np.abs(np.take_along_axis(z, top, 1))), atol=1e-12)  # float32 storage, nothing more
     np.testing.assert_allclose(err[:, 3], tail / 2, rtol=1e-5)
     assert (err[:, 3] > TOLERANCE["topk"]).all(), tail   # verify --recompute flags a store that halved the tail
+
+
+def test_a_topk_outside_its_range_names_every_valid_value():
+    """--logits-topk -1 was told 'must be between 1 and the class count - 1', though 0 (every logit) is valid too."""
+    for k in (-1, 20, 25):
+        with pytest.raises(KDCacheError, match=f"^--logits-topk {k} must be 0 \\(every logit\\) or from 1 to the "
+                                               "class count - 1 \\(19\\)$"):
+            TopKCodec(k, "float32", classes=20).parts("logits", (20,))
+    assert set(TopKCodec(19, "float32", classes=20).parts("logits", (20,))) == {
+        "logits.topk_values", "logits.topk_indices", "logits.tail"}

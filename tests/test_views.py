@@ -530,8 +530,12 @@ def test_student_trains_on_views_and_refuses_another_policy(root, teacher_file, 
     fixed = _cache(teacher_file, views=1, augment=None)
     with pytest.raises(KDCacheError, match="holds views augmented with 'none'.*--views K --augment"):
         run_train_student(StudentConfig(cache=fixed, augment="flip", workers=0, out="run2"))
-    with pytest.raises(KDCacheError, match="needs --augment"):
+    with pytest.raises(KDCacheError, match="needs --augment POLICY .*: un-augmented views would all be the same"):
         _cache(teacher_file, views=4, augment=None)
+    # a policy that moves nothing is named as such, not as a missing one
+    with pytest.raises(KDCacheError, match="needs --augment POLICY .*: --augment translate=0 changes no input, so "
+                                           "its views would all be the same input$"):
+        _cache(teacher_file, views=4, augment="translate=0")
     # --augment from a store only checks the store's policy (its key names it): a run started with it resumes
     # without it, and the other way round
     import pipeline.train_student as ts
