@@ -141,40 +141,60 @@ def test_data_classes_unlike_the_teachers_recorded_ones_are_noted(root):
                 (loss, no_labels, said)
 
 
-def test_a_no_labels_student_names_its_outputs_by_the_teachers_classes(root):
-    """With --no-labels the student learns the teacher's outputs alone, so output i is the teacher's class i: a data
-    folder holding some of the teacher's classes (here 2 of 4, at other positions) names them by the teacher's names,
-    in student.pt and when its test data is scored. Named by the data's folders, `dog` images were scored against
-    output 1 (the teacher's `cat`)."""
+TEACHER_CLASSES = ["ant", "cat", "dog", "eel"]
+
+
+def _teacher_of_four_and_a_folder_of_two(root):
+    """A teacher whose file records 4 class names, and a labelled image folder holding 2 of them (cat, dog: the
+    teacher's outputs 1 and 2), which numbers them 0 and 1. Returns the teacher's weights file."""
     import numpy as np
-    import pytest
     from PIL import Image
 
-    from pipeline.data import Transform, open_source
-    from pipeline.models import load_model
-    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
-    from pipeline.train_student import StudentConfig, run_train_student
     from tests.conftest import save_teacher
 
     w = save_teacher(root / "t.pt")
     ckpt = torch.load(w, weights_only=True)
-    ckpt["meta"]["classes"] = teacher = ["ant", "cat", "dog", "eel"]
+    ckpt["meta"]["classes"] = TEACHER_CLASSES
     torch.save(ckpt, w)
     rng = np.random.default_rng(0)
     for c in ("cat", "dog"):
         (root / "imgs" / c).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
-    path = run_teacher_cache(CacheConfig(data="imagefolder:imgs", weights=str(w), device="cpu"), log=lambda *_: None)
-    res = run_train_student(StudentConfig(cache=path, no_labels=True, epochs=1, batch_size=4, workers=0, out="run",
-                                          test_data="imagefolder:imgs"), log=lambda *_: None)
+    return w
+
+
+def _check_scored_by_the_teachers_names(root, res):
+    """student.pt names its outputs by the teacher's classes, and the run's test score pairs `cat` images with output
+    1 and `dog` with output 2, recomputed here from a plain forward of student.pt."""
+    import numpy as np
+    import pytest
+
+    from pipeline.data import Transform, open_source
+    from pipeline.models import load_model
+
     meta = torch.load(root / "run" / "student.pt", weights_only=True)["meta"]
-    assert meta["classes"] == teacher
+    assert meta["classes"] == TEACHER_CLASSES
     student, _ = load_model("default-student", root / "run" / "student.pt", 4, 1, 8)
     src = open_source("imagefolder:imgs")
     with torch.no_grad():
         pred = student.eval()(src.load(np.arange(12), Transform.from_dict(meta["transform"]))).argmax(1).numpy()
     assert res["test_acc"] == pytest.approx(float((pred == np.array([1, 2])[src.labels(np.arange(12))]).mean()))
+
+
+def test_a_no_labels_student_names_its_outputs_by_the_teachers_classes(root):
+    """With --no-labels the student learns the teacher's outputs alone, so output i is the teacher's class i: a data
+    folder holding some of the teacher's classes (here 2 of 4, at other positions) names them by the teacher's names,
+    in student.pt and when its test data is scored. Named by the data's folders, `dog` images were scored against
+    output 1 (the teacher's `cat`)."""
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+    from pipeline.train_student import StudentConfig, run_train_student
+
+    w = _teacher_of_four_and_a_folder_of_two(root)
+    path = run_teacher_cache(CacheConfig(data="imagefolder:imgs", weights=str(w), device="cpu"), log=lambda *_: None)
+    res = run_train_student(StudentConfig(cache=path, no_labels=True, epochs=1, batch_size=4, workers=0, out="run",
+                                          test_data="imagefolder:imgs"), log=lambda *_: None)
+    _check_scored_by_the_teachers_names(root, res)
 
 
 def test_labels_of_some_of_the_teachers_classes_pair_with_its_outputs_by_name(root, monkeypatch):
@@ -187,23 +207,11 @@ def test_labels_of_some_of_the_teachers_classes_pair_with_its_outputs_by_name(ro
     import pytest
     import torch.nn.functional as F
     import zarr
-    from PIL import Image
 
-    from pipeline.data import Transform, open_source
-    from pipeline.models import load_model
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
     from pipeline.train_student import StudentConfig, run_train_student
-    from tests.conftest import save_teacher
 
-    w = save_teacher(root / "t.pt")
-    ckpt = torch.load(w, weights_only=True)
-    ckpt["meta"]["classes"] = teacher = ["ant", "cat", "dog", "eel"]
-    torch.save(ckpt, w)
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (root / "imgs" / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
+    w = _teacher_of_four_and_a_folder_of_two(root)
     said = []
     path = run_teacher_cache(CacheConfig(data="imagefolder:imgs", weights=str(w), device="cpu", dtype="float32"),
                              log=said.append)
@@ -225,13 +233,7 @@ def test_labels_of_some_of_the_teachers_classes_pair_with_its_outputs_by_name(ro
         res = run_train_student(StudentConfig(cache=path, loss="kd=1", epochs=2, batch_size=4, workers=0, out="run",
                                               test_data="imagefolder:imgs"), log=lambda *_: None)
     assert sorted(seen) == [1] * 12 + [2] * 12  # 2 epochs of 6 cats (output 1) and 6 dogs (output 2)
-    meta = torch.load(root / "run" / "student.pt", weights_only=True)["meta"]
-    assert meta["classes"] == teacher
-    student, _ = load_model("default-student", root / "run" / "student.pt", 4, 1, 8)
-    src = open_source("imagefolder:imgs")
-    with torch.no_grad():
-        pred = student.eval()(src.load(np.arange(12), Transform.from_dict(meta["transform"]))).argmax(1).numpy()
-    assert res["test_acc"] == pytest.approx(float((pred == np.array([1, 2])[src.labels(np.arange(12))]).mean()))
+    _check_scored_by_the_teachers_names(root, res)
 
 
 def test_weights_that_do_not_fit_name_the_architecture_their_file_records(root):
