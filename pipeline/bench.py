@@ -217,13 +217,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from pipeline.catalog import disk_bytes
     from pipeline.data import Synthetic, data_root, default_transform, local_output, open_source
     from pipeline.errors import KDCacheError
-    from pipeline.loops import check_writable, pick_device
+    from pipeline.loops import MAX_PROCESSES, check_writable, pick_device, too_many_workers
     from pipeline.models import build_model
     from pipeline.store import versions
     from pipeline.online import OnlineConfig, run_online_kd
     from pipeline.ranks import one_process_only
     from pipeline.teacher_cache import CacheConfig, run_teacher_cache
-    from pipeline.train_student import MAX_PROCESSES, StudentConfig, run_train_student
+    from pipeline.train_student import StudentConfig, run_train_student
 
     # (each rank made its own scratch folder, and rank 1 failed to open rank 0's store there)
     one_process_only("kdcache bench measures one process, not {ranks} torchrun ranks; run it without torchrun")
@@ -251,8 +251,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             raise KDCacheError(f"{flag} must be at least {least} (got {value})")
     # else refused only by the first student run, after the cache rounds had been measured
     if cfg.workers is not None and cfg.workers > MAX_PROCESSES:
-        raise KDCacheError(f"--workers {cfg.workers} is more loader processes than a machine runs well (at most "
-                           f"{MAX_PROCESSES}); use about as many as the CPU cores that the training leaves free")
+        raise KDCacheError(too_many_workers(cfg.workers))
     # The test data is one batch of synthetic samples (the training data --samples of them): past what synthetic
     # data holds, the error named a spec the user never wrote, 'synthetic:<batch>:1x8x8:10:1 has ... samples'
     most = Synthetic.MAX_BYTES // 8
@@ -277,7 +276,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     data = f"synthetic:{n}:{p['shape']}:{p['classes']}"
     test = f"synthetic:{max(batch, 256)}:{p['shape']}:{p['classes']}:1"
     source = open_source(data)
-    open_source(test)  # sized by --batch-size: one too large to hold was refused only after the cache rounds
     tf = default_transform(source)
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{cfg.preset}-", dir=base))

@@ -30,6 +30,15 @@ def check_writable(folder: Path, flag: str) -> None:
 # before the first epoch (about 30 us each), so --epochs 10**12 hung there without a word.
 MAX_EPOCHS = 100_000
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Loader processes (--workers) and writer threads (--writers): far beyond any machine's cores, short of a typo's
+# count (--workers 10**12 hung starting processes).
+MAX_PROCESSES = 256
+
+
+def too_many_workers(workers: int) -> str:
+    """The one line for a --workers above MAX_PROCESSES (train-student, bench)."""
+    return (f"--workers {workers} is more loader processes than a machine runs well (at most {MAX_PROCESSES}); use "
+            "about as many as the CPU cores that the training leaves free")
 
 
 def training_checks(epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int

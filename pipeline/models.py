@@ -157,12 +157,21 @@ def default_teacher_weights() -> Path:
     return data_root() / "teachers" / "default.pt"
 
 
+def missing_weights(path, data: str | None = None) -> KDCacheError:
+    """The one line for a weights file that is not there; for the default teacher, how to get one: `make teacher`
+    trains it on Fashion-MNIST, which for other `data` is not the teacher wanted (nor fits it)."""
+    hint = ""
+    if Path(path).absolute() == default_teacher_weights().absolute():
+        hint = (" (run `make teacher` to train the default teacher)" if not data or data.startswith("fashion-mnist")
+                else f" (the default teacher; `make teacher` trains it on Fashion-MNIST); for {data} pass --weights "
+                     f"FILE of your own teacher, or train one with `kdcache teacher --data {data} --out FILE`")
+    return KDCacheError(f"weights file not found: {path}{hint}")
+
+
 def load_checkpoint(path: Path) -> dict:
     """A weights file: either our checkpoint dict ({'state_dict', 'arch', ...}) or a bare state_dict."""
     if not Path(path).exists():
-        default = Path(path).absolute() == default_teacher_weights().absolute()
-        hint = " (run `make teacher` to train the default teacher)" if default else ""
-        raise KDCacheError(f"weights file not found: {path}{hint}")
+        raise missing_weights(path)
     if Path(path).is_dir():  # (torch.load's IsADirectoryError said nothing of what to pass instead)
         raise KDCacheError(f"{path} is a folder, not a weights file; pass the file itself (a teacher's .pt, or a "
                            "run's student.pt)")
@@ -224,12 +233,8 @@ def load_teacher(spec: str, weights: Path | None, num_classes: int | None, in_ch
         if spec != "default-teacher":
             raise KDCacheError(f"teacher '{spec}' needs --weights FILE (kdcache never downloads weights)")
         weights = default_teacher_weights()
-    if (data and data.partition(":")[0] != "fashion-mnist" and not Path(weights).exists()
-            and Path(weights).absolute() == default_teacher_weights().absolute()):
-        # `make teacher` trains it on Fashion-MNIST: for other data it is not the teacher wanted (nor fits it)
-        raise KDCacheError(f"weights file not found: {weights} (the default teacher; `make teacher` trains it on "
-                           f"Fashion-MNIST); for {data} pass --weights FILE of your own teacher, or train one with "
-                           f"`kdcache teacher --data {data} --out FILE`")
+    if not Path(weights).exists():  # said with the data it was to run on (load_model's check knows no data)
+        raise missing_weights(weights, data)
     return load_model(spec, Path(weights), num_classes, in_channels, image_size, recorded_size=recorded_size,
                       fix="check --teacher and --weights, and that the data has the classes and channels the teacher "
                           "was trained on (--num-classes, --channels)", arch_flag="--teacher")

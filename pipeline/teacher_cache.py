@@ -38,7 +38,7 @@ from pipeline.data import (Transform, absolute_spec, check_input_flags, class_no
                            default_transform, open_source, parse_normalize, paths_as_text, refuse_blank,
                            refuse_one_class, resolve_transform, teacher_label_map)
 from pipeline.errors import KDCacheError
-from pipeline.loops import pick_device
+from pipeline.loops import MAX_PROCESSES, pick_device
 from pipeline.models import (capture, check_logits, check_outputs, default_teacher_weights, fingerprint_module,
                              forward_failed, load_teacher, probe_forward, resolve_modules, teacher_classes)
 from pipeline.ranks import Ranks
@@ -158,9 +158,6 @@ class Prepared:
         return self.source.load_view(idx, self.transform, box, flip)
 
 
-MAX_WRITERS = 256  # --writers: far beyond any machine's cores, short of a typo's count of threads
-
-
 def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = False) -> Prepared:
     """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
     # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
@@ -185,8 +182,8 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise KDCacheError(f"--num-classes must be at least 1 (got {cfg.num_classes}); leave it out to read it off "
                            "the teacher's weights")
-    if not 0 <= cfg.writers <= MAX_WRITERS:  # threads, each holding whole units: a typo of many digits is no plan
-        raise KDCacheError(f"--writers must be 0 (automatic) to {MAX_WRITERS} (got {cfg.writers})")
+    if not 0 <= cfg.writers <= MAX_PROCESSES:  # threads, each holding whole units: a typo of many digits is no plan
+        raise KDCacheError(f"--writers must be 0 (automatic) to {MAX_PROCESSES} (got {cfg.writers})")
     if not -7 <= cfg.compression_level <= 22:
         raise KDCacheError(f"--compression-level must be a zstd level from -7 to 22 (got {cfg.compression_level})")
     if cfg.normalize is not None:

@@ -33,8 +33,8 @@ from pipeline.data import (Source, Transform, class_map, class_note, data_differ
                            paths_as_text, teacher_label_map)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
-from pipeline.loops import (OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole, to_device_ahead,
-                            training_checks, write_text_whole)
+from pipeline.loops import (MAX_PROCESSES, OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole,
+                            to_device_ahead, too_many_workers, training_checks, write_text_whole)
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module, first_misfit,
                              forward_in_training_mode, refuse_untrainable, resolve_modules, stop_after)
@@ -97,9 +97,7 @@ def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:
          f"RKD's angle term compares triplets of samples in a batch, so --batch-size {cfg.batch_size} gives it "
          "nothing; use --batch-size 3 or more, or --rkd-angle-weight 0"),
         (cfg.workers >= 0, f"--workers must be 0 (load in this process) or more (got {cfg.workers})"),
-        # each worker is a process holding its own shuffle buffer: a typo of many digits hung starting them
-        (cfg.workers <= MAX_PROCESSES, f"--workers {cfg.workers} is more loader processes than a machine runs "
-         f"well (at most {MAX_PROCESSES}); use about as many as the CPU cores that the training leaves free"),
+        (cfg.workers <= MAX_PROCESSES, too_many_workers(cfg.workers)),
         (cfg.buffer_chunks >= 0, f"--buffer-chunks must be 0 (automatic) or more (got {cfg.buffer_chunks})"),
         (cfg.temperature > 0, f"--temperature must be positive (got {cfg.temperature}); Hinton et al. use 1-20"),
         # KD scales its soft term by T^2 in float32: beyond that range it is 0 * inf = NaN at the first step, which
@@ -310,7 +308,6 @@ def run_dir_for(cfg: StudentConfig, tag: str = "") -> Path:
 
 
 RUN_PLACE = ("out", "resume", "overwrite")  # where a run lies and how it was started: not what it trains
-MAX_PROCESSES = 256  # --workers (and teacher-cache's --writers): far beyond any machine's cores, short of a typo's
 RUN_OUTPUTS = ("summary.json", "student.pt", "metrics.jsonl", "config.json", "checkpoint.pt")
 CHECKPOINT = "checkpoint.pt"
 # What a kill mid-write leaves beside them (write_config's and save_whole's temporary names): the run's own files,
@@ -526,7 +523,8 @@ def run_train_student(cfg: StudentConfig, log=print) -> dict:
     cfg = replace(cfg, cache=find_cache(cfg.cache))  # a key from `kdcache ls` names its store
     ranks, ok = Ranks.from_env(), False
     try:
-        summary = _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks)
+        with ExitStack() as held:  # the run directory's lock, from its first check to the run's end
+            summary = _train(cfg, weights, log if ranks.leader else (lambda *_: None), ranks, held)
         ok = True
         return summary
     except (KeyboardInterrupt, OSError) as e:
@@ -553,12 +551,7 @@ def _advise_without_checkpoint(e: BaseException, cfg: StudentConfig) -> None:
         e.kdcache_then = NO_CHECKPOINT
 
 
-def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks) -> dict:
-    with ExitStack() as held:  # the run directory's lock, from its first check to the run's end
-        return _train_held(cfg, weights, log, ranks, held)
-
-
-def _train_held(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, held: ExitStack) -> dict:
+def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, held: ExitStack) -> dict:
     # Every rank sets up; a failure on any (a bad flag, data that differs) stops all with its one line, instead of
     # leaving the others to die waiting on the first gradient all-reduce.
     store, s, stream, state, run_dir = ranks.together(_set_up, cfg, weights, log, ranks, held)
