@@ -57,8 +57,9 @@ def is_url(path) -> bool:
 
 def local_root(group) -> str | None:
     """The folder of a store on this machine's disk, or None for an object store. A file:// URL is such a folder
-    too (zarr opens it through fsspec's local file system): its chunks get the same temporary-then-rename writes,
-    fsyncs and lost-unit checks as a plain path's, so `complete` vouches for the same."""
+    too (`open_group` opens it as one; a chained URL such as simplecache::file:// goes through fsspec's local file
+    system): its chunks get the same temporary-then-rename writes, fsyncs and lost-unit checks as a plain path's, so
+    `complete` vouches for the same."""
     store = group.store
     root = getattr(store, "root", None)
     if root is not None:
@@ -82,13 +83,17 @@ def join(folder, name: str) -> str:
 
 
 def open_group(path, mode: str, **kw):
-    """Open a Zarr v3 group at a local path or an fsspec URL (file:// URLs create folders as they go)."""
+    """Open a Zarr v3 group at a local path or an fsspec URL. A file:// URL is opened as the folder it names: zarr's
+    own local store replaces each metadata file by a rename (fsspec's local file system rewrites it in place, so a
+    kill while the manifest is rewritten, e.g. as it is marked complete, could leave a store no one can open)."""
     import zarr
 
-    if is_url(path):
-        require_backend(str(path))
-    opts = {"auto_mkdir": True} if str(path).startswith("file://") else None
-    return zarr.open_group(str(path), mode=mode, zarr_format=3, storage_options=opts, **kw)
+    path = str(path)
+    if path.startswith("file://"):
+        path = local_path(path) or "."  # file:// alone: the current folder, as for --out .
+    elif is_url(path):
+        require_backend(path)
+    return zarr.open_group(path, mode=mode, zarr_format=3, **kw)
 
 
 def require_backend(url: str) -> None:

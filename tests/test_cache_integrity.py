@@ -627,8 +627,9 @@ def test_bad_inputs(root, teacher_file):
 
 
 def test_cache_dir_as_fsspec_url(root, teacher_file):
-    """A URL cache dir goes through fsspec; its arrays equal a local cache's. A file:// store is a folder on this
-    disk and is written as one: chunks renamed into place, fsynced, a lost chunk found and redone on resume."""
+    """A URL cache dir: its arrays equal a local cache's. A file:// store is a folder on this disk and is written as
+    one: chunks and metadata renamed into place, fsynced, a lost chunk found and redone on resume; a chained URL
+    (simplecache::file://) reads it through fsspec."""
     url_dir = f"file://{root / 'remote'}"
     path = run_teacher_cache(cfg(teacher_file, cache_dir=url_dir), log=lambda *_: None)
     assert path.startswith(url_dir) and path.endswith(".zarr")
@@ -643,6 +644,10 @@ def test_cache_dir_as_fsspec_url(root, teacher_file):
     folder = root / "remote" / Path(local).name
     g = st.open_group(path, "r+")
     assert st.local_root(g) == str(folder) and not list(folder.rglob("*.tmp"))
+    inode = (folder / "zarr.json").stat().st_ino  # the manifest is replaced by a rename, never rewritten in place
+    g.attrs["probe"] = 1  # (fsspec's local file system rewrote it in place: a kill mid-write left it unreadable)
+    assert (folder / "zarr.json").stat().st_ino != inode
+    del g.attrs["probe"]
     g.attrs[st.MANIFEST_KEY] = dict(g.attrs[st.MANIFEST_KEY], complete=False)  # a power cut lost a chunk's rename
     st.chunk_file(folder, "logits", g.attrs[st.MANIFEST_KEY]["arrays"]["logits"], 1, 0).unlink()
     logs = []
