@@ -175,4 +175,24 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
         raise
     pending.replace(sidecar)
     log(f"teacher {'test' if held_out else 'train (no test split)'} accuracy {acc:.4f}; saved {out}")
+    baseline = no_better_than(acc, test, test_labels, src.classes)
+    if baseline:
+        log(f"note: {baseline}: this teacher has learned nothing worth distilling; train it longer (--epochs) or "
+            f"with another --lr (now {cfg.lr})")
     return meta | {"path": str(out)}
+
+
+def no_better_than(acc: float, test, label_map: np.ndarray | None, classes: list[str]) -> str | None:
+    """What a constant guess scores when `acc` does not beat it (a rate so high training never settles, too few
+    epochs): always answering the test data's most frequent class. Such a teacher is saved (its caller asked for it),
+    but said to be worthless before hours of caching and distilling from it. None when the teacher beats it."""
+    labels = test.labels(np.arange(test.num_samples))
+    if label_map is not None:
+        labels = label_map[labels]
+    counts = np.bincount(labels, minlength=len(classes))
+    top = int(counts.argmax())
+    share = counts[top] / max(1, len(labels))
+    if acc > share:
+        return None
+    return (f"its accuracy {acc:.4f} is no better than always answering '{classes[top]}' ({share:.4f} of the "
+            "evaluated samples)")

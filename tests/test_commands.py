@@ -267,6 +267,33 @@ def test_teacher_says_when_a_class_folder_holds_no_images(root):
             "image trains: remove such folders from the data unless meant") in lines
 
 
+def test_a_teacher_no_better_than_a_constant_guess_is_said_to_be(root, monkeypatch):
+    """A teacher that ends no better than always answering the most frequent test class (a --lr so high training
+    never settles) was saved with no word; it still is saved, but a note says it has learned nothing to distil.
+    The baseline is the test data's own class shares, read by class name (the test folder numbers its classes
+    otherwise: it lacks 'ant')."""
+    from PIL import Image
+
+    import pipeline.teacher_train as tt
+
+    for split, counts in (("train", {"ant": 2, "bee": 2, "cow": 2}), ("test", {"bee": 1, "cow": 3})):
+        for c, n in counts.items():
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    cfg = tt.TeacherTrainConfig(data="imagefolder:train", test_data="imagefolder:test", epochs=1, batch_size=2,
+                                device="cpu", out="t.pt", overwrite=True)
+    for acc, said in ((0.75, True), (0.5, True), (1.0, False)):
+        with monkeypatch.context() as m:
+            m.setattr(tt, "evaluate", lambda *_a, **_k: acc)
+            lines = []
+            tt.run_teacher_train(cfg, log=lines.append)
+        notes = [x for x in lines if x.startswith("note:")]
+        assert notes == ([f"note: its accuracy {acc:.4f} is no better than always answering 'cow' (0.7500 of the "
+                          "evaluated samples): this teacher has learned nothing worth distilling; train it longer "
+                          f"(--epochs) or with another --lr (now {cfg.lr})"] if said else []), lines
+
+
 def test_an_overwrite_cut_while_saving_leaves_weights_and_metadata_of_one_teacher(root, monkeypatch):
     """--overwrite cut (Ctrl-C, a full disk) after the new weights were saved and before <stem>.json was: the old
     teacher's .json stayed beside the new weights (another fingerprint and test accuracy, which results reads).
