@@ -160,7 +160,9 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
             f"({time.time() - t0:.0f}s)")
     model.cpu()
     meta = {"arch": cfg.arch, "num_classes": src.num_classes, "in_channels": tf.channels,
-            "transform": tf.to_dict(), "data": src.describe(), "test_accuracy": acc, "test_data": held_out,
+            "transform": tf.to_dict(), "data": src.describe(), "test_data": held_out,
+            # without a test split it is accuracy on the training data, and named so
+            ("test_accuracy" if held_out else "train_accuracy"): acc,
             "train_seconds": time.time() - t0, "config": asdict(cfg), "fingerprint": fingerprint_module(model)}
     # The metadata is written whole under a temporary name before the weights, and renamed only once they are
     # saved: written after them, a cut in between (Ctrl-C, a full disk) left the metadata of the teacher --overwrite

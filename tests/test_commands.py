@@ -263,6 +263,8 @@ def test_teacher_says_when_a_class_folder_holds_no_images(root):
     meta = run_teacher_train(TeacherTrainConfig(data="imagefolder:imgs", epochs=1, batch_size=4, device="cpu",
                                                 out="t.pt"), log=lines.append)
     assert meta["num_classes"] == 3 and meta["data"]["classes"] == ["ant", "bee", "docs"]  # unchanged
+    # no test split: scored on its training data, and recorded as that (it was recorded as test_accuracy)
+    assert "test_accuracy" not in meta and 0 <= meta["train_accuracy"] <= 1 and meta["test_data"] is None
     assert ("note: class folder(s) docs hold no images; each still takes a class number and a teacher output no "
             "image trains: remove such folders from the data unless meant") in lines
 
