@@ -351,7 +351,16 @@ def same_run(config: dict, cache_key: str | None) -> dict:
     checks_only = ("augment",) if config.get("cache") else ()
     same = ({k: v for k, v in config.items() if k not in RUN_PLACE + ("cache", "data") + checks_only}
             | {"cache_key": cache_key})
+    if isinstance(same.get("workers"), int):  # as the loader reads: --workers 0 is one reader, in this process
+        same["workers"] = _readers(same["workers"])
     return same | {"loss": _loss_as_trained(same["loss"])} if "loss" in same else same
+
+
+def _readers(workers: int) -> int:
+    """The loader's readers for --workers: 0 (loading in this process) reads the batches one worker reads, in
+    the same order (the streams split their work among max(1, workers) and seed what they shuffle themselves), so
+    a run with either trains the same student and may resume or reuse the other's."""
+    return max(1, workers)
 
 
 def _loss_as_trained(loss):
@@ -369,9 +378,9 @@ def _comparable(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None
                 device: torch.device | None = None) -> dict:
     """The settings a checkpoint must share with the run that resumes it (`same_run`). The loader workers and the
     ranks count too: they decide which rows make each batch and how many batches an epoch has, so another count
-    would give other weights and overrun the learning-rate schedule. The device counts by the kind it resolved to,
-    not the flag's text (--device auto is cpu on a machine without CUDA; bf16 autocast runs on CUDA only), nor its
-    index (each rank has its own GPU)."""
+    would give other weights and overrun the learning-rate schedule (0 workers and 1 are one count: `_readers`).
+    The device counts by the kind it resolved to, not the flag's text (--device auto is cpu on a machine without
+    CUDA; bf16 autocast runs on CUDA only), nor its index (each rank has its own GPU)."""
     return same_run(asdict(cfg), cache_key) | {"ranks": ranks, "device": device.type if device else cfg.device}
 
 
@@ -400,6 +409,8 @@ def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | Non
         saved["loss"] = _loss_as_trained(saved["loss"])
     if "ranks" not in saved:  # a checkpoint from before kdcache compared these: one rank, any worker count
         saved = saved | {"ranks": 1, "workers": cfg.workers}
+    if isinstance(saved.get("workers"), int):  # older checkpoints recorded --workers 0 as 0 (see same_run)
+        saved["workers"] = _readers(saved["workers"])
     if "cache_key" not in saved:  # from before kdcache compared the store's key and the device used: their flags
         now = {k: v for k, v in now.items() if k != "cache_key"} | {"cache": cfg.cache, "device": cfg.device}
     if saved.get("cache_key", now.get("cache_key")) != now.get("cache_key"):

@@ -873,6 +873,8 @@ def test_results_reuse_a_finished_run_of_the_same_config(root, teacher_file):
     changed = StudentConfig(**{**cfg.__dict__, "seed": 1})
     reuse_or_run(changed, lambda c, log: calls.append(c) or {})
     assert calls == [replace(changed, overwrite=True)]                               # another config: rerun
+    # 0 loader workers and 1 read the same batches in the same order: the same run
+    assert reuse_or_run(replace(cfg, workers=1), lambda c, log: calls.append(c)) == first and len(calls) == 1
     other_name = StudentConfig(**{**cfg.__dict__, "cache": os.path.relpath(cache), "out": str(root / "moved")})
     shutil.copytree("run", other_name.out)
     assert reuse_or_run(other_name, lambda c, log: calls.append(c)) == first and len(calls) == 1  # same store
@@ -975,7 +977,9 @@ def test_results_rerun_a_finished_run_made_with_any_other_training_setting(root,
         for f in fields(cfg):
             if f.name in RUN_PLACE + same:
                 continue
-            changed = replace(cfg, **{f.name: other(getattr(cfg, f.name))})
+            # 0 workers read the batches 1 worker reads (same_run): 2 is another count
+            value = 2 if f.name == "workers" else other(getattr(cfg, f.name))
+            changed = replace(cfg, **{f.name: value})
             reuse_or_run(changed, lambda c, log: calls.append(c) or {})
             assert calls[-1:] == [replace(changed, overwrite=True)], (cfg.out, f.name)
         assert reuse_or_run(cfg, lambda c, log: calls.append(c)) == first, cfg.out  # the run is still there

@@ -1647,21 +1647,58 @@ def test_a_lone_last_row_trains_a_batchnorm_student(root, teacher_file):
 def test_resume_replays_dropout_and_refuses_another_worker_count(root, teacher_file, monkeypatch):
     """The checkpoint keeps torch's RNG state (and the loader draws no numbers from it), so a student with dropout,
     read by a persistent loader worker, resumes to the weights of an uninterrupted run; another --workers (other
-    batches, another schedule length) or another --loss is refused, the same --loss spelled otherwise is not."""
+    batches, another schedule length; 0, loading in this process, reads what 1 reads) or another --loss is
+    refused, the same --loss spelled otherwise is not."""
 
     path = _cache(teacher_file, layers=[])
     common = dict(cache=path, student="tests.odd_models:dropout_student", loss="kd=1", epochs=3, batch_size=20,
                   workers=1, seed=0)
     whole = run_train_student(StudentConfig(out="whole", **common), log=lambda *_: None)
     _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(out="cut", **common))
-    with pytest.raises(KDCacheError, match="other settings \\(workers: 1 there, 0 now\\)"):
-        run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 0})), log=lambda *_: None)
+    with pytest.raises(KDCacheError, match="other settings \\(workers: 1 there, 2 now\\)"):
+        run_train_student(StudentConfig(out="cut", resume=True, **(common | {"workers": 2})), log=lambda *_: None)
     with pytest.raises(KDCacheError, match="other settings \\(loss: \\[\\[\"kd\", 1.0\\]\\] there, \\[\\[\"kd\", 2.0\\]\\] now\\)"):
         run_train_student(StudentConfig(out="cut", resume=True, **(common | {"loss": "kd=2"})), log=lambda *_: None)
     # --loss compares by what it trains: kd=1 spelled otherwise, with a loss weighted 0 beside it, resumes
     cut = run_train_student(StudentConfig(out="cut", resume=True, **(common | {"loss": "kd = 1.0, ce=0"})),
                             log=lambda *_: None)
     assert cut["params_fingerprint"] == whole["params_fingerprint"]
+
+
+def test_zero_loader_workers_train_what_one_does_and_resume_each_others_runs(root, teacher_file, monkeypatch):
+    """--workers 0 loads in the training process what one worker loads, in the same order, and draws nothing from
+    torch's RNG there: bitwise the same student as --workers 1, from a store of augmented views read in random view
+    order and online alike (dropout included). So --resume across 0 and 1 continues the run (it was refused as
+    another worker count) to the weights of an uninterrupted one, from a checkpoint that recorded 0 too."""
+    from pipeline.online import OnlineConfig, run_online_kd
+
+    def weights(out):
+        return torch.load(Path(out, "student.pt"), weights_only=False)["state_dict"]
+
+    def same(a, b):
+        wa, wb = weights(a), weights(b)
+        return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    views = _cache(teacher_file, layers=[], views=3, augment="crop=0.6-1,flip")
+    common = dict(cache=views, student="tests.odd_models:dropout_student", view_policy="random", epochs=3,
+                  batch_size=20, buffer_chunks=2, seed=0)
+    for w in (0, 1):
+        run_train_student(StudentConfig(out=f"whole{w}", workers=w, **common), log=lambda *_: None)
+        run_online_kd(OnlineConfig(data=SYN, weights=str(teacher_file), augment="crop=0.6-1,flip", epochs=2,
+                                   student="tests.odd_models:dropout_student", batch_size=20, workers=w, seed=0,
+                                   device="cpu", out=f"online{w}"), log=lambda *_: None)
+    assert same("whole0", "whole1") and same("online0", "online1")
+    for before, after in ((0, 1), (1, 0)):
+        _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(out=f"cut{before}", workers=before, **common))
+        run_train_student(StudentConfig(out=f"cut{before}", workers=after, resume=True, **common),
+                          log=lambda *_: None)
+        assert same(f"cut{before}", "whole0"), (before, after)
+    # a checkpoint written before 0 and 1 compared as one count recorded --workers 0 as it was given
+    _interrupt_after_first_checkpoint(monkeypatch, StudentConfig(out="old", workers=0, **common))
+    state = torch.load("old/checkpoint.pt", weights_only=False)
+    torch.save(state | {"config": state["config"] | {"workers": 0}}, "old/checkpoint.pt")
+    run_train_student(StudentConfig(out="old", workers=1, resume=True, **common), log=lambda *_: None)
+    assert same("old", "whole0")
 
 
 def test_a_student_whose_lazy_layer_runs_only_in_training_mode_trains(root, teacher_file):
