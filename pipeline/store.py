@@ -378,7 +378,10 @@ def writer_lock(path):
 def exclusive(lock: str | None, busy: Callable[[str], str]):
     """Hold an exclusive lock on the file `lock` (None: nothing to lock) or raise `busy(holder)`, holder being who has
     it ('pid N on HOST'). Released by the kernel however the holder ends, SIGKILL included, so a killed run never
-    leaves a stale lock. Re-entrant within a process (repair runs teacher-cache under its own lock)."""
+    leaves a stale lock. Re-entrant within a process (repair runs teacher-cache under its own lock). A run that fails
+    or is refused removes the lock file if it created it (a refused `--out DIR` left `DIR.lock` behind); it does so
+    while holding the lock, and a run that opened the file before then finds it gone once it has the lock, and locks
+    the file at that path now instead, so two runs never hold two files of one name."""
     if lock is None:
         yield
         return
@@ -395,22 +398,43 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
             _HELD[lock] -= 1
         return
     os.makedirs(os.path.dirname(lock), exist_ok=True)
-    with open(lock, "a+") as f:
+    while True:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            f, made = open(lock, "x+"), True
+        except FileExistsError:
+            f, made = open(lock, "a+"), False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise KDCacheError(busy(f.read().strip() or "unknown process")) from None
+            if not _names(lock, f):  # removed by the failed run that made it, after this one opened it
+                continue
             f.seek(0)
-            raise KDCacheError(busy(f.read().strip() or "unknown process")) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {platform.node()}\n")
-        f.flush()
-        _HELD[lock] = 1
-        try:
-            yield
-        finally:
-            del _HELD[lock]
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()}\n")
+            f.flush()
+            _HELD[lock] = 1
+            try:
+                yield
+            except BaseException:
+                if made:  # still held: no one else has it, and whoever opened it meanwhile retries (`_names`)
+                    Path(lock).unlink(missing_ok=True)
+                raise
+            finally:
+                del _HELD[lock]
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
+
+
+def _names(path: str, f) -> bool:
+    """Whether `path` still names the open file `f`."""
+    try:
+        here, mine = os.stat(path), os.fstat(f.fileno())
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def remove_temporaries(group) -> int:

@@ -482,7 +482,7 @@ RUN_LOCK = ".lock"  # hidden: no one's work (check_out), and never removed by --
 def run_lock(out: Path):
     """Hold --out for this run: two train-student runs started with one --out both passed its checks and wrote over
     each other's checkpoint and metrics. The lock file lies inside the run directory; a folder made here for it is
-    removed again if the run fails before writing anything into it."""
+    removed again if the run fails before writing anything into it (`exclusive` has removed the lock file it made)."""
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = out.resolve() / RUN_LOCK
@@ -491,7 +491,7 @@ def run_lock(out: Path):
                                               "for it to end, or choose another --out"):
             yield
     except BaseException:
-        if made and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+        if made and all(p.name == RUN_LOCK for p in out.iterdir()):
             lock.unlink(missing_ok=True)
             out.rmdir()
         raise

@@ -1006,6 +1006,54 @@ def _writer_elsewhere(path):
         holder.wait()
 
 
+def test_a_refused_teacher_cache_leaves_no_lock_file_behind(root, teacher_file, monkeypatch):
+    """teacher-cache takes the store's writer lock before its checks of --out: refused (a folder that is no store,
+    the working folder), it left `DIR.lock` beside DIR. A run removes the lock file it made, not one it found: a
+    writer's lock stays while it writes. A run that opened the lock file before a failed run removed it locks the
+    file at that path after all (holding the removed one, it would not exclude the next run)."""
+    import platform
+
+    Path("mine").mkdir()
+    Path("mine", "notes.txt").write_text("precious")
+    Path("work").mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", "mine"])
+    assert res.exit_code == 2 and "mine exists and is not a kdcache store" in res.stderr, res.output
+    with monkeypatch.context() as m:
+        m.chdir("work")
+        res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", "."])
+        assert res.exit_code == 2 and "is the folder this command runs in" in res.stderr, res.output
+        assert not list(Path.cwd().iterdir())
+    assert sorted(p.name for p in root.iterdir()) == before
+    # a refused run leaves a lock it found (a writer's) where it was
+    path = run_teacher_cache(cfg(teacher_file, out="s.zarr", layers=[]), log=lambda *_: None)
+    with _writer_elsewhere(path) as holder:
+        with pytest.raises(KDCacheError, match=f"another run \\(pid {holder.pid} on"):
+            run_teacher_cache(cfg(teacher_file, out=path, layers=[], force=True), log=lambda *_: None)
+        assert st.writer(path) == f"pid {holder.pid} on {platform.node()}"
+    # the lock file this run opened was removed (by a failed run) before it took the lock: it locks the one there
+    lock = os.path.realpath("t.zarr") + ".lock"
+    Path(lock).write_text("")
+    stale = open(lock)  # noqa: SIM115 - the file the removed lock was
+    os.unlink(lock)
+    opened = []
+
+    def first_the_removed(file, mode="r", *a, **kw):
+        opened.append(mode)
+        return stale if len(opened) == 1 else open(file, mode, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "open", first_the_removed, raising=False)
+        with st.writer_lock("t.zarr"):
+            assert len(opened) == 2 and Path(lock).read_text() == f"pid {os.getpid()} on {platform.node()}\n"
+            held = os.stat(lock).st_ino
+    assert stale.closed and os.stat(lock).st_ino == held  # made by a run that succeeded: kept
+    with pytest.raises(KeyboardInterrupt), st.writer_lock("u.zarr"):
+        assert Path("u.zarr.lock").is_file()
+        raise KeyboardInterrupt
+    assert not Path("u.zarr.lock").exists()
+
+
 def test_a_lock_file_this_user_may_not_write_still_says_who_writes(root, teacher_file, monkeypatch):
     """Another user's run left the lock beside a store (theirs, 0644), or the store lies on a read-only mount:
     verify and train-student on an incomplete store asked who writes it by opening the lock for appending, and
