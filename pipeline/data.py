@@ -64,6 +64,15 @@ def refuse_blank(path: str | None, flag: str) -> None:
                            "default)")
 
 
+def refuse_blank_weights(weights: str | None) -> None:
+    """--weights given as blanks or as nothing (`--weights " "`, or an empty shell variable) names no file: pathlib
+    read it as the current folder ("weights file not found: <cwd>/"), and teacher-cache, verify and repair took ""
+    for no --weights at all. One check for every command (and config) that takes a teacher's weights file."""
+    if weights is not None and not str(weights).strip():
+        raise KDCacheError(f"--weights is blank ({str(weights)!r}); pass the teacher's weights file, or leave "
+                           "--weights out")
+
+
 def local_output(path: str, flag: str) -> str:
     """The folder or file on this disk that a command's own output `path` names (run folders, teacher weights, bench
     results, the data root): the path itself, or a file:// URL's. Only caches live on object storage: any other URL is

@@ -551,6 +551,28 @@ def test_an_empty_store_path_is_refused_saying_so(root, argv):
                                                  "printed, or its key from `kdcache ls`\n"), res.output
 
 
+def test_a_blank_weights_flag_is_refused_naming_it(root, teacher_file):
+    """--weights ' ' said "weights file not found: <cwd>/" (pathlib reads blanks as the current folder) on
+    teacher-cache and plan, "--weights  : no such file" on verify and repair; --weights '' (an empty shell variable)
+    was taken as no --weights at all. Now one line naming the flag, before anything is written."""
+    from pipeline.errors import KDCacheError
+    from pipeline.online import OnlineConfig, run_online_kd
+    from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+
+    store = run_teacher_cache(CacheConfig(data=SYN, weights=str(teacher_file), chunk_samples=64, layers=[]),
+                              log=lambda *_: None)
+    before = sorted(str(p) for p in root.rglob("*"))
+    for blank in (" ", ""):
+        for args in (["teacher-cache", "--data", SYN, "--out", "x.zarr"], ["plan", "--data", SYN],
+                     ["verify", store, "--recompute", "2"], ["repair", store]):
+            res = runner.invoke(app, [*args, "--weights", blank])
+            assert res.exit_code == 2 and res.stderr == (f"error: --weights is blank ({blank!r}); pass the teacher's "
+                                                         "weights file, or leave --weights out\n"), (args, res.output)
+        with pytest.raises(KDCacheError, match="^--weights is blank"):  # online KD's teacher, as teacher-cache's
+            run_online_kd(OnlineConfig(data=SYN, weights=blank, epochs=1, out="online"), log=lambda *_: None)
+    assert sorted(str(p) for p in root.rglob("*")) == before
+
+
 def test_train_student_refuses_more_epochs_than_any_run_finishes_before_opening_the_store(root):
     """--epochs 10**12 hung silently: the schedule sums every epoch's batch count before the first epoch."""
     res = runner.invoke(app, ["train-student", "--cache", "nowhere.zarr", "--epochs", str(10**12), "--out", "run"])
