@@ -56,21 +56,14 @@ def paths_as_text(cfg, *names: str) -> None:
             setattr(cfg, name, os.fspath(value))
 
 
-def refuse_blank(path: str | None, flag: str) -> None:
-    """An output path of blanks alone (`--out " "`) is a typo, not a name: it made a file or folder named ' ' in the
-    current one and printed it as nothing ("saved  ")."""
-    if path and not path.strip():
-        raise KDCacheError(f"{flag} '{path}' is only blanks; name a file or folder (or leave {flag} out for the "
+def refuse_blank(path: str | None, flag: str, empty_too: bool = False) -> None:
+    """A path of blanks alone (`--out " "`) is a typo, not a name: it made a file or folder named ' ' in the current
+    one and printed it as nothing ("saved  "); pathlib read `--weights " "` as the current folder ("weights file not
+    found: <cwd>/"). `empty_too`: '' (an empty shell variable) is refused as well, where taking it for "not given"
+    would quietly pick another file (the default teacher, or the one a store records)."""
+    if (path or (empty_too and path is not None)) and not str(path).strip():
+        raise KDCacheError(f"{flag} {str(path)!r} is only blanks; name a file or folder (or leave {flag} out for the "
                            "default)")
-
-
-def refuse_blank_weights(weights: str | None) -> None:
-    """--weights given as blanks or as nothing (`--weights " "`, or an empty shell variable) names no file: pathlib
-    read it as the current folder ("weights file not found: <cwd>/"), and teacher-cache, verify and repair took ""
-    for no --weights at all. One check for every command (and config) that takes a teacher's weights file."""
-    if weights is not None and not str(weights).strip():
-        raise KDCacheError(f"--weights is blank ({str(weights)!r}); pass the teacher's weights file, or leave "
-                           "--weights out")
 
 
 def local_output(path: str, flag: str) -> str:

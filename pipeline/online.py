@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
-from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text, refuse_blank_weights
+from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text, refuse_blank
 from pipeline.loops import batch_bounds
 from pipeline.models import capture, fingerprint_module, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader
@@ -87,7 +87,7 @@ class OnlineStream(IterableDataset):
 
 def _teacher(cfg: OnlineConfig) -> tuple[Source, torch.nn.Module, dict]:
     """The data and the teacher (built on the CPU, its weights loaded, in eval mode) with its weights file's meta."""
-    refuse_blank_weights(cfg.weights)
+    refuse_blank(cfg.weights, "--weights", empty_too=True)
     source = open_source(cfg.data or "fashion-mnist:train")
     probe_tf = default_transform(source)
     teacher, meta = load_teacher(cfg.teacher, Path(cfg.weights) if cfg.weights else None,

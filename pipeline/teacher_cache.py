@@ -36,7 +36,7 @@ from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_cr
                               sample_params)
 from pipeline.data import (Transform, absolute_spec, check_input_flags, class_note, data_differs, data_root,
                            default_transform, open_source, parse_normalize, paths_as_text, refuse_blank,
-                           refuse_blank_weights, refuse_one_class, resolve_transform, teacher_label_map)
+                           refuse_one_class, resolve_transform, teacher_label_map)
 from pipeline.errors import KDCacheError
 from pipeline.loops import MAX_PROCESSES, pick_device
 from pipeline.models import (capture, check_logits, check_outputs, default_teacher_weights, fingerprint_module,
@@ -162,7 +162,7 @@ def prepare(cfg: CacheConfig, ranks: Ranks | None = None, hit_check: bool = Fals
     """Resolve data, teacher, transform, views, layers and codecs, probe the output shapes, derive the cache key."""
     # Local files by absolute path in the manifest: verify, repair and train-student find them from any working
     # directory (the key does not depend on where they lie: it hashes the weights and the data's fingerprint).
-    refuse_blank_weights(cfg.weights)
+    refuse_blank(cfg.weights, "--weights", empty_too=True)
     weights = cfg.weights or (str(default_teacher_weights()) if cfg.teacher == "default-teacher" else None)
     layers = list(dict.fromkeys(cfg.layers))  # `--layer x --layer x` is one layer, one cache
     cfg = replace(cfg, data=absolute_spec(cfg.data), weights=os.path.abspath(weights) if weights else None,

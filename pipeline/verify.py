@@ -324,9 +324,9 @@ def _given(moved: dict | None) -> dict:
     """The settings given instead of the store's own: where its data and weights lie now ({"data", "weights"}),
     and for repair the device to recompute on ({"device"}): a store made with --device cuda names a GPU that
     the machine repairing it may lack."""
-    from pipeline.data import refuse_blank_weights
+    from pipeline.data import refuse_blank
 
-    refuse_blank_weights((moved or {}).get("weights"))
+    refuse_blank((moved or {}).get("weights"), "--weights", empty_too=True)
     return {k: v for k, v in (moved or {}).items() if v}
 
 
