@@ -374,18 +374,16 @@ def _loss_as_trained(loss):
         return loss  # as written: it differs from any valid spec
 
 
-def _comparable(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None,
-                device: torch.device | None = None) -> dict:
+def _comparable(cfg: StudentConfig, ranks: int, cache_key: str | None, device: torch.device) -> dict:
     """The settings a checkpoint must share with the run that resumes it (`same_run`). The loader workers and the
     ranks count too: they decide which rows make each batch and how many batches an epoch has, so another count
     would give other weights and overrun the learning-rate schedule (0 workers and 1 are one count: `_readers`).
     The device counts by the kind it resolved to, not the flag's text (--device auto is cpu on a machine without
     CUDA; bf16 autocast runs on CUDA only), nor its index (each rank has its own GPU)."""
-    return same_run(asdict(cfg), cache_key) | {"ranks": ranks, "device": device.type if device else cfg.device}
+    return same_run(asdict(cfg), cache_key) | {"ranks": ranks, "device": device.type}
 
 
-def load_checkpoint_for(cfg: StudentConfig, ranks: int = 1, cache_key: str | None = None,
-                        device: torch.device | None = None) -> dict | None:
+def load_checkpoint_for(cfg: StudentConfig, ranks: int, cache_key: str, device: torch.device) -> dict | None:
     """The state `--resume` continues from, checked to come from a run with these very settings, on the store with
     this `cache_key`, on a `device` of the kind it was trained on."""
     if not cfg.resume:
