@@ -213,10 +213,9 @@ def _stats_problems(group, committed: np.ndarray, blocks, views: int) -> list[Pr
     return problems
 
 
-def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | None = None,
-                    among: np.ndarray | None = None) -> dict:
-    """Re-run the teacher on n random stored samples (rows of `among`, default all), every view of each; compare
-    with what the store holds."""
+def recompute_check(cache: st.CacheStore, n: int, seed: int, moved: dict | None, among: np.ndarray) -> dict:
+    """Re-run the teacher on n random stored samples (rows of `among`), every view of each; compare with what the
+    store holds."""
     import torch
 
     from pipeline.data import data_differs
@@ -238,7 +237,6 @@ def recompute_check(cache: st.CacheStore, n: int, seed: int = 0, moved: dict | N
                            "SPEC with the data that made it, or, if that data itself changed, re-run teacher-cache")
     group = cache.open_group()
     rng = np.random.default_rng(seed)
-    among = np.arange(cache.num_samples) if among is None else among
     if not len(among):
         return {"samples": 0, "views": None, "tolerance": None, "arrays": {}, "ok": False,
                 "note": "no intact rows to recompute: repair the store first"}
