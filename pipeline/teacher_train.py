@@ -186,8 +186,9 @@ def run_teacher_train(cfg: TeacherTrainConfig, log=print) -> dict:
 
 def no_better_than(acc: float, test, label_map: np.ndarray | None, classes: list[str]) -> str | None:
     """What a constant guess scores when `acc` does not beat it (a rate so high training never settles, too few
-    epochs): always answering the test data's most frequent class. Such a teacher is saved (its caller asked for it),
-    but said to be worthless before hours of caching and distilling from it. None when the teacher beats it."""
+    epochs): always answering the most frequent class of the data it was scored on (the test data, or without a test
+    split the training data). Such a teacher is saved (its caller asked for it), but said to be worthless before
+    hours of caching and distilling from it. None when the teacher beats it."""
     labels = test.labels(np.arange(test.num_samples))
     if label_map is not None:
         labels = label_map[labels]
