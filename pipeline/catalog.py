@@ -106,7 +106,8 @@ def _fill_shown(value):
 
 
 def inspect_cache(path: str) -> dict:
-    cache = st.open_store(find_cache(path), require_complete=False)
+    path = find_cache(path)  # a key names its store: the sizes below are that store's, not of a path named by the key
+    cache = st.open_store(path, require_complete=False)
     group = cache.open_group()
     n = cache.num_samples
     arrays = {}

@@ -541,6 +541,17 @@ def test_a_cache_is_named_by_its_key_or_the_start_of_it_as_ls_lists_it(root, tea
     assert res.exit_code == 2 and "error: no cache at 0123abcd; run `kdcache teacher-cache` first" in res.stderr
 
 
+def test_inspect_by_key_measures_the_store_the_key_names(root, teacher_file):
+    """`kdcache inspect KEY` showed the key's store's manifest but measured the sizes at the path `KEY` (nothing
+    there): every ratio None, 0.0 B/sample, total 0 B. By key or by path, the same numbers."""
+    path = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file)]).stdout.split()[-1]
+    by_path = json.loads(runner.invoke(app, ["inspect", path, "--json"]).stdout)
+    by_key = json.loads(runner.invoke(app, ["inspect", Path(path).stem[:6], "--json"]).stdout)
+    assert by_path["bytes"] == disk_bytes(path) > 0 and by_key["bytes"] == by_path["bytes"]
+    assert by_key["arrays"] == by_path["arrays"] and by_key["arrays"]["logits"]["stored_bytes"] > 0
+    assert by_key["path"] == path
+
+
 @pytest.mark.parametrize("argv", [["verify", ""], ["repair", " "], ["inspect", ""],
                                   ["train-student", "--cache", "", "--epochs", "1"]])
 def test_an_empty_store_path_is_refused_saying_so(root, argv):
