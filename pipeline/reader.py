@@ -210,7 +210,7 @@ class CacheStream(IterableDataset):
         except Exception as e:  # crc32c mismatch or undecodable chunk
             _settle_pending_reads()
             where = f" (view {view})" if view is not None else ""
-            raise KDCacheError(f"cannot read {name} samples {start}-{end - 1}{where} from {self.store.path} "
+            raise KDCacheError(f"cannot read {name} rows {start}-{end - 1}{where} from {self.store.path} "
                                f"({type(e).__name__}); run `kdcache verify` then `kdcache repair`") from None
 
     def _read(self, name: str, start: int, end: int, view: int) -> np.ndarray:
@@ -223,7 +223,7 @@ class CacheStream(IterableDataset):
         # A chunk that was never written (or was deleted) reads as the fill value: refuse it, never train on it.
         if is_missing(values, fill_value(values.dtype)):
             where = f" (view {v})" if v is not None else ""
-            raise KDCacheError(f"{name} samples {start}-{end - 1}{where} in {self.store.path} are missing; "
+            raise KDCacheError(f"{name} rows {start}-{end - 1}{where} in {self.store.path} are missing; "
                                "run `kdcache verify` then `kdcache repair`")
         return values
 
@@ -357,7 +357,7 @@ class CacheStream(IterableDataset):
                 want = params(arrays["index"][pos:pos + end - start], view)
                 for name, values in want.items():
                     if not np.array_equal(arrays[name][pos:pos + end - start], values):
-                        raise KDCacheError(f"{name} samples {start}-{end - 1} (view {view}) in {self.store.path} "
+                        raise KDCacheError(f"{name} rows {start}-{end - 1} (view {view}) in {self.store.path} "
                                            "are not this view's parameters; run `kdcache verify` then `kdcache "
                                            "repair`")
             pos += end - start

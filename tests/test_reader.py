@@ -276,7 +276,7 @@ def test_a_lost_or_damaged_chunk_stops_the_stream_instead_of_training_on_it(root
 
     assert len(list(stream())) > 0  # intact: streams
     (chunks / "2" / "0" / "0" / "0").unlink()
-    with pytest.raises(KDCacheError, match=r"features/layer2 samples 128-191 in .* are missing"):
+    with pytest.raises(KDCacheError, match=r"features/layer2 rows 128-191 in .* are missing"):
         list(stream())
     if small_bytes:  # read whole per worker: the other case's damage is the same array read chunk by chunk
         return
@@ -288,7 +288,7 @@ def test_a_lost_or_damaged_chunk_stops_the_stream_instead_of_training_on_it(root
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(KDCacheError, match=r"cannot read features/layer2 samples 64-127 from .*kdcache verify"):
+    with pytest.raises(KDCacheError, match=r"cannot read features/layer2 rows 64-127 from .*kdcache verify"):
         list(stream())
 
 

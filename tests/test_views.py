@@ -445,7 +445,7 @@ def test_train_student_names_the_damaged_chunk_of_an_array_it_holds_in_memory(ro
                               "--test-data", SYN_TEST])
     lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("note: ") and "━" not in x]
     assert res.exit_code == 2 and len(lines) == 1, res.output[-600:]
-    assert "cannot read logits samples 64-127 (view 2) from" in lines[0], lines[0]
+    assert "cannot read logits rows 64-127 (view 2) from" in lines[0], lines[0]
 
 
 def _epoch(path, workers, batch_size, epoch=0):
