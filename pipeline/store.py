@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -437,14 +438,21 @@ def _names(path: str, f) -> bool:
     return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+# zarr's own local writes (metadata, the _commit markers, _stats rows) go to `<name>.<32 hex>.partial` and are then
+# renamed; a kill between the two, or a Ctrl-C (zarr removes its temporary on an Exception only), leaves that file.
+_ZARR_PARTIAL = re.compile(r".\.[0-9a-f]{32}\.partial$")
+
+
 def remove_temporaries(group) -> int:
-    """Delete the temporary chunk files a killed writer left behind (never under a real chunk name, so they hold
-    no data anyone reads, only disk). Call it only while no writer runs: before the writers start (with several
-    writer processes, rank 0 before they meet at a barrier). Returns how many were removed."""
+    """Delete the temporary files a killed writer left behind: our chunk temporaries and zarr's own (never under a
+    real chunk or metadata name, so they hold no data anyone reads, only disk). Call it only while no writer runs:
+    before the writers start (with several writer processes, rank 0 before they meet at a barrier). Returns how many
+    were removed."""
     root = local_root(group)
     if root is None:
         return 0
-    stale = list(Path(root).rglob(".*.tmp"))
+    stale = list(Path(root).rglob(".*.tmp")) + [f for f in Path(root).rglob("*.partial")
+                                                 if _ZARR_PARTIAL.search(f.name) and f.is_file()]
     for f in stale:
         f.unlink(missing_ok=True)
     return len(stale)

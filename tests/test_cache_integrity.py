@@ -2116,3 +2116,37 @@ def test_a_view_manifest_no_policy_parser_makes_is_refused(root, teacher_file):
     assert res.exit_code == 2 and "its manifest has a malformed data" in res.stderr, res.output
     g.attrs[st.MANIFEST_KEY] = manifest
     assert runner.invoke(app, ["verify", path]).exit_code == 0
+
+
+
+KILLED_IN_ZARR_WRITE = """
+import os, pathlib, sys
+from pipeline import store as st
+from pipeline.teacher_cache import CacheConfig, run_teacher_cache
+real, calls = pathlib.Path.replace, []
+def replace(self, target):  # zarr's rename of its temporary: the process dies just before the third marker's
+    if self.name.endswith(".partial") and st.COMMIT in self.parts:
+        calls.append(self)
+        if len(calls) == 3:
+            os._exit(9)  # as SIGKILL: no clean-up runs
+    return real(self, target)
+pathlib.Path.replace = replace
+run_teacher_cache(CacheConfig(data=sys.argv[1], weights=sys.argv[2], layers=["layer2"], chunk_samples=64,
+                              batch_size=32, writers=1, out="s.zarr"), log=lambda *_: None)
+"""
+
+
+def test_a_kill_inside_zarrs_own_write_leaves_no_temporary_after_resume(root, teacher_file):
+    """zarr writes the _commit markers, _stats rows and metadata to `<name>.<hex>.partial`, then renames it; a run
+    killed between the two left that file in the store for good: the resume removed only kdcache's own chunk
+    temporaries."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", KILLED_IN_ZARR_WRITE, SYN, str(teacher_file)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 9, res.stderr
+    assert list(Path("s.zarr").rglob("*.partial")), "the simulated kill must leave zarr's temporary behind"
+    said = []
+    assert run_teacher_cache(cfg(teacher_file, out="s.zarr"), log=said.append) == "s.zarr"
+    assert any("already cached" in str(x) for x in said), said
+    assert not list(Path("s.zarr").rglob("*.partial"))
+    assert runner.invoke(app, ["verify", "s.zarr"]).exit_code == 0
