@@ -30,6 +30,14 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _stopped_by(e: BaseException | None) -> tuple[str, int]:
+    """How an interruption is named and its exit code: 128 + the signal's number, as a shell reports a process the
+    signal killed (SIGINT 2, SIGTERM 15)."""
+    from pipeline.errors import Terminated
+
+    return ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
 RERUN = "re-run the same command"
 RESUMES_CACHE = "re-run the same command: committed chunks are kept and the run resumes"
 RESUMES_STUDENT = ("re-run the same command with --resume --out RUN_DIR (its --out, or the run directory it named "
@@ -62,9 +70,9 @@ def user_errors(then: str = RERUN):
     except KDCacheError as e:
         typer.echo(f"error: {_one_line(e)}", err=True)
         raise typer.Exit(2)
-    except KeyboardInterrupt as e:
-        typer.echo(f"interrupted; {getattr(e, 'kdcache_then', then)}", err=True)
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`, where the CLI's entry made it one)
+        typer.echo(f"{_stopped_by(e)[0]}; {getattr(e, 'kdcache_then', then)}", err=True)
+        raise typer.Exit(_stopped_by(e)[1])
     except OSError as e:
         from pipeline import store
 
@@ -485,12 +493,27 @@ def bench_cmd(
 def main() -> int:
     """The console script: typer's own usage errors (an unknown flag, `--views abc`) are one `error:` line too.
 
+    SIGTERM (a scheduler's pre-emption or time limit, `kill PID`) is made an interruption like Ctrl-C for the
+    command's run (`errors.on_sigterm`): the same clean-up, then one line and exit code 143. Only here, the process's
+    entry: library callers keep their own SIGTERM.
+
     (Duck-typed: click's UsageError lives in click or, in newer typer, in its vendored copy.)"""
+    from pipeline.errors import off_sigterm, on_sigterm
+
+    on_sigterm()
+    try:
+        return _main()
+    finally:
+        off_sigterm()
+
+
+def _main() -> int:
     try:
         code = app(prog_name="kdcache", standalone_mode=False)
-    except typer.Abort:
-        typer.echo("interrupted", err=True)
-        return 130
+    except typer.Abort as e:  # click's own wrapping of an interruption outside a command's user_errors
+        what, code = _stopped_by(e.__cause__ or e.__context__)
+        typer.echo(what, err=True)
+        return code
     except Exception as e:  # noqa: BLE001 - only usage errors are handled here; the rest is re-raised
         if not (hasattr(e, "format_message") and getattr(e, "exit_code", None) == 2):
             raise

@@ -5,6 +5,7 @@ one-line message that names the problem and the fix; the CLI prints it as `error
 instead of showing a traceback.
 """
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -21,23 +22,84 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     return lines[0][:limit] if lines else ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what a scheduler (Slurm, Kubernetes) sends before SIGKILL on pre-emption or a time limit, and what
+    `kill PID` sends: an interruption like Ctrl-C. A KeyboardInterrupt, so every `except KeyboardInterrupt` clean-up
+    (writers finishing their units, locks released, train-student's --resume advice) runs as it does for Ctrl-C; the
+    CLI then says "terminated (SIGTERM)" and exits 143 (128 + 15) instead of "interrupted" and 130. Raised only
+    where the CLI installed its handler (`on_sigterm`): library use keeps the process's own SIGTERM."""
+
+
+_sigterm = {"installed": False, "raised": False}
+
+
+def _raise_terminated(*_) -> None:
+    raise _terminated()
+
+
+def _terminated() -> Terminated:
+    """The one Terminated a CLI run raises. SIGTERM after it is ignored (SIG_IGN, which also holds while the
+    interpreter shuts down, where Python resets its own handlers to the default): one request often arrives twice
+    (a scheduler signals every process of a job, and torchrun forwards its own to the ranks as well), and a second
+    Terminated raised inside the first's clean-up would cut it short (a lock half released, a traceback instead of
+    the one line, exit -15). SIGKILL, which the scheduler sends after its grace period, and Ctrl-C still stop the
+    process."""
+    _sigterm["raised"] = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return Terminated()
+
+
+def on_sigterm() -> None:
+    """Make SIGTERM raise `Terminated` in the main thread: the CLI's entry calls this, never the library. Not where
+    the process's SIGTERM is already someone's (ignored, or a handler of the program that embeds us)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        _sigterm["installed"] = True
+
+
+def off_sigterm() -> None:
+    """Undo `on_sigterm` (the CLI's entry, returning), unless a SIGTERM came: then later ones stay ignored while
+    the interpreter finishes (writer threads completing their units)."""
+    if _sigterm["installed"] and not _sigterm["raised"] and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _sigterm["installed"] = False
+
+
+def quiet_worker_sigterm() -> None:
+    """In a DataLoader worker of a CLI run: exit at once, quietly and with status 0, on SIGTERM. A scheduler sends
+    it to the whole process group, workers included. torch's own worker handler exits quietly only when the parent
+    sends it; from anyone else the worker dies by the signal, and the training process's SIGCHLD handler (torch's)
+    can then raise "DataLoader worker (pid N) is killed by signal: Terminated" in the middle of its own clean-up.
+    The worker has nothing to save: the training process, terminated too, stops the run and says how to resume
+    (a worker terminated alone: its exit is reported as the error it is, "exited unexpectedly")."""
+    if _sigterm["installed"]:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
 @contextmanager
 def hold_interrupts():
-    """Hold Ctrl-C (SIGINT) for the block, then raise the KeyboardInterrupt once it is done. For the moments where
+    """Hold Ctrl-C (SIGINT), and SIGTERM where the CLI made it an interruption (`on_sigterm`), for the block, then
+    raise the KeyboardInterrupt (`Terminated` for SIGTERM) once it is done. For the moments where
     one raised at once is lost or fatal: while torch's C++ initialisation calls back into Python during its
     import (a KeyboardInterrupt there aborts the process: "terminate called after throwing an instance of
     'pybind11::error_already_set'"), and while DataLoader workers are forked (raised inside an at-fork hook, such
     as logging's, it is printed as "Exception ignored" and dropped: training went on as if never interrupted).
     Only the main thread sets signal handlers; elsewhere, or where Ctrl-C is ignored, the block runs as is."""
     held: list[int] = []
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
-            signal.SIG_IGN, None):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGINT, lambda *_: held.append(1))
+    olds = {}
+    if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+        olds[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: held.append(signal.SIGINT))
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        olds[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: held.append(signal.SIGTERM))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for signum, old in olds.items():
+            signal.signal(signum, old)
+    if signal.SIGTERM in held:
+        raise _terminated()
     if held:
         raise KeyboardInterrupt

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.augment import select_view, stored_params
 from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
-from pipeline.errors import KDCacheError, hold_interrupts
+from pipeline.errors import KDCacheError, hold_interrupts, quiet_worker_sigterm
 from pipeline.loops import batch_bounds
 from pipeline.store import CacheStore, block_ranges, metadata_damage
 
@@ -87,6 +87,7 @@ def worker_init(_worker_id: int) -> None:
     """Loader workers decode and index; one intra-op thread each leaves the cores to the training process."""
     torch.set_num_threads(1)
     sys.excepthook = _quiet_lost_connection(sys.excepthook)
+    quiet_worker_sigterm()  # a CLI run's workers: SIGTERM to the process group ends them without a word
 
 
 def _quiet_lost_connection(hook):

@@ -381,6 +381,48 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(root):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bitwise (NaN-free) equality
 
 
+def test_sigterm_mid_write_says_so_in_one_line_and_the_run_resumes(root):
+    """SIGTERM (a scheduler's pre-emption or time limit) is an interruption like Ctrl-C: the writers finish or drop
+    their units as on Ctrl-C, one line says what happened and what to do, exit code 143 (128 + 15). It killed the
+    process at once, silently (exit -15). Sent twice, as a job's processes can get it (the scheduler's and
+    torchrun's): still one line. The re-run completes the store with an uninterrupted run's arrays."""
+    w = save_teacher(root / "t.pt", num_classes=10)
+    args = [sys.executable, "-m", "pipeline", "teacher-cache", "--data", "synthetic:12288:1x28x28:10", "--weights",
+            str(w), "--layer", "layer2", "--chunk-samples", "256", "--batch-size", "128"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cut = root / "cut.zarr"
+    proc = subprocess.Popen(args + ["--out", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while _commits(cut) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and [x for x in err.splitlines() if "terminated" in x or "interrupted" in x] == [
+        "terminated (SIGTERM); re-run the same command: committed chunks are kept and the run resumes"], err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM); ")
+    done = int(st.committed_units(st.open_group(str(cut), "r")).sum())
+    assert 3 <= done < 48, "the signal must land mid-run"
+    assert not list(cut.rglob(".*.tmp"))  # the writers finished their units (or never began one), as on Ctrl-C
+    res = subprocess.run(args + ["--out", str(cut)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "already cached" in res.stderr, res.stderr
+    clean = root / "clean.zarr"
+    res = subprocess.run(args + ["--out", str(clean)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    a, b = arrays_of(cut), arrays_of(clean)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # library use: the pipeline's functions leave the process's SIGTERM as it was (only the CLI's entry sets it)
+    run_teacher_cache(CacheConfig(data=SYN, weights=str(save_teacher(root / "t4.pt")), chunk_samples=64,
+                                  batch_size=32, device="cpu"), log=lambda *_: None)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def _flip_byte(path: Path) -> Path:
     f = sorted(p for p in path.rglob("*") if p.is_file() and "/c/" in str(p) and "features" in str(p))[1]
     b = bytearray(f.read_bytes())

@@ -1456,6 +1456,81 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
     assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr
 
 
+def test_sigterm_to_a_student_runs_process_group_says_how_to_resume_and_it_resumes(root, teacher_file):
+    """SIGTERM to the whole process group, as a scheduler sends it on pre-emption or a time limit (the DataLoader
+    worker included), mid-epoch: one line with the --resume advice and exit code 143, no traceback from the worker
+    (it killed the run at once, silently, exit -15); --resume then ends with an uninterrupted run's weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = run_teacher_cache(CacheConfig(data="synthetic:4096:1x16x16:4", weights=str(teacher_file),
+                                         chunk_samples=256, batch_size=128, device="cpu"), log=lambda *_: None)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "pipeline", "train-student", "--cache", path, "--epochs", "4", "--batch-size", "64",
+            "--workers", "1", "--test-data", SYN_TEST]
+    proc = subprocess.Popen(args + ["--out", "cut"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not Path("cut/checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert not Path("cut/summary.json").exists(), "the signal must land mid-run"
+    assert "Traceback" not in err and "Error" not in err, err[-2000:]
+    assert [x for x in err.splitlines() if "terminated" in x or "interrupted" in x or "error" in x] == [
+        err.strip().splitlines()[-1]], err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM); re-run the same command with --resume "
+                                                   "--out RUN_DIR"), err[-2000:]
+    res = subprocess.run(args + ["--out", "cut", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "resuming cut after epoch" in res.stderr, res.stderr[-2000:]
+    res = subprocess.run(args + ["--out", "whole"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cut, whole = (json.loads(Path(f"{d}/summary.json").read_text()) for d in ("cut", "whole"))
+    assert cut["params_fingerprint"] == whole["params_fingerprint"] and cut["test_acc"] == whole["test_acc"]
+
+
+def test_sigterm_while_a_command_imports_torch_is_held_until_the_imports_are_done(root, teacher_file, monkeypatch):
+    """As Ctrl-C: SIGTERM raised inside torch's C++ initialisation would abort the process; the CLI's handler
+    (installed here as the CLI's entry installs it) is held over the imports, then stops the command before
+    anything started, saying so, exit code 143."""
+    import signal
+    import sys
+    import types
+
+    import pipeline.errors as errors
+    import pipeline.train_student as ts
+
+    path = _cache(teacher_file, layers=[])
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            signal.raise_signal(signal.SIGTERM)  # sent mid-import: the import still finishes
+            finished.append(name)
+            return getattr(ts, name)
+
+    finished, before = [], signal.getsignal(signal.SIGTERM)
+    assert before == signal.SIG_DFL
+    monkeypatch.setattr(errors, "_sigterm", {"installed": False, "raised": False})
+    try:
+        errors.on_sigterm()
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "pipeline.train_student", Importing("pipeline.train_student"))
+            res = runner.invoke(app, ["train-student", "--cache", path, "--epochs", "1", "--workers", "0", "--out",
+                                      "r-import"])
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # one is enough: later ones are ignored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert finished == ["StudentConfig", "run_train_student"], finished
+    assert res.exit_code == 143 and res.stderr.strip() == \
+        "terminated (SIGTERM); nothing had started; re-run the same command", res.output
+    assert not Path("r-import").exists()
+
+
 def test_a_full_disk_while_writing_summary_json_leaves_no_finished_looking_run(root, teacher_file, monkeypatch):
     """summary.json marks a finished run. It was written in place: a full disk (or a kill) mid-write left a
     truncated one beside the checkpoint, so the folder passed for 'a finished run' (and results' reuse read
