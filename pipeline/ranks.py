@@ -18,6 +18,7 @@ with the same one-line error; committed units stay, and re-running the command r
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -50,6 +51,19 @@ class Ranks:
 
         owns = not dist.is_initialized()
         if owns:
+            # Before the group exists: torch.distributed.nn.functional's collectives take `group=group.WORLD` as a
+            # default argument, evaluated when the module is first imported. Imported later (torchvision imports it,
+            # through torch._dynamo and FSDP, and kdcache imports torchvision after the group is up: store.versions,
+            # augment's roi_align), ten function defaults keep the group alive, so destroy_process_group in `close`
+            # cannot free it and its gloo worker threads outlive it. A worker that has just finished the closing
+            # barrier then drops the barrier's work, which frees the previous all_gather's tensors; those belong to
+            # Python objects, so it takes the GIL, and if the main thread is already finalising the interpreter that
+            # ends the thread inside a noexcept destructor: std::terminate, SIGABRT ("terminate called without an
+            # active exception") on a rank whose work was complete: 4 of 150 two-rank runs on a 2-core machine (the
+            # core dump's backtrace). Imported now, those defaults are None and the group dies with
+            # destroy_process_group, which joins its threads.
+            importlib.import_module("torch.distributed.nn")
+
             try:
                 dist.init_process_group("gloo", timeout=MEETING_TIMEOUT)
             except ValueError as e:  # WORLD_SIZE set without the rest of a launcher's variables (RANK, MASTER_ADDR)
@@ -165,7 +179,9 @@ class Ranks:
         """Tear the group down. After a run that ended well on every rank, first meet: rank 0 still evaluates and
         writes while the others are done, and a gloo group torn down on one rank while a peer is still busy in it
         was seen to abort that rank at exit ("terminate called without an active exception", about one CI run in
-        four). After an error there is no meeting: the others may never come."""
+        four). After an error there is no meeting: the others may never come. destroy_process_group frees the group
+        and joins its gloo threads only if nothing else holds it (see the import before init_process_group in
+        `from_env`): threads left running at interpreter exit abort the process the same way."""
         if self.owns_group:
             import torch.distributed as dist
 

@@ -1032,6 +1032,25 @@ def test_ranks_cannot_share_a_memory_store(root, teacher_file):
     assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr, res.stderr[-2000:]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_closing_the_ranks_ends_the_gloo_threads_even_after_torchvision_is_imported(root):
+    """torchvision, imported once the group is up (store.versions writing a manifest, augment's roi_align), imports
+    torch.distributed.nn.functional, whose default arguments held the group: destroy_process_group could not free
+    it, its gloo threads ran on into interpreter exit, and a few two-rank teacher-cache runs in a hundred died by
+    SIGABRT after its store was complete ("terminate called without an active exception": a gloo worker freeing
+    the last all_gather's tensors took the GIL while the interpreter was finalising). After close no gloo thread
+    is left on any rank."""
+    script = root / "close.py"
+    script.write_text(
+        "import os, sys\nfrom pipeline.ranks import Ranks\nfrom pipeline.store import versions\n"
+        "ranks = Ranks.from_env()\nranks.gather(ranks.rank)\nversions()  # imports torchvision\nranks.close()\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "sys.stdout.write(f'rank {ranks.rank} gloo threads {sorted(n for n in names if \"gloo\" in n)}\\n')\n")
+    res = run_ranks(script, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(res.stdout.splitlines()) == ["rank 0 gloo threads []", "rank 1 gloo threads []"], res.stdout
+
+
 @contextmanager
 def _writer_elsewhere(path):
     """Another process holding `path`'s writer lock (as a teacher-cache run writing it does) for the block; the
