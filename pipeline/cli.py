@@ -254,8 +254,9 @@ def verify_cmd(
 ):
     """Read every chunk; report bad or missing chunks with their store rows; exit 1 if anything is wrong."""
     with user_errors():
-        from pipeline.catalog import dumps
-        from pipeline.verify import verify_store
+        with imports():
+            from pipeline.catalog import dumps
+            from pipeline.verify import verify_store
 
         report = verify_store(path, recompute=recompute, seed=seed, moved={"data": data, "weights": weights})
         if json_out:
@@ -304,7 +305,8 @@ def repair_cmd(
 ):
     """Recompute only the bad or missing chunks of a store (needs its teacher and data)."""
     with user_errors(RESUMES_CACHE):  # repair commits unit by unit: a re-run verifies again and redoes the rest
-        from pipeline.verify import repair_store
+        with imports():
+            from pipeline.verify import repair_store
 
         report = repair_store(path, log=log_err, moved={"data": data, "weights": weights, "device": device},
                               recompute=recompute, seed=seed)
@@ -320,7 +322,8 @@ def ls_cmd(
 ):
     """List the caches in a cache folder."""
     with user_errors():
-        from pipeline.catalog import dumps, human, list_caches
+        with imports():
+            from pipeline.catalog import dumps, human, list_caches
 
         caches = list_caches(cache_dir)
         if json_out:
@@ -350,7 +353,8 @@ def inspect_cmd(path: str = typer.Argument(..., help="Store to show (or its key 
                 json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Print a store's manifest and, per array, shape, dtype, chunks, codecs, compression ratio, bytes per sample."""
     with user_errors():
-        from pipeline.catalog import dumps, human, inspect_cache
+        with imports():
+            from pipeline.catalog import dumps, human, inspect_cache
 
         info = inspect_cache(path)
         if json_out:

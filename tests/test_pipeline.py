@@ -1456,6 +1456,43 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
     assert res.exit_code == 130 and "interrupted; re-run the same command with --resume --out" in res.stderr
 
 
+def test_ctrl_c_while_a_store_command_imports_torch_is_held_until_the_imports_are_done(root, teacher_file):
+    """verify, repair, ls and inspect imported the pipeline (torch) with Ctrl-C live, as the training commands no
+    longer do: one pressed inside torch's C++ initialisation aborts the process. Held like theirs, the imports
+    finish, then the command stops before anything started, saying so."""
+    import signal
+    import sys
+    import types
+
+    import pipeline.catalog as catalog
+    import pipeline.verify as verify
+
+    path = _cache(teacher_file, layers=[])
+
+    def importing(module):
+        class Importing(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):  # the import machinery's own questions
+                    raise AttributeError(name)
+                signal.raise_signal(signal.SIGINT)  # pressed mid-import: the import still finishes
+                finished.append(name)
+                return getattr(module, name)
+
+        return Importing(module.__name__)
+
+    for args, module, names in ((["verify", path], verify, ["verify_store"]),
+                                (["repair", path], verify, ["repair_store"]),
+                                (["ls"], catalog, ["dumps", "human", "list_caches"]),
+                                (["inspect", path], catalog, ["dumps", "human", "inspect_cache"])):
+        finished = []
+        with pytest.MonkeyPatch.context() as m:
+            m.setitem(sys.modules, module.__name__, importing(module))
+            res = runner.invoke(app, args)
+        assert names == [n for n in finished if n in names], (args, finished)
+        assert res.exit_code == 130 and res.stderr.strip() == \
+            "interrupted; nothing had started; re-run the same command", (args, res.output)
+
+
 def test_sigterm_to_a_student_runs_process_group_says_how_to_resume_and_it_resumes(root, teacher_file):
     """SIGTERM to the whole process group, as a scheduler sends it on pre-emption or a time limit (the DataLoader
     worker included), mid-epoch: one line with the --resume advice and exit code 143, no traceback from the worker
