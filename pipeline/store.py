@@ -398,12 +398,19 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
         finally:
             _HELD[lock] -= 1
         return
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
     while True:
+        # Inside the loop: a failed train-student removes the run directory it made along with its lock file, so
+        # a run retrying (below) may find the folder gone, or see it go between these two lines.
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
         try:
             f, made = open(lock, "x+"), True
         except FileExistsError:
-            f, made = open(lock, "a+"), False
+            try:
+                f, made = open(lock, "a+"), False
+            except FileNotFoundError:  # removed since (file or folder): try again
+                continue
+        except FileNotFoundError:
+            continue
         with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

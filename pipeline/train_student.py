@@ -489,9 +489,14 @@ def run_lock(out: Path):
                                               "for it to end, or choose another --out"):
             yield
     except BaseException:
-        if made and all(p.name == RUN_LOCK for p in out.iterdir()):
-            lock.unlink(missing_ok=True)
-            out.rmdir()
+        # Only the empty folder: `exclusive` has removed the lock file it made, and released it. A lock file here now
+        # is another run's, which may have taken --out meanwhile (or made the lock file first and refused us):
+        # removing it, and the folder, let a third run hold --out beside it.
+        if made:
+            try:
+                out.rmdir()
+            except OSError:  # not empty (another run's lock, or work), or gone
+                pass
         raise
 
 

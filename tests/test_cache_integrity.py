@@ -1115,6 +1115,31 @@ def test_a_refused_teacher_cache_leaves_no_lock_file_behind(root, teacher_file, 
     assert not Path("u.zarr.lock").exists()
 
 
+def test_a_run_whose_lock_folder_went_with_a_failed_runs_lock_takes_it_again(root, monkeypatch):
+    """A failed train-student removes its lock file and then the run directory it made: a run that had opened the
+    lock file before found it gone once it held it, and retried, but in a folder no longer there (it failed with
+    "No such file or directory" instead of taking --out)."""
+    Path("run").mkdir()
+    lock = os.path.realpath("run") + "/.lock"
+    Path(lock).write_text("")
+    opened = []
+
+    def first_the_removed(file, mode="r", *a, **kw):
+        opened.append(mode)
+        if len(opened) == 1:
+            stale = open(lock)  # noqa: SIM115 - this run's open ...
+            os.unlink(lock)  # ... then the failed run's clean-up: its lock file, the folder it made
+            os.rmdir("run")
+            return stale
+        return open(file, mode, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(st, "open", first_the_removed, raising=False)
+        with st.exclusive(lock, lambda who: f"busy: {who}"):
+            assert Path(lock).read_text().startswith(f"pid {os.getpid()} on ")
+    assert len(opened) == 2
+
+
 def test_a_lock_file_this_user_may_not_write_still_says_who_writes(root, teacher_file, monkeypatch):
     """Another user's run left the lock beside a store (theirs, 0644), or the store lies on a read-only mount:
     verify and train-student on an incomplete store asked who writes it by opening the lock for appending, and

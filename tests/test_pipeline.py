@@ -1991,6 +1991,48 @@ def test_two_runs_on_one_out_the_second_is_refused_while_the_first_runs(root, te
     assert not Path("new/run").exists()
 
 
+def test_a_failed_run_that_made_its_out_leaves_a_lock_taken_since_where_it_is(root, monkeypatch):
+    """A train-student that made --out and then failed removed `--out/.lock` and the folder if the lock was all it
+    held, after releasing it: a run that had taken --out meanwhile lost its lock file and its folder, and a third
+    run then held --out beside it. Only the empty folder is removed now (the failed run's own lock file is gone)."""
+    import subprocess
+    import sys
+    from contextlib import contextmanager
+
+    import pipeline.train_student as ts
+
+    real, taker = ts.exclusive, []
+
+    @contextmanager
+    def then_another_takes_it(lock, busy):
+        try:
+            with real(lock, busy):
+                yield
+        finally:  # released: another run takes --out before this one's clean-up
+            taker.append(subprocess.Popen(
+                [sys.executable, "-c", "import time\nfrom pathlib import Path\nfrom pipeline.train_student import "
+                 "run_lock\nwith run_lock(Path('run')):\n    print('held', flush=True)\n    time.sleep(60)\n"],
+                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True))
+            assert taker[0].stdout.readline().strip() == "held"
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(ts, "exclusive", then_another_takes_it)
+            with pytest.raises(RuntimeError, match="refused"), ts.run_lock(Path("run")):
+                raise RuntimeError("refused")
+        assert Path("run/.lock").read_text().startswith(f"pid {taker[0].pid} on ")
+        with pytest.raises(KDCacheError, match=f"another train-student \\(pid {taker[0].pid} on "), \
+                ts.run_lock(Path("run")):
+            pass
+    finally:
+        for p in taker:
+            p.kill()
+            p.wait()
+    with pytest.raises(RuntimeError), ts.run_lock(Path("new")):  # alone: the folder it made is removed
+        raise RuntimeError
+    assert not Path("new").exists()
+
+
 def test_resuming_with_another_cpu_thread_count_says_the_weights_will_differ(root, teacher_file, monkeypatch):
     """On the CPU the thread count changes the order sums add in, so a run resumed with another count ends with
     other weights than an uninterrupted one: allowed (the run is as valid), but said, with how to resume exactly.
