@@ -54,7 +54,7 @@ def on_sigterm() -> None:
     the process's SIGTERM is already someone's (ignored, or a handler of the program that embeds us)."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_terminated)
-        _sigterm["installed"] = True
+        _sigterm.update(installed=True, raised=False)  # a terminated earlier run (main() again) is not this one
 
 
 def off_sigterm() -> None:
@@ -65,15 +65,24 @@ def off_sigterm() -> None:
     _sigterm["installed"] = False
 
 
-def quiet_worker_sigterm() -> None:
+def quiet_worker_sigterm(cli: bool | None = None) -> None:
     """In a DataLoader worker of a CLI run: exit at once, quietly and with status 0, on SIGTERM. A scheduler sends
     it to the whole process group, workers included. torch's own worker handler exits quietly only when the parent
     sends it; from anyone else the worker dies by the signal, and the training process's SIGCHLD handler (torch's)
     can then raise "DataLoader worker (pid N) is killed by signal: Terminated" in the middle of its own clean-up.
     The worker has nothing to save: the training process, terminated too, stops the run and says how to resume
-    (a worker terminated alone: its exit is reported as the error it is, "exited unexpectedly")."""
-    if _sigterm["installed"]:
+    (a worker terminated alone: its exit is reported as the error it is, "exited unexpectedly").
+
+    `cli`: whether the loader was made in a CLI run (`cli_sigterm()` there, passed along with the worker's init):
+    a worker started by 'spawn' or 'forkserver' (macOS's default, Linux's from Python 3.14) imports this module
+    afresh, so its own `_sigterm` says no CLI run. None: this process's own state (a forked worker's copy)."""
+    if _sigterm["installed"] if cli is None else cli:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
+def cli_sigterm() -> bool:
+    """Whether the CLI's entry made SIGTERM an interruption in this process (`on_sigterm`)."""
+    return _sigterm["installed"]
 
 
 @contextmanager

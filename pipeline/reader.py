@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.augment import select_view, stored_params
 from pipeline.codecs import fill_value, is_missing
 from pipeline.data import Source, Transform
-from pipeline.errors import KDCacheError, hold_interrupts, quiet_worker_sigterm
+from pipeline.errors import KDCacheError, cli_sigterm, hold_interrupts, quiet_worker_sigterm
 from pipeline.loops import batch_bounds
 from pipeline.store import CacheStore, block_ranges, metadata_damage
 
@@ -83,11 +84,12 @@ class SharedEpoch:
         self._value.value = int(epoch)
 
 
-def worker_init(_worker_id: int) -> None:
-    """Loader workers decode and index; one intra-op thread each leaves the cores to the training process."""
+def worker_init(_worker_id: int, cli: bool | None = None) -> None:
+    """Loader workers decode and index; one intra-op thread each leaves the cores to the training process. `cli`:
+    whether the loader was made in a CLI run (`make_loader` says; see `quiet_worker_sigterm`)."""
     torch.set_num_threads(1)
     sys.excepthook = _quiet_lost_connection(sys.excepthook)
-    quiet_worker_sigterm()  # a CLI run's workers: SIGTERM to the process group ends them without a word
+    quiet_worker_sigterm(cli)  # a CLI run's workers: SIGTERM to the process group ends them without a word
 
 
 def _quiet_lost_connection(hook):
@@ -111,7 +113,7 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False)
     # which would shift a resumed run's dropout masks away from an uninterrupted run's (the streams here seed
     # everything they shuffle themselves).
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, worker_init_fn=worker_init,
+                      persistent_workers=workers > 0, worker_init_fn=partial(worker_init, cli=cli_sigterm()),
                       generator=torch.Generator().manual_seed(0))
 
 

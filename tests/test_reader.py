@@ -384,3 +384,52 @@ def test_ctrl_c_while_the_loader_forks_its_workers_stops_the_run(root, teacher_f
         _interrupt_at_fork.clear()
     assert signal.getsignal(signal.SIGINT) is before  # the usual Ctrl-C again afterwards
     assert sum(len(b["index"]) for b in SingleRowsJoined(make_loader(stream, 2), 32)) == stream.store.num_samples
+
+
+class _WorkersSigterm(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield {"quiet": signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)}
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_cli_runs_loader_workers_exit_quietly_on_sigterm_however_started(method, monkeypatch):
+    """A CLI run's loader workers exit quietly on SIGTERM (`quiet_worker_sigterm`). They learnt that they were a CLI
+    run's from their copy of the process's state, which a worker started by 'spawn' or 'forkserver' (macOS's
+    default, Linux's from Python 3.14) does not have: it kept torch's handler and died by the signal. Outside a CLI
+    run the workers keep it."""
+    import pipeline.errors as errors
+
+    monkeypatch.setattr(errors, "_sigterm", {"installed": False, "raised": False})
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        errors.on_sigterm()
+        loader = make_loader(_WorkersSigterm(), 1)
+        loader.multiprocessing_context = method
+        assert [b["quiet"] for b in loader] == [True]
+    finally:
+        errors.off_sigterm()
+        signal.signal(signal.SIGTERM, before)
+    loader = make_loader(_WorkersSigterm(), 1)
+    loader.multiprocessing_context = method
+    assert [b["quiet"] for b in loader] == [False]
+
+
+def test_a_second_cli_run_in_one_process_leaves_sigterm_as_it_found_it(monkeypatch):
+    """The CLI's entry called twice in one process (a script running commands, the tests): once the first had been
+    terminated, the second left its own SIGTERM handler installed for whatever ran after it."""
+    import pipeline.errors as errors
+
+    monkeypatch.setattr(errors, "_sigterm", {"installed": False, "raised": False})
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        errors.on_sigterm()
+        with pytest.raises(errors.Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        errors.off_sigterm()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # (while the interpreter finishes)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        errors.on_sigterm()
+        errors.off_sigterm()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
