@@ -296,6 +296,22 @@ def test_a_teacher_no_better_than_a_constant_guess_is_said_to_be(root, monkeypat
                           f"(--epochs) or with another --lr (now {cfg.lr})"] if said else []), lines
 
 
+def test_a_teacher_scoring_every_sample_of_a_one_class_test_set_is_not_said_to_be_worthless():
+    """Test data whose images are all of one class (a small --test-data folder): a teacher right on every one was
+    said to be "no better than always answering" that class, to have learned nothing worth distilling."""
+    from pipeline.teacher_train import no_better_than
+
+    class OneClass:
+        num_samples = 5
+
+        def labels(self, idx):
+            return np.full(len(idx), 2)
+
+    assert no_better_than(1.0, OneClass(), None, ["ant", "bee", "cow"]) is None
+    assert no_better_than(0.0, OneClass(), None, ["ant", "bee", "cow"]).startswith("its accuracy 0.0000 is no better "
+                                                                                   "than always answering 'cow'")
+
+
 def test_an_overwrite_cut_while_saving_leaves_weights_and_metadata_of_one_teacher(root, monkeypatch):
     """--overwrite cut (Ctrl-C, a full disk) after the new weights were saved and before <stem>.json was: the old
     teacher's .json stayed beside the new weights (another fingerprint and test accuracy, which results reads).
