@@ -398,18 +398,19 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
         finally:
             _HELD[lock] -= 1
         return
-    while True:
+    for attempt in range(100):
         # Inside the loop: a failed train-student removes the run directory it made along with its lock file, so
-        # a run retrying (below) may find the folder gone, or see it go between these two lines.
+        # a run retrying (below) may find the folder gone, or see it go between these two lines. Bounded: a path
+        # that never opens (a link to a folder that does not exist) raises its own error, not a hang.
         os.makedirs(os.path.dirname(lock), exist_ok=True)
         try:
-            f, made = open(lock, "x+"), True
-        except FileExistsError:
             try:
+                f, made = open(lock, "x+"), True
+            except FileExistsError:
                 f, made = open(lock, "a+"), False
-            except FileNotFoundError:  # removed since (file or folder): try again
-                continue
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed since (file or folder): try again
+            if attempt == 99:
+                raise
             continue
         with f:
             try:
@@ -434,6 +435,8 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
                 del _HELD[lock]
                 fcntl.flock(f, fcntl.LOCK_UN)
             return
+    raise KDCacheError(f"cannot hold the lock {lock}: it was replaced every time it was taken; check what else "
+                       "writes beside it")
 
 
 def _names(path: str, f) -> bool:

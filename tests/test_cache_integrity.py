@@ -1115,6 +1115,17 @@ def test_a_refused_teacher_cache_leaves_no_lock_file_behind(root, teacher_file, 
     assert not Path("u.zarr.lock").exists()
 
 
+def test_a_lock_path_that_never_opens_is_an_error_not_a_hang(root, teacher_file):
+    """The lock's retry (a failed run removed the file or its folder meanwhile) looped for ever on a lock path that
+    never opens: a link left to a folder that does not exist. Now a bounded number of tries, then the path's own
+    one-line error."""
+    os.symlink(str(root / "gone" / "x"), "s.zarr.lock")
+    res = runner.invoke(app, ["teacher-cache", "--data", SYN, "--weights", str(teacher_file), "--out", "s.zarr"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: No such file or directory:") and \
+        "s.zarr.lock" in res.stderr and len(res.stderr.splitlines()) == 1, res.output
+    assert not Path("s.zarr").exists()
+
+
 def test_a_run_whose_lock_folder_went_with_a_failed_runs_lock_takes_it_again(root, monkeypatch):
     """A failed train-student removes its lock file and then the run directory it made: a run that had opened the
     lock file before found it gone once it held it, and retried, but in a folder no longer there (it failed with
