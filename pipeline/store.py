@@ -413,11 +413,9 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
                 raise
             continue
         with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _flock_soon(f, fcntl):
                 f.seek(0)
-                raise KDCacheError(busy(f.read().strip() or "unknown process")) from None
+                raise KDCacheError(busy(f.read().strip() or "unknown process"))
             if not _names(lock, f):  # removed by the failed run that made it, after this one opened it
                 continue
             f.seek(0)
@@ -437,6 +435,22 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
             return
     raise KDCacheError(f"cannot hold the lock {lock}: it was replaced every time it was taken; check what else "
                        "writes beside it")
+
+
+def _flock_soon(f, fcntl, tries: int = 10, wait: float = 0.02) -> bool:
+    """Take the exclusive lock on `f` if it is free within about `tries * wait` seconds. A writer holds it for its
+    whole run; `writer()` (a `kdcache ls`, an open of an incomplete store) holds a shared one for an instant to see
+    whether anyone writes, and a run starting in that instant was refused as if someone were writing."""
+    import time
+
+    for attempt in range(tries):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(wait)
+    return False
 
 
 def _names(path: str, f) -> bool:

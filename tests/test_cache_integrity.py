@@ -1115,6 +1115,29 @@ def test_a_refused_teacher_cache_leaves_no_lock_file_behind(root, teacher_file, 
     assert not Path("u.zarr.lock").exists()
 
 
+def test_a_run_starting_while_someone_asks_who_writes_is_not_refused(root, teacher_file):
+    """`writer()` (kdcache ls, an open of an incomplete store) holds a shared lock on the writer lock for an instant
+    to see whether anyone writes; a teacher-cache starting in that instant was refused as if another run were
+    writing. A lock held that briefly is waited for; one held for a run's length still refuses."""
+    import fcntl
+    import threading
+
+    Path("s.zarr.lock").write_text("")
+    asking = open("s.zarr.lock")  # noqa: SIM115 - another process's probe, as writer() makes it
+    fcntl.flock(asking, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    done = threading.Timer(0.05, lambda: fcntl.flock(asking, fcntl.LOCK_UN))
+    done.start()
+    try:
+        path = run_teacher_cache(cfg(teacher_file, out="s.zarr", layers=[]), log=lambda *_: None)
+    finally:
+        done.join()
+        asking.close()
+    assert st.open_store(path).manifest["complete"]
+    with _writer_elsewhere(path) as holder:  # a writer holds it for good: refused, naming it
+        with pytest.raises(KDCacheError, match=f"another run \\(pid {holder.pid} on"):
+            run_teacher_cache(cfg(teacher_file, out=path, layers=[], force=True), log=lambda *_: None)
+
+
 def test_a_lock_path_that_never_opens_is_an_error_not_a_hang(root, teacher_file):
     """The lock's retry (a failed run removed the file or its folder meanwhile) looped for ever on a lock path that
     never opens: a link left to a folder that does not exist. Now a bounded number of tries, then the path's own
