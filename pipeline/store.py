@@ -475,8 +475,9 @@ def remove_temporaries(group) -> int:
     root = local_root(group)
     if root is None:
         return 0
-    stale = list(Path(root).rglob(".*.tmp")) + [f for f in Path(root).rglob("*.partial")
-                                                 if _ZARR_PARTIAL.search(f.name) and f.is_file()]
+    # one walk over the store (millions of chunk files, for a large one), files only
+    stale = [Path(folder, n) for folder, _, files in os.walk(root) for n in files
+             if (n.startswith(".") and n.endswith(".tmp")) or _ZARR_PARTIAL.search(n)]
     for f in stale:
         f.unlink(missing_ok=True)
     return len(stale)
