@@ -43,6 +43,14 @@ def arrays_of(path) -> dict[str, np.ndarray]:
     return {n: np.asarray(g[n][:]) for n in names}
 
 
+def assert_same_arrays(path, reference) -> None:
+    """Every target array of the store at `path` equals `reference`'s bit for bit (NaN-free)."""
+    a, b = arrays_of(path), arrays_of(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_cache_hit_runs_no_teacher_and_keys_follow_content(root, teacher_file, monkeypatch):
     first = run_teacher_cache(cfg(teacher_file), log=lambda *_: None)
     assert Path(first).parent == root / "data" / "cache"  # default location: data/cache/<key>.zarr
@@ -375,10 +383,7 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(root):
     clean = root / "clean.zarr"
     res = subprocess.run(args + ["--out", str(clean)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    a, b = arrays_of(killed), arrays_of(clean)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bitwise (NaN-free) equality
+    assert_same_arrays(killed, clean)
 
 
 def test_sigterm_mid_write_says_so_in_one_line_and_the_run_resumes(root):
@@ -413,10 +418,7 @@ def test_sigterm_mid_write_says_so_in_one_line_and_the_run_resumes(root):
     clean = root / "clean.zarr"
     res = subprocess.run(args + ["--out", str(clean)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    a, b = arrays_of(cut), arrays_of(clean)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_arrays(cut, clean)
     # library use: the pipeline's functions leave the process's SIGTERM as it was (only the CLI's entry sets it)
     run_teacher_cache(CacheConfig(data=SYN, weights=str(save_teacher(root / "t4.pt")), chunk_samples=64,
                                   batch_size=32, device="cpu"), log=lambda *_: None)
@@ -961,10 +963,8 @@ def test_two_ranks_under_torchrun_fill_one_store_like_one_process(root, teacher_
     assert stats["ranks"] == 2 and stats["units_per_rank"] == [6, 6]
     single = run_teacher_cache(cfg(teacher_file, data=data, out=str(root / "one.zarr"), writers=1, views=2,
                                    augment="crop=0.5-1,flip"), log=lambda *_: None)
-    a, b = arrays_of(shared), arrays_of(single)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_arrays(shared, single)
+    a = arrays_of(shared)
     # Undo three units of the single-process store (data overwritten, markers cleared, not complete): two ranks
     # resume it and compute those three alone.
     g = st.open_group(single, "r+")

@@ -1350,6 +1350,23 @@ def test_a_resumed_run_has_one_metrics_row_per_epoch_and_a_summary_of_them(root,
         assert summary["params_fingerprint"] == whole["params_fingerprint"] and summary["test_acc"] == whole["test_acc"]
 
 
+def _signalled_import(module, signum, finished: list):
+    """A stand-in for `module` in sys.modules: every name a command imports from it raises `signum` (Ctrl-C,
+    SIGTERM) in the middle of the import, which still finishes (the name goes into `finished`)."""
+    import signal
+    import types
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):  # the import machinery's own questions
+                raise AttributeError(name)
+            signal.raise_signal(signum)
+            finished.append(name)
+            return getattr(module, name)
+
+    return Importing(module.__name__)
+
+
 def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, teacher_file, monkeypatch):
     """torch.save reports a full disk as a RuntimeError: one line that says to resume, no .tmp left behind, the
     previous epoch's checkpoint kept and resumable; Ctrl-C says the same, not that the run starts over."""
@@ -1433,19 +1450,10 @@ def test_a_full_disk_or_an_interrupt_in_a_student_run_says_how_to_resume(root, t
     # C++ initialisation it aborts the process), then stops it before anything started, saying so
     import signal
     import sys
-    import types
-
-    class Importing(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):  # the import machinery's own questions
-                raise AttributeError(name)
-            signal.raise_signal(signal.SIGINT)  # pressed mid-import: the import still finishes
-            finished.append(name)
-            return getattr(ts, name)
 
     finished = []
     with monkeypatch.context() as m:
-        m.setitem(sys.modules, "pipeline.train_student", Importing("pipeline.train_student"))
+        m.setitem(sys.modules, "pipeline.train_student", _signalled_import(ts, signal.SIGINT, finished))
         res = runner.invoke(app, args[:-1] + ["r-import"])
     assert finished == ["StudentConfig", "run_train_student"], finished
     assert res.exit_code == 130 and "interrupted; nothing had started; re-run the same command" in res.stderr, \
@@ -1462,31 +1470,18 @@ def test_ctrl_c_while_a_store_command_imports_torch_is_held_until_the_imports_ar
     finish, then the command stops before anything started, saying so."""
     import signal
     import sys
-    import types
 
     import pipeline.catalog as catalog
     import pipeline.verify as verify
 
     path = _cache(teacher_file, layers=[])
-
-    def importing(module):
-        class Importing(types.ModuleType):
-            def __getattr__(self, name):
-                if name.startswith("__"):  # the import machinery's own questions
-                    raise AttributeError(name)
-                signal.raise_signal(signal.SIGINT)  # pressed mid-import: the import still finishes
-                finished.append(name)
-                return getattr(module, name)
-
-        return Importing(module.__name__)
-
     for args, module, names in ((["verify", path], verify, ["verify_store"]),
                                 (["repair", path], verify, ["repair_store"]),
                                 (["ls"], catalog, ["dumps", "human", "list_caches"]),
                                 (["inspect", path], catalog, ["dumps", "human", "inspect_cache"])):
         finished = []
         with pytest.MonkeyPatch.context() as m:
-            m.setitem(sys.modules, module.__name__, importing(module))
+            m.setitem(sys.modules, module.__name__, _signalled_import(module, signal.SIGINT, finished))
             res = runner.invoke(app, args)
         assert names == [n for n in finished if n in names], (args, finished)
         assert res.exit_code == 130 and res.stderr.strip() == \
@@ -1535,28 +1530,18 @@ def test_sigterm_while_a_command_imports_torch_is_held_until_the_imports_are_don
     anything started, saying so, exit code 143."""
     import signal
     import sys
-    import types
 
     import pipeline.errors as errors
     import pipeline.train_student as ts
 
     path = _cache(teacher_file, layers=[])
-
-    class Importing(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            signal.raise_signal(signal.SIGTERM)  # sent mid-import: the import still finishes
-            finished.append(name)
-            return getattr(ts, name)
-
     finished, before = [], signal.getsignal(signal.SIGTERM)
     assert before == signal.SIG_DFL
     monkeypatch.setattr(errors, "_sigterm", {"installed": False, "raised": False})
     try:
         errors.on_sigterm()
         with monkeypatch.context() as m:
-            m.setitem(sys.modules, "pipeline.train_student", Importing("pipeline.train_student"))
+            m.setitem(sys.modules, "pipeline.train_student", _signalled_import(ts, signal.SIGTERM, finished))
             res = runner.invoke(app, ["train-student", "--cache", path, "--epochs", "1", "--workers", "0", "--out",
                                       "r-import"])
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # one is enough: later ones are ignored
