@@ -24,7 +24,7 @@ from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample
 from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text, refuse_blank
 from pipeline.loops import batch_bounds
 from pipeline.models import capture, fingerprint_module, load_teacher, teacher_classes
-from pipeline.reader import SharedEpoch, make_loader
+from pipeline.reader import SharedEpoch, make_loader, stop_workers
 from pipeline.errors import KDCacheError
 from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir,
                                     refuse_missing_labels, setup, validate, write_config)
@@ -151,16 +151,18 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
     if set(weights) <= {"ce"}:  # labels only: the student alone, the teacher never runs
         def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
             return {}
-        return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log,
-                   extra={"online": False, "augment": policy.spec()})
+        extra = {"online": False, "augment": policy.spec()}
+    else:
+        def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+            # no_grad, not inference_mode: the losses keep these tensors for their backward pass.
+            with torch.no_grad(), capture(teacher, layers) as tf_feats, autocast:
+                x = tf(batch["x"].to(device, non_blocking=True))
+                out = {"logits": teacher(x.contiguous(memory_format=torch.channels_last) if cuda else x)}
+                out.update({st.feature_array(k): v for k, v in tf_feats.items()})
+            return {k: v.float() for k, v in out.items()}
+        extra = {"online": True, "augment": policy.spec()}
 
-    def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        # no_grad, not inference_mode: the losses keep these tensors for their backward pass.
-        with torch.no_grad(), capture(teacher, layers) as tf_feats, autocast:
-            x = tf(batch["x"].to(device, non_blocking=True))
-            out = {"logits": teacher(x.contiguous(memory_format=torch.channels_last) if cuda else x)}
-            out.update({st.feature_array(k): v for k, v in tf_feats.items()})
-        return {k: v.float() for k, v in out.items()}
-
-    return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log,
-               extra={"online": True, "augment": policy.spec()})
+    try:
+        return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log, extra=extra)
+    finally:  # not left to the loader's garbage collection: see stop_workers
+        stop_workers(loader)

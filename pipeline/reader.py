@@ -117,6 +117,18 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False)
                       generator=torch.Generator().manual_seed(0))
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """End a loader's worker processes now, however the run ends. Persistent workers live as long as the loader's
+    iterator, and a run that fails or is interrupted leaves its frames (hence the loader) in the exception's
+    traceback: from Python, where IPython / Jupyter keep that as sys.last_traceback, the workers (each holding up to
+    256 MiB of buffered chunks) and their pipes stayed alive until a later error replaced it. The CLI's process exits,
+    so only library callers saw this."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):  # torch's own clean-up, as its __del__ runs it
+        it._shutdown_workers()
+    loader._iterator = None
+
+
 class CacheStream(IterableDataset):
     def __init__(self, store: CacheStore, source: Source, targets: list[str], batch_size: int, *,
                  use_labels: bool, shuffle: bool = True, buffer_chunks: int = 0, seed: int = 0,

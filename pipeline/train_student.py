@@ -38,7 +38,7 @@ from pipeline.loops import (MAX_PROCESSES, OPTIMIZERS, cosine_lr, evaluate, pick
 from pipeline.ranks import Ranks
 from pipeline.models import (StopForward, build_model, capture, check_outputs, fingerprint_module, first_misfit,
                              forward_in_training_mode, refuse_untrainable, resolve_modules, stop_after)
-from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader
+from pipeline.reader import CacheStream, SingleRowsJoined, check_rows, make_loader, stop_workers
 from pipeline.store import exclusive, is_url, open_store, refuse_inside_store, versions
 
 
@@ -589,8 +589,11 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, hel
                            f"{len(stream.blocks)} chunk(s), so some rank gets none; use fewer --workers or ranks, or "
                            "a cache with more chunks (a smaller teacher-cache --chunk-samples)")
 
-    return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
-               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
+    try:
+        return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
+                   extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
+    finally:  # not left to the loader's garbage collection: see stop_workers
+        stop_workers(loader.loader)
 
 
 def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, held: ExitStack):

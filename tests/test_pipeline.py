@@ -2040,3 +2040,30 @@ def test_resuming_with_another_cpu_thread_count_says_the_weights_will_differ(roo
     said.clear()
     run_train_student(replace(cfg, out="run2", resume=True), log=said.append)
     assert any("resuming run2" in x for x in said) and not any("CPU threads" in x for x in said)
+
+
+def test_a_failed_or_interrupted_library_run_leaves_no_loader_workers_alive(root, teacher_file, monkeypatch):
+    """From Python (a notebook), a run stopped by Ctrl-C or a KDCacheError mid-training must not leave its DataLoader
+    workers running: the exception's traceback (which IPython keeps as sys.last_traceback, and pytest.raises here)
+    holds the training frames, hence the loader, and its persistent workers (each with up to 256 MiB of buffered
+    chunks) lived on until that traceback was dropped."""
+    import multiprocessing as mp
+
+    import pipeline.train_student as ts
+
+    path = _cache(teacher_file, layers=[])
+    before = {p.pid for p in mp.active_children()}
+    for i, error in enumerate((KeyboardInterrupt, KDCacheError)):
+        def stop(*_a, **_k):
+            raise error("stopped")
+
+        with monkeypatch.context() as m:
+            m.setattr(ts, "evaluate", stop)  # after the first epoch's batches: the workers are running
+            with pytest.raises(error) as caught:
+                run_train_student(StudentConfig(cache=path, epochs=2, batch_size=32, workers=2, test_data=SYN_TEST,
+                                                out=f"run{i}"), log=lambda *_: None)
+        assert caught.value is not None  # the traceback is still held, as in a notebook
+        left = [p for p in mp.active_children() if p.pid not in before]
+        for p in left:
+            p.join(5)
+        assert not [p for p in left if p.is_alive()], f"loader workers left running after {error.__name__}"
