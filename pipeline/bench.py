@@ -60,6 +60,11 @@ class BenchConfig:
     out: str | None = None             # JSON path; default data/bench/bench-<preset>.json
     work_dir: str | None = None        # where caches are written (default: a temp folder under data/bench)
 
+    def __post_init__(self):
+        from pipeline.data import plain_fields
+
+        plain_fields(self)
+
 
 def disk_write_bandwidth(folder: Path, mb: int = 512) -> float:
     """MB/s (10^6 bytes, as (c)'s rate) of a large sequential write with fsync: what the disk sustains, for

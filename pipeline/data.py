@@ -47,13 +47,48 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-def paths_as_text(cfg, *names: str) -> None:
-    """Config fields that name files hold text (they go into JSON manifests and keys); a scripting user may pass a
-    pathlib.Path."""
-    for name in names:
-        value = getattr(cfg, name)
+def plain_fields(cfg) -> None:
+    """A config's fields as the CLI would give them, or one line saying which is wrong. From Python (a notebook) the
+    values come as they are computed: numpy scalars (`for seed in np.arange(3)`, `epochs=np.int64(...)`) are no JSON
+    (json.dumps raised a TypeError only after the whole training, when writing the summary or the teacher's metadata,
+    or when keying a cache) and no seed torch.Generator takes; pathlib.Path for a file; None for the layers. Those
+    become the plain values; a value of the wrong kind (epochs=1.5, loss={'kd': 1}) is refused here, not met as a
+    bare TypeError or AttributeError deep in the run. Annotations are read as text (the config modules use
+    `from __future__ import annotations`)."""
+    from dataclasses import MISSING, fields
+
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
+        if isinstance(value, np.generic):  # np.int64, np.float32, np.bool_, np.str_
+            value = value.item()
         if isinstance(value, os.PathLike):
-            setattr(cfg, name, os.fspath(value))
+            value = os.fspath(value)
+        shown = f"{type(cfg).__name__}.{f.name}"  # the field: its CLI flag is not always its name (--layer)
+        if value is None and base == "str" and f.default == "":  # '' is this field's "not given": None says the same
+            value = ""
+        if value is None and base == "list[str]":
+            value = []
+        if value is None and optional:
+            pass
+        elif base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KDCacheError(f"{shown} must be a whole number (got {value!r}, a {type(value).__name__})")
+        elif base == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise KDCacheError(f"{shown} must be a number (got {value!r}, a {type(value).__name__})")
+            value = float(value)
+        elif base == "bool" and not isinstance(value, bool):
+            raise KDCacheError(f"{shown} must be True or False (got {value!r}, a {type(value).__name__})")
+        elif base == "str" and not isinstance(value, str):
+            example = f" such as {f.default!r}" if f.default not in (MISSING, None, "") else ""
+            raise KDCacheError(f"{shown} must be text{example}, as on the command line (got {value!r}, a "
+                               f"{type(value).__name__})")
+        elif base == "list[str]":
+            value = [value] if isinstance(value, (str, os.PathLike)) else value  # one name without a list
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, np.str_)) for v in value):
+                raise KDCacheError(f"{shown} must be a list of names, e.g. ['layer3'] (got {value!r})")
+            value = [str(v) for v in value]
+        setattr(cfg, f.name, value)
 
 
 def refuse_blank(path: str | None, flag: str, empty_too: bool = False) -> None:

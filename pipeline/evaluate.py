@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import class_map, open_source, paths_as_text, resolve_transform
+from pipeline.data import class_map, open_source, plain_fields, resolve_transform
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import pick_device, source_batches
 from pipeline.models import check_logits, classifier_width, load_checkpoint, load_model
@@ -34,7 +34,7 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        paths_as_text(self, "weights")
+        plain_fields(self)
 
 
 def run_eval(cfg: EvalConfig, log=print) -> dict:

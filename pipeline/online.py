@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import store as st
 from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample_params
-from pipeline.data import Source, Transform, default_transform, open_source, paths_as_text, refuse_blank
+from pipeline.data import Source, Transform, default_transform, open_source, refuse_blank
 from pipeline.loops import batch_bounds
 from pipeline.models import capture, fingerprint_module, load_teacher, teacher_classes
 from pipeline.reader import SharedEpoch, make_loader, stop_workers
@@ -42,8 +42,7 @@ class OnlineConfig(StudentConfig):
     aug_seed: int = 0
 
     def __post_init__(self):
-        super().__post_init__()
-        paths_as_text(self, "weights")
+        super().__post_init__()  # plain_fields, over this class's fields too
 
 
 class OnlineStream(IterableDataset):

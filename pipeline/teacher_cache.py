@@ -35,7 +35,7 @@ from pipeline import store as st
 from pipeline.augment import (MAX_VIEWS, REPLAY_VERSION, AugmentPolicy, check_crop_fallback, check_policy, row_order,
                               sample_params)
 from pipeline.data import (Transform, absolute_spec, check_input_flags, class_note, data_differs, data_root,
-                           default_transform, open_source, parse_normalize, paths_as_text, refuse_blank,
+                           default_transform, open_source, parse_normalize, plain_fields, refuse_blank,
                            refuse_one_class, resolve_transform, teacher_label_map)
 from pipeline.errors import KDCacheError
 from pipeline.loops import MAX_PROCESSES, pick_device
@@ -74,9 +74,7 @@ class CacheConfig:
     force: bool = False                   # rebuild even when a complete cache with this key exists
 
     def __post_init__(self):
-        paths_as_text(self, "weights", "out", "cache_dir")
-        if isinstance(self.layers, str):  # one layer named without a list
-            self.layers = [self.layers]
+        plain_fields(self)  # also one layer named without a list
 
 
 def cache_key(parts: dict) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.data import (check_input_flags, class_map, data_root, default_transform, local_output, open_source,
-                           parse_normalize, refuse_one_class)
+                           parse_normalize, plain_fields, refuse_one_class)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.loops import (batch_bounds, check_writable, cosine_lr, evaluate, pick_device, random_crop_flip,
                             save_whole, sgd, source_batches, training_checks, write_text_whole)
@@ -44,6 +44,9 @@ class TeacherTrainConfig:
     channels: int | None = None            # 1 or 3 (default: the data's own; an image folder's first image's)
     normalize: str | None = None           # "imagenet" or "MEAN/STD" (default: the data's own statistics)
     overwrite: bool = False                # replace an existing --out (else refused: caches key on its weights)
+
+    def __post_init__(self):
+        plain_fields(self)
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -30,7 +30,7 @@ import torch
 from pipeline.augment import AugmentPolicy, check_replay
 from pipeline.catalog import find_cache
 from pipeline.data import (Source, Transform, class_map, class_note, data_differs, data_root, local_output, open_source,
-                           paths_as_text, teacher_label_map)
+                           plain_fields, teacher_label_map)
 from pipeline.errors import KDCacheError, first_line
 from pipeline.losses import LOSSES, Batch, parse_loss_spec
 from pipeline.loops import (MAX_PROCESSES, OPTIMIZERS, cosine_lr, evaluate, pick_device, save_whole,
@@ -76,7 +76,7 @@ class StudentConfig:
     overwrite: bool = False                # replace a finished or interrupted run in --out (else refused)
 
     def __post_init__(self):
-        paths_as_text(self, "cache", "out", "test_data", "data")
+        plain_fields(self)
 
 
 def validate(cfg: StudentConfig, weights: dict[str, float]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -2067,3 +2068,41 @@ def test_a_failed_or_interrupted_library_run_leaves_no_loader_workers_alive(root
         for p in left:
             p.join(5)
         assert not [p for p in left if p.is_alive()], f"loader workers left running after {error.__name__}"
+
+
+def test_configs_from_python_take_numpy_numbers_and_paths_and_refuse_wrong_kinds_in_one_line(root, teacher_file):
+    """A notebook passes values as it computes them: numpy scalars (`for seed in np.arange(3)`) and pathlib.Path.
+    They raised a bare TypeError only after the work was done (json.dumps of the summary, of a teacher's metadata, of
+    a cache's key; a numpy seed in torch.Generator), losing the training. They are now the plain values, giving what
+    the CLI's give; a value of the wrong kind is one KDCacheError naming the field."""
+    from pipeline.evaluate import EvalConfig
+    from pipeline.teacher_train import TeacherTrainConfig, run_teacher_train
+
+    quiet = lambda *_: None  # noqa: E731
+    plain = _cache(teacher_file, layers=["layer3"])
+    numpy = run_teacher_cache(CacheConfig(data=SYN, weights=teacher_file, layers=("layer3",), out=Path("np.zarr"),
+                                          chunk_samples=np.int64(64), batch_size=np.int64(32), device="cpu"), log=quiet)
+    assert open_store(numpy).manifest["key"] == open_store(plain).manifest["key"]
+    assert CacheConfig(layers=None).layers == [] and CacheConfig(layers="layer3").layers == ["layer3"]
+
+    kw = dict(epochs=1, batch_size=32, workers=0, test_data=SYN_TEST, device="cpu")
+    ref = run_train_student(StudentConfig(cache=plain, out="ref", seed=1, lr=0.05, **kw), log=quiet)
+    cfg = StudentConfig(cache=Path(plain), out=Path("np"), seed=np.int64(1), lr=np.float32(0.05),
+                        **kw | {"epochs": np.int64(1), "batch_size": np.int64(32)})
+    assert type(cfg.seed) is int and type(cfg.lr) is float and cfg.out == "np"
+    s = run_train_student(cfg, log=quiet)
+    assert s["params_fingerprint"] == ref["params_fingerprint"] and json.loads(Path("np/summary.json").read_text())
+
+    meta = run_teacher_train(TeacherTrainConfig(data=SYN, test_data=SYN_TEST, epochs=np.int64(1), batch_size=32,
+                                                seed=np.int64(1), lr=np.float32(0.1), device="cpu",
+                                                out=Path("t.pt")), log=quiet)
+    assert meta["path"] == "t.pt" and Path("t.json").is_file()
+
+    for make, field in [(lambda: StudentConfig(cache=plain, loss={"kd": 1}), "StudentConfig.loss"),
+                        (lambda: StudentConfig(cache=plain, epochs=1.5), "StudentConfig.epochs"),
+                        (lambda: StudentConfig(cache=plain, overwrite="yes"), "StudentConfig.overwrite"),
+                        (lambda: CacheConfig(layers=[3]), "CacheConfig.layers"),
+                        (lambda: EvalConfig(weights="t.pt", batch_size="16"), "EvalConfig.batch_size"),
+                        (lambda: TeacherTrainConfig(lr="0.1"), "TeacherTrainConfig.lr")]:
+        with pytest.raises(KDCacheError, match=re.escape(field)):
+            make()
