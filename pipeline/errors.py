@@ -5,7 +5,6 @@ one-line message that names the problem and the fix; the CLI prints it as `error
 instead of showing a traceback.
 """
 
-import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -66,18 +65,18 @@ def off_sigterm() -> None:
 
 
 def quiet_worker_sigterm(cli: bool | None = None) -> None:
-    """In a DataLoader worker of a CLI run: exit at once, quietly and with status 0, on SIGTERM. A scheduler sends
-    it to the whole process group, workers included. torch's own worker handler exits quietly only when the parent
-    sends it; from anyone else the worker dies by the signal, and the training process's SIGCHLD handler (torch's)
-    can then raise "DataLoader worker (pid N) is killed by signal: Terminated" in the middle of its own clean-up.
-    The worker has nothing to save: the training process, terminated too, stops the run and says how to resume
-    (a worker terminated alone: its exit is reported as the error it is, "exited unexpectedly").
+    """In a DataLoader worker of a CLI run: ignore SIGTERM. A scheduler sends it to the whole process group,
+    workers included. A worker dying of it (torch's default), or exiting on it, could be seen gone by the training
+    process before that process handled its own SIGTERM: it then failed with "DataLoader worker (pid N) exited
+    unexpectedly" (or "is killed by signal: Terminated") instead of saying it was terminated and how to resume.
+    Ignoring it, the worker goes on until the training process, terminated, shuts its workers down as on Ctrl-C;
+    if that process is killed outright, torch's watchdog ends the worker when it sees its parent gone.
 
     `cli`: whether the loader was made in a CLI run (`cli_sigterm()` there, passed along with the worker's init):
     a worker started by 'spawn' or 'forkserver' (macOS's default, Linux's from Python 3.14) imports this module
     afresh, so its own `_sigterm` says no CLI run. None: this process's own state (a forked worker's copy)."""
     if _sigterm["installed"] if cli is None else cli:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def cli_sigterm() -> bool:
