@@ -24,7 +24,7 @@ from pipeline.augment import REPLAY_VERSION, AugmentPolicy, check_policy, sample
 from pipeline.data import Source, Transform, default_transform, open_source, refuse_blank
 from pipeline.loops import batch_bounds
 from pipeline.models import capture, fingerprint_module, load_teacher, teacher_classes
-from pipeline.reader import SharedEpoch, make_loader, stop_workers
+from pipeline.reader import SharedEpoch, make_loader
 from pipeline.errors import KDCacheError
 from pipeline.train_student import (StudentConfig, check_out, declared, fit, loss_weights, open_run_dir,
                                     refuse_missing_labels, setup, validate, write_config)
@@ -161,7 +161,4 @@ def run_online_kd(cfg: OnlineConfig, log=print) -> dict:
             return {k: v.float() for k, v in out.items()}
         extra = {"online": True, "augment": policy.spec()}
 
-    try:
-        return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log, extra=extra)
-    finally:  # not left to the loader's garbage collection: see stop_workers
-        stop_workers(loader)
+    return fit(cfg, s, loader, stream.set_epoch, lambda _epoch: len(stream), targets, run_dir, log, extra=extra)

@@ -117,12 +117,16 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool = False)
                       generator=torch.Generator().manual_seed(0))
 
 
-def stop_workers(loader: DataLoader) -> None:
+def stop_workers(loader) -> None:
     """End a loader's worker processes now, however the run ends. Persistent workers live as long as the loader's
     iterator, and a run that fails or is interrupted leaves its frames (hence the loader) in the exception's
     traceback: from Python, where IPython / Jupyter keep that as sys.last_traceback, the workers (each holding up to
     256 MiB of buffered chunks) and their pipes stayed alive until a later error replaced it. The CLI's process exits,
-    so only library callers saw this."""
+    so only library callers saw this. `loader`: a DataLoader, or `SingleRowsJoined` around one; any other iterable
+    of batches has no workers."""
+    loader = loader.loader if isinstance(loader, SingleRowsJoined) else loader
+    if not isinstance(loader, DataLoader):
+        return
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):  # torch's own clean-up, as its __del__ runs it
         it._shutdown_workers()

@@ -375,6 +375,9 @@ def writer_lock(path):
         yield
 
 
+LOCK_TRIES = 100  # opening the lock file again after another run removed it (see exclusive)
+
+
 @contextmanager
 def exclusive(lock: str | None, busy: Callable[[str], str]):
     """Hold an exclusive lock on the file `lock` (None: nothing to lock) or raise `busy(holder)`, holder being who has
@@ -398,7 +401,7 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
         finally:
             _HELD[lock] -= 1
         return
-    for attempt in range(100):
+    for attempt in range(LOCK_TRIES):
         # Inside the loop: a failed train-student removes the run directory it made along with its lock file, so
         # a run retrying (below) may find the folder gone, or see it go between these two lines. Bounded: a path
         # that never opens (a link to a folder that does not exist) raises its own error, not a hang.
@@ -409,11 +412,11 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
             except FileExistsError:
                 f, made = open(lock, "a+"), False
         except FileNotFoundError:  # removed since (file or folder): try again
-            if attempt == 99:
+            if attempt == LOCK_TRIES - 1:
                 raise
             continue
         with f:
-            if not _flock_soon(f, fcntl):
+            if not _flock_soon(f):
                 f.seek(0)
                 raise KDCacheError(busy(f.read().strip() or "unknown process"))
             if not _names(lock, f):  # removed by the failed run that made it, after this one opened it
@@ -437,10 +440,11 @@ def exclusive(lock: str | None, busy: Callable[[str], str]):
                        "writes beside it")
 
 
-def _flock_soon(f, fcntl, tries: int = 10, wait: float = 0.02) -> bool:
+def _flock_soon(f, tries: int = 10, wait: float = 0.02) -> bool:
     """Take the exclusive lock on `f` if it is free within about `tries * wait` seconds. A writer holds it for its
     whole run; `writer()` (a `kdcache ls`, an open of an incomplete store) holds a shared one for an instant to see
     whether anyone writes, and a run starting in that instant was refused as if someone were writing."""
+    import fcntl
     import time
 
     for attempt in range(tries):

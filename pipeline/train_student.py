@@ -589,11 +589,8 @@ def _train(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, hel
                            f"{len(stream.blocks)} chunk(s), so some rank gets none; use fewer --workers or ranks, or "
                            "a cache with more chunks (a smaller teacher-cache --chunk-samples)")
 
-    try:
-        return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
-                   extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
-    finally:  # not left to the loader's garbage collection: see stop_workers
-        stop_workers(loader.loader)
+    return fit(cfg, s, loader, stream.set_epoch, steps, decode, run_dir, log,
+               extra={"cache": store.path, "ranks": ranks.world}, ranks=ranks, state=state)
 
 
 def _set_up(cfg: StudentConfig, weights: dict[str, float], log, ranks: Ranks, held: ExitStack):
@@ -689,6 +686,8 @@ def fit(cfg: StudentConfig, s: Setup, loader: Iterable[dict], set_epoch: Callabl
             if not (run_dir / CHECKPOINT).exists():
                 e.kdcache_then = NO_CHECKPOINT
         raise
+    finally:  # the loader's workers, not left to its garbage collection: see stop_workers
+        stop_workers(loader)
 
 
 def _fit(cfg, s, loader, set_epoch, steps, targets, run_dir, log, extra, ranks, state) -> dict:
